@@ -1,0 +1,129 @@
+"""Assembles the jitp broker: registry, provisioning service, TLS and the hardened amqtt broker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+from typing import Any
+
+from broker_plugins.hardened import JitpBroker, check_amqtt_internals
+from broker_plugins.tls import TlsContextHolder
+from jitp import errors
+from jitp.config import Config, host_port
+from jitp.registry import Registry
+from jitp.service import Clock, ProvisioningService, utc_now
+from jitp.sqlite_registry import SQLiteRegistry
+
+log = logging.getLogger("jitp.server")
+
+PLUGINS = {
+    "broker_plugins.auth.JitpAuthPlugin": {},
+    "broker_plugins.acl.JitpTopicPlugin": {},
+    "broker_plugins.events.JitpEventsPlugin": {},
+}
+
+
+def broker_config() -> dict[str, Any]:
+    # The listener is "external": jitp accepts sockets and runs TLS itself (hardened.W1).
+    return {"listeners": {"default": {"type": "external"}}, "plugins": dict(PLUGINS)}
+
+
+class JitpServer:
+    """One jitp broker node. ``async with JitpServer(config) as server: ...`` or :func:`serve`."""
+
+    def __init__(self, config: Config, *, registry: Registry | None = None, clock: Clock = utc_now) -> None:
+        self.config = config
+        self._registry = registry
+        self._clock = clock
+        self.port: int | None = None
+        self._broker: JitpBroker | None = None
+        self._service: ProvisioningService | None = None
+        self._tls: TlsContextHolder | None = None
+
+    @property
+    def broker(self) -> JitpBroker:
+        if self._broker is None:
+            raise RuntimeError("the server is not started")
+        return self._broker
+
+    @property
+    def service(self) -> ProvisioningService:
+        if self._service is None:
+            raise RuntimeError("the server is not started")
+        return self._service
+
+    @property
+    def tls(self) -> TlsContextHolder:
+        if self._tls is None:
+            raise RuntimeError("the server is not started")
+        return self._tls
+
+    async def start(self) -> None:
+        check_amqtt_internals()
+        cfg = self.config
+        listener = cfg.listener
+        host, port = host_port(listener.bind)
+        # Fail on bad certificates before touching any state.
+        self._tls = TlsContextHolder(cert=listener.server_cert, key=listener.server_key,
+                                     min_version=listener.tls_min_version, session_tickets=listener.session_tickets)
+        if self._registry is None:
+            self._registry = SQLiteRegistry(cfg.registry_path, synchronous=cfg.sqlite.synchronous,
+                                            batch_window=cfg.sqlite.batch_window_ms / 1000)
+        await self._registry.open()
+        try:
+            self._service = ProvisioningService(self._registry, clock=self._clock,
+                                                default_region=cfg.default_region)
+            self._service.on_trust_change(self._tls.update)
+            await self._service.refresh_trust(force=True)
+            self._broker = JitpBroker(self, broker_config())
+            await self._broker.start()
+            try:
+                self.port = await self._broker.start_listener(host, port)
+            except OSError as exc:
+                await self._broker.shutdown()
+                raise errors.ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}",
+                                         key="listener.bind") from None
+        except BaseException:
+            await self._registry.close()
+            raise
+        self._broker.spawn(self._trust_loop(), "jitp-trust-reload")
+        log.info("jitp broker listening on %s:%d (mutual TLS)", host, self.port)
+
+    async def stop(self) -> None:
+        if self._broker is not None:
+            await self._broker.shutdown()
+            self._broker = None
+        if self._registry is not None:
+            await self._registry.close()
+
+    async def __aenter__(self) -> JitpServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _trust_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.trust.reload_interval)
+            try:
+                await self.service.refresh_trust()
+            except errors.ProvisioningError as exc:
+                log.error("trust reload failed (keeping the current anchors): %s", exc)
+
+
+async def serve(config: Config, *, on_ready: Callable[[JitpServer], None] | None = None) -> None:
+    """Run until SIGINT or SIGTERM, then shut down cleanly."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    async with JitpServer(config) as server:
+        if on_ready is not None:
+            on_ready(server)
+        await stop.wait()
+        log.info("shutting down")

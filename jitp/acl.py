@@ -1,0 +1,101 @@
+"""Topic access control: a pure function of (principal, action, topic), property-tested.
+
+Default namespaces (templates may widen them later):
+
+* a device ``D`` publishes under ``devices/D/#``; subscribes to and receives ``devices/D/cmd/#``
+  and ``$jitp/devices/D/#`` (its retained configuration);
+* a service reads ``$jitp/events/#`` and ``devices/#`` (telemetry to route and attribute), and
+  publishes nothing;
+* nobody else gets anything. ``$jitp/events/#`` and ``$jitp/admin/#`` are never a device's.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Access(enum.StrEnum):
+    PUBLISH = "publish"
+    SUBSCRIBE = "subscribe"
+    RECEIVE = "receive"
+
+
+def topic_matches(topic: str, topic_filter: str) -> bool:
+    """MQTT 3.1.1 topic-filter matching (section 4.7), including the ``$`` rule."""
+    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
+        return False
+    t_levels = topic.split("/")
+    f_levels = topic_filter.split("/")
+    for i, f in enumerate(f_levels):
+        if f == "#":
+            return i == len(f_levels) - 1
+        if i >= len(t_levels):
+            return False
+        if f != "+" and f != t_levels[i]:
+            return False
+    return len(t_levels) == len(f_levels)
+
+
+def valid_filter(topic_filter: str) -> bool:
+    if not topic_filter:
+        return False
+    levels = topic_filter.split("/")
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            return False
+        if "+" in level and level != "+":
+            return False
+    return True
+
+
+def filter_within(inner: str, outer: str) -> bool:
+    """True if every topic matched by filter ``inner`` is matched by filter ``outer``."""
+    if not (valid_filter(inner) and valid_filter(outer)):
+        return False
+    if inner.startswith("$") != outer.startswith("$") and outer[:1] not in ("+", "#"):
+        return False
+    if inner[:1] in ("+", "#") and outer.startswith("$"):
+        return False
+    i_levels = inner.split("/")
+    o_levels = outer.split("/")
+    for i, o in enumerate(o_levels):
+        if o == "#":
+            return True
+        if i >= len(i_levels):
+            return False
+        level = i_levels[i]
+        if level == "#":
+            return False
+        if o == "+":
+            continue
+        if level == "+" or level != o:
+            return False
+    return len(i_levels) == len(o_levels)
+
+
+@dataclass(frozen=True)
+class Namespace:
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+
+    def allows(self, action: Access, topic: str) -> bool:
+        if not topic or "\x00" in topic:
+            return False
+        if action is Access.PUBLISH:
+            return valid_filter(topic) and "+" not in topic and "#" not in topic and any(
+                topic_matches(topic, f) for f in self.publish)
+        if action is Access.SUBSCRIBE:
+            return any(filter_within(topic, f) for f in self.subscribe)
+        return "+" not in topic and "#" not in topic and any(topic_matches(topic, f) for f in self.subscribe)
+
+
+def device_namespace(device_id: str) -> Namespace:
+    return Namespace(
+        publish=(f"devices/{device_id}/#",),
+        subscribe=(f"devices/{device_id}/cmd/#", f"$jitp/devices/{device_id}/#"),
+    )
+
+
+SERVICE_NAMESPACE = Namespace(publish=(), subscribe=("$jitp/events/#", "devices/#"))
+NOBODY = Namespace(publish=(), subscribe=())

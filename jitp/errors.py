@@ -1,0 +1,168 @@
+"""The one exception tree of jitp.
+
+Every error the core raises is a :class:`ProvisioningError`. Refusals of a device carry a
+stable machine-readable ``reason`` (it goes into the audit log and the tests) and the fields
+that explain it. Only ``broker_plugins`` maps these to MQTT outcomes (CONNACK codes).
+
+    ProvisioningError
+    ├── Refused                      a connecting client is not admitted (CONNACK 5)
+    │   ├── NoClientCertificate      no_certificate
+    │   ├── InvalidCertificate       invalid_certificate  (unparseable DER)
+    │   ├── UntrustedChain           unknown_ca           (no path to an enabled anchor)
+    │   ├── CertificateExpired       expired
+    │   ├── CertificateNotYetValid   not_yet_valid
+    │   ├── CaCertificateAsLeaf      ca_as_leaf
+    │   ├── BadKeyUsage              bad_key_usage        (KeyUsage or EKU forbid client auth)
+    │   ├── WeakKey                  weak_key
+    │   ├── UnsafeIdentity           unsafe_id
+    │   ├── ClientIdMismatch         client_id_mismatch
+    │   ├── IdentityConflict         identity_conflict
+    │   └── DeviceBlocked            device_blocked       (record not active)
+    ├── Unavailable                  the server cannot decide now (CONNACK 3)
+    │   └── RegistryUnavailable      registry_unavailable
+    ├── ConfigError                  bad configuration (file, line, key)
+    └── OperatorError                a bad admin/CLI request; nothing was changed
+        ├── NotFound                 unknown device or CA
+        └── InvalidRequest           bad input, e.g. a file that is not a CA certificate
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class ProvisioningError(Exception):
+    """Root of every jitp error."""
+
+    reason: ClassVar[str] = "error"
+
+    def __init__(self, message: str, **fields: object) -> None:
+        super().__init__(message)
+        self.message = message
+        self.fields: dict[str, object] = {k: v for k, v in fields.items() if v is not None}
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class Refused(ProvisioningError):
+    """A client is refused admission. ``reason`` is stable and machine readable."""
+
+    reason = "refused"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        device_id: str | None = None,
+        fingerprint: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        super().__init__(message, device_id=device_id, fingerprint=fingerprint, detail=detail)
+        self.device_id = device_id
+        self.fingerprint = fingerprint
+        self.detail = detail
+
+
+class NoClientCertificate(Refused):
+    reason = "no_certificate"
+
+
+class InvalidCertificate(Refused):
+    reason = "invalid_certificate"
+
+
+class UntrustedChain(Refused):
+    reason = "unknown_ca"
+
+
+class CertificateExpired(Refused):
+    reason = "expired"
+
+
+class CertificateNotYetValid(Refused):
+    reason = "not_yet_valid"
+
+
+class CaCertificateAsLeaf(Refused):
+    reason = "ca_as_leaf"
+
+
+class BadKeyUsage(Refused):
+    reason = "bad_key_usage"
+
+
+class WeakKey(Refused):
+    reason = "weak_key"
+
+
+class UnsafeIdentity(Refused):
+    reason = "unsafe_id"
+
+
+class ClientIdMismatch(Refused):
+    reason = "client_id_mismatch"
+
+
+class IdentityConflict(Refused):
+    reason = "identity_conflict"
+
+
+class DeviceBlocked(Refused):
+    reason = "device_blocked"
+
+
+class Unavailable(ProvisioningError):
+    """The server cannot take the decision now; the client should back off and retry."""
+
+    reason = "unavailable"
+
+
+class RegistryUnavailable(Unavailable):
+    reason = "registry_unavailable"
+
+
+class ConfigError(ProvisioningError):
+    """Invalid configuration. ``where`` names the file (and line) and ``key`` the offending setting."""
+
+    reason = "config_error"
+
+    def __init__(self, message: str, *, where: str | None = None, key: str | None = None) -> None:
+        prefix = f"{where}: " if where else ""
+        at = f"{key}: " if key else ""
+        super().__init__(f"{prefix}{at}{message}", where=where, key=key)
+        self.where = where
+        self.key = key
+
+
+class OperatorError(ProvisioningError):
+    """A bad request from an operator (CLI or admin API). Nothing was changed."""
+
+    reason = "operator_error"
+
+
+class NotFound(OperatorError):
+    reason = "not_found"
+
+
+class InvalidRequest(OperatorError):
+    reason = "invalid_request"
+
+
+REFUSAL_REASONS: tuple[str, ...] = tuple(
+    cls.reason
+    for cls in (
+        NoClientCertificate,
+        InvalidCertificate,
+        UntrustedChain,
+        CertificateExpired,
+        CertificateNotYetValid,
+        CaCertificateAsLeaf,
+        BadKeyUsage,
+        WeakKey,
+        UnsafeIdentity,
+        ClientIdMismatch,
+        IdentityConflict,
+        DeviceBlocked,
+    )
+)

@@ -1,0 +1,83 @@
+"""Provisioning events: what downstream subscribers receive.
+
+Schema ``jitp.event/1`` (JSON object, UTF-8), published at QoS 1 on
+``$jitp/events/<type>/<device_id>``:
+
+    schema            "jitp.event/1"
+    event_id          unique id (UUID4 string), stable across redeliveries
+    type              "provisioned"
+    occurred_at       ISO-8601 UTC timestamp of the registry change
+    device_id         the device id
+    cert_fingerprint  SHA-256 hex of the device certificate's DER
+    ca_id             SHA-256 hex of the trust anchor the chain validated to
+    region            region or tenant of the device
+    serial            certificate serial number, lowercase hex
+    not_after         certificate expiry, ISO-8601
+    provisioned_at    ISO-8601, when the record was created
+    attributes        object: device metadata (type, location, capabilities, ...)
+    template          name of the enrollment template, or null
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+from jitp.records import DeviceRecord
+
+SCHEMA = "jitp.event/1"
+EVENTS_PREFIX = "$jitp/events"
+
+
+def event_topic(event_type: str, device_id: str) -> str:
+    return f"{EVENTS_PREFIX}/{event_type}/{device_id}"
+
+
+@dataclass(frozen=True)
+class ProvisioningEvent:
+    event_id: str
+    type: str
+    device_id: str
+    occurred_at: datetime
+    payload: bytes  # the JSON document, fixed when the event is created
+
+    @property
+    def topic(self) -> str:
+        return event_topic(self.type, self.device_id)
+
+    def document(self) -> dict[str, Any]:
+        doc: dict[str, Any] = json.loads(self.payload)
+        return doc
+
+
+def new_event_id() -> str:
+    return str(uuid.uuid4())
+
+
+def provisioned_event(record: DeviceRecord, *, event_id: str, at: datetime, type: str = "provisioned") -> ProvisioningEvent:
+    doc = {
+        "schema": SCHEMA,
+        "event_id": event_id,
+        "type": type,
+        "occurred_at": at.isoformat(),
+        "device_id": record.device_id,
+        "cert_fingerprint": record.cert_fingerprint,
+        "ca_id": record.ca_id,
+        "region": record.region,
+        "serial": record.serial,
+        "not_after": record.not_after.isoformat(),
+        "provisioned_at": record.provisioned_at.isoformat(),
+        "attributes": dict(record.attributes),
+        "template": record.template,
+    }
+    payload = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+    return ProvisioningEvent(event_id=event_id, type=type, device_id=record.device_id, occurred_at=at, payload=payload)
+
+
+class EventSink(Protocol):
+    """Where outbox events are delivered (the MQTT broker, NATS JetStream, a test fake)."""
+
+    async def publish(self, event: ProvisioningEvent) -> None: ...

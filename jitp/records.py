@@ -1,0 +1,54 @@
+"""Device records: what the registry keeps about a provisioned device."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import MappingProxyType
+from typing import Any
+
+
+class DeviceStatus(enum.StrEnum):
+    ACTIVE = "active"
+    DISABLED = "disabled"
+    REVOKED = "revoked"
+    QUARANTINED = "quarantined"
+    DEPROVISIONED = "deprovisioned"
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    device_id: str
+    status: DeviceStatus
+    cert_fingerprint: str
+    ca_id: str
+    region: str
+    serial: str
+    subject: str
+    not_after: datetime
+    provisioned_at: datetime
+    last_seen: datetime | None
+    attributes: MappingProxyType[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    template: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The documented JSON shape (``jitp devices show --json``)."""
+        return {
+            "device_id": self.device_id,
+            "status": str(self.status),
+            "cert_fingerprint": self.cert_fingerprint,
+            "ca_id": self.ca_id,
+            "region": self.region,
+            "serial": self.serial,
+            "subject": self.subject,
+            "not_after": _iso(self.not_after),
+            "provisioned_at": _iso(self.provisioned_at),
+            "last_seen": _iso(self.last_seen),
+            "attributes": dict(self.attributes),
+            "template": self.template,
+        }

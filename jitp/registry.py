@@ -1,0 +1,79 @@
+"""The registry: where trust anchors, device records, the event outbox and the audit log live.
+
+:class:`Registry` is the Protocol every backend implements (SQLite is the embedded default).
+The contract every implementation keeps:
+
+* ``provision`` is race-free "create if absent": concurrent calls for the same new device
+  yield exactly one record and exactly one ``provisioned`` event, whichever node or task wins.
+* The event is written to the outbox in the same transaction as the record, so a record never
+  exists without its event, and an event keeps its ``event_id`` across redeliveries.
+* Audit entries are appended in order, each hash-chained to the previous one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from jitp.audit import AuditDraft, AuditEntry
+from jitp.events import ProvisioningEvent
+from jitp.identity import DeviceIdentity
+from jitp.records import DeviceRecord
+from jitp.trust import TrustAnchor
+
+
+@dataclass(frozen=True)
+class ProvisionOutcome:
+    record: DeviceRecord
+    created: bool
+    event: ProvisioningEvent | None = None
+
+
+class Registry(Protocol):
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    # -- trust anchors -------------------------------------------------------------------
+    async def register_anchor(self, anchor: TrustAnchor, *, audit: AuditDraft) -> TrustAnchor:
+        """Add (or update and re-enable) an anchor. Bumps the trust version."""
+        ...
+
+    async def set_anchor_enabled(self, ca_id: str, enabled: bool, *, audit: AuditDraft) -> TrustAnchor:
+        """Raises :class:`~jitp.errors.NotFound` for an unknown id. Bumps the trust version."""
+        ...
+
+    async def anchors(self) -> list[TrustAnchor]: ...
+
+    async def trust_version(self) -> int:
+        """A number that changes whenever any anchor changes (cheap to poll)."""
+        ...
+
+    # -- devices -------------------------------------------------------------------------
+    async def provision(self, identity: DeviceIdentity, *, at: datetime, peer: str | None) -> ProvisionOutcome:
+        """Create the device if absent (with its event and audit entry, atomically).
+
+        An existing record with the same certificate is a reconnect: ``last_seen`` is updated
+        and ``created`` is False. A record with another certificate raises
+        :class:`~jitp.errors.IdentityConflict`; one that is not active or quarantined raises
+        :class:`~jitp.errors.DeviceBlocked`.
+        """
+        ...
+
+    async def get_device(self, device_id: str) -> DeviceRecord | None: ...
+
+    async def list_devices(self) -> list[DeviceRecord]: ...
+
+    # -- outbox --------------------------------------------------------------------------
+    async def pending_events(self, limit: int = 500) -> list[ProvisioningEvent]: ...
+
+    async def mark_delivered(self, event_ids: Sequence[str], *, at: datetime) -> None: ...
+
+    async def events(self, device_id: str | None = None) -> list[ProvisioningEvent]: ...
+
+    # -- audit ---------------------------------------------------------------------------
+    async def append_audit(self, drafts: Sequence[AuditDraft]) -> None: ...
+
+    async def audit_entries(self) -> list[AuditEntry]: ...

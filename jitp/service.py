@@ -1,0 +1,152 @@
+"""The provisioning service: one entry point, :meth:`ProvisioningService.admit`.
+
+It decides, in a fixed order, whether a verified peer is admitted, and applies the result:
+
+1. verify   - chain to an enabled anchor (cryptography's verifier) plus the explicit leaf policy
+2. identity - certificate -> DeviceIdentity (or ServiceIdentity for service anchors); id safety
+3. bind     - the MQTT client id must equal the derived id
+4. registry - race-free create-if-absent; the event goes to the outbox in the same transaction
+5. audit    - one entry per decision (provisioned entries are written with the record)
+
+It never imports amqtt: the broker adapters translate sockets into :class:`PeerCredentials`
+and :class:`~jitp.errors.ProvisioningError` subclasses into MQTT outcomes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import MappingProxyType
+
+from jitp import errors
+from jitp.audit import AuditDraft
+from jitp.identity import DEFAULT_REGION, ServiceIdentity, derive_identity, derive_service
+from jitp.records import DeviceRecord
+from jitp.registry import Registry
+from jitp.trust import Role, TrustStore
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class PeerCredentials:
+    """What the transport knows about a connecting client."""
+
+    chain_der: tuple[bytes, ...]  # leaf first, as verified by the TLS layer
+    client_id: str
+    address: str | None = None  # "host:port", for the audit trail
+
+
+@dataclass(frozen=True)
+class Admission:
+    """An admitted client: a device (with its record) or a backend service."""
+
+    role: Role
+    client_id: str
+    fingerprint: str
+    record: DeviceRecord | None = None
+    service: ServiceIdentity | None = None
+    created: bool = False
+
+
+class ProvisioningService:
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        clock: Clock = utc_now,
+        default_region: str = DEFAULT_REGION,
+    ) -> None:
+        self.registry = registry
+        self.clock = clock
+        self.default_region = default_region
+        self.trust = TrustStore()
+        self._event_waiters: list[Callable[[], None]] = []
+        self._trust_listeners: list[Callable[[TrustStore], None]] = []
+        self._refresh_lock = asyncio.Lock()
+
+    # -- wiring --------------------------------------------------------------------------
+    def on_new_events(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` after a transaction added outbox events (wakes the publisher)."""
+        self._event_waiters.append(callback)
+
+    def on_trust_change(self, callback: Callable[[TrustStore], None]) -> None:
+        self._trust_listeners.append(callback)
+
+    async def refresh_trust(self, *, force: bool = False) -> bool:
+        """Reload anchors from the registry if they changed. True if a new snapshot was taken."""
+        async with self._refresh_lock:
+            version = await self.registry.trust_version()
+            if not force and version == self.trust.version:
+                return False
+            anchors = await self.registry.anchors()
+            self.trust = TrustStore.of(anchors, version=version)
+            log.info("trust anchors loaded: %d enabled (version %d)", len(self.trust.anchors), version)
+        for listener in self._trust_listeners:
+            listener(self.trust)
+        return True
+
+    # -- the entry point -------------------------------------------------------------------
+    async def admit(self, peer: PeerCredentials) -> Admission:
+        now = self.clock()
+        try:
+            verified = self.trust.verify(peer.chain_der, now=now)
+            if verified.anchor.role is Role.SERVICE:
+                service = derive_service(verified)
+                self._bind(peer, service.name, verified.fingerprint)
+                return Admission(role=Role.SERVICE, client_id=peer.client_id, fingerprint=verified.fingerprint,
+                                 service=service)
+            identity = derive_identity(verified, default_region=self.default_region)
+            self._bind(peer, identity.device_id, verified.fingerprint)
+            outcome = await self.registry.provision(identity, at=now, peer=peer.address)
+        except errors.Refused as exc:
+            await self.record_refusal(exc, peer=peer.address, at=now, client_id=peer.client_id)
+            raise
+        if outcome.created:
+            log.info("provisioned device %s (region %s)", outcome.record.device_id, outcome.record.region)
+            for wake in self._event_waiters:
+                wake()
+        return Admission(role=Role.DEVICE, client_id=peer.client_id, fingerprint=verified.fingerprint,
+                         record=outcome.record, created=outcome.created)
+
+    @staticmethod
+    def _bind(peer: PeerCredentials, expected: str, fingerprint: str) -> None:
+        if peer.client_id != expected:
+            raise errors.ClientIdMismatch(
+                f"MQTT client id must equal the certificate's identity {expected!r}",
+                device_id=expected, fingerprint=fingerprint, detail=repr(peer.client_id)[:80],
+            )
+
+    # -- audit helpers for decisions taken outside admit() ------------------------------------
+    async def record_refusal(
+        self, exc: errors.Refused, *, peer: str | None, at: datetime | None = None, client_id: str | None = None
+    ) -> None:
+        details: dict[str, str] = {"message": exc.message}
+        if exc.detail:
+            details["detail"] = exc.detail
+        if client_id is not None and exc.device_id is None:
+            details["client_id"] = repr(client_id)[:80]
+        log.warning("refused %s from %s: %s (%s)", exc.device_id or "client", peer, exc.reason, exc.message)
+        try:
+            await self.registry.append_audit([AuditDraft(
+                at=at or self.clock(), action="refused", actor="broker", device_id=exc.device_id,
+                fingerprint=exc.fingerprint, reason=exc.reason, peer=peer, details=MappingProxyType(details),
+            )])
+        except errors.ProvisioningError as audit_exc:  # never let auditing hide the refusal itself
+            log.error("could not audit a refusal: %s", audit_exc)
+
+    async def record_event(self, action: str, *, device_id: str | None = None, peer: str | None = None,
+                           reason: str | None = None, details: dict[str, str] | None = None) -> None:
+        await self.registry.append_audit([AuditDraft(
+            at=self.clock(), action=action, actor="broker", device_id=device_id, peer=peer, reason=reason,
+            details=MappingProxyType(details or {}),
+        )])

@@ -1,0 +1,524 @@
+"""The embedded registry: SQLite (WAL) through aiosqlite.
+
+Writes from concurrent joins are grouped: ``provision``, ``append_audit`` and ``last_seen``
+updates are queued and a single writer task applies whatever has queued up as one
+transaction (group commit), so a join storm costs one commit per batch, not per device.
+``BEGIN IMMEDIATE`` takes SQLite's write lock first, and inserts use ``ON CONFLICT DO
+NOTHING``, so several processes sharing the file (the broker and the CLI) stay race-free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import aiosqlite
+
+from jitp import errors
+from jitp.audit import GENESIS_HASH, AuditDraft, AuditEntry, chain
+from jitp.events import ProvisioningEvent, new_event_id, provisioned_event
+from jitp.identity import DeviceIdentity
+from jitp.records import DeviceRecord, DeviceStatus
+from jitp.registry import ProvisionOutcome
+from jitp.trust import Role, TrustAnchor
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the foundation
+    """
+    CREATE TABLE anchors (
+        ca_id TEXT PRIMARY KEY,
+        cert_der BLOB NOT NULL,
+        role TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        region TEXT,
+        template TEXT,
+        enabled INTEGER NOT NULL DEFAULT 1,
+        registered_at TEXT NOT NULL
+    );
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+    INSERT INTO meta (key, value) VALUES ('trust_version', 1);
+    CREATE TABLE devices (
+        device_id TEXT PRIMARY KEY,
+        status TEXT NOT NULL,
+        cert_fingerprint TEXT NOT NULL,
+        ca_id TEXT NOT NULL,
+        region TEXT NOT NULL,
+        serial TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        not_after TEXT NOT NULL,
+        provisioned_at TEXT NOT NULL,
+        last_seen TEXT,
+        attributes TEXT NOT NULL DEFAULT '{}',
+        template TEXT
+    );
+    CREATE INDEX devices_fingerprint ON devices (cert_fingerprint);
+    CREATE TABLE outbox (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        event_id TEXT NOT NULL UNIQUE,
+        type TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        occurred_at TEXT NOT NULL,
+        payload BLOB NOT NULL,
+        delivered_at TEXT
+    );
+    CREATE INDEX outbox_pending ON outbox (seq) WHERE delivered_at IS NULL;
+    CREATE UNIQUE INDEX outbox_one_provisioned ON outbox (device_id) WHERE type = 'provisioned';
+    CREATE TABLE audit (
+        seq INTEGER PRIMARY KEY,
+        at TEXT NOT NULL,
+        action TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        device_id TEXT,
+        fingerprint TEXT,
+        reason TEXT,
+        peer TEXT,
+        details TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL
+    );
+    """,
+)
+
+_DEVICE_COLUMNS = (
+    "device_id, status, cert_fingerprint, ca_id, region, serial, subject, not_after, provisioned_at, "
+    "last_seen, attributes, template"
+)
+
+
+def _ts(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat()
+
+
+def _dt(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value is not None else None
+
+
+def _record(row: Sequence[Any]) -> DeviceRecord:
+    return DeviceRecord(
+        device_id=row[0],
+        status=DeviceStatus(row[1]),
+        cert_fingerprint=row[2],
+        ca_id=row[3],
+        region=row[4],
+        serial=row[5],
+        subject=row[6],
+        not_after=datetime.fromisoformat(row[7]),
+        provisioned_at=datetime.fromisoformat(row[8]),
+        last_seen=_dt(row[9]),
+        attributes=MappingProxyType(json.loads(row[10])),
+        template=row[11],
+    )
+
+
+def _anchor(row: Sequence[Any]) -> TrustAnchor:
+    return TrustAnchor(
+        ca_id=row[0],
+        cert_der=bytes(row[1]),
+        role=Role(row[2]),
+        subject=row[3],
+        region=row[4],
+        template=row[5],
+        enabled=bool(row[6]),
+        registered_at=_dt(row[7]),
+    )
+
+
+def _event(row: Sequence[Any]) -> ProvisioningEvent:
+    return ProvisioningEvent(
+        event_id=row[0], type=row[1], device_id=row[2], occurred_at=datetime.fromisoformat(row[3]),
+        payload=bytes(row[4]),
+    )
+
+
+@dataclass
+class _Provision:
+    identity: DeviceIdentity
+    at: datetime
+    peer: str | None
+    future: asyncio.Future[ProvisionOutcome]
+
+
+@dataclass
+class _Audit:
+    drafts: Sequence[AuditDraft]
+    future: asyncio.Future[None]
+
+
+@dataclass
+class _Batch:
+    provisions: list[_Provision] = field(default_factory=list)
+    audits: list[_Audit] = field(default_factory=list)
+
+
+class SQLiteRegistry:
+    """The embedded :class:`~jitp.registry.Registry`."""
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        synchronous: str = "FULL",
+        max_batch: int = 512,
+        batch_window: float = 0.002,
+    ) -> None:
+        self.path = Path(path)
+        self._synchronous = synchronous.upper()
+        if self._synchronous not in ("FULL", "NORMAL"):
+            raise errors.ConfigError("must be FULL or NORMAL", key="sqlite_synchronous")
+        self._max_batch = max_batch
+        self._batch_window = batch_window
+        self._db: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
+        self._queue: asyncio.Queue[_Provision | _Audit] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
+        self._touches: dict[str, datetime] = {}
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not self.path.exists():
+            fd = os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600)
+            os.close(fd)
+        self._db = await aiosqlite.connect(self.path, isolation_level=None)
+        await self._db.execute("PRAGMA journal_mode=WAL")
+        await self._db.execute(f"PRAGMA synchronous={self._synchronous}")
+        await self._db.execute("PRAGMA busy_timeout=10000")
+        await self._migrate()
+        self._writer = asyncio.create_task(self._write_loop(), name="jitp-sqlite-writer")
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            await self._queue.join()
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+            self._writer = None
+        if self._db is not None:
+            async with self._lock:
+                await self._flush_touches()
+                await self._db.close()
+            self._db = None
+
+    async def __aenter__(self) -> SQLiteRegistry:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise errors.RegistryUnavailable("the registry is not open")
+        return self._db
+
+    async def _migrate(self) -> None:
+        async with self._lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                await self.db.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT)"
+                )
+                async with self.db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations") as cur:
+                    row = await cur.fetchone()
+                current = int(row[0]) if row else 0
+                if current > len(MIGRATIONS):
+                    raise errors.ConfigError(
+                        f"the database schema is version {current}, newer than this jitp "
+                        f"({len(MIGRATIONS)}); upgrade jitp",
+                        where=str(self.path),
+                    )
+                for version in range(current + 1, len(MIGRATIONS) + 1):
+                    for statement in MIGRATIONS[version - 1].split(";"):
+                        if statement.strip():
+                            await self.db.execute(statement)
+                    await self.db.execute(
+                        "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
+                        (version, _ts(datetime.now(UTC))),
+                    )
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> Any:
+        async with self._lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+            await self.db.execute("COMMIT")
+
+    # -- trust anchors -------------------------------------------------------------------
+    async def register_anchor(self, anchor: TrustAnchor, *, audit: AuditDraft) -> TrustAnchor:
+        at = anchor.registered_at or audit.at
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT INTO anchors (ca_id, cert_der, role, subject, region, template, enabled, registered_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, 1, ?) ON CONFLICT(ca_id) DO UPDATE SET role=excluded.role, "
+                "region=excluded.region, template=excluded.template, enabled=1",
+                (anchor.ca_id, anchor.cert_der, str(anchor.role), anchor.subject, anchor.region, anchor.template,
+                 _ts(at)),
+            )
+            await db.execute("UPDATE meta SET value = value + 1 WHERE key = 'trust_version'")
+            await self._append_audit_tx(db, [audit])
+            async with db.execute(
+                "SELECT ca_id, cert_der, role, subject, region, template, enabled, registered_at FROM anchors "
+                "WHERE ca_id = ?", (anchor.ca_id,)
+            ) as cur:
+                row = await cur.fetchone()
+        assert row is not None
+        return _anchor(row)
+
+    async def set_anchor_enabled(self, ca_id: str, enabled: bool, *, audit: AuditDraft) -> TrustAnchor:
+        async with self._transaction() as db:
+            async with db.execute(
+                "SELECT ca_id, cert_der, role, subject, region, template, enabled, registered_at FROM anchors "
+                "WHERE ca_id = ?", (ca_id,)
+            ) as cur:
+                row = await cur.fetchone()
+            if row is None:
+                raise errors.NotFound(f"no CA with id {ca_id!r} is registered", ca_id=ca_id)
+            await db.execute("UPDATE anchors SET enabled = ? WHERE ca_id = ?", (int(enabled), ca_id))
+            await db.execute("UPDATE meta SET value = value + 1 WHERE key = 'trust_version'")
+            await self._append_audit_tx(db, [audit])
+        anchor = _anchor(row)
+        return TrustAnchor(**{**anchor.__dict__, "enabled": enabled})
+
+    async def anchors(self) -> list[TrustAnchor]:
+        async with self._lock, self.db.execute(
+            "SELECT ca_id, cert_der, role, subject, region, template, enabled, registered_at FROM anchors "
+            "ORDER BY registered_at, ca_id"
+        ) as cur:
+            return [_anchor(r) for r in await cur.fetchall()]
+
+    async def trust_version(self) -> int:
+        async with self._lock, self.db.execute("SELECT value FROM meta WHERE key = 'trust_version'") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    # -- devices -------------------------------------------------------------------------
+    async def provision(self, identity: DeviceIdentity, *, at: datetime, peer: str | None) -> ProvisionOutcome:
+        future: asyncio.Future[ProvisionOutcome] = asyncio.get_running_loop().create_future()
+        self._check_writer()
+        self._queue.put_nowait(_Provision(identity, at, peer, future))
+        return await future
+
+    async def get_device(self, device_id: str) -> DeviceRecord | None:
+        async with self._lock, self.db.execute(
+            f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id = ?", (device_id,)  # noqa: S608
+        ) as cur:
+            row = await cur.fetchone()
+        return _record(row) if row else None
+
+    async def list_devices(self) -> list[DeviceRecord]:
+        async with self._lock, self.db.execute(
+            f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY device_id"  # noqa: S608
+        ) as cur:
+            return [_record(r) for r in await cur.fetchall()]
+
+    # -- outbox --------------------------------------------------------------------------
+    async def pending_events(self, limit: int = 500) -> list[ProvisioningEvent]:
+        async with self._lock, self.db.execute(
+            "SELECT event_id, type, device_id, occurred_at, payload FROM outbox WHERE delivered_at IS NULL "
+            "ORDER BY seq LIMIT ?", (limit,)
+        ) as cur:
+            return [_event(r) for r in await cur.fetchall()]
+
+    async def mark_delivered(self, event_ids: Sequence[str], *, at: datetime) -> None:
+        if not event_ids:
+            return
+        async with self._transaction() as db:
+            await db.executemany(
+                "UPDATE outbox SET delivered_at = ? WHERE event_id = ? AND delivered_at IS NULL",
+                [(_ts(at), e) for e in event_ids],
+            )
+
+    async def events(self, device_id: str | None = None) -> list[ProvisioningEvent]:
+        sql = "SELECT event_id, type, device_id, occurred_at, payload FROM outbox"
+        args: tuple[str, ...] = ()
+        if device_id is not None:
+            sql += " WHERE device_id = ?"
+            args = (device_id,)
+        async with self._lock, self.db.execute(sql + " ORDER BY seq", args) as cur:
+            return [_event(r) for r in await cur.fetchall()]
+
+    # -- audit ---------------------------------------------------------------------------
+    async def append_audit(self, drafts: Sequence[AuditDraft]) -> None:
+        if not drafts:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._check_writer()
+        self._queue.put_nowait(_Audit(list(drafts), future))
+        await future
+
+    async def audit_entries(self) -> list[AuditEntry]:
+        async with self._lock, self.db.execute(
+            "SELECT seq, at, action, actor, device_id, fingerprint, reason, peer, details, prev_hash, hash "
+            "FROM audit ORDER BY seq"
+        ) as cur:
+            rows = await cur.fetchall()
+        return [
+            AuditEntry(
+                seq=r[0],
+                draft=AuditDraft(
+                    at=datetime.fromisoformat(r[1]), action=r[2], actor=r[3], device_id=r[4], fingerprint=r[5],
+                    reason=r[6], peer=r[7], details=MappingProxyType(json.loads(r[8])),
+                ),
+                prev_hash=r[9],
+                hash=r[10],
+            )
+            for r in rows
+        ]
+
+    async def _append_audit_tx(self, db: aiosqlite.Connection, drafts: Sequence[AuditDraft]) -> None:
+        async with db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1") as cur:
+            row = await cur.fetchone()
+        seq, prev = (int(row[0]) + 1, str(row[1])) if row else (1, GENESIS_HASH)
+        entries = chain(drafts, start_seq=seq, prev_hash=prev)
+        await db.executemany(
+            "INSERT INTO audit (seq, at, action, actor, device_id, fingerprint, reason, peer, details, prev_hash, "
+            "hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (e.seq, _ts(e.draft.at), e.draft.action, e.draft.actor, e.draft.device_id, e.draft.fingerprint,
+                 e.draft.reason, e.draft.peer, json.dumps(dict(e.draft.details), sort_keys=True), e.prev_hash,
+                 e.hash)
+                for e in entries
+            ],
+        )
+
+    # -- last_seen (write-behind) ----------------------------------------------------------
+    def note_seen(self, device_id: str, at: datetime) -> None:
+        """Record a reconnect; written with the next batch (or on close)."""
+        self._touches[device_id] = at
+
+    async def _flush_touches(self) -> None:
+        if not self._touches or self._db is None:
+            return
+        touches, self._touches = self._touches, {}
+        await self._db.executemany(
+            "UPDATE devices SET last_seen = ? WHERE device_id = ?", [(_ts(t), d) for d, t in touches.items()]
+        )
+
+    # -- the group-commit writer ------------------------------------------------------------
+    def _check_writer(self) -> None:
+        if self._writer is None or self._writer.done():
+            raise errors.RegistryUnavailable("the registry writer is not running")
+
+    async def _write_loop(self) -> None:
+        while True:
+            first = await self._queue.get()
+            batch = [first]
+            if self._batch_window > 0 and self._queue.empty():
+                await asyncio.sleep(self._batch_window)
+            while len(batch) < self._max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await self._apply(batch)
+            except (sqlite3.Error, ValueError) as exc:
+                log.error("registry write failed for a batch of %d: %s", len(batch), exc)
+                for op in batch:
+                    if not op.future.done():
+                        op.future.set_exception(errors.RegistryUnavailable(f"registry write failed: {exc}"))
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    async def _apply(self, batch: list[_Provision | _Audit]) -> None:
+        provisions = [op for op in batch if isinstance(op, _Provision)]
+        results: dict[int, ProvisionOutcome | errors.ProvisioningError] = {}
+        async with self._transaction() as db:
+            existing: dict[str, DeviceRecord] = {}
+            ids = sorted({p.identity.device_id for p in provisions})
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                async with db.execute(
+                    f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id IN ({marks})", chunk  # noqa: S608
+                ) as cur:
+                    for row in await cur.fetchall():
+                        existing[row[0]] = _record(row)
+            new_devices: list[tuple[Any, ...]] = []
+            new_events: list[tuple[Any, ...]] = []
+            drafts: list[AuditDraft] = []
+            for i, op in enumerate(batch):
+                if isinstance(op, _Audit):
+                    drafts.extend(op.drafts)
+                    continue
+                ident = op.identity
+                current = existing.get(ident.device_id)
+                if current is None:
+                    record = DeviceRecord(
+                        device_id=ident.device_id, status=DeviceStatus.ACTIVE,
+                        cert_fingerprint=ident.cert_fingerprint, ca_id=ident.ca_id, region=ident.region,
+                        serial=ident.serial, subject=ident.subject, not_after=ident.not_after,
+                        provisioned_at=op.at, last_seen=op.at, attributes=ident.attributes, template=ident.template,
+                    )
+                    event = provisioned_event(record, event_id=new_event_id(), at=op.at)
+                    existing[ident.device_id] = record
+                    new_devices.append((
+                        record.device_id, str(record.status), record.cert_fingerprint, record.ca_id, record.region,
+                        record.serial, record.subject, _ts(record.not_after), _ts(record.provisioned_at),
+                        _ts(op.at), json.dumps(dict(record.attributes), sort_keys=True), record.template,
+                    ))
+                    new_events.append((event.event_id, event.type, event.device_id, _ts(op.at), event.payload))
+                    drafts.append(AuditDraft(
+                        at=op.at, action="provisioned", actor="device", device_id=record.device_id,
+                        fingerprint=record.cert_fingerprint, peer=op.peer,
+                        details=MappingProxyType({"ca_id": record.ca_id, "region": record.region,
+                                                  "event_id": event.event_id}),
+                    ))
+                    results[i] = ProvisionOutcome(record=record, created=True, event=event)
+                elif current.cert_fingerprint != ident.cert_fingerprint:
+                    results[i] = errors.IdentityConflict(
+                        f"device id {ident.device_id!r} is already provisioned with another certificate",
+                        device_id=ident.device_id, fingerprint=ident.cert_fingerprint,
+                        detail=f"registered certificate {current.cert_fingerprint}",
+                    )
+                elif current.status not in (DeviceStatus.ACTIVE, DeviceStatus.QUARANTINED):
+                    results[i] = errors.DeviceBlocked(
+                        f"device {ident.device_id!r} is {current.status}", device_id=ident.device_id,
+                        fingerprint=ident.cert_fingerprint,
+                    )
+                else:
+                    self._touches[ident.device_id] = op.at
+                    results[i] = ProvisionOutcome(record=current, created=False)
+            if new_devices:
+                await db.executemany(
+                    f"INSERT INTO devices ({_DEVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "  # noqa: S608
+                    "ON CONFLICT(device_id) DO NOTHING",
+                    new_devices,
+                )
+                await db.executemany(
+                    "INSERT INTO outbox (event_id, type, device_id, occurred_at, payload) VALUES (?, ?, ?, ?, ?)",
+                    new_events,
+                )
+            await self._flush_touches()
+            if drafts:
+                await self._append_audit_tx(db, drafts)
+        for i, op in enumerate(batch):
+            if op.future.done():
+                continue
+            if isinstance(op, _Audit):
+                op.future.set_result(None)
+                continue
+            result = results[i]
+            if isinstance(result, errors.ProvisioningError):
+                op.future.set_exception(result)
+            else:
+                op.future.set_result(result)

@@ -1,0 +1,246 @@
+"""Trust anchors and certificate-chain verification.
+
+Path building and validation come from ``cryptography.x509.verification``. On top of it,
+jitp applies an explicit leaf policy, because the WebPKI profile alone accepts certificates
+a device broker must refuse (a leaf without digitalSignature, an RSA-1024 key), and OpenSSL at
+the TLS layer accepts a CA certificate as a client leaf. Each check raises a specific
+:class:`~jitp.errors.Refused` subclass, so every refusal has a reason.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.verification import (
+    Criticality,
+    ExtensionPolicy,
+    PolicyBuilder,
+    Store,
+    VerificationError,
+)
+
+from jitp import errors
+
+MIN_RSA_BITS = 2048
+ALLOWED_CURVES: frozenset[str] = frozenset({"secp256r1", "secp384r1", "secp521r1"})
+MAX_CHAIN_DEPTH = 6
+
+
+class Role(enum.StrEnum):
+    """What a certificate chaining to an anchor identifies."""
+
+    DEVICE = "device"  # provisioned just in time
+    SERVICE = "service"  # a backend system: may read $jitp/events/#, never provisioned
+
+
+def fingerprint_der(der: bytes) -> str:
+    """SHA-256 of a DER encoding, lowercase hex. This is a certificate's and a CA's id."""
+    return hashlib.sha256(der).hexdigest()
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    return fingerprint_der(cert.public_bytes(Encoding.DER))
+
+
+
+
+@dataclass(frozen=True)
+class TrustAnchor:
+    """A registered CA certificate (root or intermediate) and what chaining to it means."""
+
+    ca_id: str  # SHA-256 fingerprint of the DER
+    cert_der: bytes
+    role: Role
+    subject: str
+    region: str | None = None
+    template: str | None = None
+    enabled: bool = True
+    registered_at: datetime | None = None
+
+    @classmethod
+    def from_certificate(
+        cls,
+        cert: x509.Certificate,
+        *,
+        role: Role = Role.DEVICE,
+        region: str | None = None,
+        template: str | None = None,
+        registered_at: datetime | None = None,
+        now: datetime | None = None,
+    ) -> TrustAnchor:
+        """Build an anchor after checking that ``cert`` is a usable CA certificate."""
+        try:
+            bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        except x509.ExtensionNotFound:
+            raise errors.InvalidRequest(
+                "not a CA certificate: it has no BasicConstraints extension", subject=_subject(cert)
+            ) from None
+        if not bc.ca:
+            raise errors.InvalidRequest(
+                "not a CA certificate: BasicConstraints CA is false", subject=_subject(cert)
+            )
+        if now is not None and now > cert.not_valid_after_utc:
+            raise errors.InvalidRequest(
+                f"CA certificate expired on {cert.not_valid_after_utc.isoformat()}", subject=_subject(cert)
+            )
+        _check_key_strength(cert.public_key(), what="CA key", cls=errors.InvalidRequest)
+        der = cert.public_bytes(Encoding.DER)
+        return cls(
+            ca_id=fingerprint_der(der),
+            cert_der=der,
+            role=Role(role),
+            subject=_subject(cert),
+            region=region,
+            template=template,
+            registered_at=registered_at,
+        )
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        return x509.load_der_x509_certificate(self.cert_der)
+
+
+@dataclass(frozen=True)
+class VerifiedChain:
+    """A client chain that validated to an enabled anchor, with the policy checks passed."""
+
+    leaf: x509.Certificate
+    leaf_der: bytes
+    fingerprint: str
+    anchor: TrustAnchor
+    chain: tuple[x509.Certificate, ...]
+
+
+def _subject(cert: x509.Certificate) -> str:
+    return cert.subject.rfc4514_string()
+
+
+def _check_key_strength(
+    key: object, *, what: str, cls: type[errors.ProvisioningError], **fields: str | None
+) -> None:
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < MIN_RSA_BITS:
+            raise cls(f"{what} is RSA-{key.key_size}; at least RSA-{MIN_RSA_BITS} is required", **fields)
+    elif isinstance(key, ec.EllipticCurvePublicKey):
+        if key.curve.name not in ALLOWED_CURVES:
+            raise cls(f"{what} uses curve {key.curve.name}, which is not allowed", **fields)
+    elif isinstance(key, dsa.DSAPublicKey):
+        raise cls(f"{what} is DSA, which is not allowed", **fields)
+    elif not isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+        raise cls(f"{what} has an unsupported key type {type(key).__name__}", **fields)
+
+
+def check_leaf_policy(leaf: x509.Certificate, *, now: datetime, fingerprint: str) -> None:
+    """The explicit end-entity policy for device and service client certificates."""
+    fp = fingerprint
+    try:
+        bc = leaf.extensions.get_extension_for_class(x509.BasicConstraints).value
+        if bc.ca:
+            raise errors.CaCertificateAsLeaf(
+                "the client certificate is a CA certificate (BasicConstraints CA:TRUE)", fingerprint=fp
+            )
+    except x509.ExtensionNotFound:
+        pass
+    if now < leaf.not_valid_before_utc:
+        raise errors.CertificateNotYetValid(
+            f"certificate is not valid before {leaf.not_valid_before_utc.isoformat()}", fingerprint=fp
+        )
+    if now > leaf.not_valid_after_utc:
+        raise errors.CertificateExpired(
+            f"certificate expired on {leaf.not_valid_after_utc.isoformat()}", fingerprint=fp
+        )
+    _check_key_strength(leaf.public_key(), what="certificate key", cls=errors.WeakKey, fingerprint=fp)
+    try:
+        ku = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
+        if not ku.digital_signature:
+            raise errors.BadKeyUsage(
+                "KeyUsage does not allow digitalSignature, which TLS client authentication needs",
+                fingerprint=fp,
+            )
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        if ExtendedKeyUsageOID.CLIENT_AUTH not in eku and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in eku:
+            raise errors.BadKeyUsage("ExtendedKeyUsage does not allow clientAuth", fingerprint=fp)
+    except x509.ExtensionNotFound:
+        pass
+
+
+def _ee_policy() -> ExtensionPolicy:
+    # Devices are usually identified by CN only: SAN and EKU may be absent. EKU is checked by
+    # check_leaf_policy ("where present").
+    return (
+        ExtensionPolicy.webpki_defaults_ee()
+        .may_be_present(x509.SubjectAlternativeName, Criticality.AGNOSTIC, None)
+        .may_be_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, None)
+    )
+
+
+@dataclass(frozen=True)
+class TrustStore:
+    """An immutable snapshot of the registered anchors. Swapped whole when anchors change."""
+
+    anchors: tuple[TrustAnchor, ...] = ()
+    version: int = 0
+    _by_id: dict[str, TrustAnchor] = field(default_factory=dict, compare=False, repr=False)
+    _store: Store | None = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def of(cls, anchors: Iterable[TrustAnchor], *, version: int = 0) -> TrustStore:
+        enabled = tuple(a for a in anchors if a.enabled)
+        by_id = {a.ca_id: a for a in enabled}
+        store = Store([a.certificate for a in enabled]) if enabled else None
+        return cls(anchors=enabled, version=version, _by_id=by_id, _store=store)
+
+    def get(self, ca_id: str) -> TrustAnchor | None:
+        return self._by_id.get(ca_id)
+
+    def pem_bundle(self) -> str:
+        """The enabled anchors as PEM, for the TLS layer's verify locations."""
+        return "".join(a.certificate.public_bytes(Encoding.PEM).decode() for a in self.anchors)
+
+    def verify(self, chain_der: Sequence[bytes], *, now: datetime) -> VerifiedChain:
+        """Validate a client chain (leaf first) and return which anchor it chains to."""
+        if not chain_der:
+            raise errors.NoClientCertificate("no client certificate was presented")
+        try:
+            leaf = x509.load_der_x509_certificate(chain_der[0])
+            intermediates = [x509.load_der_x509_certificate(d) for d in chain_der[1:]]
+        except ValueError as exc:
+            raise errors.InvalidCertificate(f"client certificate could not be parsed: {exc}") from None
+        fp = fingerprint_der(chain_der[0])
+        if now.tzinfo is None:
+            now = now.replace(tzinfo=UTC)
+        check_leaf_policy(leaf, now=now, fingerprint=fp)
+        if self._store is None:
+            raise errors.UntrustedChain("no CA is registered and enabled", fingerprint=fp)
+        verifier = (
+            PolicyBuilder()
+            .store(self._store)
+            .time(now)
+            .max_chain_depth(MAX_CHAIN_DEPTH)
+            .extension_policies(ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=_ee_policy())
+            .build_client_verifier()
+        )
+        try:
+            verified = verifier.verify(leaf, intermediates)
+        except VerificationError as exc:
+            raise errors.UntrustedChain(
+                "the certificate does not chain to an enabled, registered CA", fingerprint=fp, detail=str(exc)
+            ) from None
+        chain = tuple(verified.chain)
+        # The nearest registered CA above the leaf decides the role, region and template.
+        for cert in chain[1:]:
+            anchor = self._by_id.get(fingerprint(cert))
+            if anchor is not None:
+                return VerifiedChain(leaf=leaf, leaf_der=chain_der[0], fingerprint=fp, anchor=anchor, chain=chain)
+        raise errors.UntrustedChain("the chain ends at no registered CA", fingerprint=fp)  # pragma: no cover
