@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -50,6 +52,27 @@ def fingerprint(cert: x509.Certificate) -> str:
     return fingerprint_der(cert.public_bytes(Encoding.DER))
 
 
+# cryptography warns (UserWarning) each time it decodes a name attribute whose length is outside the
+# X.520 bounds, e.g. a CN longer than 64 characters. Certificate fields are untrusted input: such a
+# subject is judged by jitp's own rules (identity.id_problem), not logged once per connection, and not
+# turned into an exception under ``-W error``.
+_ATTRIBUTE_LENGTH_WARNING = r"Attribute's length must be"
+
+
+def read_subject(cert: x509.Certificate, *, fingerprint: str | None = None) -> x509.Name:
+    """``cert.subject``, without cryptography's attribute-length warning.
+
+    A subject that cannot be decoded (e.g. a UTF8String that is not UTF-8) is an
+    :class:`~jitp.errors.InvalidCertificate`, never a bare ``ValueError``.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_ATTRIBUTE_LENGTH_WARNING, category=UserWarning)
+        try:
+            return cert.subject
+        except ValueError as exc:
+            raise errors.InvalidCertificate(
+                "the certificate subject could not be decoded", fingerprint=fingerprint, detail=str(exc)[:200]
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -76,7 +99,14 @@ class TrustAnchor:
         registered_at: datetime | None = None,
         now: datetime | None = None,
     ) -> TrustAnchor:
-        """Build an anchor after checking that ``cert`` is a usable CA certificate."""
+        """Build an anchor after checking that ``cert`` is a usable CA certificate.
+
+        ``now`` defaults to the current time: an expired CA certificate is never registered.
+        """
+        if now is None:
+            now = datetime.now(UTC)
+        elif now.tzinfo is None:
+            now = now.replace(tzinfo=UTC)
         try:
             bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
         except x509.ExtensionNotFound:
@@ -87,7 +117,7 @@ class TrustAnchor:
             raise errors.InvalidRequest(
                 "not a CA certificate: BasicConstraints CA is false", subject=_subject(cert)
             )
-        if now is not None and now > cert.not_valid_after_utc:
+        if now > cert.not_valid_after_utc:
             raise errors.InvalidRequest(
                 f"CA certificate expired on {cert.not_valid_after_utc.isoformat()}", subject=_subject(cert)
             )
@@ -120,7 +150,10 @@ class VerifiedChain:
 
 
 def _subject(cert: x509.Certificate) -> str:
-    return cert.subject.rfc4514_string()
+    try:
+        return read_subject(cert).rfc4514_string()
+    except errors.InvalidCertificate as exc:
+        raise errors.InvalidRequest("the certificate subject could not be decoded", detail=exc.detail) from None
 
 
 def _check_key_strength(

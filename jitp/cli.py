@@ -1,0 +1,341 @@
+"""The ``jitp`` command line.
+
+Local mode works directly on the data dir (the SQLite registry). Whoever can run it can change
+anything: it is root-equivalent, and its actions are audited as ``local-admin``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import importlib
+import json
+import logging
+import os
+import socket
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from cryptography import x509
+
+from jitp import errors
+from jitp.audit import AuditDraft, verify_chain
+from jitp.config import DEFAULT_CONFIG, Config, load_config, replace
+from jitp.records import DeviceRecord
+from jitp.sqlite_registry import SQLiteRegistry
+from jitp.trust import Role, TrustAnchor
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _actor() -> str:
+    return "local-admin"
+
+
+def _who() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
+
+
+def _config(args: argparse.Namespace) -> Config:
+    path = getattr(args, "config", None)
+    if path is None and DEFAULT_CONFIG.exists() and Path.cwd() == DEFAULT_CONFIG.parent.parent:
+        path = DEFAULT_CONFIG
+    config = load_config(Path(path)) if path else Config()
+    data_dir = getattr(args, "data_dir", None)
+    return replace(config, data_dir=Path(data_dir) if data_dir else None)
+
+
+def _run(args: argparse.Namespace, fn: Callable[[SQLiteRegistry], Awaitable[int]]) -> int:
+    config = _config(args)
+
+    async def go() -> int:
+        async with SQLiteRegistry(config.registry_path, synchronous=config.sqlite.synchronous,
+                                  batch_window=0) as registry:
+            return await fn(registry)
+
+    return asyncio.run(go())
+
+
+def _draft(action: str, **details: str) -> AuditDraft:
+    return AuditDraft(at=_now(), action=action, actor=_actor(),
+                      details=MappingProxyType({"operator": _who(), **details}))
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True))
+
+
+# -- pki ----------------------------------------------------------------------------------
+def cmd_pki_init(args: argparse.Namespace) -> int:
+    import certs
+
+    layout = certs.init_pki(Path(args.dir), key_type=args.key_type, force=args.force)
+    print(f"development PKI created in {layout.dir}")
+    for label, path in (
+        ("root CA", layout.root_cert), ("manufacturer CA (register with --role device)", layout.manufacturer_cert),
+        ("service CA (register with --role service)", layout.service_ca_cert),
+        ("broker certificate", layout.server_cert), ("broker key", layout.server_key),
+        ("service client certificate", layout.service_client_cert),
+        ("service client key", layout.service_client_key),
+    ):
+        print(f"  {label:48} {path}")
+    return 0
+
+
+def cmd_pki_issue(args: argparse.Namespace) -> int:
+    import certs
+
+    if args.count < 1:
+        raise errors.InvalidRequest("--count must be at least 1")
+    layout = certs.PkiLayout(Path(args.dir))
+    if not layout.manufacturer_key.exists():
+        raise errors.InvalidRequest(f"no manufacturer CA key at {layout.manufacturer_key}; run 'jitp pki init' first")
+    issued = certs.issue_from_pki(layout, args.count, Path(args.out), prefix=args.prefix, start=args.start,
+                                  key_type=args.key_type)
+    print(f"issued {len(issued)} device certificates into {args.out} "
+          f"({issued[0].device_id} .. {issued[-1].device_id})")
+    return 0
+
+
+# -- ca -----------------------------------------------------------------------------------
+def _load_ca_cert(path: Path) -> x509.Certificate:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise errors.InvalidRequest(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        certs_ = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        try:
+            certs_ = [x509.load_der_x509_certificate(data)]
+        except ValueError:
+            raise errors.InvalidRequest(f"{path} holds no PEM or DER certificate") from None
+    return certs_[0]
+
+
+def cmd_ca_register(args: argparse.Namespace) -> int:
+    cert = _load_ca_cert(Path(args.cert))
+    anchor = TrustAnchor.from_certificate(cert, role=Role(args.role), region=args.region, template=args.template,
+                                          registered_at=_now(), now=_now())
+
+    async def go(registry: SQLiteRegistry) -> int:
+        stored = await registry.register_anchor(anchor, audit=_draft(
+            "ca-registered", ca_id=anchor.ca_id, role=str(anchor.role), subject=anchor.subject,
+            region=anchor.region or "", template=anchor.template or ""))
+        print(stored.ca_id)
+        return 0
+
+    return _run(args, go)
+
+
+def _anchor_json(a: TrustAnchor) -> dict[str, Any]:
+    return {"ca_id": a.ca_id, "subject": a.subject, "role": str(a.role), "region": a.region,
+            "template": a.template, "enabled": a.enabled,
+            "registered_at": a.registered_at.isoformat() if a.registered_at else None}
+
+
+def cmd_ca_list(args: argparse.Namespace) -> int:
+    async def go(registry: SQLiteRegistry) -> int:
+        anchors = await registry.anchors()
+        if args.json:
+            _print_json([_anchor_json(a) for a in anchors])
+            return 0
+        if not anchors:
+            print("no CA registered")
+        for a in anchors:
+            state = "enabled " if a.enabled else "disabled"
+            print(f"{a.ca_id}  {state}  {a.role:7}  region={a.region or '-':10}  {a.subject}")
+        return 0
+
+    return _run(args, go)
+
+
+def cmd_ca_enable(args: argparse.Namespace, enabled: bool) -> int:
+    async def go(registry: SQLiteRegistry) -> int:
+        anchor = await registry.set_anchor_enabled(
+            args.ca_id, enabled, audit=_draft("ca-enabled" if enabled else "ca-disabled", ca_id=args.ca_id))
+        print(f"{anchor.ca_id} {'enabled' if enabled else 'disabled'}")
+        return 0
+
+    return _run(args, go)
+
+
+# -- devices ------------------------------------------------------------------------------
+def _device_line(r: DeviceRecord) -> str:
+    seen = r.last_seen.isoformat(timespec="seconds") if r.last_seen else "-"
+    return f"{r.device_id:24} {r.status:13} region={r.region:10} last_seen={seen}"
+
+
+def cmd_devices_list(args: argparse.Namespace) -> int:
+    async def go(registry: SQLiteRegistry) -> int:
+        records = await registry.list_devices()
+        if args.json:
+            _print_json([r.to_json() for r in records])
+        else:
+            for r in records:
+                print(_device_line(r))
+            print(f"{len(records)} device(s)")
+        return 0
+
+    return _run(args, go)
+
+
+def cmd_devices_show(args: argparse.Namespace) -> int:
+    async def go(registry: SQLiteRegistry) -> int:
+        record = await registry.get_device(args.device_id)
+        if record is None:
+            raise errors.NotFound(f"no device with id {args.device_id!r}")
+        doc = record.to_json()
+        if args.json:
+            _print_json(doc)
+        else:
+            for key, value in doc.items():
+                print(f"{key:17} {value}")
+        return 0
+
+    return _run(args, go)
+
+
+# -- audit --------------------------------------------------------------------------------
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    async def go(registry: SQLiteRegistry) -> int:
+        entries = await registry.audit_entries()
+        problems = verify_chain(entries)
+        if problems:
+            for p in problems:
+                print(p)
+            print(f"audit trail TAMPERED: {len(problems)} problem(s) in {len(entries)} entries")
+            return 1
+        print(f"audit trail intact: {len(entries)} entries")
+        return 0
+
+    return _run(args, go)
+
+
+def cmd_audit_export(args: argparse.Namespace) -> int:
+    async def go(registry: SQLiteRegistry) -> int:
+        for entry in await registry.audit_entries():
+            print(json.dumps(entry.to_json(), sort_keys=True))
+        return 0
+
+    return _run(args, go)
+
+
+# -- serve --------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = _config(args)
+    config = replace(config, listener__bind=args.bind, listener__server_cert=_path(args.server_cert),
+                     listener__server_key=_path(args.server_key), log_level=args.log_level)
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("transitions").setLevel(logging.WARNING)
+    logging.getLogger("amqtt").setLevel(max(logging.WARNING, logging.getLogger().level))
+    server = importlib.import_module("broker_plugins.server")  # the amqtt adapter; the core never imports it
+    asyncio.run(server.serve(config))
+    return 0
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
+# -- parser -------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jitp", description="Zero-touch just-in-time MQTT device provisioning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def data_opts(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help="YAML config file (default: config/jitp.yaml when run from the project)")
+        p.add_argument("--data-dir", help="data directory holding registry.db (overrides the config)")
+
+    pki = sub.add_parser("pki", help="development PKI").add_subparsers(dest="pki_command", required=True)
+    p = pki.add_parser("init", help="create root, manufacturer, service CAs and broker/service certificates")
+    p.add_argument("--dir", required=True)
+    p.add_argument("--key-type", choices=("ec", "rsa"), default="ec")
+    p.add_argument("--force", action="store_true", help="overwrite an existing PKI")
+    p.set_defaults(handler=cmd_pki_init)
+    p = pki.add_parser("issue", help="issue device birth certificates under the manufacturer CA")
+    p.add_argument("--dir", required=True)
+    p.add_argument("--count", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--prefix", default="dev-")
+    p.add_argument("--start", type=int, default=1)
+    p.add_argument("--key-type", choices=("ec", "rsa"), default="ec")
+    p.set_defaults(handler=cmd_pki_issue)
+
+    ca = sub.add_parser("ca", help="trust anchors").add_subparsers(dest="ca_command", required=True)
+    p = ca.add_parser("register", help="register a CA certificate; prints its id")
+    p.add_argument("cert")
+    p.add_argument("--role", choices=[r.value for r in Role], default="device")
+    p.add_argument("--region")
+    p.add_argument("--template")
+    data_opts(p)
+    p.set_defaults(handler=cmd_ca_register)
+    p = ca.add_parser("list", help="list registered CAs")
+    p.add_argument("--json", action="store_true")
+    data_opts(p)
+    p.set_defaults(handler=cmd_ca_list)
+    for name, enabled in (("disable", False), ("enable", True)):
+        p = ca.add_parser(name, help=f"{name} a CA (applies to running brokers within seconds)")
+        p.add_argument("ca_id")
+        data_opts(p)
+        p.set_defaults(handler=lambda a, e=enabled: cmd_ca_enable(a, e))
+
+    dev = sub.add_parser("devices", help="device records").add_subparsers(dest="devices_command", required=True)
+    p = dev.add_parser("list")
+    p.add_argument("--json", action="store_true")
+    data_opts(p)
+    p.set_defaults(handler=cmd_devices_list)
+    p = dev.add_parser("show")
+    p.add_argument("device_id")
+    p.add_argument("--json", action="store_true")
+    data_opts(p)
+    p.set_defaults(handler=cmd_devices_show)
+
+    aud = sub.add_parser("audit", help="the audit trail").add_subparsers(dest="audit_command", required=True)
+    p = aud.add_parser("verify", help="check the hash chain; exit 1 if tampered")
+    data_opts(p)
+    p.set_defaults(handler=cmd_audit_verify)
+    p = aud.add_parser("export", help="print entries as JSON lines")
+    data_opts(p)
+    p.set_defaults(handler=cmd_audit_export)
+
+    p = sub.add_parser("serve", help="run the broker until SIGINT/SIGTERM")
+    data_opts(p)
+    p.add_argument("--bind", help="HOST:PORT (default 127.0.0.1:8883)")
+    p.add_argument("--server-cert")
+    p.add_argument("--server-key")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(handler=cmd_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except errors.ProvisioningError as exc:
+        print(f"jitp: error: {exc}", file=sys.stderr)
+        return 2
+    except FileExistsError as exc:
+        print(f"jitp: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import BrokerThread, Pki, test_config
+
+logging.getLogger("transitions").setLevel(logging.WARNING)
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return Pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def broker(tmp_path: Path, pki: Pki) -> Iterator[BrokerThread]:
+    """A jitp broker with the manufacturer CA (devices) and the service CA registered."""
+    b = BrokerThread(test_config(tmp_path, pki)).start()
+    try:
+        b.register_ca(pki.manufacturer.cert)
+        from jitp.trust import Role
+
+        b.register_ca(pki.service_ca.cert, role=Role.SERVICE)
+        yield b
+    finally:
+        b.stop()
