@@ -53,9 +53,11 @@ def filter_within(inner: str, outer: str) -> bool:
     """True if every topic matched by filter ``inner`` is matched by filter ``outer``."""
     if not (valid_filter(inner) and valid_filter(outer)):
         return False
-    if inner.startswith("$") != outer.startswith("$") and outer[:1] not in ("+", "#"):
-        return False
-    if inner[:1] in ("+", "#") and outer.startswith("$"):
+    # The "$" rule (MQTT 3.1.1 section 4.7.2): a filter starting with a wildcard never matches a
+    # topic starting with "$", and a literal first level matches only topics that share its "$"-ness.
+    # So every topic of ``inner`` starts with "$" iff ``inner`` does, and ``outer`` can only cover
+    # them if it also starts with "$" (in particular "+/..." or "#" never covers "$jitp/...").
+    if inner.startswith("$") != outer.startswith("$"):
         return False
     i_levels = inner.split("/")
     o_levels = outer.split("/")

@@ -131,6 +131,7 @@ class ConfigError(ProvisioningError):
         prefix = f"{where}: " if where else ""
         at = f"{key}: " if key else ""
         super().__init__(f"{prefix}{at}{message}", where=where, key=key)
+        self.problem = message  # the message without the location and key
         self.where = where
         self.key = key
 

@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from jitp import errors
-from jitp.trust import Role, VerifiedChain
+from jitp.trust import Role, VerifiedChain, read_subject
 
 MAX_ID_CHARS = 128
 MAX_ID_BYTES = 256
@@ -53,12 +53,20 @@ def check_device_id(value: str, *, fingerprint: str | None = None) -> str:
     """Return ``value`` if it is a safe id, else raise :class:`~jitp.errors.UnsafeIdentity`."""
     problem = id_problem(value)
     if problem is not None:
-        raise errors.UnsafeIdentity(f"unsafe device id: {problem}", fingerprint=fingerprint, detail=repr(value)[:80])
+        raise errors.UnsafeIdentity(
+            f"unsafe device id: {problem}", fingerprint=fingerprint, detail=repr(value)[:80]
+        )
     return value
 
 
-def subject_common_name(name: x509.Name, *, fingerprint: str | None = None) -> str:
-    """The single CN of a subject. None or several CNs is a refusal: the id would be ambiguous."""
+def subject_common_name(name: x509.Name | x509.Certificate, *, fingerprint: str | None = None) -> str:
+    """The single CN of a subject. None or several CNs is a refusal: the id would be ambiguous.
+
+    Given a certificate, its subject is read without cryptography's warning about attribute
+    lengths (a CN over 64 characters is judged by :func:`id_problem`, not warned about).
+    """
+    if isinstance(name, x509.Certificate):
+        name = read_subject(name, fingerprint=fingerprint)
     cns = name.get_attributes_for_oid(NameOID.COMMON_NAME)
     if not cns:
         raise errors.UnsafeIdentity("the certificate subject has no common name (CN)", fingerprint=fingerprint)
@@ -107,15 +115,16 @@ def derive_identity(verified: VerifiedChain, *, default_region: str = DEFAULT_RE
     if verified.anchor.role is not Role.DEVICE:
         raise ValueError("derive_identity is for device anchors")
     leaf = verified.leaf
-    device_id = check_device_id(subject_common_name(leaf.subject, fingerprint=verified.fingerprint),
-                                fingerprint=verified.fingerprint)
+    fp = verified.fingerprint
+    subject = read_subject(leaf, fingerprint=fp)
+    device_id = check_device_id(subject_common_name(subject, fingerprint=fp), fingerprint=fp)
     return DeviceIdentity(
         device_id=device_id,
         cert_fingerprint=verified.fingerprint,
         ca_id=verified.anchor.ca_id,
         region=verified.anchor.region or default_region,
         serial=format(leaf.serial_number, "x"),
-        subject=leaf.subject.rfc4514_string(),
+        subject=subject.rfc4514_string(),
         not_after=leaf.not_valid_after_utc,
         attributes=_frozen(),
         template=verified.anchor.template,
@@ -123,6 +132,6 @@ def derive_identity(verified: VerifiedChain, *, default_region: str = DEFAULT_RE
 
 
 def derive_service(verified: VerifiedChain) -> ServiceIdentity:
-    name = check_device_id(subject_common_name(verified.leaf.subject, fingerprint=verified.fingerprint),
-                           fingerprint=verified.fingerprint)
+    fp = verified.fingerprint
+    name = check_device_id(subject_common_name(verified.leaf, fingerprint=fp), fingerprint=fp)
     return ServiceIdentity(name=name, cert_fingerprint=verified.fingerprint, ca_id=verified.anchor.ca_id)

@@ -107,27 +107,36 @@ class TrustAnchor:
             now = datetime.now(UTC)
         elif now.tzinfo is None:
             now = now.replace(tzinfo=UTC)
+        subject = _subject(cert)
         try:
             bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
         except x509.ExtensionNotFound:
             raise errors.InvalidRequest(
-                "not a CA certificate: it has no BasicConstraints extension", subject=_subject(cert)
+                "not a CA certificate: it has no BasicConstraints extension", subject=subject
+            ) from None
+        except (ValueError, x509.DuplicateExtension) as exc:
+            raise errors.InvalidRequest(
+                f"the certificate's extensions could not be parsed: {exc}", subject=subject
             ) from None
         if not bc.ca:
             raise errors.InvalidRequest(
-                "not a CA certificate: BasicConstraints CA is false", subject=_subject(cert)
+                "not a CA certificate: BasicConstraints CA is false", subject=subject
             )
         if now > cert.not_valid_after_utc:
             raise errors.InvalidRequest(
-                f"CA certificate expired on {cert.not_valid_after_utc.isoformat()}", subject=_subject(cert)
+                f"CA certificate expired on {cert.not_valid_after_utc.isoformat()}", subject=subject
             )
-        _check_key_strength(cert.public_key(), what="CA key", cls=errors.InvalidRequest)
+        try:
+            public_key = cert.public_key()
+        except (ValueError, UnsupportedAlgorithm) as exc:
+            raise errors.InvalidRequest(f"the CA key could not be read: {exc}", subject=subject) from None
+        _check_key_strength(public_key, what="CA key", cls=errors.InvalidRequest)
         der = cert.public_bytes(Encoding.DER)
         return cls(
             ca_id=fingerprint_der(der),
             cert_der=der,
             role=Role(role),
-            subject=_subject(cert),
+            subject=subject,
             region=region,
             template=template,
             registered_at=registered_at,
@@ -175,7 +184,15 @@ def check_leaf_policy(leaf: x509.Certificate, *, now: datetime, fingerprint: str
     """The explicit end-entity policy for device and service client certificates."""
     fp = fingerprint
     try:
-        bc = leaf.extensions.get_extension_for_class(x509.BasicConstraints).value
+        # cryptography parses extensions lazily: a malformed or duplicated extension is an invalid
+        # certificate (a refusal with a reason), not a ValueError escaping into the broker.
+        extensions = leaf.extensions
+    except (ValueError, x509.DuplicateExtension) as exc:
+        raise errors.InvalidCertificate(
+            "the certificate's extensions could not be parsed", fingerprint=fp, detail=str(exc)[:200]
+        ) from None
+    try:
+        bc = extensions.get_extension_for_class(x509.BasicConstraints).value
         if bc.ca:
             raise errors.CaCertificateAsLeaf(
                 "the client certificate is a CA certificate (BasicConstraints CA:TRUE)", fingerprint=fp
@@ -190,9 +207,19 @@ def check_leaf_policy(leaf: x509.Certificate, *, now: datetime, fingerprint: str
         raise errors.CertificateExpired(
             f"certificate expired on {leaf.not_valid_after_utc.isoformat()}", fingerprint=fp
         )
-    _check_key_strength(leaf.public_key(), what="certificate key", cls=errors.WeakKey, fingerprint=fp)
     try:
-        ku = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
+        public_key = leaf.public_key()
+    except UnsupportedAlgorithm as exc:
+        raise errors.WeakKey(
+            "certificate key uses an unsupported algorithm", fingerprint=fp, detail=str(exc)[:200]
+        ) from None
+    except ValueError as exc:
+        raise errors.InvalidCertificate(
+            "the certificate key could not be parsed", fingerprint=fp, detail=str(exc)[:200]
+        ) from None
+    _check_key_strength(public_key, what="certificate key", cls=errors.WeakKey, fingerprint=fp)
+    try:
+        ku = extensions.get_extension_for_class(x509.KeyUsage).value
         if not ku.digital_signature:
             raise errors.BadKeyUsage(
                 "KeyUsage does not allow digitalSignature, which TLS client authentication needs",
@@ -201,7 +228,7 @@ def check_leaf_policy(leaf: x509.Certificate, *, now: datetime, fingerprint: str
     except x509.ExtensionNotFound:
         pass
     try:
-        eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        eku = extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
         if ExtendedKeyUsageOID.CLIENT_AUTH not in eku and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in eku:
             raise errors.BadKeyUsage("ExtendedKeyUsage does not allow clientAuth", fingerprint=fp)
     except x509.ExtensionNotFound:
@@ -220,19 +247,27 @@ def _ee_policy() -> ExtensionPolicy:
 
 @dataclass(frozen=True)
 class TrustStore:
-    """An immutable snapshot of the registered anchors. Swapped whole when anchors change."""
+    """An immutable snapshot of the registered anchors. Swapped whole when anchors change.
+
+    ``anchors`` holds the enabled anchors only. Disabled anchors are remembered by id: a chain
+    through a disabled CA is refused even when an enabled CA above it (e.g. the root) would
+    otherwise accept it, so disabling an intermediate always takes effect.
+    """
 
     anchors: tuple[TrustAnchor, ...] = ()
     version: int = 0
     _by_id: dict[str, TrustAnchor] = field(default_factory=dict, compare=False, repr=False)
     _store: Store | None = field(default=None, compare=False, repr=False)
+    _disabled: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     @classmethod
     def of(cls, anchors: Iterable[TrustAnchor], *, version: int = 0) -> TrustStore:
+        anchors = tuple(anchors)
         enabled = tuple(a for a in anchors if a.enabled)
         by_id = {a.ca_id: a for a in enabled}
+        disabled = frozenset(a.ca_id for a in anchors if not a.enabled) - by_id.keys()
         store = Store([a.certificate for a in enabled]) if enabled else None
-        return cls(anchors=enabled, version=version, _by_id=by_id, _store=store)
+        return cls(anchors=enabled, version=version, _by_id=by_id, _store=store, _disabled=disabled)
 
     def get(self, ca_id: str) -> TrustAnchor | None:
         return self._by_id.get(ca_id)
@@ -253,6 +288,7 @@ class TrustStore:
         fp = fingerprint_der(chain_der[0])
         if now.tzinfo is None:
             now = now.replace(tzinfo=UTC)
+        read_subject(leaf, fingerprint=fp)  # decodable, or InvalidCertificate
         check_leaf_policy(leaf, now=now, fingerprint=fp)
         if self._store is None:
             raise errors.UntrustedChain("no CA is registered and enabled", fingerprint=fp)
@@ -272,8 +308,14 @@ class TrustStore:
             ) from None
         chain = tuple(verified.chain)
         # The nearest registered CA above the leaf decides the role, region and template.
+        # A disabled CA on the way up vetoes the chain.
         for cert in chain[1:]:
-            anchor = self._by_id.get(fingerprint(cert))
+            ca_id = fingerprint(cert)
+            if ca_id in self._disabled:
+                raise errors.UntrustedChain(
+                    "the certificate chains through a disabled CA", fingerprint=fp, detail=ca_id
+                )
+            anchor = self._by_id.get(ca_id)
             if anchor is not None:
                 return VerifiedChain(leaf=leaf, leaf_der=chain_der[0], fingerprint=fp, anchor=anchor, chain=chain)
         raise errors.UntrustedChain("the chain ends at no registered CA", fingerprint=fp)  # pragma: no cover
