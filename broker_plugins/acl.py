@@ -13,7 +13,11 @@ from jitp.acl import NOBODY, SERVICE_NAMESPACE, Access, Namespace, device_namesp
 from jitp.service import Admission
 from jitp.trust import Role
 
-_ACTIONS = {Action.PUBLISH: Access.PUBLISH, Action.SUBSCRIBE: Access.SUBSCRIBE, Action.RECEIVE: Access.RECEIVE}
+_ACTIONS = {
+    Action.PUBLISH: Access.PUBLISH,
+    Action.SUBSCRIBE: Access.SUBSCRIBE,
+    Action.RECEIVE: Access.RECEIVE,
+}
 
 
 def namespace_of(admission: Admission | None) -> Namespace:
@@ -31,8 +35,9 @@ class JitpTopicPlugin(BaseTopicPlugin):
     class Config:
         pass
 
-    async def topic_filtering(self, *, session: Session | None = None, topic: str | None = None,
-                              action: Action | None = None) -> bool:
+    async def topic_filtering(
+        self, *, session: Session | None = None, topic: str | None = None, action: Action | None = None
+    ) -> bool:
         if session is None or topic is None or action is None:
             return False
         access = _ACTIONS.get(action)

@@ -50,7 +50,7 @@ from amqtt.broker import Broker
 from amqtt.contexts import Action
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.events import BrokerEvents
-from amqtt.mqtt.connack import CONNECTION_ACCEPTED, NOT_AUTHORIZED, SERVER_UNAVAILABLE, ConnackPacket
+from amqtt.mqtt.connack import NOT_AUTHORIZED, SERVER_UNAVAILABLE, ConnackPacket
 from amqtt.mqtt.constants import QOS_0
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
@@ -83,11 +83,18 @@ def check_amqtt_internals() -> None:
             "Re-check every workaround in broker_plugins/hardened.py before changing the pin."
         )
     needed: list[tuple[object, str]] = [
-        (Broker, "_client_connected"), (Broker, "_authenticate"), (Broker, "_delete_session"),
-        (Broker, "_client_message_loop"), (Broker, "_publish_retained_messages_for_subscription"),
-        (Broker, "_publish_session_retained_messages"), (Broker, "_topic_filtering"), (Broker, "_matches"),
-        (Broker, "_get_handler"), (BrokerProtocolHandler, "init_from_connect"),
-        (BrokerProtocolHandler, "handle_read_timeout"), (BrokerProtocolHandler, "_reader_loop"),
+        (Broker, "_client_connected"),
+        (Broker, "_authenticate"),
+        (Broker, "_delete_session"),
+        (Broker, "_client_message_loop"),
+        (Broker, "_publish_retained_messages_for_subscription"),
+        (Broker, "_publish_session_retained_messages"),
+        (Broker, "_topic_filtering"),
+        (Broker, "_matches"),
+        (Broker, "_get_handler"),
+        (BrokerProtocolHandler, "init_from_connect"),
+        (BrokerProtocolHandler, "handle_read_timeout"),
+        (BrokerProtocolHandler, "_reader_loop"),
     ]
     missing = [f"{owner.__name__}.{name}" for owner, name in needed if not hasattr(owner, name)]  # type: ignore[attr-defined]
     if missing:
@@ -156,13 +163,22 @@ class JitpProtocolHandler(BrokerProtocolHandler):
 
     def handle_read_timeout(self) -> None:
         session = self.session
-        log.info("keep-alive expired for %s: no packet for %.1f s, disconnecting",
-                 session.client_id if session else "?", session.keep_alive if session else 0)
+        log.info(
+            "keep-alive expired for %s: no packet for %.1f s, disconnecting",
+            session.client_id if session else "?",
+            session.keep_alive if session else 0,
+        )
         if isinstance(self.writer, AbortableWriter):
             self.writer.abort()
 
-    async def mqtt_publish(self, topic: str, data: bytes | bytearray, qos: int | None, retain: bool,
-                           ack_timeout: int | None = None) -> Any:
+    async def mqtt_publish(
+        self,
+        topic: str,
+        data: bytes | bytearray,
+        qos: int | None,
+        retain: bool,
+        ack_timeout: int | None = None,
+    ) -> Any:
         if not qos:
             return await super().mqtt_publish(topic, data, qos, retain, ack_timeout)
         async with self._inflight:
@@ -188,7 +204,11 @@ class JitpBroker(Broker):
     # -- W1: our own listener --------------------------------------------------------------
     async def start_listener(self, host: str, port: int) -> int:
         self._listener = await asyncio.start_server(
-            self._accept, host, port, backlog=self.listener_config.backlog, reuse_address=True,
+            self._accept,
+            host,
+            port,
+            backlog=self.listener_config.backlog,
+            reuse_address=True,
         )
         return int(self._listener.sockets[0].getsockname()[1])
 
@@ -214,7 +234,9 @@ class JitpBroker(Broker):
         address = f"{peer[0]}:{peer[1]}" if peer else None
         try:
             # Past this many sockets even a handshake is refused: file descriptors are finite.
-            hard_limit = self.listener_config.max_connections + max(100, self.listener_config.max_connections // 10)
+            hard_limit = self.listener_config.max_connections + max(
+                100, self.listener_config.max_connections // 10
+            )
             if self.open_connections > hard_limit:
                 writer.transport.abort()
                 return
@@ -223,14 +245,18 @@ class JitpBroker(Broker):
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
-                await writer.start_tls(self.jitp.tls.context,
-                                       ssl_handshake_timeout=self.listener_config.handshake_timeout)
-            except (ssl.SSLError, OSError, EOFError, asyncio.TimeoutError) as exc:
+                await writer.start_tls(
+                    self.jitp.tls.context, ssl_handshake_timeout=self.listener_config.handshake_timeout
+                )
+            except (TimeoutError, ssl.SSLError, OSError, EOFError) as exc:
                 await self._handshake_failed(exc, address)
                 writer.transport.abort()
                 return
-            await self._client_connected(LISTENER, LimitedReader(reader, max_packet_size=self.limits.max_packet_size),
-                                         AbortableWriter(writer))
+            await self._client_connected(
+                LISTENER,
+                LimitedReader(reader, max_packet_size=self.limits.max_packet_size),
+                AbortableWriter(writer),
+            )
         except asyncio.CancelledError:
             writer.transport.abort()
             raise
@@ -251,21 +277,25 @@ class JitpBroker(Broker):
         await self.jitp.service.record_refusal(_HandshakeRefusal(reason, message), peer=address)
 
     # -- W2, W3, W6, W7: the connection path -------------------------------------------------
-    async def _client_connected(self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter) -> None:
+    async def _client_connected(
+        self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter
+    ) -> None:
         try:
             handler, session = await asyncio.wait_for(
                 JitpProtocolHandler.init_from_connect(reader, writer, self.plugins_manager),
                 timeout=self.listener_config.connect_timeout,
             )
-        except (asyncio.TimeoutError, AMQTTError, MQTTError, NoDataError, asyncio.IncompleteReadError,
-                ConnectionError, ValueError) as exc:
+        except (TimeoutError, AMQTTError, MQTTError, NoDataError, asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
             log.debug("no valid CONNECT: %r", exc)
             await _close(writer)
             return
         assert isinstance(handler, JitpProtocolHandler)
         if self.connected_clients >= self.listener_config.max_connections:
-            log.warning("refusing %s: %d clients connected (max_connections)", session.client_id,
-                        self.connected_clients)
+            log.warning(
+                "refusing %s: %d clients connected (max_connections)",
+                session.client_id,
+                self.connected_clients,
+            )
             await self._refuse(writer, SERVER_UNAVAILABLE)
             return
 
@@ -289,8 +319,9 @@ class JitpBroker(Broker):
         self.connected_clients += 1
         try:
             await handler.mqtt_connack_authorize(True)
-            await self.plugins_manager.fire_event(BrokerEvents.CLIENT_CONNECTED, client_id=session.client_id,
-                                                  client_session=session)
+            await self.plugins_manager.fire_event(
+                BrokerEvents.CLIENT_CONNECTED, client_id=session.client_id, client_session=session
+            )
             await handler.start()
             await self._publish_session_retained_messages(session)
             for topic_filter, qos in self._own_subscriptions(session):
@@ -329,10 +360,18 @@ class JitpBroker(Broker):
             same_cert = getattr(old_adm, "fingerprint", None) == getattr(new_adm, "fingerprint", None)
             old_peer = f"{old_session.remote_address}:{old_session.remote_port}"
             new_peer = f"{incoming.remote_address}:{incoming.remote_port}"
-            log.warning("session takeover for %s: %s replaces %s (same certificate: %s); possible cloned "
-                        "certificate", client_id, new_peer, old_peer, same_cert)
+            log.warning(
+                "session takeover for %s: %s replaces %s (same certificate: %s); possible cloned certificate",
+                client_id,
+                new_peer,
+                old_peer,
+                same_cert,
+            )
             await self.jitp.service.record_event(
-                "session-takeover", device_id=client_id, peer=new_peer, reason="duplicate_client_id",
+                "session-takeover",
+                device_id=client_id,
+                peer=new_peer,
+                reason="duplicate_client_id",
                 details={"previous_peer": old_peer, "same_certificate": str(same_cert).lower()},
             )
             await old_handler.handle_connection_closed()
@@ -349,8 +388,19 @@ class JitpBroker(Broker):
             incoming.parent = 0
             return incoming
         # Persistent session: keep subscriptions and queued messages, take the new connection's settings.
-        for name in ("will_flag", "will_message", "will_topic", "will_qos", "will_retain", "keep_alive",
-                     "username", "password", "remote_address", "remote_port", "ssl_object"):
+        for name in (
+            "will_flag",
+            "will_message",
+            "will_topic",
+            "will_qos",
+            "will_retain",
+            "keep_alive",
+            "username",
+            "password",
+            "remote_address",
+            "remote_port",
+            "ssl_object",
+        ):
             setattr(old_session, name, getattr(incoming, name))
         old_session.attributes.update(incoming.attributes)
         old_session.parent = 1
@@ -364,12 +414,17 @@ class JitpBroker(Broker):
         session.keep_alive = requested * self.limits.keepalive_grace  # type: ignore[assignment]
 
     def _own_subscriptions(self, session: Session) -> list[tuple[str, int]]:
-        return [(f, qos) for f, subs in self._subscriptions.items() for s, qos in subs
-                if s.client_id == session.client_id]
+        return [
+            (f, qos)
+            for f, subs in self._subscriptions.items()
+            for s, qos in subs
+            if s.client_id == session.client_id
+        ]
 
     # -- W4: retained messages obey the topic ACL ----------------------------------------------
-    async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int],
-                                                          session: Session) -> None:
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Session
+    ) -> None:
         topic_filter, qos = subscription
         handler = self._get_handler(session)
         if handler is None:
@@ -380,9 +435,13 @@ class JitpBroker(Broker):
                 continue
             if not await self._topic_filtering(session, topic=topic, action=Action.RECEIVE):
                 continue
-            tasks.append(asyncio.ensure_future(
-                handler.mqtt_publish(retained.topic, retained.data, min(qos, retained.qos or qos or QOS_0),
-                                     retain=True)))
+            tasks.append(
+                asyncio.ensure_future(
+                    handler.mqtt_publish(
+                        retained.topic, retained.data, min(qos, retained.qos or qos or QOS_0), retain=True
+                    )
+                )
+            )
         if tasks:
             await asyncio.wait(tasks)
 

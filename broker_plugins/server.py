@@ -67,15 +67,23 @@ class JitpServer:
         listener = cfg.listener
         host, port = host_port(listener.bind)
         # Fail on bad certificates before touching any state.
-        self._tls = TlsContextHolder(cert=listener.server_cert, key=listener.server_key,
-                                     min_version=listener.tls_min_version, session_tickets=listener.session_tickets)
+        self._tls = TlsContextHolder(
+            cert=listener.server_cert,
+            key=listener.server_key,
+            min_version=listener.tls_min_version,
+            session_tickets=listener.session_tickets,
+        )
         if self._registry is None:
-            self._registry = SQLiteRegistry(cfg.registry_path, synchronous=cfg.sqlite.synchronous,
-                                            batch_window=cfg.sqlite.batch_window_ms / 1000)
+            self._registry = SQLiteRegistry(
+                cfg.registry_path,
+                synchronous=cfg.sqlite.synchronous,
+                batch_window=cfg.sqlite.batch_window_ms / 1000,
+            )
         await self._registry.open()
         try:
-            self._service = ProvisioningService(self._registry, clock=self._clock,
-                                                default_region=cfg.default_region)
+            self._service = ProvisioningService(
+                self._registry, clock=self._clock, default_region=cfg.default_region
+            )
             self._service.on_trust_change(self._tls.update)
             await self._service.refresh_trust(force=True)
             self._broker = JitpBroker(self, broker_config())
@@ -84,8 +92,9 @@ class JitpServer:
                 self.port = await self._broker.start_listener(host, port)
             except OSError as exc:
                 await self._broker.shutdown()
-                raise errors.ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}",
-                                         key="listener.bind") from None
+                raise errors.ConfigError(
+                    f"cannot listen on {host}:{port}: {exc.strerror}", key="listener.bind"
+                ) from None
         except BaseException:
             await self._registry.close()
             raise

@@ -26,13 +26,17 @@ def server_context(
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     ctx.num_tickets = session_tickets
+    for path, key_name in ((cert, "listener.server_cert"), (key, "listener.server_key")):
+        if not Path(path).is_file():
+            raise errors.ConfigError(
+                f"{path}: no such file (run 'jitp pki init' or pass --server-cert/--server-key)", key=key_name
+            )
     try:
         ctx.load_cert_chain(cert, key)
-    except FileNotFoundError as exc:
-        raise errors.ConfigError(f"cannot read {exc.filename}: no such file", key="listener.server_cert") from None
-    except ssl.SSLError as exc:
-        raise errors.ConfigError(f"server certificate/key unusable: {exc.reason or exc}",
-                                 key="listener.server_cert") from None
+    except (OSError, ssl.SSLError) as exc:
+        raise errors.ConfigError(
+            f"server certificate {cert} / key {key} unusable: {exc}", key="listener.server_cert"
+        ) from None
     bundle = trust.pem_bundle()
     if bundle:
         ctx.load_verify_locations(cadata=bundle)
@@ -50,8 +54,13 @@ class TlsContextHolder:
         self.context = self.build(TrustStore())
 
     def build(self, trust: TrustStore) -> ssl.SSLContext:
-        return server_context(cert=self._cert, key=self._key, trust=trust, min_version=self._min_version,
-                              session_tickets=self._tickets)
+        return server_context(
+            cert=self._cert,
+            key=self._key,
+            trust=trust,
+            min_version=self._min_version,
+            session_tickets=self._tickets,
+        )
 
     def update(self, trust: TrustStore) -> None:
         self.context = self.build(trust)
@@ -81,7 +90,9 @@ def handshake_refusal(exc: BaseException) -> tuple[str, str] | None:
     if isinstance(exc, ssl.SSLCertVerificationError):
         code = exc.verify_code or 0
         return _VERIFY_REASONS.get(code, "invalid_certificate"), exc.verify_message or str(exc)
-    if isinstance(exc, ssl.SSLError) and exc.reason in ("PEER_DID_NOT_RETURN_A_CERTIFICATE",
-                                                        "TLSV13_ALERT_CERTIFICATE_REQUIRED"):
+    if isinstance(exc, ssl.SSLError) and exc.reason in (
+        "PEER_DID_NOT_RETURN_A_CERTIFICATE",
+        "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+    ):
         return "no_certificate", "the client presented no certificate"
     return None

@@ -57,8 +57,9 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> 
 
 
 def mqtt_client(client_id: str, ca: Path, cert: Path, key: Path, *, clean: bool = True) -> mqtt.Client:
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean,
-                         protocol=mqtt.MQTTv311)
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean, protocol=mqtt.MQTTv311
+    )
     ctx = ssl.create_default_context(cafile=str(ca))
     ctx.load_cert_chain(str(cert), str(key))
     client.tls_set_context(ctx)
@@ -80,7 +81,9 @@ def join(device: certs.DeviceFiles, ca: Path, port: int) -> str:
     client.loop_start()
     connected.wait(10)
     if result.get("rc") == "Success":
-        client.publish(f"devices/{device.device_id}/telemetry", json.dumps({"t": 21.5}), qos=1).wait_for_publish(5)
+        client.publish(
+            f"devices/{device.device_id}/telemetry", json.dumps({"t": 21.5}), qos=1
+        ).wait_for_publish(5)
     client.disconnect()
     client.loop_stop()
     return result.get("rc", "no answer")
@@ -91,33 +94,75 @@ def main() -> int:
         shutil.rmtree(WORK)
     step("1. development PKI: root, manufacturer, service CAs, broker and service certificates")
     layout = certs.init_pki(WORK / "pki")
-    print(run("pki", "issue", "--dir", str(layout.dir), "--count", str(DEVICES), "--out", str(WORK / "devices"),
-              "--prefix", "sensor-"))
-    devices = [certs.DeviceFiles(device_id=f"sensor-{i:05d}", cert_path=WORK / "devices" / f"sensor-{i:05d}.pem",
-                                 key_path=WORK / "devices" / f"sensor-{i:05d}.key") for i in range(1, DEVICES + 1)]
+    print(
+        run(
+            "pki",
+            "issue",
+            "--dir",
+            str(layout.dir),
+            "--count",
+            str(DEVICES),
+            "--out",
+            str(WORK / "devices"),
+            "--prefix",
+            "sensor-",
+        )
+    )
+    devices = [
+        certs.DeviceFiles(
+            device_id=f"sensor-{i:05d}",
+            cert_path=WORK / "devices" / f"sensor-{i:05d}.pem",
+            key_path=WORK / "devices" / f"sensor-{i:05d}.key",
+        )
+        for i in range(1, DEVICES + 1)
+    ]
 
     data = str(WORK / "data")
     step("2. register the manufacturer CA (devices, region eu-west) and the service CA")
-    print("device CA :", run("ca", "register", str(layout.manufacturer_cert), "--data-dir", data,
-                             "--region", "eu-west"))
-    print("service CA:", run("ca", "register", str(layout.service_ca_cert), "--role", "service", "--data-dir", data))
+    print(
+        "device CA :",
+        run("ca", "register", str(layout.manufacturer_cert), "--data-dir", data, "--region", "eu-west"),
+    )
+    print(
+        "service CA:",
+        run("ca", "register", str(layout.service_ca_cert), "--role", "service", "--data-dir", data),
+    )
 
     port = free_port()
     step(f"3. start the broker: jitp serve on 127.0.0.1:{port} (mutual TLS)")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log = (WORK / "broker.log").open("wb")
     proc = subprocess.Popen(
-        [*JITP, "serve", "--data-dir", data, "--bind", f"127.0.0.1:{port}", "--server-cert",
-         str(layout.server_cert), "--server-key", str(layout.server_key)],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+        [
+            *JITP,
+            "serve",
+            "--data-dir",
+            data,
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--server-cert",
+            str(layout.server_cert),
+            "--server-key",
+            str(layout.server_key),
+        ],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     try:
         wait_port(port, proc)
         print(f"broker pid {proc.pid}, log in {WORK / 'broker.log'}")
 
         step("4. a service subscriber (ingest-service, persistent session) listens on $jitp/events/#")
         events: list[dict[str, object]] = []
-        svc = mqtt_client("ingest-service", layout.root_cert, layout.service_client_cert,
-                          layout.service_client_key, clean=False)
+        svc = mqtt_client(
+            "ingest-service",
+            layout.root_cert,
+            layout.service_client_cert,
+            layout.service_client_key,
+            clean=False,
+        )
         svc.on_message = lambda c, u, m: events.append(json.loads(m.payload))
         svc.connect("127.0.0.1", port)
         svc.subscribe("$jitp/events/#", qos=1)
@@ -128,8 +173,10 @@ def main() -> int:
         started = time.monotonic()
         with ThreadPoolExecutor(max_workers=DEVICES) as pool:
             outcomes = list(pool.map(lambda d: join(d, layout.root_cert, port), devices))
-        print(f"CONNACKs: {outcomes.count('Success')} accepted of {len(outcomes)} "
-              f"in {time.monotonic() - started:.2f} s (same connection, no drop-and-retry)")
+        print(
+            f"CONNACKs: {outcomes.count('Success')} accepted of {len(outcomes)} "
+            f"in {time.monotonic() - started:.2f} s (same connection, no drop-and-retry)"
+        )
 
         step("6. a device reconnects: idempotent, no new record, no new event")
         print(f"{devices[0].device_id}: {join(devices[0], layout.root_cert, port)}")

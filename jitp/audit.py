@@ -10,7 +10,7 @@ import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
 
@@ -44,7 +44,9 @@ class AuditEntry:
 
 def _fields(d: AuditDraft) -> dict[str, Any]:
     return {
-        "at": d.at.isoformat(),
+        # Normalised to UTC, as the registry stores it: the hash of an entry read back from storage
+        # must not depend on the time zone the draft's timestamp happened to carry.
+        "at": d.at.astimezone(UTC).isoformat(),
         "action": d.action,
         "actor": d.actor,
         "device_id": d.device_id,
@@ -80,9 +82,13 @@ def verify_chain(entries: Iterable[AuditEntry]) -> list[str]:
     expected_seq = 1
     for e in entries:
         if e.seq != expected_seq:
-            problems.append(f"entry {e.seq}: expected sequence number {expected_seq} (inserted or removed entry)")
+            problems.append(
+                f"entry {e.seq}: expected sequence number {expected_seq} (inserted or removed entry)"
+            )
         if e.prev_hash != prev:
-            problems.append(f"entry {e.seq}: previous-hash link broken (an entry before it was changed or removed)")
+            problems.append(
+                f"entry {e.seq}: previous-hash link broken (an entry before it was changed or removed)"
+            )
         if entry_hash(e.draft, seq=e.seq, prev_hash=e.prev_hash) != e.hash:
             problems.append(f"entry {e.seq}: content does not match its hash (modified)")
         prev = e.hash

@@ -62,16 +62,18 @@ def _run(args: argparse.Namespace, fn: Callable[[SQLiteRegistry], Awaitable[int]
     config = _config(args)
 
     async def go() -> int:
-        async with SQLiteRegistry(config.registry_path, synchronous=config.sqlite.synchronous,
-                                  batch_window=0) as registry:
+        async with SQLiteRegistry(
+            config.registry_path, synchronous=config.sqlite.synchronous, batch_window=0
+        ) as registry:
             return await fn(registry)
 
     return asyncio.run(go())
 
 
 def _draft(action: str, **details: str) -> AuditDraft:
-    return AuditDraft(at=_now(), action=action, actor=_actor(),
-                      details=MappingProxyType({"operator": _who(), **details}))
+    return AuditDraft(
+        at=_now(), action=action, actor=_actor(), details=MappingProxyType({"operator": _who(), **details})
+    )
 
 
 def _print_json(value: Any) -> None:
@@ -85,9 +87,11 @@ def cmd_pki_init(args: argparse.Namespace) -> int:
     layout = certs.init_pki(Path(args.dir), key_type=args.key_type, force=args.force)
     print(f"development PKI created in {layout.dir}")
     for label, path in (
-        ("root CA", layout.root_cert), ("manufacturer CA (register with --role device)", layout.manufacturer_cert),
+        ("root CA", layout.root_cert),
+        ("manufacturer CA (register with --role device)", layout.manufacturer_cert),
         ("service CA (register with --role service)", layout.service_ca_cert),
-        ("broker certificate", layout.server_cert), ("broker key", layout.server_key),
+        ("broker certificate", layout.server_cert),
+        ("broker key", layout.server_key),
         ("service client certificate", layout.service_client_cert),
         ("service client key", layout.service_client_key),
     ):
@@ -102,11 +106,16 @@ def cmd_pki_issue(args: argparse.Namespace) -> int:
         raise errors.InvalidRequest("--count must be at least 1")
     layout = certs.PkiLayout(Path(args.dir))
     if not layout.manufacturer_key.exists():
-        raise errors.InvalidRequest(f"no manufacturer CA key at {layout.manufacturer_key}; run 'jitp pki init' first")
-    issued = certs.issue_from_pki(layout, args.count, Path(args.out), prefix=args.prefix, start=args.start,
-                                  key_type=args.key_type)
-    print(f"issued {len(issued)} device certificates into {args.out} "
-          f"({issued[0].device_id} .. {issued[-1].device_id})")
+        raise errors.InvalidRequest(
+            f"no manufacturer CA key at {layout.manufacturer_key}; run 'jitp pki init' first"
+        )
+    issued = certs.issue_from_pki(
+        layout, args.count, Path(args.out), prefix=args.prefix, start=args.start, key_type=args.key_type
+    )
+    print(
+        f"issued {len(issued)} device certificates into {args.out} "
+        f"({issued[0].device_id} .. {issued[-1].device_id})"
+    )
     return 0
 
 
@@ -128,13 +137,27 @@ def _load_ca_cert(path: Path) -> x509.Certificate:
 
 def cmd_ca_register(args: argparse.Namespace) -> int:
     cert = _load_ca_cert(Path(args.cert))
-    anchor = TrustAnchor.from_certificate(cert, role=Role(args.role), region=args.region, template=args.template,
-                                          registered_at=_now(), now=_now())
+    anchor = TrustAnchor.from_certificate(
+        cert,
+        role=Role(args.role),
+        region=args.region,
+        template=args.template,
+        registered_at=_now(),
+        now=_now(),
+    )
 
     async def go(registry: SQLiteRegistry) -> int:
-        stored = await registry.register_anchor(anchor, audit=_draft(
-            "ca-registered", ca_id=anchor.ca_id, role=str(anchor.role), subject=anchor.subject,
-            region=anchor.region or "", template=anchor.template or ""))
+        stored = await registry.register_anchor(
+            anchor,
+            audit=_draft(
+                "ca-registered",
+                ca_id=anchor.ca_id,
+                role=str(anchor.role),
+                subject=anchor.subject,
+                region=anchor.region or "",
+                template=anchor.template or "",
+            ),
+        )
         print(stored.ca_id)
         return 0
 
@@ -142,9 +165,15 @@ def cmd_ca_register(args: argparse.Namespace) -> int:
 
 
 def _anchor_json(a: TrustAnchor) -> dict[str, Any]:
-    return {"ca_id": a.ca_id, "subject": a.subject, "role": str(a.role), "region": a.region,
-            "template": a.template, "enabled": a.enabled,
-            "registered_at": a.registered_at.isoformat() if a.registered_at else None}
+    return {
+        "ca_id": a.ca_id,
+        "subject": a.subject,
+        "role": str(a.role),
+        "region": a.region,
+        "template": a.template,
+        "enabled": a.enabled,
+        "registered_at": a.registered_at.isoformat() if a.registered_at else None,
+    }
 
 
 def cmd_ca_list(args: argparse.Namespace) -> int:
@@ -166,7 +195,8 @@ def cmd_ca_list(args: argparse.Namespace) -> int:
 def cmd_ca_enable(args: argparse.Namespace, enabled: bool) -> int:
     async def go(registry: SQLiteRegistry) -> int:
         anchor = await registry.set_anchor_enabled(
-            args.ca_id, enabled, audit=_draft("ca-enabled" if enabled else "ca-disabled", ca_id=args.ca_id))
+            args.ca_id, enabled, audit=_draft("ca-enabled" if enabled else "ca-disabled", ca_id=args.ca_id)
+        )
         print(f"{anchor.ca_id} {'enabled' if enabled else 'disabled'}")
         return 0
 
@@ -237,9 +267,16 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
 # -- serve --------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _config(args)
-    config = replace(config, listener__bind=args.bind, listener__server_cert=_path(args.server_cert),
-                     listener__server_key=_path(args.server_key), log_level=args.log_level)
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = replace(
+        config,
+        listener__bind=args.bind,
+        listener__server_cert=_path(args.server_cert),
+        listener__server_key=_path(args.server_key),
+        log_level=args.log_level,
+    )
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger("transitions").setLevel(logging.WARNING)
     logging.getLogger("amqtt").setLevel(max(logging.WARNING, logging.getLogger().level))
     server = importlib.import_module("broker_plugins.server")  # the amqtt adapter; the core never imports it
@@ -253,11 +290,15 @@ def _path(value: str | None) -> Path | None:
 
 # -- parser -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jitp", description="Zero-touch just-in-time MQTT device provisioning.")
+    parser = argparse.ArgumentParser(
+        prog="jitp", description="Zero-touch just-in-time MQTT device provisioning."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def data_opts(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", help="YAML config file (default: config/jitp.yaml when run from the project)")
+        p.add_argument(
+            "--config", help="YAML config file (default: config/jitp.yaml when run from the project)"
+        )
         p.add_argument("--data-dir", help="data directory holding registry.db (overrides the config)")
 
     pki = sub.add_parser("pki", help="development PKI").add_subparsers(dest="pki_command", required=True)
@@ -293,7 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
         data_opts(p)
         p.set_defaults(handler=lambda a, e=enabled: cmd_ca_enable(a, e))
 
-    dev = sub.add_parser("devices", help="device records").add_subparsers(dest="devices_command", required=True)
+    dev = sub.add_parser("devices", help="device records").add_subparsers(
+        dest="devices_command", required=True
+    )
     p = dev.add_parser("list")
     p.add_argument("--json", action="store_true")
     data_opts(p)

@@ -8,6 +8,7 @@ taken relative to the current working directory.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -51,7 +52,7 @@ class LimitsConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "max_packet_size", "max_inflight", "max_keepalive")
-        if self.keepalive_grace < 1.0:
+        if not self.keepalive_grace >= 1.0:
             raise ConfigError("must be >= 1.0", key="limits.keepalive_grace")
 
 
@@ -71,6 +72,8 @@ class SQLiteConfig:
     def __post_init__(self) -> None:
         if self.synchronous not in ("full", "normal"):
             raise ConfigError("must be 'full' or 'normal'", key="sqlite.synchronous")
+        if not self.batch_window_ms >= 0:
+            raise ConfigError("must be >= 0", key="sqlite.batch_window_ms")
 
 
 @dataclass(frozen=True)
@@ -94,34 +97,51 @@ class Config:
 
 def host_port(bind: str) -> tuple[str, int]:
     host, sep, port = bind.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    # isascii: str.isdigit() accepts e.g. "¹", which int() then rejects with a ValueError.
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise ConfigError(f"expected HOST:PORT, got {bind!r}", key="listener.bind")
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
 def _positive(obj: object, *names: str) -> None:
     for name in names:
-        if getattr(obj, name) <= 0:
+        if not getattr(obj, name) > 0:  # also refuses NaN
             raise ConfigError("must be > 0", key=f"{type(obj).__name__.removesuffix('Config').lower()}.{name}")
 
 
 T = TypeVar("T")
 
 
+_NULL_TAG = "tag:yaml.org,2002:null"
+
+
+def _is_null(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.tag == _NULL_TAG
+
+
 def _convert(tp: Any, node: yaml.Node, where: str, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (types.UnionType, typing.Union):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
+        if _is_null(node):
             return None
         return _convert(args[0], node, where, key)
     at = f"{where}:{node.start_mark.line + 1}"
     if dataclasses.is_dataclass(tp):
+        if _is_null(node):  # an empty section ("listener:" with every key commented out): defaults
+            return typing.cast(Any, tp)()
         return _build(tp, node, where, prefix=f"{key}.")  # type: ignore[arg-type]
     if not isinstance(node, yaml.ScalarNode):
-        raise ConfigError(f"expected a single value, not a {node.id}", where=at, key=key)
+        kind = "mapping" if isinstance(node, yaml.MappingNode) else "list"
+        raise ConfigError(f"expected a single value, not a {kind}", where=at, key=key)
     value = str(node.value)
-    resolved = yaml.SafeLoader("").construct_object(node)
+    if node.tag == _NULL_TAG:
+        raise ConfigError(f"expected {getattr(tp, '__name__', tp)}, got no value", where=at, key=key)
+    try:
+        resolved = yaml.SafeLoader("").construct_object(node)
+    except yaml.YAMLError as exc:  # e.g. an unknown tag ("!foo 3") or a bad !!binary
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"invalid value {value!r}: {problem}", where=at, key=key) from None
     try:
         if tp is bool:
             if not isinstance(resolved, bool):
@@ -134,6 +154,8 @@ def _convert(tp: Any, node: yaml.Node, where: str, key: str) -> Any:
         if tp is float:
             if isinstance(resolved, bool) or not isinstance(resolved, int | float):
                 raise ValueError
+            if not math.isfinite(resolved):
+                raise ConfigError(f"expected a finite number, got {value!r}", where=at, key=key)
             return float(resolved)
         if tp is str:
             return value
@@ -146,11 +168,19 @@ def _convert(tp: Any, node: yaml.Node, where: str, key: str) -> Any:
 
 def _build(cls: type[T], node: yaml.Node, where: str, *, prefix: str = "") -> T:
     if not isinstance(node, yaml.MappingNode):
-        raise ConfigError("expected a mapping", where=f"{where}:{node.start_mark.line + 1}", key=prefix.rstrip(".") or None)
+        raise ConfigError(
+            "expected a mapping", where=f"{where}:{node.start_mark.line + 1}", key=prefix.rstrip(".") or None
+        )
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     values: dict[str, Any] = {}
+    lines: dict[str, int] = {}
     for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise ConfigError(
+                "a key must be a plain name", where=f"{where}:{key_node.start_mark.line + 1}",
+                key=prefix.rstrip(".") or None,
+            )
         name = str(key_node.value)
         at = f"{where}:{key_node.start_mark.line + 1}"
         if name not in known:
@@ -158,11 +188,14 @@ def _build(cls: type[T], node: yaml.Node, where: str, *, prefix: str = "") -> T:
         if name in values:
             raise ConfigError("duplicate key", where=at, key=prefix + name)
         values[name] = _convert(hints[name], value_node, where, prefix + name)
+        lines[prefix + name] = key_node.start_mark.line + 1
     try:
         return cls(**values)
     except ConfigError as exc:
         if exc.where is None:
-            raise ConfigError(exc.message.split(": ", 1)[-1], where=where, key=exc.key) from None
+            # A range check in __post_init__: point at the offending key's line, or at the mapping.
+            line = lines.get(exc.key or "", node.start_mark.line + 1)
+            raise ConfigError(exc.problem, where=f"{where}:{line}", key=exc.key) from None
         raise
 
 
@@ -173,13 +206,17 @@ def load_config(path: Path | None = None, *, text: str | None = None) -> Config:
         if path is None:
             return Config()
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read config: {exc.strerror}", where=where) from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"cannot read config: not UTF-8 ({exc.reason})", where=where) from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"invalid YAML: {exc}", where=where) from None
+        mark = getattr(exc, "problem_mark", None)
+        at = f"{where}:{mark.line + 1}" if mark is not None else where
+        raise ConfigError(f"invalid YAML: {exc}", where=at) from None
     if node is None:
         return Config()
     return _build(Config, node, where)

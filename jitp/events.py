@@ -57,7 +57,9 @@ def new_event_id() -> str:
     return str(uuid.uuid4())
 
 
-def provisioned_event(record: DeviceRecord, *, event_id: str, at: datetime, type: str = "provisioned") -> ProvisioningEvent:
+def provisioned_event(
+    record: DeviceRecord, *, event_id: str, at: datetime, type: str = "provisioned"
+) -> ProvisioningEvent:
     doc = {
         "schema": SCHEMA,
         "event_id": event_id,
@@ -74,7 +76,9 @@ def provisioned_event(record: DeviceRecord, *, event_id: str, at: datetime, type
         "template": record.template,
     }
     payload = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
-    return ProvisioningEvent(event_id=event_id, type=type, device_id=record.device_id, occurred_at=at, payload=payload)
+    return ProvisioningEvent(
+        event_id=event_id, type=type, device_id=record.device_id, occurred_at=at, payload=payload
+    )
 
 
 class EventSink(Protocol):

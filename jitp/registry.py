@@ -52,7 +52,9 @@ class Registry(Protocol):
         ...
 
     # -- devices -------------------------------------------------------------------------
-    async def provision(self, identity: DeviceIdentity, *, at: datetime, peer: str | None) -> ProvisionOutcome:
+    async def provision(
+        self, identity: DeviceIdentity, *, at: datetime, peer: str | None
+    ) -> ProvisionOutcome:
         """Create the device if absent (with its event and audit entry, atomically).
 
         An existing record with the same certificate is a reconnect: ``last_seen`` is updated

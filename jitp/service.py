@@ -103,8 +103,12 @@ class ProvisioningService:
             if verified.anchor.role is Role.SERVICE:
                 service = derive_service(verified)
                 self._bind(peer, service.name, verified.fingerprint)
-                return Admission(role=Role.SERVICE, client_id=peer.client_id, fingerprint=verified.fingerprint,
-                                 service=service)
+                return Admission(
+                    role=Role.SERVICE,
+                    client_id=peer.client_id,
+                    fingerprint=verified.fingerprint,
+                    service=service,
+                )
             identity = derive_identity(verified, default_region=self.default_region)
             self._bind(peer, identity.device_id, verified.fingerprint)
             outcome = await self.registry.provision(identity, at=now, peer=peer.address)
@@ -115,20 +119,32 @@ class ProvisioningService:
             log.info("provisioned device %s (region %s)", outcome.record.device_id, outcome.record.region)
             for wake in self._event_waiters:
                 wake()
-        return Admission(role=Role.DEVICE, client_id=peer.client_id, fingerprint=verified.fingerprint,
-                         record=outcome.record, created=outcome.created)
+        return Admission(
+            role=Role.DEVICE,
+            client_id=peer.client_id,
+            fingerprint=verified.fingerprint,
+            record=outcome.record,
+            created=outcome.created,
+        )
 
     @staticmethod
     def _bind(peer: PeerCredentials, expected: str, fingerprint: str) -> None:
         if peer.client_id != expected:
             raise errors.ClientIdMismatch(
                 f"MQTT client id must equal the certificate's identity {expected!r}",
-                device_id=expected, fingerprint=fingerprint, detail=repr(peer.client_id)[:80],
+                device_id=expected,
+                fingerprint=fingerprint,
+                detail=repr(peer.client_id)[:80],
             )
 
     # -- audit helpers for decisions taken outside admit() ------------------------------------
     async def record_refusal(
-        self, exc: errors.Refused, *, peer: str | None, at: datetime | None = None, client_id: str | None = None
+        self,
+        exc: errors.Refused,
+        *,
+        peer: str | None,
+        at: datetime | None = None,
+        client_id: str | None = None,
     ) -> None:
         details: dict[str, str] = {"message": exc.message}
         if exc.detail:
@@ -137,16 +153,42 @@ class ProvisioningService:
             details["client_id"] = repr(client_id)[:80]
         log.warning("refused %s from %s: %s (%s)", exc.device_id or "client", peer, exc.reason, exc.message)
         try:
-            await self.registry.append_audit([AuditDraft(
-                at=at or self.clock(), action="refused", actor="broker", device_id=exc.device_id,
-                fingerprint=exc.fingerprint, reason=exc.reason, peer=peer, details=MappingProxyType(details),
-            )])
+            await self.registry.append_audit(
+                [
+                    AuditDraft(
+                        at=at or self.clock(),
+                        action="refused",
+                        actor="broker",
+                        device_id=exc.device_id,
+                        fingerprint=exc.fingerprint,
+                        reason=exc.reason,
+                        peer=peer,
+                        details=MappingProxyType(details),
+                    )
+                ]
+            )
         except errors.ProvisioningError as audit_exc:  # never let auditing hide the refusal itself
             log.error("could not audit a refusal: %s", audit_exc)
 
-    async def record_event(self, action: str, *, device_id: str | None = None, peer: str | None = None,
-                           reason: str | None = None, details: dict[str, str] | None = None) -> None:
-        await self.registry.append_audit([AuditDraft(
-            at=self.clock(), action=action, actor="broker", device_id=device_id, peer=peer, reason=reason,
-            details=MappingProxyType(details or {}),
-        )])
+    async def record_event(
+        self,
+        action: str,
+        *,
+        device_id: str | None = None,
+        peer: str | None = None,
+        reason: str | None = None,
+        details: dict[str, str] | None = None,
+    ) -> None:
+        await self.registry.append_audit(
+            [
+                AuditDraft(
+                    at=self.clock(),
+                    action=action,
+                    actor="broker",
+                    device_id=device_id,
+                    peer=peer,
+                    reason=reason,
+                    details=MappingProxyType(details or {}),
+                )
+            ]
+        )

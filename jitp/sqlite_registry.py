@@ -137,7 +137,10 @@ def _anchor(row: Sequence[Any]) -> TrustAnchor:
 
 def _event(row: Sequence[Any]) -> ProvisioningEvent:
     return ProvisioningEvent(
-        event_id=row[0], type=row[1], device_id=row[2], occurred_at=datetime.fromisoformat(row[3]),
+        event_id=row[0],
+        type=row[1],
+        device_id=row[2],
+        occurred_at=datetime.fromisoformat(row[3]),
         payload=bytes(row[4]),
     )
 
@@ -272,14 +275,22 @@ class SQLiteRegistry:
                 "INSERT INTO anchors (ca_id, cert_der, role, subject, region, template, enabled, registered_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, 1, ?) ON CONFLICT(ca_id) DO UPDATE SET role=excluded.role, "
                 "region=excluded.region, template=excluded.template, enabled=1",
-                (anchor.ca_id, anchor.cert_der, str(anchor.role), anchor.subject, anchor.region, anchor.template,
-                 _ts(at)),
+                (
+                    anchor.ca_id,
+                    anchor.cert_der,
+                    str(anchor.role),
+                    anchor.subject,
+                    anchor.region,
+                    anchor.template,
+                    _ts(at),
+                ),
             )
             await db.execute("UPDATE meta SET value = value + 1 WHERE key = 'trust_version'")
             await self._append_audit_tx(db, [audit])
             async with db.execute(
                 "SELECT ca_id, cert_der, role, subject, region, template, enabled, registered_at FROM anchors "
-                "WHERE ca_id = ?", (anchor.ca_id,)
+                "WHERE ca_id = ?",
+                (anchor.ca_id,),
             ) as cur:
                 row = await cur.fetchone()
         assert row is not None
@@ -289,7 +300,8 @@ class SQLiteRegistry:
         async with self._transaction() as db:
             async with db.execute(
                 "SELECT ca_id, cert_der, role, subject, region, template, enabled, registered_at FROM anchors "
-                "WHERE ca_id = ?", (ca_id,)
+                "WHERE ca_id = ?",
+                (ca_id,),
             ) as cur:
                 row = await cur.fetchone()
             if row is None:
@@ -301,10 +313,13 @@ class SQLiteRegistry:
         return TrustAnchor(**{**anchor.__dict__, "enabled": enabled})
 
     async def anchors(self) -> list[TrustAnchor]:
-        async with self._lock, self.db.execute(
-            "SELECT ca_id, cert_der, role, subject, region, template, enabled, registered_at FROM anchors "
-            "ORDER BY registered_at, ca_id"
-        ) as cur:
+        async with (
+            self._lock,
+            self.db.execute(
+                "SELECT ca_id, cert_der, role, subject, region, template, enabled, registered_at FROM anchors "
+                "ORDER BY registered_at, ca_id"
+            ) as cur,
+        ):
             return [_anchor(r) for r in await cur.fetchall()]
 
     async def trust_version(self) -> int:
@@ -313,31 +328,42 @@ class SQLiteRegistry:
         return int(row[0]) if row else 0
 
     # -- devices -------------------------------------------------------------------------
-    async def provision(self, identity: DeviceIdentity, *, at: datetime, peer: str | None) -> ProvisionOutcome:
+    async def provision(
+        self, identity: DeviceIdentity, *, at: datetime, peer: str | None
+    ) -> ProvisionOutcome:
         future: asyncio.Future[ProvisionOutcome] = asyncio.get_running_loop().create_future()
         self._check_writer()
         self._queue.put_nowait(_Provision(identity, at, peer, future))
         return await future
 
     async def get_device(self, device_id: str) -> DeviceRecord | None:
-        async with self._lock, self.db.execute(
-            f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id = ?", (device_id,)  # noqa: S608
-        ) as cur:
+        async with (
+            self._lock,
+            self.db.execute(
+                f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id = ?",
+                (device_id,),
+            ) as cur,
+        ):
             row = await cur.fetchone()
         return _record(row) if row else None
 
     async def list_devices(self) -> list[DeviceRecord]:
-        async with self._lock, self.db.execute(
-            f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY device_id"  # noqa: S608
-        ) as cur:
+        async with (
+            self._lock,
+            self.db.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY device_id") as cur,
+        ):
             return [_record(r) for r in await cur.fetchall()]
 
     # -- outbox --------------------------------------------------------------------------
     async def pending_events(self, limit: int = 500) -> list[ProvisioningEvent]:
-        async with self._lock, self.db.execute(
-            "SELECT event_id, type, device_id, occurred_at, payload FROM outbox WHERE delivered_at IS NULL "
-            "ORDER BY seq LIMIT ?", (limit,)
-        ) as cur:
+        async with (
+            self._lock,
+            self.db.execute(
+                "SELECT event_id, type, device_id, occurred_at, payload FROM outbox WHERE delivered_at IS NULL "
+                "ORDER BY seq LIMIT ?",
+                (limit,),
+            ) as cur,
+        ):
             return [_event(r) for r in await cur.fetchall()]
 
     async def mark_delivered(self, event_ids: Sequence[str], *, at: datetime) -> None:
@@ -368,17 +394,26 @@ class SQLiteRegistry:
         await future
 
     async def audit_entries(self) -> list[AuditEntry]:
-        async with self._lock, self.db.execute(
-            "SELECT seq, at, action, actor, device_id, fingerprint, reason, peer, details, prev_hash, hash "
-            "FROM audit ORDER BY seq"
-        ) as cur:
+        async with (
+            self._lock,
+            self.db.execute(
+                "SELECT seq, at, action, actor, device_id, fingerprint, reason, peer, details, prev_hash, hash "
+                "FROM audit ORDER BY seq"
+            ) as cur,
+        ):
             rows = await cur.fetchall()
         return [
             AuditEntry(
                 seq=r[0],
                 draft=AuditDraft(
-                    at=datetime.fromisoformat(r[1]), action=r[2], actor=r[3], device_id=r[4], fingerprint=r[5],
-                    reason=r[6], peer=r[7], details=MappingProxyType(json.loads(r[8])),
+                    at=datetime.fromisoformat(r[1]),
+                    action=r[2],
+                    actor=r[3],
+                    device_id=r[4],
+                    fingerprint=r[5],
+                    reason=r[6],
+                    peer=r[7],
+                    details=MappingProxyType(json.loads(r[8])),
                 ),
                 prev_hash=r[9],
                 hash=r[10],
@@ -395,9 +430,19 @@ class SQLiteRegistry:
             "INSERT INTO audit (seq, at, action, actor, device_id, fingerprint, reason, peer, details, prev_hash, "
             "hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
-                (e.seq, _ts(e.draft.at), e.draft.action, e.draft.actor, e.draft.device_id, e.draft.fingerprint,
-                 e.draft.reason, e.draft.peer, json.dumps(dict(e.draft.details), sort_keys=True), e.prev_hash,
-                 e.hash)
+                (
+                    e.seq,
+                    _ts(e.draft.at),
+                    e.draft.action,
+                    e.draft.actor,
+                    e.draft.device_id,
+                    e.draft.fingerprint,
+                    e.draft.reason,
+                    e.draft.peer,
+                    json.dumps(dict(e.draft.details), sort_keys=True),
+                    e.prev_hash,
+                    e.hash,
+                )
                 for e in entries
             ],
         )
@@ -449,7 +494,8 @@ class SQLiteRegistry:
                 chunk = ids[start : start + 500]
                 marks = ",".join("?" * len(chunk))
                 async with db.execute(
-                    f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id IN ({marks})", chunk  # noqa: S608
+                    f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id IN ({marks})",
+                    chunk,
                 ) as cur:
                     for row in await cur.fetchall():
                         existing[row[0]] = _record(row)
@@ -464,35 +510,65 @@ class SQLiteRegistry:
                 current = existing.get(ident.device_id)
                 if current is None:
                     record = DeviceRecord(
-                        device_id=ident.device_id, status=DeviceStatus.ACTIVE,
-                        cert_fingerprint=ident.cert_fingerprint, ca_id=ident.ca_id, region=ident.region,
-                        serial=ident.serial, subject=ident.subject, not_after=ident.not_after,
-                        provisioned_at=op.at, last_seen=op.at, attributes=ident.attributes, template=ident.template,
+                        device_id=ident.device_id,
+                        status=DeviceStatus.ACTIVE,
+                        cert_fingerprint=ident.cert_fingerprint,
+                        ca_id=ident.ca_id,
+                        region=ident.region,
+                        serial=ident.serial,
+                        subject=ident.subject,
+                        not_after=ident.not_after,
+                        provisioned_at=op.at,
+                        last_seen=op.at,
+                        attributes=ident.attributes,
+                        template=ident.template,
                     )
                     event = provisioned_event(record, event_id=new_event_id(), at=op.at)
                     existing[ident.device_id] = record
-                    new_devices.append((
-                        record.device_id, str(record.status), record.cert_fingerprint, record.ca_id, record.region,
-                        record.serial, record.subject, _ts(record.not_after), _ts(record.provisioned_at),
-                        _ts(op.at), json.dumps(dict(record.attributes), sort_keys=True), record.template,
-                    ))
-                    new_events.append((event.event_id, event.type, event.device_id, _ts(op.at), event.payload))
-                    drafts.append(AuditDraft(
-                        at=op.at, action="provisioned", actor="device", device_id=record.device_id,
-                        fingerprint=record.cert_fingerprint, peer=op.peer,
-                        details=MappingProxyType({"ca_id": record.ca_id, "region": record.region,
-                                                  "event_id": event.event_id}),
-                    ))
+                    new_devices.append(
+                        (
+                            record.device_id,
+                            str(record.status),
+                            record.cert_fingerprint,
+                            record.ca_id,
+                            record.region,
+                            record.serial,
+                            record.subject,
+                            _ts(record.not_after),
+                            _ts(record.provisioned_at),
+                            _ts(op.at),
+                            json.dumps(dict(record.attributes), sort_keys=True),
+                            record.template,
+                        )
+                    )
+                    new_events.append(
+                        (event.event_id, event.type, event.device_id, _ts(op.at), event.payload)
+                    )
+                    drafts.append(
+                        AuditDraft(
+                            at=op.at,
+                            action="provisioned",
+                            actor="device",
+                            device_id=record.device_id,
+                            fingerprint=record.cert_fingerprint,
+                            peer=op.peer,
+                            details=MappingProxyType(
+                                {"ca_id": record.ca_id, "region": record.region, "event_id": event.event_id}
+                            ),
+                        )
+                    )
                     results[i] = ProvisionOutcome(record=record, created=True, event=event)
                 elif current.cert_fingerprint != ident.cert_fingerprint:
                     results[i] = errors.IdentityConflict(
                         f"device id {ident.device_id!r} is already provisioned with another certificate",
-                        device_id=ident.device_id, fingerprint=ident.cert_fingerprint,
+                        device_id=ident.device_id,
+                        fingerprint=ident.cert_fingerprint,
                         detail=f"registered certificate {current.cert_fingerprint}",
                     )
                 elif current.status not in (DeviceStatus.ACTIVE, DeviceStatus.QUARANTINED):
                     results[i] = errors.DeviceBlocked(
-                        f"device {ident.device_id!r} is {current.status}", device_id=ident.device_id,
+                        f"device {ident.device_id!r} is {current.status}",
+                        device_id=ident.device_id,
                         fingerprint=ident.cert_fingerprint,
                     )
                 else:
@@ -500,7 +576,7 @@ class SQLiteRegistry:
                     results[i] = ProvisionOutcome(record=current, created=False)
             if new_devices:
                 await db.executemany(
-                    f"INSERT INTO devices ({_DEVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "  # noqa: S608
+                    f"INSERT INTO devices ({_DEVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT(device_id) DO NOTHING",
                     new_devices,
                 )

@@ -49,8 +49,14 @@ class Pki:
         self.service_ca = certs.load_issuer(self.layout.service_ca_cert, self.layout.service_ca_key)
         self._n = 0
 
-    def identity(self, subject: str | x509.Name, *, issuer: certs.Issuer | None = None,
-                 key: certs.PrivateKey | None = None, **leaf_kw: Any) -> Identity:
+    def identity(
+        self,
+        subject: str | x509.Name,
+        *,
+        issuer: certs.Issuer | None = None,
+        key: certs.PrivateKey | None = None,
+        **leaf_kw: Any,
+    ) -> Identity:
         issuer = issuer or self.manufacturer
         key = key or certs.generate_key("ec")
         cert = certs.make_leaf(subject, key.public_key(), issuer=issuer, **leaf_kw)
@@ -59,7 +65,9 @@ class Pki:
         certs.write_certs(base.with_suffix(".pem"), [cert, issuer.cert, *issuer.chain])
         certs.write_key(base.with_suffix(".key"), key)
         name = subject if isinstance(subject, str) else subject.rfc4514_string()
-        return Identity(name=name, cert_path=base.with_suffix(".pem"), key_path=base.with_suffix(".key"), cert=cert)
+        return Identity(
+            name=name, cert_path=base.with_suffix(".pem"), key_path=base.with_suffix(".key"), cert=cert
+        )
 
     def device(self, device_id: str, **kw: Any) -> Identity:
         return self.identity(device_id, **kw)
@@ -72,11 +80,15 @@ class Pki:
 
     def expired(self, device_id: str) -> Identity:
         now = datetime.now(UTC)
-        return self.identity(device_id, not_before=now - timedelta(days=30), not_after=now - timedelta(days=1))
+        return self.identity(
+            device_id, not_before=now - timedelta(days=30), not_after=now - timedelta(days=1)
+        )
 
     def not_yet_valid(self, device_id: str) -> Identity:
         now = datetime.now(UTC)
-        return self.identity(device_id, not_before=now + timedelta(days=1), not_after=now + timedelta(days=30))
+        return self.identity(
+            device_id, not_before=now + timedelta(days=1), not_after=now + timedelta(days=30)
+        )
 
 
 class BrokerThread:
@@ -110,7 +122,9 @@ class BrokerThread:
             self.loop.close()
 
     # -- conveniences --------------------------------------------------------------------
-    def register_ca(self, cert: x509.Certificate, *, role: Role = Role.DEVICE, region: str | None = None) -> str:
+    def register_ca(
+        self, cert: x509.Certificate, *, role: Role = Role.DEVICE, region: str | None = None
+    ) -> str:
         anchor = TrustAnchor.from_certificate(cert, role=role, region=region)
         draft = AuditDraft(at=datetime.now(UTC), action="ca-registered", actor="test")
 
@@ -138,10 +152,19 @@ class BrokerThread:
 
 
 def test_config(tmp: Path, pki: Pki, **sections: Any) -> Config:
-    listener = ListenerConfig(bind="127.0.0.1:0", server_cert=pki.layout.server_cert,
-                              server_key=pki.layout.server_key, **sections.pop("listener", {}))
-    return Config(data_dir=tmp / "data", listener=listener, limits=LimitsConfig(**sections.pop("limits", {})),
-                  trust=TrustConfig(**sections.pop("trust", {"reload_interval": 0.5})), **sections)
+    listener = ListenerConfig(
+        bind="127.0.0.1:0",
+        server_cert=pki.layout.server_cert,
+        server_key=pki.layout.server_key,
+        **sections.pop("listener", {}),
+    )
+    return Config(
+        data_dir=tmp / "data",
+        listener=listener,
+        limits=LimitsConfig(**sections.pop("limits", {})),
+        trust=TrustConfig(**sections.pop("trust", {"reload_interval": 0.5})),
+        **sections,
+    )
 
 
 test_config.__test__ = False  # type: ignore[attr-defined]
@@ -192,12 +215,26 @@ class Conn:
             self.client.loop_stop()
 
 
-def connect(port: int, pki: Pki, ident: Identity | None, *, client_id: str | None = None, clean: bool = True,
-            keepalive: int = 30, timeout: float = 5.0, context: ssl.SSLContext | None = None) -> Conn:
+def connect(
+    port: int,
+    pki: Pki,
+    ident: Identity | None,
+    *,
+    client_id: str | None = None,
+    clean: bool = True,
+    keepalive: int = 30,
+    timeout: float = 5.0,
+    context: ssl.SSLContext | None = None,
+) -> Conn:
     """Connect a real paho client over mutual TLS; returns the CONNACK code (or the error)."""
     cid = client_id if client_id is not None else (ident.name if ident else "anonymous")
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, clean_session=clean,
-                         protocol=mqtt.MQTTv311, reconnect_on_failure=False)
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2,
+        client_id=cid,
+        clean_session=clean,
+        protocol=mqtt.MQTTv311,
+        reconnect_on_failure=False,
+    )
     client.tls_set_context(context or client_context(pki, ident))
     conn = Conn(rc=None, client=client)
     got = threading.Event()

@@ -142,7 +142,9 @@ def test_devices_cannot_read_events_and_services_are_not_provisioned(broker: Bro
     assert sorted(r.device_id for r in broker.devices()) == ["newcomer", "nosy"]
 
 
-def test_persistent_service_session_gets_events_published_while_offline(broker: BrokerThread, pki: Pki) -> None:
+def test_persistent_service_session_gets_events_published_while_offline(
+    broker: BrokerThread, pki: Pki
+) -> None:
     svc_id = pki.service("pipeline")
     svc = connect(broker.port, pki, svc_id, clean=False)
     assert svc.rc == 0

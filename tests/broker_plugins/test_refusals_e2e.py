@@ -18,7 +18,9 @@ def _refusals(broker: BrokerThread) -> list[tuple[str | None, str | None]]:
     return [(e.draft.reason, e.draft.device_id) for e in broker.audit() if e.draft.action == "refused"]
 
 
-def _wait_refusal(broker: BrokerThread, reason: str, timeout: float = 5.0) -> list[tuple[str | None, str | None]]:
+def _wait_refusal(
+    broker: BrokerThread, reason: str, timeout: float = 5.0
+) -> list[tuple[str | None, str | None]]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = [r for r in _refusals(broker) if r[0] == reason]
@@ -42,8 +44,11 @@ def _still_serving(broker: BrokerThread, pki: Pki, device_id: str) -> None:
     [
         (lambda p: p.identity("ca-leaf", is_ca=True), "ca-leaf", "ca_as_leaf"),
         (lambda p: p.identity("no-sign", key_usage=("key_encipherment",)), "no-sign", "bad_key_usage"),
-        (lambda p: p.identity("server-eku", eku=(ExtendedKeyUsageOID.SERVER_AUTH,)), "server-eku",
-         "bad_key_usage"),
+        (
+            lambda p: p.identity("server-eku", eku=(ExtendedKeyUsageOID.SERVER_AUTH,)),
+            "server-eku",
+            "bad_key_usage",
+        ),
         (lambda p: p.device("has/slash"), "has/slash", "unsafe_id"),
         (lambda p: p.device("wild#card"), "wild#card", "unsafe_id"),
         (lambda p: p.device("plus+sign"), "plus+sign", "unsafe_id"),
@@ -52,8 +57,18 @@ def _still_serving(broker: BrokerThread, pki: Pki, device_id: str) -> None:
         (lambda p: p.device("x" * 129), "x" * 129, "unsafe_id"),
         (lambda p: p.device("honest-device"), "someone-else", "client_id_mismatch"),
     ],
-    ids=["ca-as-leaf", "key-usage", "eku", "slash", "hash", "plus", "dollar", "control", "overlong",
-         "client-id-mismatch"],
+    ids=[
+        "ca-as-leaf",
+        "key-usage",
+        "eku",
+        "slash",
+        "hash",
+        "plus",
+        "dollar",
+        "control",
+        "overlong",
+        "client-id-mismatch",
+    ],
 )
 def test_connack_refusals(broker: BrokerThread, pki: Pki, make, client_id: str, reason: str) -> None:
     ident: Identity = make(pki)
@@ -85,8 +100,9 @@ def test_identity_conflict(broker: BrokerThread, pki: Pki) -> None:
 
 
 # -- refused in the TLS handshake --------------------------------------------------------------
-def _handshake_fails(broker: BrokerThread, pki: Pki, ident: Identity | None,
-                     context: ssl.SSLContext | None = None) -> str:
+def _handshake_fails(
+    broker: BrokerThread, pki: Pki, ident: Identity | None, context: ssl.SSLContext | None = None
+) -> str:
     conn = connect(broker.port, pki, ident, client_id=ident.name if ident else "nocert", context=context)
     conn.close()
     assert conn.rc is None, "a refused handshake must never reach CONNACK"
@@ -95,8 +111,12 @@ def _handshake_fails(broker: BrokerThread, pki: Pki, ident: Identity | None,
 
 @pytest.mark.parametrize(
     ("kind", "reason"),
-    [("expired", "expired"), ("not_yet_valid", "not_yet_valid"), ("unknown_ca", "unknown_ca"),
-     ("weak_key", "weak_key")],
+    [
+        ("expired", "expired"),
+        ("not_yet_valid", "not_yet_valid"),
+        ("unknown_ca", "unknown_ca"),
+        ("weak_key", "weak_key"),
+    ],
 )
 def test_handshake_refusals(broker: BrokerThread, pki: Pki, kind: str, reason: str) -> None:
     if kind == "expired":
@@ -142,8 +162,14 @@ def test_tls_1_1_is_refused(broker: BrokerThread, pki: Pki) -> None:
 
 def test_garbage_on_the_tls_port_changes_nothing(broker: BrokerThread, pki: Pki) -> None:
     before = (broker.devices(), len(broker.audit()), broker.session_count())
-    payloads = [b"", b"\x00" * 10, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", bytes(range(256)) * 8,
-                b"\x16\x03\x01\x00\x05hello", b"\x10\x0c\x00\x04MQTT\x04\x02\x00\x3c\x00\x00"]
+    payloads = [
+        b"",
+        b"\x00" * 10,
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        bytes(range(256)) * 8,
+        b"\x16\x03\x01\x00\x05hello",
+        b"\x10\x0c\x00\x04MQTT\x04\x02\x00\x3c\x00\x00",
+    ]
     for payload in payloads:
         with socket.create_connection(("127.0.0.1", broker.port), timeout=5) as s:
             s.sendall(payload)
