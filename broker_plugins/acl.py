@@ -25,9 +25,13 @@ def namespace_of(admission: Admission | None) -> Namespace:
         return NOBODY
     if admission.role is Role.SERVICE:
         return SERVICE_NAMESPACE
-    if admission.record is not None:
-        return device_namespace(admission.record.device_id)
-    return NOBODY
+    record = admission.record
+    if record is None:
+        return NOBODY
+    ns = record.config.get("namespace")
+    if isinstance(ns, dict):
+        return Namespace(publish=tuple(ns.get("publish", ())), subscribe=tuple(ns.get("subscribe", ())))
+    return device_namespace(record.device_id)
 
 
 class JitpTopicPlugin(BaseTopicPlugin):

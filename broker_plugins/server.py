@@ -16,6 +16,7 @@ from jitp.config import Config, host_port
 from jitp.registry import Registry
 from jitp.service import Clock, ProvisioningService, utc_now
 from jitp.sqlite_registry import SQLiteRegistry
+from jitp.templates import TemplateSet
 
 log = logging.getLogger("jitp.server")
 
@@ -82,7 +83,10 @@ class JitpServer:
         await self._registry.open()
         try:
             self._service = ProvisioningService(
-                self._registry, clock=self._clock, default_region=cfg.default_region
+                self._registry,
+                clock=self._clock,
+                default_region=cfg.default_region,
+                templates=TemplateSet.load(cfg.templates_dir),
             )
             self._service.on_trust_change(self._tls.update)
             await self._service.refresh_trust(force=True)

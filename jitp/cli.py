@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import getpass
 import importlib
 import json
@@ -22,13 +23,16 @@ from types import MappingProxyType
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from jitp import errors
 from jitp.audit import AuditDraft, verify_chain
 from jitp.config import DEFAULT_CONFIG, Config, load_config, replace
 from jitp.records import DeviceRecord
+from jitp.service import ProvisioningService
 from jitp.sqlite_registry import SQLiteRegistry
-from jitp.trust import Role, TrustAnchor
+from jitp.templates import TemplateSet
+from jitp.trust import Role, TrustAnchor, TrustStore
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -137,6 +141,8 @@ def _load_ca_cert(path: Path) -> x509.Certificate:
 
 def cmd_ca_register(args: argparse.Namespace) -> int:
     cert = _load_ca_cert(Path(args.cert))
+    if args.template:
+        TemplateSet.load(_config(args).templates_dir).get(args.template)  # an unknown name fails here
     anchor = TrustAnchor.from_certificate(
         cert,
         role=Role(args.role),
@@ -264,6 +270,69 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
     return _run(args, go)
 
 
+# -- templates ----------------------------------------------------------------------------
+def cmd_templates_list(args: argparse.Namespace) -> int:
+    templates = TemplateSet.load(_config(args).templates_dir)
+    for name in templates.names():
+        t = templates.get(name)
+        print(f"{t.name:20} v{t.version:<4} reprovision={t.reprovision}  publish={', '.join(t.publish)}")
+    return 0
+
+
+def cmd_templates_test(args: argparse.Namespace) -> int:
+    """Dry run: what a certificate would become under a template, or exactly why it would be refused."""
+    config = _config(args)
+    templates = TemplateSet.load(config.templates_dir)
+    template = templates.get(args.name)
+    chain_path = Path(args.cert)
+    try:
+        chain = x509.load_pem_x509_certificates(chain_path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise errors.InvalidRequest(f"cannot read certificates from {chain_path}: {exc}") from None
+    ders = tuple(c.public_bytes(serialization.Encoding.DER) for c in chain)
+
+    async def go(registry: SQLiteRegistry) -> int:
+        anchors = [a for a in await registry.anchors() if a.role is Role.DEVICE]
+        if args.ca:
+            anchors.append(TrustAnchor.from_certificate(_load_ca_cert(Path(args.ca))))
+        anchors = [dataclasses.replace(a, template=template.name) for a in anchors]
+        service = ProvisioningService(registry, default_region=config.default_region, templates=templates)
+        service.trust = TrustStore.of(anchors)
+        try:
+            verified = service.trust.verify(ders, now=_now())
+            _, identity = service.render(verified)
+        except errors.Refused as exc:
+            doc: dict[str, Any] = {"admitted": False, "reason": exc.reason, "message": exc.message}
+            if exc.detail:
+                doc["detail"] = exc.detail
+            if args.json:
+                _print_json(doc)
+            else:
+                print(f"REFUSED ({exc.reason}): {exc.message}")
+            return 1
+        doc = {
+            "admitted": True,
+            "template": template.name,
+            "template_version": template.version,
+            "device_id": identity.device_id,
+            "region": identity.region,
+            "attributes": dict(identity.attributes),
+            "namespace": identity.config["namespace"],
+            "profile": identity.config["profile"],
+            "reprovision": str(template.reprovision),
+            "cert_fingerprint": identity.cert_fingerprint,
+            "ca_id": identity.ca_id,
+        }
+        if args.json:
+            _print_json(doc)
+        else:
+            for key, value in doc.items():
+                print(f"{key:17} {json.dumps(value) if isinstance(value, dict | list) else value}")
+        return 0
+
+    return _run(args, go)
+
+
 # -- serve --------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _config(args)
@@ -354,6 +423,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = aud.add_parser("export", help="print entries as JSON lines")
     data_opts(p)
     p.set_defaults(handler=cmd_audit_export)
+
+    tpl = sub.add_parser("templates", help="enrollment templates").add_subparsers(
+        dest="templates_command", required=True
+    )
+    p = tpl.add_parser("list", help="templates in templates_dir")
+    data_opts(p)
+    p.set_defaults(handler=cmd_templates_list)
+    p = tpl.add_parser("test", help="dry run: what a certificate would become, or why it is refused")
+    p.add_argument("name")
+    p.add_argument("--cert", required=True, help="device certificate chain (PEM, leaf first)")
+    p.add_argument("--ca", help="verify against this CA instead of (in addition to) the registered ones")
+    p.add_argument("--json", action="store_true")
+    data_opts(p)
+    p.set_defaults(handler=cmd_templates_test)
 
     p = sub.add_parser("serve", help="run the broker until SIGINT/SIGTERM")
     data_opts(p)

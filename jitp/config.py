@@ -79,6 +79,7 @@ class SQLiteConfig:
 @dataclass(frozen=True)
 class Config:
     data_dir: Path = Path("var/data")
+    templates_dir: Path = Path("config/templates")  # enrollment templates, <name>.yaml
     default_region: str = "default"
     log_level: str = "info"
     listener: ListenerConfig = field(default_factory=ListenerConfig)

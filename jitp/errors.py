@@ -17,6 +17,8 @@ that explain it. Only ``broker_plugins`` maps these to MQTT outcomes (CONNACK co
     │   ├── UnsafeIdentity           unsafe_id
     │   ├── ClientIdMismatch         client_id_mismatch
     │   ├── IdentityConflict         identity_conflict
+    │   ├── MissingAttribute         missing_attribute    (a required template value is absent)
+    │   ├── TemplateNotFound         template_not_found   (the CA is bound to an unknown template)
     │   └── DeviceBlocked            device_blocked       (record not active)
     ├── Unavailable                  the server cannot decide now (CONNACK 3)
     │   └── RegistryUnavailable      registry_unavailable
@@ -112,6 +114,16 @@ class DeviceBlocked(Refused):
     reason = "device_blocked"
 
 
+class MissingAttribute(Refused):
+    """A value the enrollment template requires is missing or unusable; ``detail`` names it."""
+
+    reason = "missing_attribute"
+
+
+class TemplateNotFound(Refused):
+    reason = "template_not_found"
+
+
 class Unavailable(ProvisioningError):
     """The server cannot take the decision now; the client should back off and retry."""
 
@@ -165,5 +177,7 @@ REFUSAL_REASONS: tuple[str, ...] = tuple(
         ClientIdMismatch,
         IdentityConflict,
         DeviceBlocked,
+        MissingAttribute,
+        TemplateNotFound,
     )
 )

@@ -5,7 +5,7 @@ Schema ``jitp.event/1`` (JSON object, UTF-8), published at QoS 1 on
 
     schema            "jitp.event/1"
     event_id          unique id (UUID4 string), stable across redeliveries
-    type              "provisioned"
+    type              "provisioned" | "reprovisioned"
     occurred_at       ISO-8601 UTC timestamp of the registry change
     device_id         the device id
     cert_fingerprint  SHA-256 hex of the device certificate's DER
@@ -15,7 +15,14 @@ Schema ``jitp.event/1`` (JSON object, UTF-8), published at QoS 1 on
     not_after         certificate expiry, ISO-8601
     provisioned_at    ISO-8601, when the record was created
     attributes        object: device metadata (type, location, capabilities, ...)
-    template          name of the enrollment template, or null
+    template          name of the enrollment template
+    template_version  its version
+    namespace         {"publish": [...], "subscribe": [...]}: the device's topic namespace
+    profile           connectivity profile: keepalive {min, max}, max_qos, max_message_size,
+                      rate_limit {messages, per_seconds}, hints {...}
+    reprovisioned only:
+    previous_fingerprint  the certificate this one replaced
+    reset                 true when the record was reset (policy "reset"), false for "rotate"
 """
 
 from __future__ import annotations
@@ -58,9 +65,9 @@ def new_event_id() -> str:
 
 
 def provisioned_event(
-    record: DeviceRecord, *, event_id: str, at: datetime, type: str = "provisioned"
+    record: DeviceRecord, *, event_id: str, at: datetime, type: str = "provisioned", **extra: Any
 ) -> ProvisioningEvent:
-    doc = {
+    doc: dict[str, Any] = {
         "schema": SCHEMA,
         "event_id": event_id,
         "type": type,
@@ -74,6 +81,10 @@ def provisioned_event(
         "provisioned_at": record.provisioned_at.isoformat(),
         "attributes": dict(record.attributes),
         "template": record.template,
+        "template_version": record.template_version,
+        "namespace": dict(record.config).get("namespace"),
+        "profile": dict(record.config).get("profile"),
+        **extra,
     }
     payload = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
     return ProvisioningEvent(

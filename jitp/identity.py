@@ -96,6 +96,8 @@ class DeviceIdentity:
     not_after: datetime
     attributes: MappingProxyType[str, Any] = field(default_factory=_frozen)
     template: str | None = None
+    template_version: int | None = None
+    config: MappingProxyType[str, Any] = field(default_factory=_frozen)  # namespace + profile
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,9 @@ class DeviceRecord:
     last_seen: datetime | None
     attributes: MappingProxyType[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     template: str | None = None
+    template_version: int | None = None
+    # The effective configuration delivered to the device: namespace and connectivity profile.
+    config: MappingProxyType[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
     def to_json(self) -> dict[str, Any]:
         """The documented JSON shape (``jitp devices show --json``)."""
@@ -51,4 +54,6 @@ class DeviceRecord:
             "last_seen": _iso(self.last_seen),
             "attributes": dict(self.attributes),
             "template": self.template,
+            "template_version": self.template_version,
+            "config": dict(self.config),
         }

@@ -26,9 +26,15 @@ from jitp.trust import TrustAnchor
 
 @dataclass(frozen=True)
 class ProvisionOutcome:
+    """``created``: a new record. ``event`` without ``created``: reprovisioned (rotate or reset)."""
+
     record: DeviceRecord
     created: bool
     event: ProvisioningEvent | None = None
+
+    @property
+    def reprovisioned(self) -> bool:
+        return self.event is not None and not self.created
 
 
 class Registry(Protocol):
@@ -53,14 +59,16 @@ class Registry(Protocol):
 
     # -- devices -------------------------------------------------------------------------
     async def provision(
-        self, identity: DeviceIdentity, *, at: datetime, peer: str | None
+        self, identity: DeviceIdentity, *, at: datetime, peer: str | None, policy: str = "reject"
     ) -> ProvisionOutcome:
         """Create the device if absent (with its event and audit entry, atomically).
 
         An existing record with the same certificate is a reconnect: ``last_seen`` is updated
-        and ``created`` is False. A record with another certificate raises
-        :class:`~jitp.errors.IdentityConflict`; one that is not active or quarantined raises
-        :class:`~jitp.errors.DeviceBlocked`.
+        and ``created`` is False. A record that is not active or quarantined raises
+        :class:`~jitp.errors.DeviceBlocked`. Another certificate for a known id follows
+        ``policy``: ``reject`` raises :class:`~jitp.errors.IdentityConflict`; ``rotate`` keeps the
+        record and records the new certificate; ``reset`` starts a fresh record. Both emit a
+        ``reprovisioned`` event, and a superseded certificate is never accepted again.
         """
         ...
 

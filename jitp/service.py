@@ -15,6 +15,7 @@ and :class:`~jitp.errors.ProvisioningError` subclasses into MQTT outcomes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,10 +24,11 @@ from types import MappingProxyType
 
 from jitp import errors
 from jitp.audit import AuditDraft
-from jitp.identity import DEFAULT_REGION, ServiceIdentity, derive_identity, derive_service
+from jitp.identity import DEFAULT_REGION, DeviceIdentity, ServiceIdentity, derive_service
 from jitp.records import DeviceRecord
 from jitp.registry import Registry
-from jitp.trust import Role, TrustStore
+from jitp.templates import EnrollmentTemplate, TemplateSet
+from jitp.trust import Role, TrustStore, VerifiedChain
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ class Admission:
     record: DeviceRecord | None = None
     service: ServiceIdentity | None = None
     created: bool = False
+    reprovisioned: bool = False
 
 
 class ProvisioningService:
@@ -65,10 +68,12 @@ class ProvisioningService:
         *,
         clock: Clock = utc_now,
         default_region: str = DEFAULT_REGION,
+        templates: TemplateSet | None = None,
     ) -> None:
         self.registry = registry
         self.clock = clock
         self.default_region = default_region
+        self.templates = templates or TemplateSet()
         self.trust = TrustStore()
         self._event_waiters: list[Callable[[], None]] = []
         self._trust_listeners: list[Callable[[TrustStore], None]] = []
@@ -109,14 +114,21 @@ class ProvisioningService:
                     fingerprint=verified.fingerprint,
                     service=service,
                 )
-            identity = derive_identity(verified, default_region=self.default_region)
+            template, identity = self.render(verified)
             self._bind(peer, identity.device_id, verified.fingerprint)
-            outcome = await self.registry.provision(identity, at=now, peer=peer.address)
+            outcome = await self.registry.provision(
+                identity, at=now, peer=peer.address, policy=str(template.reprovision)
+            )
         except errors.Refused as exc:
             await self.record_refusal(exc, peer=peer.address, at=now, client_id=peer.client_id)
             raise
-        if outcome.created:
-            log.info("provisioned device %s (region %s)", outcome.record.device_id, outcome.record.region)
+        if outcome.event is not None:
+            log.info(
+                "%s device %s (region %s)",
+                outcome.event.type,
+                outcome.record.device_id,
+                outcome.record.region,
+            )
             for wake in self._event_waiters:
                 wake()
         return Admission(
@@ -125,7 +137,19 @@ class ProvisioningService:
             fingerprint=verified.fingerprint,
             record=outcome.record,
             created=outcome.created,
+            reprovisioned=outcome.reprovisioned,
         )
+
+    def render(self, verified: VerifiedChain) -> tuple[EnrollmentTemplate, DeviceIdentity]:
+        """Certificate -> (template, identity with its effective config), or a Refused. No side effects."""
+        template = self.templates.get(verified.anchor.template)
+        identity = template.render(verified, default_region=self.default_region)
+        namespace = template.namespace(identity.device_id, identity.region, dict(identity.attributes))
+        config = {
+            "namespace": {"publish": list(namespace.publish), "subscribe": list(namespace.subscribe)},
+            "profile": template.profile.to_json(),
+        }
+        return template, dataclasses.replace(identity, config=MappingProxyType(config))
 
     @staticmethod
     def _bind(peer: PeerCredentials, expected: str, fingerprint: str) -> None:

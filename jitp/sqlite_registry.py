@@ -16,7 +16,7 @@ import logging
 import os
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
@@ -89,12 +89,24 @@ MIGRATIONS: tuple[str, ...] = (
         hash TEXT NOT NULL
     );
     """,
+    # 2: enrollment templates and reprovisioning
+    """
+    ALTER TABLE devices ADD COLUMN template_version INTEGER;
+    ALTER TABLE devices ADD COLUMN config TEXT NOT NULL DEFAULT '{}';
+    CREATE TABLE cert_history (
+        device_id TEXT NOT NULL,
+        cert_fingerprint TEXT NOT NULL,
+        superseded_at TEXT NOT NULL,
+        PRIMARY KEY (device_id, cert_fingerprint)
+    );
+    """,
 )
 
 _DEVICE_COLUMNS = (
     "device_id, status, cert_fingerprint, ca_id, region, serial, subject, not_after, provisioned_at, "
-    "last_seen, attributes, template"
+    "last_seen, attributes, template, template_version, config"
 )
+_DEVICE_MARKS = ", ".join("?" * 14)
 
 
 def _ts(value: datetime) -> str:
@@ -119,6 +131,27 @@ def _record(row: Sequence[Any]) -> DeviceRecord:
         last_seen=_dt(row[9]),
         attributes=MappingProxyType(json.loads(row[10])),
         template=row[11],
+        template_version=row[12],
+        config=MappingProxyType(json.loads(row[13])),
+    )
+
+
+def _device_row(record: DeviceRecord) -> tuple[Any, ...]:
+    return (
+        record.device_id,
+        str(record.status),
+        record.cert_fingerprint,
+        record.ca_id,
+        record.region,
+        record.serial,
+        record.subject,
+        _ts(record.not_after),
+        _ts(record.provisioned_at),
+        _ts(record.last_seen) if record.last_seen else None,
+        json.dumps(dict(record.attributes), sort_keys=True),
+        record.template,
+        record.template_version,
+        json.dumps(dict(record.config), sort_keys=True),
     )
 
 
@@ -150,6 +183,7 @@ class _Provision:
     identity: DeviceIdentity
     at: datetime
     peer: str | None
+    policy: str
     future: asyncio.Future[ProvisionOutcome]
 
 
@@ -157,12 +191,6 @@ class _Provision:
 class _Audit:
     drafts: Sequence[AuditDraft]
     future: asyncio.Future[None]
-
-
-@dataclass
-class _Batch:
-    provisions: list[_Provision] = field(default_factory=list)
-    audits: list[_Audit] = field(default_factory=list)
 
 
 class SQLiteRegistry:
@@ -329,11 +357,13 @@ class SQLiteRegistry:
 
     # -- devices -------------------------------------------------------------------------
     async def provision(
-        self, identity: DeviceIdentity, *, at: datetime, peer: str | None
+        self, identity: DeviceIdentity, *, at: datetime, peer: str | None, policy: str = "reject"
     ) -> ProvisionOutcome:
+        if policy not in ("reject", "rotate", "reset"):
+            raise ValueError(f"unknown reprovisioning policy {policy!r}")
         future: asyncio.Future[ProvisionOutcome] = asyncio.get_running_loop().create_future()
         self._check_writer()
-        self._queue.put_nowait(_Provision(identity, at, peer, future))
+        self._queue.put_nowait(_Provision(identity, at, peer, policy, future))
         return await future
 
     async def get_device(self, device_id: str) -> DeviceRecord | None:
@@ -489,100 +519,82 @@ class SQLiteRegistry:
         results: dict[int, ProvisionOutcome | errors.ProvisioningError] = {}
         async with self._transaction() as db:
             existing: dict[str, DeviceRecord] = {}
+            superseded: set[tuple[str, str]] = set()
             ids = sorted({p.identity.device_id for p in provisions})
             for start in range(0, len(ids), 500):
                 chunk = ids[start : start + 500]
                 marks = ",".join("?" * len(chunk))
                 async with db.execute(
-                    f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id IN ({marks})",
-                    chunk,
+                    f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id IN ({marks})", chunk
                 ) as cur:
                     for row in await cur.fetchall():
                         existing[row[0]] = _record(row)
-            new_devices: list[tuple[Any, ...]] = []
+            known = sorted(i for i in ids if i in existing)
+            if known and any(p.policy != "reject" for p in provisions):
+                marks = ",".join("?" * len(known))
+                async with db.execute(
+                    f"SELECT device_id, cert_fingerprint FROM cert_history WHERE device_id IN ({marks})",
+                    known,
+                ) as cur:
+                    superseded = {(r[0], r[1]) for r in await cur.fetchall()}
+            upserts: dict[str, DeviceRecord] = {}
             new_events: list[tuple[Any, ...]] = []
+            history: list[tuple[str, str, str]] = []
             drafts: list[AuditDraft] = []
             for i, op in enumerate(batch):
                 if isinstance(op, _Audit):
                     drafts.extend(op.drafts)
                     continue
-                ident = op.identity
-                current = existing.get(ident.device_id)
-                if current is None:
-                    record = DeviceRecord(
-                        device_id=ident.device_id,
-                        status=DeviceStatus.ACTIVE,
-                        cert_fingerprint=ident.cert_fingerprint,
-                        ca_id=ident.ca_id,
-                        region=ident.region,
-                        serial=ident.serial,
-                        subject=ident.subject,
-                        not_after=ident.not_after,
-                        provisioned_at=op.at,
-                        last_seen=op.at,
-                        attributes=ident.attributes,
-                        template=ident.template,
+                outcome = self._decide(op, existing.get(op.identity.device_id), superseded)
+                if isinstance(outcome, errors.ProvisioningError):
+                    results[i] = outcome
+                    continue
+                results[i] = outcome
+                if outcome.event is None:
+                    self._touches[op.identity.device_id] = op.at
+                    continue
+                record, event = outcome.record, outcome.event
+                previous = existing.get(record.device_id)
+                if previous is not None:
+                    history.append((record.device_id, previous.cert_fingerprint, _ts(op.at)))
+                    superseded.add((record.device_id, previous.cert_fingerprint))
+                existing[record.device_id] = record
+                upserts[record.device_id] = record
+                new_events.append((event.event_id, event.type, event.device_id, _ts(op.at), event.payload))
+                details = {"ca_id": record.ca_id, "region": record.region, "event_id": event.event_id}
+                if previous is not None:
+                    details["previous_fingerprint"] = previous.cert_fingerprint
+                    details["policy"] = op.policy
+                drafts.append(
+                    AuditDraft(
+                        at=op.at,
+                        action=event.type,
+                        actor="device",
+                        device_id=record.device_id,
+                        fingerprint=record.cert_fingerprint,
+                        peer=op.peer,
+                        details=MappingProxyType(details),
                     )
-                    event = provisioned_event(record, event_id=new_event_id(), at=op.at)
-                    existing[ident.device_id] = record
-                    new_devices.append(
-                        (
-                            record.device_id,
-                            str(record.status),
-                            record.cert_fingerprint,
-                            record.ca_id,
-                            record.region,
-                            record.serial,
-                            record.subject,
-                            _ts(record.not_after),
-                            _ts(record.provisioned_at),
-                            _ts(op.at),
-                            json.dumps(dict(record.attributes), sort_keys=True),
-                            record.template,
-                        )
-                    )
-                    new_events.append(
-                        (event.event_id, event.type, event.device_id, _ts(op.at), event.payload)
-                    )
-                    drafts.append(
-                        AuditDraft(
-                            at=op.at,
-                            action="provisioned",
-                            actor="device",
-                            device_id=record.device_id,
-                            fingerprint=record.cert_fingerprint,
-                            peer=op.peer,
-                            details=MappingProxyType(
-                                {"ca_id": record.ca_id, "region": record.region, "event_id": event.event_id}
-                            ),
-                        )
-                    )
-                    results[i] = ProvisionOutcome(record=record, created=True, event=event)
-                elif current.cert_fingerprint != ident.cert_fingerprint:
-                    results[i] = errors.IdentityConflict(
-                        f"device id {ident.device_id!r} is already provisioned with another certificate",
-                        device_id=ident.device_id,
-                        fingerprint=ident.cert_fingerprint,
-                        detail=f"registered certificate {current.cert_fingerprint}",
-                    )
-                elif current.status not in (DeviceStatus.ACTIVE, DeviceStatus.QUARANTINED):
-                    results[i] = errors.DeviceBlocked(
-                        f"device {ident.device_id!r} is {current.status}",
-                        device_id=ident.device_id,
-                        fingerprint=ident.cert_fingerprint,
-                    )
-                else:
-                    self._touches[ident.device_id] = op.at
-                    results[i] = ProvisionOutcome(record=current, created=False)
-            if new_devices:
+                )
+            if upserts:
                 await db.executemany(
-                    f"INSERT INTO devices ({_DEVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT(device_id) DO NOTHING",
-                    new_devices,
+                    f"INSERT INTO devices ({_DEVICE_COLUMNS}) VALUES ({_DEVICE_MARKS}) ON CONFLICT(device_id) "
+                    "DO UPDATE SET status=excluded.status, cert_fingerprint=excluded.cert_fingerprint, "
+                    "ca_id=excluded.ca_id, region=excluded.region, serial=excluded.serial, subject=excluded.subject, "
+                    "not_after=excluded.not_after, provisioned_at=excluded.provisioned_at, "
+                    "last_seen=excluded.last_seen, attributes=excluded.attributes, template=excluded.template, "
+                    "template_version=excluded.template_version, config=excluded.config",
+                    [_device_row(r) for r in upserts.values()],
                 )
                 await db.executemany(
                     "INSERT INTO outbox (event_id, type, device_id, occurred_at, payload) VALUES (?, ?, ?, ?, ?)",
                     new_events,
+                )
+            if history:
+                await db.executemany(
+                    "INSERT INTO cert_history (device_id, cert_fingerprint, superseded_at) VALUES (?, ?, ?) "
+                    "ON CONFLICT DO NOTHING",
+                    history,
                 )
             await self._flush_touches()
             if drafts:
@@ -598,3 +610,68 @@ class SQLiteRegistry:
                 op.future.set_exception(result)
             else:
                 op.future.set_result(result)
+
+    @staticmethod
+    def _decide(
+        op: _Provision, current: DeviceRecord | None, superseded: set[tuple[str, str]]
+    ) -> ProvisionOutcome | errors.ProvisioningError:
+        """What one provisioning request does, given the current record (pure)."""
+        ident = op.identity
+        fresh = DeviceRecord(
+            device_id=ident.device_id,
+            status=DeviceStatus.ACTIVE,
+            cert_fingerprint=ident.cert_fingerprint,
+            ca_id=ident.ca_id,
+            region=ident.region,
+            serial=ident.serial,
+            subject=ident.subject,
+            not_after=ident.not_after,
+            provisioned_at=op.at,
+            last_seen=op.at,
+            attributes=ident.attributes,
+            template=ident.template,
+            template_version=ident.template_version,
+            config=ident.config,
+        )
+        if current is None:
+            return ProvisionOutcome(
+                record=fresh, created=True, event=provisioned_event(fresh, event_id=new_event_id(), at=op.at)
+            )
+        if current.status not in (DeviceStatus.ACTIVE, DeviceStatus.QUARANTINED):
+            return errors.DeviceBlocked(
+                f"device {ident.device_id!r} is {current.status}",
+                device_id=ident.device_id,
+                fingerprint=ident.cert_fingerprint,
+            )
+        if current.cert_fingerprint == ident.cert_fingerprint:
+            return ProvisionOutcome(record=current, created=False)
+        if op.policy == "reject":
+            return errors.IdentityConflict(
+                f"device id {ident.device_id!r} is already provisioned with another certificate",
+                device_id=ident.device_id,
+                fingerprint=ident.cert_fingerprint,
+                detail=f"registered certificate {current.cert_fingerprint}",
+            )
+        if (ident.device_id, ident.cert_fingerprint) in superseded:
+            return errors.IdentityConflict(
+                f"this certificate of {ident.device_id!r} was superseded by a newer one",
+                device_id=ident.device_id,
+                fingerprint=ident.cert_fingerprint,
+            )
+        reset = op.policy == "reset"
+        record = (
+            fresh
+            if reset
+            else DeviceRecord(
+                **{**fresh.__dict__, "status": current.status, "provisioned_at": current.provisioned_at}
+            )
+        )
+        event = provisioned_event(
+            record,
+            event_id=new_event_id(),
+            at=op.at,
+            type="reprovisioned",
+            previous_fingerprint=current.cert_fingerprint,
+            reset=reset,
+        )
+        return ProvisionOutcome(record=record, created=False, event=event)

@@ -1,0 +1,547 @@
+"""Enrollment templates: how a verified certificate becomes a device.
+
+A template (YAML in ``config/templates/<name>.yaml``) is bound to a trust anchor at
+``jitp ca register --template NAME``. It says, for certificates chaining to that anchor:
+
+* the device id: a source field, optionally a regex with a named group, optionally a format;
+* attributes: static values, certificate fields or custom extensions (by OID), required or not;
+* the region or tenant (else the CA registration's, else the default);
+* the topic namespace: patterns with ``{device_id}``, ``{region}`` and ``{attributes.NAME}``;
+* the connectivity profile: keep-alive range, maximum QoS, message size, rate, free-form hints;
+* the reprovisioning policy for a known id arriving with a new certificate: reject, rotate, reset.
+
+Sources (``from:``): ``subject.CN`` (also O, OU, L, ST, C, serialNumber, or a dotted OID),
+``san.dns``, ``san.uri``, ``san.email``, ``san.ip``, ``serial``, ``fingerprint``, ``ext:OID``.
+Certificate values are untrusted: the id always passes :func:`jitp.identity.check_device_id`,
+and every value substituted into a topic pattern must be a safe topic level too.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import string
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import yaml
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from jitp import errors
+from jitp.acl import Namespace, valid_filter
+from jitp.identity import DeviceIdentity, check_device_id, id_problem
+from jitp.trust import VerifiedChain
+
+_SUBJECT_OIDS = {
+    "CN": NameOID.COMMON_NAME,
+    "O": NameOID.ORGANIZATION_NAME,
+    "OU": NameOID.ORGANIZATIONAL_UNIT_NAME,
+    "L": NameOID.LOCALITY_NAME,
+    "ST": NameOID.STATE_OR_PROVINCE_NAME,
+    "C": NameOID.COUNTRY_NAME,
+    "serialNumber": NameOID.SERIAL_NUMBER,
+}
+_SAN_TYPES: dict[str, type[x509.GeneralName]] = {
+    "dns": x509.DNSName,
+    "uri": x509.UniformResourceIdentifier,
+    "email": x509.RFC822Name,
+    "ip": x509.IPAddress,
+}
+_OID_RE = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
+MAX_VALUE_CHARS = 256
+
+
+class ReprovisionPolicy(enum.StrEnum):
+    REJECT = "reject"  # a new certificate for a known id is an identity conflict
+    ROTATE = "rotate"  # keep the record and history, record the new certificate, emit reprovisioned
+    RESET = "reset"  # new record state, emit reprovisioned with reset: true
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a value comes from in a certificate."""
+
+    expr: str
+
+    def __post_init__(self) -> None:
+        kind, _, arg = self.expr.partition(".")
+        if self.expr in ("serial", "fingerprint"):
+            return
+        if self.expr.startswith("ext:") and _OID_RE.match(self.expr[4:]):
+            return
+        if kind == "subject" and (arg in _SUBJECT_OIDS or _OID_RE.match(arg)):
+            return
+        if kind == "san" and arg in _SAN_TYPES:
+            return
+        raise ValueError(
+            f"unknown source {self.expr!r} (use subject.CN|O|OU|L|ST|C|serialNumber|<oid>, "
+            "san.dns|uri|email|ip, serial, fingerprint or ext:<oid>)"
+        )
+
+    def values(self, verified: VerifiedChain) -> list[str]:
+        cert = verified.leaf
+        if self.expr == "serial":
+            return [format(cert.serial_number, "x")]
+        if self.expr == "fingerprint":
+            return [verified.fingerprint]
+        if self.expr.startswith("ext:"):
+            return _extension_values(cert, self.expr[4:])
+        kind, _, arg = self.expr.partition(".")
+        if kind == "subject":
+            oid = _SUBJECT_OIDS.get(arg) or x509.ObjectIdentifier(arg)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # over-long attributes are untrusted input too
+                attrs = cert.subject.get_attributes_for_oid(oid)
+            return [
+                a.value if isinstance(a.value, str) else a.value.decode("utf-8", "replace") for a in attrs
+            ]
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            return []
+        return [str(v) for v in san.get_values_for_type(_SAN_TYPES[arg])]  # type: ignore[arg-type]
+
+
+def _extension_values(cert: x509.Certificate, dotted: str) -> list[str]:
+    try:
+        ext = cert.extensions.get_extension_for_oid(x509.ObjectIdentifier(dotted))
+    except x509.ExtensionNotFound:
+        return []
+    value = ext.value
+    raw = value.value if isinstance(value, x509.UnrecognizedExtension) else value.public_bytes()
+    return [_der_string(raw)]
+
+
+def _der_string(raw: bytes) -> str:
+    """A custom extension's value: a DER string type (UTF8String, PrintableString, IA5String...) or raw text."""
+    if len(raw) >= 2 and raw[0] in (0x0C, 0x13, 0x16, 0x1A, 0x1E):
+        length = raw[1]
+        offset = 2
+        if length & 0x80:
+            n = length & 0x7F
+            length = int.from_bytes(raw[2 : 2 + n], "big")
+            offset = 2 + n
+        body = raw[offset : offset + length]
+        return body.decode("utf-16-be" if raw[0] == 0x1E else "utf-8", "replace")
+    return raw.decode("utf-8", "replace")
+
+
+@dataclass(frozen=True)
+class IdRule:
+    source: Source = Source("subject.CN")
+    regex: re.Pattern[str] | None = None
+    format: str | None = None
+
+    def render(self, verified: VerifiedChain) -> str:
+        values = self.source.values(verified)
+        if not values:
+            raise errors.UnsafeIdentity(
+                f"the certificate has no {self.source.expr} for the device id",
+                fingerprint=verified.fingerprint,
+            )
+        if self.source.expr == "subject.CN" and len(values) > 1:
+            raise errors.UnsafeIdentity(
+                "the certificate subject has several common names; the device id would be ambiguous",
+                fingerprint=verified.fingerprint,
+            )
+        value = values[0]
+        groups: dict[str, str] = {"value": value}
+        if self.regex is not None:
+            for candidate in values:
+                m = self.regex.fullmatch(candidate)
+                if m:
+                    groups = {"value": candidate, **{k: v for k, v in m.groupdict().items() if v is not None}}
+                    break
+            else:
+                raise errors.UnsafeIdentity(
+                    f"{self.source.expr} does not match the template's id pattern {self.regex.pattern!r}",
+                    fingerprint=verified.fingerprint,
+                    detail=repr(value)[:80],
+                )
+            value = groups.get("id", groups["value"])
+        if self.format is not None:
+            value = self.format.format(**groups)
+        return check_device_id(value, fingerprint=verified.fingerprint)
+
+
+@dataclass(frozen=True)
+class AttributeRule:
+    name: str
+    value: str | None = None  # static
+    source: Source | None = None
+    required: bool = True
+
+    def render(self, verified: VerifiedChain) -> str | None:
+        if self.value is not None:
+            return self.value
+        assert self.source is not None
+        values = self.source.values(verified)
+        if not values:
+            if self.required:
+                raise errors.MissingAttribute(
+                    f"required attribute {self.name!r} is missing: the certificate has no {self.source.expr}",
+                    fingerprint=verified.fingerprint,
+                    detail=self.name,
+                )
+            return None
+        value = values[0]
+        if len(value) > MAX_VALUE_CHARS or any(not ch.isprintable() for ch in value):
+            raise errors.MissingAttribute(
+                f"attribute {self.name!r} from {self.source.expr} is not printable text of at most "
+                f"{MAX_VALUE_CHARS} characters",
+                fingerprint=verified.fingerprint,
+                detail=self.name,
+            )
+        return value
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Connectivity profile, delivered to the device and enforced by the broker."""
+
+    keepalive_min: int = 0
+    keepalive_max: int = 3600
+    max_qos: int = 1
+    max_message_size: int = 256 * 1024
+    rate_messages: int = 0  # messages per rate_seconds; 0 = unlimited
+    rate_seconds: float = 1.0
+    hints: MappingProxyType[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "keepalive": {"min": self.keepalive_min, "max": self.keepalive_max},
+            "max_qos": self.max_qos,
+            "max_message_size": self.max_message_size,
+            "rate_limit": {"messages": self.rate_messages, "per_seconds": self.rate_seconds},
+            "hints": dict(self.hints),
+        }
+
+
+DEFAULT_PUBLISH: tuple[str, ...] = ("devices/{device_id}/#",)
+DEFAULT_SUBSCRIBE: tuple[str, ...] = ("devices/{device_id}/cmd/#",)
+_PLACEHOLDER_ROOTS = ("device_id", "region", "attributes")
+
+
+@dataclass(frozen=True)
+class EnrollmentTemplate:
+    name: str
+    version: int = 1
+    id_rule: IdRule = field(default_factory=IdRule)
+    attributes: tuple[AttributeRule, ...] = ()
+    region: str | None = None
+    publish: tuple[str, ...] = DEFAULT_PUBLISH
+    subscribe: tuple[str, ...] = DEFAULT_SUBSCRIBE
+    profile: Profile = field(default_factory=Profile)
+    reprovision: ReprovisionPolicy = ReprovisionPolicy.REJECT
+
+    def render(self, verified: VerifiedChain, *, default_region: str) -> DeviceIdentity:
+        """Certificate -> DeviceIdentity, or a Refused with the precise reason."""
+        device_id = self.id_rule.render(verified)
+        attrs: dict[str, str] = {}
+        for rule in self.attributes:
+            value = rule.render(verified)
+            if value is not None:
+                attrs[rule.name] = value
+        region = self.region or verified.anchor.region or default_region
+        if id_problem(region) is not None:
+            raise errors.UnsafeIdentity(f"unsafe region {region!r}", fingerprint=verified.fingerprint)
+        leaf = verified.leaf
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            subject = leaf.subject.rfc4514_string()
+        return DeviceIdentity(
+            device_id=device_id,
+            cert_fingerprint=verified.fingerprint,
+            ca_id=verified.anchor.ca_id,
+            region=region,
+            serial=format(leaf.serial_number, "x"),
+            subject=subject,
+            not_after=leaf.not_valid_after_utc,
+            attributes=MappingProxyType(attrs),
+            template=self.name,
+            template_version=self.version,
+        )
+
+    def namespace(self, device_id: str, region: str, attributes: dict[str, Any]) -> Namespace:
+        """The device's topic namespace; unsafe substituted values yield no access at all."""
+        values = {"device_id": device_id, "region": region, "attributes": _Attrs(attributes)}
+        try:
+            pub = tuple(p.format(**values) for p in self.publish)
+            sub = tuple(p.format(**values) for p in self.subscribe)
+        except _UnsafeValue:
+            return Namespace(publish=(), subscribe=())
+        own = f"$jitp/devices/{device_id}/#"
+        return Namespace(publish=pub, subscribe=(*sub, own))
+
+
+class _UnsafeValue(Exception):
+    pass
+
+
+class _Attrs:
+    def __init__(self, attrs: dict[str, Any]) -> None:
+        self._attrs = attrs
+
+    def __getattr__(self, name: str) -> str:
+        value = str(self._attrs.get(name, ""))
+        if id_problem(value) is not None:
+            raise _UnsafeValue(name)
+        return value
+
+
+DEFAULT_TEMPLATE = EnrollmentTemplate(name="default")
+
+
+# -- loading --------------------------------------------------------------------------------
+def _err(where: str, node: yaml.Node | None, key: str, message: str) -> errors.ConfigError:
+    line = f":{node.start_mark.line + 1}" if node is not None else ""
+    return errors.ConfigError(message, where=f"{where}{line}", key=key)
+
+
+def _mapping(node: yaml.Node, where: str, key: str, allowed: set[str]) -> dict[str, tuple[yaml.Node, Any]]:
+    if not isinstance(node, yaml.MappingNode):
+        raise _err(where, node, key, "expected a mapping")
+    out: dict[str, tuple[yaml.Node, Any]] = {}
+    loader = yaml.SafeLoader("")
+    for k, v in node.value:
+        name = str(k.value)
+        if name not in allowed:
+            raise _err(
+                where, k, f"{key}.{name}".lstrip("."), f"unknown key (known: {', '.join(sorted(allowed))})"
+            )
+        if name in out:
+            raise _err(where, k, f"{key}.{name}".lstrip("."), "duplicate key")
+        out[name] = (v, loader.construct_object(v, deep=True))
+    return out
+
+
+def _check_pattern(pattern: str, where: str, node: yaml.Node, key: str) -> str:
+    for _, fname, _, _ in string.Formatter().parse(pattern):
+        if fname is None:
+            continue
+        root = fname.split(".")[0]
+        if root not in _PLACEHOLDER_ROOTS or (root == "attributes") != ("." in fname) or fname.count(".") > 1:
+            raise _err(
+                where,
+                node,
+                key,
+                f"unknown placeholder {{{fname}}} (use {{device_id}}, {{region}}, {{attributes.NAME}})",
+            )
+    if "{device_id}" not in pattern:
+        raise _err(where, node, key, f"pattern {pattern!r} must contain {{device_id}} so devices stay apart")
+    sample = pattern.replace("{device_id}", "d").replace("{region}", "r")
+    sample = re.sub(r"\{attributes\.[^}]+\}", "a", sample)
+    if not valid_filter(sample) or sample.startswith("$"):
+        raise _err(where, node, key, f"pattern {pattern!r} is not a valid MQTT topic filter outside $-topics")
+    levels = pattern.split("/")
+    if not any(level == "{device_id}" for level in levels):
+        raise _err(where, node, key, "{device_id} must be a whole topic level")
+    return pattern
+
+
+def load_template(path: Path) -> EnrollmentTemplate:
+    where = str(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise errors.ConfigError(f"cannot read template: {exc.strerror}", where=where) from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        raise errors.ConfigError(f"invalid YAML: {exc}", where=where) from None
+    if root is None:
+        raise errors.ConfigError("empty template", where=where)
+    top = _mapping(
+        root,
+        where,
+        "",
+        {"name", "version", "device_id", "attributes", "region", "namespace", "profile", "reprovision"},
+    )
+    name = str(top["name"][1]) if "name" in top else path.stem
+    if name != path.stem:
+        raise _err(where, top["name"][0], "name", f"must match the file name {path.stem!r}")
+    version = top.get("version", (None, 1))[1]
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise _err(where, top["version"][0], "version", "must be a positive integer")
+    id_rule = IdRule()
+    if "device_id" in top:
+        spec = _mapping(top["device_id"][0], where, "device_id", {"from", "regex", "format"})
+        id_rule = IdRule(
+            source=_source(spec.get("from"), where, "device_id.from") or Source("subject.CN"),
+            regex=_regex(spec.get("regex"), where, "device_id.regex"),
+            format=str(spec["format"][1]) if "format" in spec else None,
+        )
+        if id_rule.format is not None:
+            groups = set(id_rule.regex.groupindex) if id_rule.regex else set()
+            for _, fname, _, _ in string.Formatter().parse(id_rule.format):
+                if fname is not None and fname not in groups | {"value"}:
+                    raise _err(
+                        where,
+                        spec["format"][0],
+                        "device_id.format",
+                        f"unknown placeholder {{{fname}}} (named regex groups or {{value}})",
+                    )
+    attributes = []
+    if "attributes" in top:
+        node = top["attributes"][0]
+        if not isinstance(node, yaml.MappingNode):
+            raise _err(where, node, "attributes", "expected a mapping of attribute name to rule")
+        for k, v in node.value:
+            aname = str(k.value)
+            if id_problem(aname) is not None:
+                raise _err(where, k, f"attributes.{aname}", "attribute names must be safe identifiers")
+            if isinstance(v, yaml.ScalarNode):
+                attributes.append(AttributeRule(name=aname, value=str(v.value)))
+                continue
+            spec = _mapping(v, where, f"attributes.{aname}", {"value", "from", "required"})
+            if ("value" in spec) == ("from" in spec):
+                raise _err(where, v, f"attributes.{aname}", "give exactly one of 'value' or 'from'")
+            required = spec.get("required", (None, True))[1]
+            if not isinstance(required, bool):
+                raise _err(
+                    where, spec["required"][0], f"attributes.{aname}.required", "must be true or false"
+                )
+            attributes.append(
+                AttributeRule(
+                    name=aname,
+                    value=str(spec["value"][1]) if "value" in spec else None,
+                    source=_source(spec.get("from"), where, f"attributes.{aname}.from"),
+                    required=required,
+                )
+            )
+    region = None
+    if "region" in top:
+        region = str(top["region"][1])
+        if id_problem(region) is not None:
+            raise _err(where, top["region"][0], "region", "must be a safe topic level")
+    publish, subscribe = DEFAULT_PUBLISH, DEFAULT_SUBSCRIBE
+    if "namespace" in top:
+        ns = _mapping(top["namespace"][0], where, "namespace", {"publish", "subscribe"})
+        if "publish" in ns:
+            publish = _patterns(ns["publish"], where, "namespace.publish")
+        if "subscribe" in ns:
+            subscribe = _patterns(ns["subscribe"], where, "namespace.subscribe")
+    profile = _profile(top["profile"][0], where) if "profile" in top else Profile()
+    reprovision = ReprovisionPolicy.REJECT
+    if "reprovision" in top:
+        try:
+            reprovision = ReprovisionPolicy(str(top["reprovision"][1]))
+        except ValueError:
+            raise _err(
+                where, top["reprovision"][0], "reprovision", "must be reject, rotate or reset"
+            ) from None
+    return EnrollmentTemplate(
+        name=name,
+        version=version,
+        id_rule=id_rule,
+        attributes=tuple(attributes),
+        region=region,
+        publish=publish,
+        subscribe=subscribe,
+        profile=profile,
+        reprovision=reprovision,
+    )
+
+
+def _source(item: tuple[yaml.Node, Any] | None, where: str, key: str) -> Source | None:
+    if item is None:
+        return None
+    try:
+        return Source(str(item[1]))
+    except ValueError as exc:
+        raise _err(where, item[0], key, str(exc)) from None
+
+
+def _regex(item: tuple[yaml.Node, Any] | None, where: str, key: str) -> re.Pattern[str] | None:
+    if item is None:
+        return None
+    try:
+        return re.compile(str(item[1]))
+    except re.error as exc:
+        raise _err(where, item[0], key, f"bad regular expression: {exc}") from None
+
+
+def _patterns(item: tuple[yaml.Node, Any], where: str, key: str) -> tuple[str, ...]:
+    node, value = item
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _err(where, node, key, "expected a list of topic patterns")
+    return tuple(_check_pattern(v, where, node, key) for v in value)
+
+
+def _profile(node: yaml.Node, where: str) -> Profile:
+    spec = _mapping(
+        node, where, "profile", {"keepalive", "max_qos", "max_message_size", "rate_limit", "hints"}
+    )
+    kw: dict[str, Any] = {}
+
+    def number(item: tuple[yaml.Node, Any], key: str, lo: float, hi: float, kind: type = int) -> Any:
+        n, v = item
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, (int, float) if kind is float else int)
+            or not lo <= v <= hi
+        ):
+            raise _err(
+                where, n, key, f"must be a{'' if kind is int else ' number'} {kind.__name__} in [{lo}, {hi}]"
+            )
+        return v
+
+    if "keepalive" in spec:
+        ka = _mapping(spec["keepalive"][0], where, "profile.keepalive", {"min", "max"})
+        if "min" in ka:
+            kw["keepalive_min"] = number(ka["min"], "profile.keepalive.min", 0, 65535)
+        if "max" in ka:
+            kw["keepalive_max"] = number(ka["max"], "profile.keepalive.max", 1, 65535)
+        if kw.get("keepalive_min", 0) > kw.get("keepalive_max", 3600):
+            raise _err(where, spec["keepalive"][0], "profile.keepalive", "min must not exceed max")
+    if "max_qos" in spec:
+        kw["max_qos"] = number(spec["max_qos"], "profile.max_qos", 0, 2)
+    if "max_message_size" in spec:
+        kw["max_message_size"] = number(
+            spec["max_message_size"], "profile.max_message_size", 1, 256 * 1024 * 1024
+        )
+    if "rate_limit" in spec:
+        rl = _mapping(spec["rate_limit"][0], where, "profile.rate_limit", {"messages", "per_seconds"})
+        if "messages" in rl:
+            kw["rate_messages"] = number(rl["messages"], "profile.rate_limit.messages", 0, 10**6)
+        if "per_seconds" in rl:
+            kw["rate_seconds"] = float(
+                number(rl["per_seconds"], "profile.rate_limit.per_seconds", 0.001, 86400, float)
+            )
+    if "hints" in spec:
+        n, v = spec["hints"]
+        if not isinstance(v, dict) or not all(isinstance(x, (str, int, float)) for x in v.values()):
+            raise _err(where, n, "profile.hints", "expected a mapping of names to plain values")
+        kw["hints"] = MappingProxyType({str(k): str(x) for k, x in v.items()})
+    return Profile(**kw)
+
+
+class TemplateSet:
+    """The templates of a directory, by name. ``default`` always exists."""
+
+    def __init__(self, templates: dict[str, EnrollmentTemplate] | None = None) -> None:
+        self._templates = {"default": DEFAULT_TEMPLATE, **(templates or {})}
+
+    @classmethod
+    def load(cls, directory: Path | None) -> TemplateSet:
+        templates: dict[str, EnrollmentTemplate] = {}
+        if directory is not None and directory.is_dir():
+            for path in sorted(directory.glob("*.yaml")):
+                t = load_template(path)
+                templates[t.name] = t
+        return cls(templates)
+
+    def get(self, name: str | None) -> EnrollmentTemplate:
+        template = self._templates.get(name or "default")
+        if template is None:
+            raise errors.TemplateNotFound(f"enrollment template {name!r} is not loaded", detail=name)
+        return template
+
+    def names(self) -> list[str]:
+        return sorted(self._templates)
