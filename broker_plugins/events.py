@@ -11,14 +11,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from amqtt.broker import BrokerContext
 from amqtt.plugins.base import BasePlugin
+from amqtt.session import Session
 
+from broker_plugins.hardened import ADMISSION
 from broker_plugins.runtime import runtime_of
 from jitp import errors
+
+CONFIG_EVENTS = ("provisioned", "reprovisioned", "config-changed")
+
+
+def config_topic(device_id: str) -> str:
+    """Where a device reads its effective configuration (retained; only that device may read it)."""
+    return f"$jitp/devices/{device_id}/config"
+
+
+def config_document(event: dict[str, Any]) -> dict[str, Any]:
+    keys = ("device_id", "region", "attributes", "template", "template_version", "namespace", "profile")
+    return {k: event.get(k) for k in keys}
+
 
 log = logging.getLogger("jitp.events")
 
@@ -46,6 +63,28 @@ class JitpEventsPlugin(BasePlugin[BrokerContext]):
                 await self._task
             self._task = None
 
+    async def on_broker_client_connected(self, *, client_id: str, client_session: Session) -> None:
+        """Re-retain a device's configuration if the broker lost it (retained messages live in memory)."""
+        admission = client_session.attributes.get(ADMISSION)
+        record = getattr(admission, "record", None)
+        if record is None or config_topic(record.device_id) in self.context.retained_messages:
+            return
+        doc = {
+            "device_id": record.device_id,
+            "region": record.region,
+            "attributes": dict(record.attributes),
+            "template": record.template,
+            "template_version": record.template_version,
+            **dict(record.config),
+        }
+        await self._deliver_config(record.device_id, doc)
+
+    async def _deliver_config(self, device_id: str, doc: dict[str, Any]) -> None:
+        payload = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+        topic = config_topic(device_id)
+        await self.context.retain_message(topic, payload, 1)
+        await self.context.broadcast_message(topic, payload, qos=1)
+
     async def _run(self) -> None:
         registry = runtime_of(self.context).service.registry
         clock = runtime_of(self.context).service.clock
@@ -60,6 +99,8 @@ class JitpEventsPlugin(BasePlugin[BrokerContext]):
                         break
                     for event in pending:
                         await self.context.broadcast_message(event.topic, event.payload, qos=1)
+                        if event.type in CONFIG_EVENTS:
+                            await self._deliver_config(event.device_id, config_document(event.document()))
                     await registry.mark_delivered([e.event_id for e in pending], at=clock())
             except errors.ProvisioningError as exc:
                 log.error("outbox delivery paused: %s", exc)

@@ -30,6 +30,9 @@ W6 DEADLINES_AND_LIMITS   no CONNECT deadline, no handshake deadline, and ``max_
 W7 TAKEOVER               a second connection with a device's id takes over only after it is
                           authenticated as that device; the old connection is closed, logged and
                           audited (the signature of a cloned certificate).
+W8 DEVICE_PROFILE        a device's connectivity profile (from its enrollment template) is
+                          enforced: keep-alive range, maximum QoS of subscriptions, maximum message
+                          size (larger closes the connection) and a message rate (excess dropped).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import logging
 import socket
 import ssl
 import sys
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -67,6 +71,7 @@ AMQTT_VERSION = "0.12.1"
 LISTENER = "jitp"
 ADMISSION = "jitp.admission"  # Session.attributes key: the jitp Admission of an admitted client
 REFUSAL = "jitp.refusal"  # Session.attributes key: the ProvisioningError of a refused client
+RATE = "jitp.rate"  # Session.attributes key: token-bucket state of the device's message rate
 NAMESPACE = "jitp.namespace"  # Session.attributes key: the jitp.acl.Namespace the topic plugin enforces
 
 
@@ -92,6 +97,8 @@ def check_amqtt_internals() -> None:
         (Broker, "_topic_filtering"),
         (Broker, "_matches"),
         (Broker, "_get_handler"),
+        (Broker, "_handle_message_delivery"),
+        (Broker, "add_subscription"),
         (BrokerProtocolHandler, "init_from_connect"),
         (BrokerProtocolHandler, "handle_read_timeout"),
         (BrokerProtocolHandler, "_reader_loop"),
@@ -285,7 +292,15 @@ class JitpBroker(Broker):
                 JitpProtocolHandler.init_from_connect(reader, writer, self.plugins_manager),
                 timeout=self.listener_config.connect_timeout,
             )
-        except (TimeoutError, AMQTTError, MQTTError, NoDataError, asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
+        except (
+            TimeoutError,
+            AMQTTError,
+            MQTTError,
+            NoDataError,
+            asyncio.IncompleteReadError,
+            ConnectionError,
+            ValueError,
+        ) as exc:
             log.debug("no valid CONNECT: %r", exc)
             await _close(writer)
             return
@@ -407,11 +422,50 @@ class JitpBroker(Broker):
         return old_session
 
     def _apply_keepalive(self, session: Session) -> None:
-        """W5: cap keep-alive and disconnect after ``keepalive_grace`` periods of silence."""
+        """W5/W8: clamp keep-alive to the limits and profile; disconnect after ``keepalive_grace`` periods."""
+        profile = _profile(session)
+        ceiling = self.limits.max_keepalive
+        floor = 0
+        if profile is not None:
+            ceiling = min(ceiling, int(profile["keepalive"]["max"]))
+            floor = int(profile["keepalive"]["min"])
         requested = session.keep_alive
-        if requested <= 0 or requested > self.limits.max_keepalive:
-            requested = self.limits.max_keepalive
+        if requested <= 0 or requested > ceiling:
+            requested = ceiling
+        requested = max(requested, floor)
         session.keep_alive = requested * self.limits.keepalive_grace  # type: ignore[assignment]
+
+    # -- W8: connectivity profile ------------------------------------------------------------
+    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        profile = _profile(session)
+        topic_filter, qos = subscription
+        if profile is not None:
+            qos = min(qos, int(profile["max_qos"]))
+        return await super().add_subscription((topic_filter, qos), session)
+
+    async def _handle_message_delivery(
+        self, client_session: Session, handler: BrokerProtocolHandler, wait_deliver: asyncio.Future[Any]
+    ) -> bool:
+        profile = _profile(client_session)
+        message = wait_deliver.result()
+        if profile is not None and message is not None:
+            size = len(message.data or b"")
+            if size > int(profile["max_message_size"]):
+                log.warning(
+                    "%s sent %d bytes, over its profile's max_message_size %s: disconnecting",
+                    client_session.client_id,
+                    size,
+                    profile["max_message_size"],
+                )
+                return False
+            if not _within_rate(client_session, profile):
+                log.info(
+                    "%s is over its message rate; message on %s dropped",
+                    client_session.client_id,
+                    message.topic,
+                )
+                return True
+        return await super()._handle_message_delivery(client_session, handler, wait_deliver)
 
     def _own_subscriptions(self, session: Session) -> list[tuple[str, int]]:
         return [
@@ -450,6 +504,32 @@ class JitpBroker(Broker):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+
+def _profile(session: Session) -> dict[str, Any] | None:
+    admission = session.attributes.get(ADMISSION)
+    record = getattr(admission, "record", None)
+    if record is None:
+        return None
+    profile = record.config.get("profile")
+    return profile if isinstance(profile, dict) else None
+
+
+def _within_rate(session: Session, profile: dict[str, Any]) -> bool:
+    """A token bucket per session: ``messages`` per ``per_seconds``, bursts up to ``messages``."""
+    limit = profile.get("rate_limit") or {}
+    capacity = float(limit.get("messages", 0))
+    if capacity <= 0:
+        return True
+    period = float(limit.get("per_seconds", 1.0))
+    now = time.monotonic()
+    tokens, last = session.attributes.get(RATE, (capacity, now))
+    tokens = min(capacity, tokens + (now - last) * capacity / period)
+    if tokens < 1.0:
+        session.attributes[RATE] = (tokens, now)
+        return False
+    session.attributes[RATE] = (tokens - 1.0, now)
+    return True
 
 
 class _HandshakeRefusal(errors.Refused):

@@ -4,8 +4,8 @@ Default namespaces (templates may widen them later):
 
 * a device ``D`` publishes under ``devices/D/#``; subscribes to and receives ``devices/D/cmd/#``
   and ``$jitp/devices/D/#`` (its retained configuration);
-* a service reads ``$jitp/events/#`` and ``devices/#`` (telemetry to route and attribute), and
-  publishes nothing;
+* a service reads ``$jitp/events/#`` and all device telemetry (``#``, which never matches
+  ``$`` topics), to route and attribute it, and publishes nothing;
 * nobody else gets anything. ``$jitp/events/#`` and ``$jitp/admin/#`` are never a device's.
 """
 
@@ -99,5 +99,5 @@ def device_namespace(device_id: str) -> Namespace:
     )
 
 
-SERVICE_NAMESPACE = Namespace(publish=(), subscribe=("$jitp/events/#", "devices/#"))
+SERVICE_NAMESPACE = Namespace(publish=(), subscribe=("$jitp/events/#", "#"))
 NOBODY = Namespace(publish=(), subscribe=())

@@ -123,9 +123,14 @@ class BrokerThread:
 
     # -- conveniences --------------------------------------------------------------------
     def register_ca(
-        self, cert: x509.Certificate, *, role: Role = Role.DEVICE, region: str | None = None
+        self,
+        cert: x509.Certificate,
+        *,
+        role: Role = Role.DEVICE,
+        region: str | None = None,
+        template: str | None = None,
     ) -> str:
-        anchor = TrustAnchor.from_certificate(cert, role=role, region=region)
+        anchor = TrustAnchor.from_certificate(cert, role=role, region=region, template=template)
         draft = AuditDraft(at=datetime.now(UTC), action="ca-registered", actor="test")
 
         async def go() -> None:

@@ -1,0 +1,228 @@
+"""Enrollment templates end to end: real broker, real mTLS, paho clients."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+import certs
+from tests.helpers import BrokerThread, Pki, connect, test_config
+
+CAPS_OID = "1.3.6.1.4.1.57264.1.1"
+
+METER = """
+name: meter
+version: 3
+device_id:
+  from: subject.CN
+  regex: '^SM-(?P<serial>[0-9a-f]{8})$'
+  format: 'meter-{serial}'
+attributes:
+  type: smart-meter
+  vendor: {from: subject.O}
+  location: {from: subject.L, required: false}
+  capabilities: {from: "ext:%s", required: false}
+region: eu-west
+namespace:
+  publish: ["meters/{region}/{device_id}/#"]
+  subscribe: ["meters/{region}/{device_id}/cmd/#"]
+profile:
+  keepalive: {min: 10, max: 120}
+  max_qos: 0
+  max_message_size: 64
+  rate_limit: {messages: 3, per_seconds: 60}
+  hints: {endpoint: eu-west.example.com}
+reprovision: %s
+"""
+
+
+def meter_subject(cn: str, org: str | None = "Acme Meters", locality: str | None = "Lyon") -> x509.Name:
+    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
+    if org:
+        attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
+    if locality:
+        attrs.append(x509.NameAttribute(NameOID.LOCALITY_NAME, locality))
+    return x509.Name(attrs)
+
+
+def caps_ext(value: str) -> x509.UnrecognizedExtension:
+    raw = value.encode()
+    return x509.UnrecognizedExtension(x509.ObjectIdentifier(CAPS_OID), b"\x0c" + bytes([len(raw)]) + raw)
+
+
+def start(tmp_path: Path, pki: Pki, policy: str = "reject") -> BrokerThread:
+    tdir = tmp_path / "templates"
+    tdir.mkdir()
+    (tdir / "meter.yaml").write_text(METER % (CAPS_OID, policy))
+    b = BrokerThread(test_config(tmp_path, pki, templates_dir=tdir)).start()
+    b.register_ca(pki.manufacturer.cert, template="meter", region="ignored-by-template")
+    from jitp.trust import Role
+
+    b.register_ca(pki.service_ca.cert, role=Role.SERVICE)
+    return b
+
+
+@pytest.fixture
+def meter_broker(tmp_path: Path, pki: Pki) -> Iterator[BrokerThread]:
+    b = start(tmp_path, pki)
+    yield b
+    b.stop()
+
+
+def test_template_renders_id_attributes_region_namespace_and_profile(
+    meter_broker: BrokerThread, pki: Pki
+) -> None:
+    b = meter_broker
+    svc = connect(b.port, pki, pki.service())
+    assert svc.subscribe("$jitp/events/#") == [1]
+    dev = pki.identity(meter_subject("SM-00a1b2c3"), extra_extensions=(caps_ext("water,power"),))
+    conn = connect(b.port, pki, dev, client_id="meter-00a1b2c3")
+    try:
+        assert conn.rc == 0, conn.error
+        # The device reads its own configuration (retained) instead of having it typed in.
+        assert conn.subscribe("$jitp/devices/meter-00a1b2c3/config") == [0]  # max_qos 0 from the profile
+        assert conn.wait_for(lambda: any(m.topic.endswith("/config") for m in conn.messages))
+        config = json.loads(next(m for m in conn.messages if m.topic.endswith("/config")).payload)
+        assert config["namespace"]["publish"] == ["meters/eu-west/meter-00a1b2c3/#"]
+        assert config["profile"]["max_message_size"] == 64
+        assert config["profile"]["hints"] == {"endpoint": "eu-west.example.com"}
+    finally:
+        conn.close()
+    assert svc.wait_for(lambda: len(svc.messages) >= 1)
+    doc = json.loads(svc.messages[0].payload)
+    svc.close()
+    assert doc["device_id"] == "meter-00a1b2c3"
+    assert doc["region"] == "eu-west"
+    assert doc["template"] == "meter" and doc["template_version"] == 3
+    assert doc["attributes"] == {
+        "type": "smart-meter",
+        "vendor": "Acme Meters",
+        "location": "Lyon",
+        "capabilities": "water,power",
+    }
+    assert doc["namespace"]["subscribe"] == [
+        "meters/eu-west/meter-00a1b2c3/cmd/#",
+        "$jitp/devices/meter-00a1b2c3/#",
+    ]
+    assert doc["profile"]["rate_limit"] == {"messages": 3, "per_seconds": 60.0}
+    [record] = b.devices()
+    assert record.device_id == "meter-00a1b2c3" and record.template_version == 3
+
+
+def test_missing_required_attribute_is_a_refusal_naming_it(meter_broker: BrokerThread, pki: Pki) -> None:
+    dev = pki.identity(meter_subject("SM-0000beef", org=None))
+    conn = connect(meter_broker.port, pki, dev, client_id="meter-0000beef")
+    conn.close()
+    assert conn.rc == 5
+    refusals = [e.draft for e in meter_broker.audit() if e.draft.action == "refused"]
+    assert [r.reason for r in refusals] == ["missing_attribute"]
+    assert "vendor" in refusals[0].details["message"]
+    assert meter_broker.devices() == []
+
+
+def test_id_pattern_mismatch_is_refused(meter_broker: BrokerThread, pki: Pki) -> None:
+    conn = connect(
+        meter_broker.port, pki, pki.identity(meter_subject("not-a-meter")), client_id="not-a-meter"
+    )
+    conn.close()
+    assert conn.rc == 5
+    assert [e.draft.reason for e in meter_broker.audit() if e.draft.action == "refused"] == ["unsafe_id"]
+
+
+def test_namespace_and_profile_are_enforced(meter_broker: BrokerThread, pki: Pki) -> None:
+    b = meter_broker
+    svc = connect(b.port, pki, pki.service())
+    assert svc.subscribe("meters/#") == [1]
+    a = connect(b.port, pki, pki.identity(meter_subject("SM-0000000a")), client_id="meter-0000000a")
+    other = connect(b.port, pki, pki.identity(meter_subject("SM-0000000b")), client_id="meter-0000000b")
+    try:
+        assert a.rc == 0 and other.rc == 0
+        # Namespace: other's topics and the default devices/ namespace are out of reach.
+        assert a.subscribe("meters/eu-west/meter-0000000b/cmd/#") == [0x80]
+        assert a.subscribe("$jitp/devices/meter-0000000b/config") == [0x80]
+        assert a.subscribe("meters/eu-west/meter-0000000a/cmd/#", qos=1) == [0]  # max_qos caps the grant
+        # Rate: 3 messages per minute; the rest are dropped.
+        for i in range(6):
+            a.client.publish("meters/eu-west/meter-0000000a/t", str(i).encode())
+        # Publishing outside its namespace is denied (and counts against the rate, too).
+        other.client.publish("devices/meter-0000000b/x", b"default namespace")
+        other.client.publish("meters/eu-west/meter-0000000a/t", b"spoofed")
+        time.sleep(1.0)
+        topics = [m.topic for m in svc.messages]
+        assert topics == ["meters/eu-west/meter-0000000a/t"] * 3
+        assert [m.payload for m in svc.messages] == [b"0", b"1", b"2"]
+        # Size: more than max_message_size (64 bytes) closes the connection.
+        other.client.publish("meters/eu-west/meter-0000000b/t", b"x" * 65)
+        assert other.disconnected.wait(5)
+    finally:
+        for c in (a, other, svc):
+            c.close()
+
+
+@pytest.mark.parametrize("policy", ["reject", "rotate", "reset"])
+def test_reprovisioning_policies(tmp_path: Path, pki: Pki, policy: str) -> None:
+    b = start(tmp_path, pki, policy)
+    try:
+        old = pki.identity(meter_subject("SM-00c0ffee"))
+        first = connect(b.port, pki, old, client_id="meter-00c0ffee")
+        first.close()
+        assert first.rc == 0
+        [before] = b.devices()
+        time.sleep(0.05)
+        new = pki.identity(meter_subject("SM-00c0ffee", locality="Paris"))  # renewed certificate, new key
+        second = connect(b.port, pki, new, client_id="meter-00c0ffee")
+        second.close()
+        [after] = b.devices()
+        events = b.events("meter-00c0ffee")
+        if policy == "reject":
+            assert second.rc == 5
+            assert after == before
+            assert [e.type for e in events] == ["provisioned"]
+            assert [e.draft.reason for e in b.audit() if e.draft.action == "refused"] == ["identity_conflict"]
+            return
+        assert second.rc == 0
+        assert after.cert_fingerprint == new.fingerprint
+        assert after.attributes["location"] == "Paris"
+        assert [e.type for e in events] == ["provisioned", "reprovisioned"]
+        doc = events[1].document()
+        assert doc["previous_fingerprint"] == old.fingerprint
+        assert doc["reset"] is (policy == "reset")
+        if policy == "rotate":
+            assert after.provisioned_at == before.provisioned_at
+        else:
+            assert after.provisioned_at > before.provisioned_at
+        # The superseded certificate is never accepted again (no flip-flopping between certificates).
+        again = connect(b.port, pki, old, client_id="meter-00c0ffee")
+        again.close()
+        assert again.rc == 5
+        assert b.devices()[0].cert_fingerprint == new.fingerprint
+        assert len(b.events("meter-00c0ffee")) == 2
+    finally:
+        b.stop()
+
+
+def test_unknown_template_binding_refuses_with_reason(tmp_path: Path, pki: Pki) -> None:
+    b = BrokerThread(test_config(tmp_path, pki)).start()
+    try:
+        b.register_ca(pki.manufacturer.cert, template="does-not-exist")
+        conn = connect(b.port, pki, pki.device("orphan"))
+        conn.close()
+        assert conn.rc == 5
+        assert [e.draft.reason for e in b.audit() if e.draft.action == "refused"] == ["template_not_found"]
+    finally:
+        b.stop()
+
+
+def test_ext_value_with_long_der_length(pki: Pki) -> None:
+    from jitp.templates import _der_string
+
+    long = "x" * 300
+    raw = b"\x0c\x82" + len(long).to_bytes(2, "big") + long.encode()
+    assert _der_string(raw) == long
+    assert certs  # the module is used to build the identities above
