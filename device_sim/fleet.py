@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import resource
 import ssl
 from collections.abc import Sequence
@@ -166,5 +165,3 @@ def lean_tls_buffers(size: int = 32 * 1024) -> None:
     asyncio.sslproto.SSLProtocol.max_size = size
 
 
-def cpu_count() -> int:
-    return os.cpu_count() or 1

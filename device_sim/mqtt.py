@@ -177,19 +177,19 @@ class MqttClient:
     @classmethod
     async def connect(cls, host: str, port: int, *, ssl_context: ssl.SSLContext | None, client_id: str,
                       server_hostname: str | None = None, keepalive: int = 60, clean: bool = True,
-                      timeout: float = 30.0, source_address: str | None = None,
+                      time_limit: float = 30.0, source_address: str | None = None,
                       on_message: Callable[[MqttClient, Message], None] | None = None) -> MqttClient:
         """TCP connect, TLS handshake, CONNECT, CONNACK; raises :class:`ConnectFailed`."""
         started = time.perf_counter()
         writer: asyncio.StreamWriter | None = None
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(time_limit):
                 sock = await _tcp_connect(host, port, source_address)
                 try:
                     reader, writer = await asyncio.open_connection(
                         sock=sock, ssl=ssl_context, limit=2**16,
                         server_hostname=(server_hostname or host) if ssl_context else None,
-                        ssl_handshake_timeout=timeout if ssl_context else None,
+                        ssl_handshake_timeout=time_limit if ssl_context else None,
                     )
                 except BaseException:
                     sock.close()
@@ -221,8 +221,8 @@ class MqttClient:
         if self.closed.done():
             raise self.closed.result() or ConnectFailed("closed")
 
-    async def _await(self, fut: asyncio.Future[object], timeout: float) -> None:
-        done, _ = await asyncio.wait({fut, self.closed}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    async def _await(self, fut: asyncio.Future[object], time_limit: float) -> None:
+        done, _ = await asyncio.wait({fut, self.closed}, timeout=time_limit, return_when=asyncio.FIRST_COMPLETED)
         if fut in done:
             fut.result()
             return
@@ -231,7 +231,7 @@ class MqttClient:
             raise self.closed.result() or ConnectFailed("closed")
         raise ConnectFailed("timeout")
 
-    async def publish(self, topic: str, payload: bytes, *, qos: int = 0, timeout: float = 30.0) -> None:
+    async def publish(self, topic: str, payload: bytes, *, qos: int = 0, time_limit: float = 30.0) -> None:
         """Publish; with qos=1 wait for the PUBACK."""
         self._check_open()
         if qos == 0:
@@ -242,11 +242,11 @@ class MqttClient:
         self._acks[packet_id] = fut
         self.writer.write(publish_packet(topic, payload, qos=1, packet_id=packet_id))
         try:
-            await self._await(fut, timeout)  # type: ignore[arg-type]
+            await self._await(fut, time_limit)  # type: ignore[arg-type]
         finally:
             self._acks.pop(packet_id, None)
 
-    async def subscribe(self, filters: list[tuple[str, int]], *, timeout: float = 30.0) -> list[int]:
+    async def subscribe(self, filters: list[tuple[str, int]], *, time_limit: float = 30.0) -> list[int]:
         """Subscribe; returns the SUBACK return codes (0x80 = refused)."""
         self._check_open()
         packet_id = self._packet_id()
@@ -254,19 +254,19 @@ class MqttClient:
         self._acks[packet_id] = fut
         self.writer.write(subscribe_packet(packet_id, filters))
         try:
-            await self._await(fut, timeout)  # type: ignore[arg-type]
+            await self._await(fut, time_limit)  # type: ignore[arg-type]
         finally:
             self._acks.pop(packet_id, None)
         return list(fut.result())
 
-    async def ping(self, *, timeout: float = 30.0) -> float:
+    async def ping(self, *, time_limit: float = 30.0) -> float:
         """PINGREQ; returns the round trip time in seconds."""
         self._check_open()
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pings.append(fut)
         t0 = time.perf_counter()
         self.writer.write(PINGREQ_PACKET)
-        await self._await(fut, timeout)  # type: ignore[arg-type]
+        await self._await(fut, time_limit)  # type: ignore[arg-type]
         return time.perf_counter() - t0
 
     async def disconnect(self) -> None:

@@ -129,7 +129,8 @@ class Report:
     broker: BrokerUsage | None = None
     hold: HoldStats | None = None
     chaos: tuple[ChaosResult, ...] = ()
-    notes: tuple[str, ...] = field(default=())
+    notes: tuple[str, ...] = field(default=())  # informational
+    issues: tuple[str, ...] = field(default=())  # further failures found by the scenario
 
     # -- derived ---------------------------------------------------------------------------
     @property
@@ -189,6 +190,7 @@ class Report:
                            f"registry, e.g. {r.event_counts_wrong[:5]}")
             if r.leaked:
                 out.append(f"{len(r.leaked)} refused identities found in the registry: {r.leaked[:5]}")
+        out += list(self.issues)
         if self.hold is not None and not self.hold.ok:
             h = self.hold
             out.append(f"hold: dropped {dict(h.dropped)}, ping failures {h.ping_failures}, "
@@ -258,7 +260,7 @@ class Report:
             "events": _json_or_none(self.events), "registry": _json_or_none(self.registry),
             "broker": _json_or_none(self.broker), "cpu_ms_per_join": self.cpu_ms_per_join,
             "hold": None, "chaos": [dict(asdict(c), ok=c.ok) for c in self.chaos],
-            "notes": list(self.notes), "problems": self.problems(), "ok": self.ok,
+            "notes": list(self.notes), "issues": list(self.issues), "problems": self.problems(), "ok": self.ok,
         }
         if self.hold is not None:
             doc["hold"] = dict(asdict(self.hold), dropped=dict(self.hold.dropped),

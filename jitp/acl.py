@@ -85,8 +85,12 @@ class Namespace:
         if not topic or "\x00" in topic:
             return False
         if action is Access.PUBLISH:
-            return valid_filter(topic) and "+" not in topic and "#" not in topic and any(
-                topic_matches(topic, f) for f in self.publish)
+            return (
+                valid_filter(topic)
+                and "+" not in topic
+                and "#" not in topic
+                and any(topic_matches(topic, f) for f in self.publish)
+            )
         if action is Access.SUBSCRIBE:
             return any(filter_within(topic, f) for f in self.subscribe)
         return "+" not in topic and "#" not in topic and any(topic_matches(topic, f) for f in self.subscribe)

@@ -58,8 +58,9 @@ def _fields(d: AuditDraft) -> dict[str, Any]:
 
 
 def canonical(draft: AuditDraft, *, seq: int, prev_hash: str) -> bytes:
-    return json.dumps({"seq": seq, **_fields(draft), "prev_hash": prev_hash}, sort_keys=True,
-                      separators=(",", ":")).encode()
+    return json.dumps(
+        {"seq": seq, **_fields(draft), "prev_hash": prev_hash}, sort_keys=True, separators=(",", ":")
+    ).encode()
 
 
 def entry_hash(draft: AuditDraft, *, seq: int, prev_hash: str) -> str:

@@ -107,7 +107,9 @@ def host_port(bind: str) -> tuple[str, int]:
 def _positive(obj: object, *names: str) -> None:
     for name in names:
         if not getattr(obj, name) > 0:  # also refuses NaN
-            raise ConfigError("must be > 0", key=f"{type(obj).__name__.removesuffix('Config').lower()}.{name}")
+            raise ConfigError(
+                "must be > 0", key=f"{type(obj).__name__.removesuffix('Config').lower()}.{name}"
+            )
 
 
 T = TypeVar("T")
@@ -179,7 +181,8 @@ def _build(cls: type[T], node: yaml.Node, where: str, *, prefix: str = "") -> T:
     for key_node, value_node in node.value:
         if not isinstance(key_node, yaml.ScalarNode):
             raise ConfigError(
-                "a key must be a plain name", where=f"{where}:{key_node.start_mark.line + 1}",
+                "a key must be a plain name",
+                where=f"{where}:{key_node.start_mark.line + 1}",
                 key=prefix.rstrip(".") or None,
             )
         name = str(key_node.value)
@@ -218,7 +221,7 @@ def load_config(path: Path | None = None, *, text: str | None = None) -> Config:
         mark = getattr(exc, "problem_mark", None)
         at = f"{where}:{mark.line + 1}" if mark is not None else where
         raise ConfigError(f"invalid YAML: {exc}", where=at) from None
-    if node is None:
+    if node is None or _is_null(node):  # empty, comments only, "---" or "~"
         return Config()
     return _build(Config, node, where)
 

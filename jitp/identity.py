@@ -69,7 +69,9 @@ def subject_common_name(name: x509.Name | x509.Certificate, *, fingerprint: str 
         name = read_subject(name, fingerprint=fingerprint)
     cns = name.get_attributes_for_oid(NameOID.COMMON_NAME)
     if not cns:
-        raise errors.UnsafeIdentity("the certificate subject has no common name (CN)", fingerprint=fingerprint)
+        raise errors.UnsafeIdentity(
+            "the certificate subject has no common name (CN)", fingerprint=fingerprint
+        )
     if len(cns) > 1:
         raise errors.UnsafeIdentity(
             "the certificate subject has several common names; the device id would be ambiguous",

@@ -119,9 +119,7 @@ class TrustAnchor:
                 f"the certificate's extensions could not be parsed: {exc}", subject=subject
             ) from None
         if not bc.ca:
-            raise errors.InvalidRequest(
-                "not a CA certificate: BasicConstraints CA is false", subject=subject
-            )
+            raise errors.InvalidRequest("not a CA certificate: BasicConstraints CA is false", subject=subject)
         if now > cert.not_valid_after_utc:
             raise errors.InvalidRequest(
                 f"CA certificate expired on {cert.not_valid_after_utc.isoformat()}", subject=subject
@@ -162,7 +160,9 @@ def _subject(cert: x509.Certificate) -> str:
     try:
         return read_subject(cert).rfc4514_string()
     except errors.InvalidCertificate as exc:
-        raise errors.InvalidRequest("the certificate subject could not be decoded", detail=exc.detail) from None
+        raise errors.InvalidRequest(
+            "the certificate subject could not be decoded", detail=exc.detail
+        ) from None
 
 
 def _check_key_strength(
@@ -229,7 +229,10 @@ def check_leaf_policy(leaf: x509.Certificate, *, now: datetime, fingerprint: str
         pass
     try:
         eku = extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-        if ExtendedKeyUsageOID.CLIENT_AUTH not in eku and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in eku:
+        if (
+            ExtendedKeyUsageOID.CLIENT_AUTH not in eku
+            and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in eku
+        ):
             raise errors.BadKeyUsage("ExtendedKeyUsage does not allow clientAuth", fingerprint=fp)
     except x509.ExtensionNotFound:
         pass
@@ -317,5 +320,7 @@ class TrustStore:
                 )
             anchor = self._by_id.get(ca_id)
             if anchor is not None:
-                return VerifiedChain(leaf=leaf, leaf_der=chain_der[0], fingerprint=fp, anchor=anchor, chain=chain)
+                return VerifiedChain(
+                    leaf=leaf, leaf_der=chain_der[0], fingerprint=fp, anchor=anchor, chain=chain
+                )
         raise errors.UntrustedChain("the chain ends at no registered CA", fingerprint=fp)  # pragma: no cover

@@ -1,0 +1,274 @@
+"""Join storm benchmark: the same fleet and load generator against three mTLS brokers.
+
+    .venv/bin/python benchmarks/join_storm.py            # n=1000, c=200, hold 1000
+    .venv/bin/python benchmarks/join_storm.py -n 2000 -c 300 --hold 2000
+
+Targets, each its own process (CPU and RSS read from /proc):
+
+(a) stock amqtt 0.12.1, mTLS with a minimal client-certificate check, no provisioning
+(b) Mosquitto (require_certificate, use_identity_as_username), if installed
+(c) jitp (``jitp serve``) doing full first-join provisioning: registry write, audit entry and a
+    provisioned event delivered to a service subscriber
+
+Per target: a storm of N first joins with at most C handshakes in flight, then a hold phase (N
+connections held) for broker memory per connection. Run on demand; never part of the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import certs  # noqa: E402
+from device_sim import Fleet, Report, ServiceCreds, Target, create_fleet, run_hold, run_storm  # noqa: E402
+from device_sim.backoff import Backoff  # noqa: E402
+from device_sim.fleet import lean_tls_buffers, raise_fd_limit  # noqa: E402
+from device_sim.procstat import try_sample  # noqa: E402
+
+MOSQUITTO = "/usr/sbin/mosquitto"
+
+
+@dataclass
+class Broker:
+    name: str
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Path
+    data_dir: Path | None = None
+    service: ServiceCreds | None = None
+
+
+@dataclass
+class Row:
+    name: str
+    storm: Report | None
+    hold: Report | None
+    broker_cpu_ms: float | None  # per join
+    loadgen_cpu_ms: float | None  # per join
+    skipped: str | None = None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_listening(broker: Broker, deadline_s: float = 30.0) -> None:
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if broker.proc.poll() is not None:
+            raise RuntimeError(f"{broker.name} exited with {broker.proc.returncode}; see {broker.log}")
+        try:
+            with socket.create_connection(("127.0.0.1", broker.port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{broker.name} did not listen on {broker.port}; see {broker.log}")
+
+
+def _spawn(name: str, cmd: list[str], work: Path, port: int, **kw: object) -> Broker:
+    log = work / f"{name}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=kw.pop("cwd", work),  # type: ignore[call-overload]
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return Broker(name, proc, port, log, **kw)  # type: ignore[arg-type]
+
+
+def start_amqtt(layout: certs.PkiLayout, work: Path, *, fresh: bool = True) -> Broker:
+    port = free_port()
+    return _spawn("amqtt", [sys.executable, "-m", "benchmarks.stock_amqtt", "--port", str(port),
+                            "--certfile", str(layout.server_cert), "--keyfile", str(layout.server_key),
+                            "--cafile", str(layout.root_cert)], work, port, cwd=ROOT)
+
+
+def start_mosquitto(layout: certs.PkiLayout, work: Path, *, fresh: bool = True) -> Broker:
+    port = free_port()
+    conf = work / "mosquitto.conf"
+    conf.write_text("\n".join([
+        "user root" if os.geteuid() == 0 else "",  # don't drop privileges: the keys are 0600
+        "persistence false",
+        "log_dest stderr",
+        "log_type error",
+        "log_type warning",
+        f"listener {port} 127.0.0.1",
+        f"cafile {layout.root_cert}",
+        f"certfile {layout.server_cert}",
+        f"keyfile {layout.server_key}",
+        "require_certificate true",
+        "use_identity_as_username true",
+        "",
+    ]))
+    return _spawn("mosquitto", [MOSQUITTO, "-c", str(conf)], work, port)
+
+
+def start_jitp(layout: certs.PkiLayout, work: Path, *, fresh: bool = True) -> Broker:
+    """``fresh``: a new data dir with the CAs registered; else reuse the last one (devices provisioned)."""
+    data = work / "jitp-data"
+    jitp = [sys.executable, "-m", "jitp.cli"]
+    if fresh or not data.exists():
+        shutil.rmtree(data, ignore_errors=True)
+        for cert, role in ((layout.manufacturer_cert, "device"), (layout.service_ca_cert, "service")):
+            subprocess.run([*jitp, "ca", "register", str(cert), "--role", role, "--data-dir", str(data)],
+                           check=True, capture_output=True, cwd=work)
+    port = free_port()
+    return _spawn("jitp", [*jitp, "serve", "--data-dir", str(data), "--bind", f"127.0.0.1:{port}",
+                           "--server-cert", str(layout.server_cert), "--server-key", str(layout.server_key),
+                           "--log-level", "warning"], work, port, data_dir=data,
+                  service=ServiceCreds(layout.service_client_cert, layout.service_client_key))
+
+
+def stop(broker: Broker) -> None:
+    if broker.proc.poll() is None:
+        broker.proc.send_signal(signal.SIGTERM)
+        try:
+            broker.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            broker.proc.kill()
+            broker.proc.wait(5)
+
+
+@contextlib.contextmanager
+def running(broker: Broker) -> Iterator[Broker]:
+    try:
+        wait_listening(broker)
+        yield broker
+    finally:
+        stop(broker)
+
+
+async def storm_phase(broker: Broker, layout: certs.PkiLayout, fleet: Fleet, *, n: int,
+                      concurrency: int) -> tuple[Report, float | None, float | None]:
+    """The storm; returns the report, broker CPU ms per join and load generator CPU ms per join.
+
+    Broker CPU is sampled before the storm and after 1 s of quiet, so deferred clean-up counts too.
+    """
+    target = Target("127.0.0.1", broker.port, ca=layout.root_cert, broker_pid=broker.proc.pid)
+    registry = broker.data_dir / "registry.db" if broker.data_dir is not None else None
+    me = os.getpid()
+    broker_before, gen_before = try_sample(broker.proc.pid), try_sample(me)
+    storm = await run_storm(target, fleet, n=n, concurrency=concurrency, service=broker.service,
+                            registry_path=registry, backoff=Backoff(attempts=8), progress=True)
+    gen_after = try_sample(me)
+    await asyncio.sleep(1.0)
+    broker_after = try_sample(broker.proc.pid)
+    broker_ms = gen_ms = None
+    if storm.joined and broker_before and broker_after:
+        broker_ms = (broker_after.cpu_seconds - broker_before.cpu_seconds) * 1000 / storm.joined
+    if storm.joined and gen_before and gen_after:
+        gen_ms = (gen_after.cpu_seconds - gen_before.cpu_seconds) * 1000 / storm.joined
+    return storm, broker_ms, gen_ms
+
+
+async def hold_phase(broker: Broker, layout: certs.PkiLayout, fleet: Fleet, *, n: int, concurrency: int,
+                     seconds: float) -> Report:
+    """Hold ``n`` connections on a freshly started broker process (a clean RSS baseline)."""
+    await asyncio.sleep(0.5)
+    target = Target("127.0.0.1", broker.port, ca=layout.root_cert, broker_pid=broker.proc.pid)
+    return await run_hold(target, fleet, n=n, seconds=seconds, concurrency=concurrency, keepalive=30,
+                          publish_interval=None, progress=True)
+
+
+def _fmt(value: float | None, spec: str = ".1f", unit: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{unit}"
+
+
+def table(rows: list[Row], *, n: int, concurrency: int, hold: int) -> str:
+    header = (f"{'target':10} {'joins':>10} {'joins/s':>8} {'CPU ms/join':>12} {'p50 ms':>8} {'p99 ms':>8} "
+              f"{'max ms':>8} {'event p50':>10} {'event p99':>10} {'KiB/held':>9} {'gen ms/join':>12}  failures")
+    lines = [f"join storm: n={n} c={concurrency} hold={hold}  ({os.cpu_count()} cores, broker and load generator "
+             "share them)", header, "-" * len(header)]
+    for row in rows:
+        if row.storm is None:
+            lines.append(f"{row.name:10} skipped: {row.skipped}")
+            continue
+        s = row.storm
+        c = s.to_json()["latency_connack_ms"] or {}
+        e = s.to_json()["latency_event_ms"] or {}
+        per_conn = row.hold.hold.rss_per_connection if row.hold and row.hold.hold else None
+        held_ok = "" if row.hold is None or row.hold.ok else "  (hold: " + "; ".join(row.hold.problems()) + ")"
+        fails = ", ".join(f"{k} {v}" for k, v in sorted(s.failures.items())) or "-"
+        if s.retries:
+            fails += "  retried: " + ", ".join(f"{k} {v}" for k, v in sorted(s.retries.items()))
+        lines.append(f"{row.name:10} {f'{s.joined}/{s.devices}':>10} {s.joins_per_second:8.1f} "
+                     f"{_fmt(row.broker_cpu_ms, '.2f'):>12} {_fmt(c.get('p50')):>8} {_fmt(c.get('p99')):>8} "
+                     f"{_fmt(c.get('max')):>8} {_fmt(e.get('p50')):>10} {_fmt(e.get('p99')):>10} "
+                     f"{_fmt(per_conn / 1024 if per_conn is not None else None):>9} "
+                     f"{_fmt(row.loadgen_cpu_ms, '.2f'):>12}  {fails}{held_ok}")
+    cpu = {r.name: r.broker_cpu_ms for r in rows if r.storm is not None}
+    jitp = cpu.get("jitp")
+    for other in ("mosquitto", "amqtt"):
+        if jitp and cpu.get(other):
+            lines.append(f"CPU per join, jitp / {other}: {jitp / cpu[other]:.2f}x")  # type: ignore[operator]
+    lines.append("CPU ms/join: broker CPU from just before the storm to 1 s after it / joins (jitp: includes the "
+                 "registry write, audit and event delivery). p50/p99/max: TCP connect -> CONNACK. event: TCP "
+                 "connect -> provisioned event at the service subscriber. KiB/held: broker RSS delta / held "
+                 "connections, on a freshly started broker (jitp: devices already provisioned). gen: load "
+                 "generator CPU per join.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-n", type=int, default=1000, help="devices joining (default 1000)")
+    parser.add_argument("-c", type=int, default=200, help="handshakes in flight at most (default 200)")
+    parser.add_argument("--hold", type=int, default=1000, help="connections held for the memory phase (0: skip)")
+    parser.add_argument("--hold-seconds", type=float, default=3.0)
+    parser.add_argument("--targets", default="amqtt,mosquitto,jitp", help="comma-separated subset")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "jitp-bench",
+                        help="PKI, fleet (cached) and broker logs")
+    args = parser.parse_args(argv)
+    raise_fd_limit()
+    lean_tls_buffers()  # the load generator's own memory; brokers are other processes
+    work: Path = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    layout = certs.PkiLayout(work / "pki")
+    if not layout.root_key.exists():
+        certs.init_pki(layout.dir)
+    size = max(args.n, args.hold)
+    t0 = time.perf_counter()
+    fleet = create_fleet(layout.dir, size, work / f"fleet-{size}", prefix="bench-")
+    print(f"fleet of {len(fleet)} devices ready in {time.perf_counter() - t0:.1f} s ({fleet.dir})", file=sys.stderr)
+    starters = {"amqtt": start_amqtt, "mosquitto": start_mosquitto, "jitp": start_jitp}
+    rows: list[Row] = []
+    for name in [t.strip() for t in args.targets.split(",") if t.strip()]:
+        if name == "mosquitto" and not Path(MOSQUITTO).exists() and shutil.which("mosquitto") is None:
+            rows.append(Row(name, None, None, None, None,
+                            skipped="not installed: sudo apt-get install mosquitto"))
+            continue
+        print(f"\n== {name}", file=sys.stderr)
+        with running(starters[name](layout, work)) as broker:
+            storm, broker_ms, gen_ms = asyncio.run(storm_phase(broker, layout, fleet, n=args.n, concurrency=args.c))
+        print(storm.table(), file=sys.stderr)
+        held = None
+        if args.hold:
+            time.sleep(1.0)
+            with running(starters[name](layout, work, fresh=False)) as broker:
+                held = asyncio.run(hold_phase(broker, layout, fleet, n=args.hold, concurrency=args.c,
+                                              seconds=args.hold_seconds))
+            print(held.table(), file=sys.stderr)
+        rows.append(Row(name, storm, held, broker_ms, gen_ms))
+        time.sleep(1.0)
+    print()
+    print(table(rows, n=args.n, concurrency=args.c, hold=args.hold))
+    return 0 if all(r.storm is None or r.storm.ok for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

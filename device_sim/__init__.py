@@ -1,0 +1,36 @@
+"""device_sim: a fleet simulator and load generator for mTLS MQTT brokers (jitp first).
+
+One asyncio process drives thousands of simulated devices, each with its own certificate, over
+a lean MQTT 3.1.1 client. The Python API::
+
+    fleet = create_fleet(pki_dir, 1000, out)            # or Fleet.load(out)
+    target = Target("127.0.0.1", 8883, ca=pki_dir / "root-ca.pem")
+    report = await run_storm(target, fleet, concurrency=200, service=ServiceCreds.from_pki(pki_dir),
+                             registry_path=data_dir / "registry.db")
+    print(report.table()); assert report.ok
+"""
+
+from device_sim.backoff import Backoff
+from device_sim.fleet import DeviceCreds, Fleet, ServiceCreds, Target, create_fleet
+from device_sim.report import ChaosResult, EventCheck, HoldStats, JoinOutcome, RegistryCheck, Report
+from device_sim.scenarios import run_chaos, run_hold, run_ramp, run_reconnect, run_storm
+
+__all__ = [
+    "Backoff",
+    "ChaosResult",
+    "DeviceCreds",
+    "EventCheck",
+    "Fleet",
+    "HoldStats",
+    "JoinOutcome",
+    "RegistryCheck",
+    "Report",
+    "ServiceCreds",
+    "Target",
+    "create_fleet",
+    "run_chaos",
+    "run_hold",
+    "run_ramp",
+    "run_reconnect",
+    "run_storm",
+]

@@ -1,0 +1,210 @@
+"""Cross-checks beyond CONNACKs: the service event subscriber and the local registry."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import time
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from device_sim.backoff import Backoff
+from device_sim.fleet import ServiceCreds, Target, client_context
+from device_sim.mqtt import ConnectFailed, Message, MqttClient
+from device_sim.report import EventCheck, RegistryCheck
+
+EVENTS_FILTER = "$jitp/events/provisioned/+"
+_PREFIX = "$jitp/events/provisioned/"
+
+
+@dataclass(frozen=True)
+class SeenEvent:
+    device_id: str
+    event_id: str
+    occurred_at: datetime | None
+    received_at: float  # perf_counter()
+
+
+class EventWatcher:
+    """A service client (persistent session, QoS 1) counting provisioned events.
+
+    Reconnects with back-off if its connection drops; the persistent session keeps what was
+    published meanwhile. Events that occurred before ``since`` (a persistent session's backlog
+    from earlier runs) are counted as stale and otherwise ignored.
+    """
+
+    def __init__(self, target: Target, creds: ServiceCreds, *, since: datetime) -> None:
+        self.target = target
+        self.creds = creds
+        self.since = since
+        self.events: list[SeenEvent] = []
+        self.stale = 0
+        self.malformed = 0
+        self._ctx = client_context(target.ca, creds.cert, creds.key)
+        self._client: MqttClient | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+        self._stopping = False
+
+    async def start(self) -> None:
+        self._client = await self._connect()
+        self._task = asyncio.create_task(self._supervise(), name="jitp-sim-events")
+
+    async def _connect(self) -> MqttClient:
+        t = self.target
+        client = await MqttClient.connect(t.host, t.port, ssl_context=self._ctx, client_id=self.creds.client_id,
+                                          server_hostname=t.server_hostname, keepalive=60, clean=False,
+                                          time_limit=t.connect_timeout, on_message=self._on_message)
+        codes = await client.subscribe([(EVENTS_FILTER, 1)])
+        if codes != [1]:
+            await client.disconnect()
+            raise ConnectFailed("subscribe_refused", f"SUBACK {codes} for {EVENTS_FILTER}")
+        return client
+
+    async def _supervise(self) -> None:
+        rng = random.Random()
+        backoff = Backoff(base=0.2, cap=5.0, attempts=1_000_000)
+        retry = 0
+        while not self._stopping:
+            client = self._client
+            if client is not None:
+                await asyncio.wait({client.closed}, timeout=20)
+                if client.is_open:
+                    with contextlib.suppress(ConnectFailed):
+                        await client.ping(time_limit=20)
+                    continue
+            if self._stopping:
+                return
+            await asyncio.sleep(backoff.delay(retry, rng))
+            try:
+                self._client = await self._connect()
+                retry = 0
+            except ConnectFailed:
+                self._client = None
+                retry += 1
+
+    def _on_message(self, _client: MqttClient, msg: Message) -> None:
+        if not msg.topic.startswith(_PREFIX):
+            return
+        try:
+            doc = json.loads(msg.payload)
+            device_id = str(doc["device_id"])
+            event_id = str(doc["event_id"])
+            occurred = _parse_time(doc.get("occurred_at"))
+        except (ValueError, KeyError, TypeError):
+            self.malformed += 1
+            return
+        if occurred is not None and occurred < self.since:
+            self.stale += 1
+            return
+        self.events.append(SeenEvent(device_id, event_id, occurred, msg.received_at))
+        self._changed.set()
+
+    def first_seen(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for e in self.events:
+            out.setdefault(e.device_id, e.received_at)
+        return out
+
+    async def wait_for(self, device_ids: Collection[str], *, time_limit: float) -> bool:
+        """Wait until an event was seen for every id in ``device_ids`` (or the timeout)."""
+        deadline = time.monotonic() + time_limit
+        wanted = set(device_ids)
+        while True:
+            wanted -= {e.device_id for e in self.events}
+            if not wanted:
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), min(remaining, 0.5))
+
+    async def settle(self, quiet: float = 0.5, *, time_limit: float = 5.0) -> None:
+        """Wait until no event has arrived for ``quiet`` seconds (catches late duplicates)."""
+        deadline = time.monotonic() + time_limit
+        while time.monotonic() < deadline:
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), quiet)
+            except TimeoutError:
+                return
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+        if self._client is not None:
+            await self._client.disconnect()
+
+    def check(self, expected: Iterable[str], *, run_devices: Collection[str]) -> EventCheck:
+        """Compare what was seen with the devices ``expected`` to produce a new event."""
+        expected_set = set(expected)
+        run_set = set(run_devices)
+        by_device: dict[str, set[str]] = {}
+        deliveries = 0
+        for e in self.events:
+            if e.device_id not in run_set:
+                continue
+            by_device.setdefault(e.device_id, set()).add(e.event_id)
+            deliveries += 1
+        distinct = sum(len(ids) for ids in by_device.values())
+        return EventCheck(
+            expected=len(expected_set),
+            seen=len(expected_set & by_device.keys()),
+            new_events=distinct,
+            unexpected=tuple(sorted(by_device.keys() - expected_set)),
+            duplicates=tuple(sorted(d for d, ids in by_device.items() if len(ids) > 1)),
+            lost=tuple(sorted(expected_set - by_device.keys())),
+            redeliveries=deliveries - distinct,
+            stale=self.stale,
+        )
+
+
+def _parse_time(value: object) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    parsed = datetime.fromisoformat(value)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class RegistrySnapshot:
+    """Device ids, when each was provisioned, and provisioned-event counts, from a local registry."""
+
+    provisioned_at: dict[str, datetime]
+    event_counts: dict[str, int]
+
+    @classmethod
+    async def read(cls, registry_path: Path) -> RegistrySnapshot:
+        from jitp.sqlite_registry import SQLiteRegistry  # the simulator itself needs no jitp core
+
+        if not await asyncio.to_thread(Path(registry_path).exists):
+            raise FileNotFoundError(f"no registry at {registry_path}")
+        async with SQLiteRegistry(registry_path, batch_window=0) as registry:
+            devices = await registry.list_devices()
+            events = await registry.events()
+        counts: dict[str, int] = {}
+        for ev in events:
+            if ev.type == "provisioned":
+                counts[ev.device_id] = counts.get(ev.device_id, 0) + 1
+        return cls({d.device_id: d.provisioned_at for d in devices}, counts)
+
+    def check(self, joined: Iterable[str], *, refused: Iterable[str] = ()) -> RegistryCheck:
+        joined = list(joined)
+        return RegistryCheck(
+            checked=len(joined),
+            missing=tuple(d for d in joined if d not in self.provisioned_at),
+            event_counts_wrong=tuple(d for d in joined if self.event_counts.get(d, 0) != 1),
+            leaked=tuple(d for d in refused if d in self.provisioned_at or d in self.event_counts),
+        )
+
+    def new_since(self, device_ids: Iterable[str], since: datetime) -> list[str]:
+        return [d for d in device_ids if d in self.provisioned_at and self.provisioned_at[d] >= since]

@@ -1,0 +1,141 @@
+"""``python -m device_sim`` / ``jitp-sim``: fleet creation and load scenarios."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from device_sim.backoff import Backoff
+from device_sim.fleet import Fleet, ServiceCreds, Target, create_fleet, lean_tls_buffers, raise_fd_limit
+from device_sim.report import Report, write_histogram
+from device_sim.scenarios import run_chaos, run_hold, run_ramp, run_reconnect, run_storm
+
+SCENARIOS = ("storm", "ramp", "reconnect", "hold", "chaos")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jitp-sim", description="Device fleet simulator and load generator "
+                                     "for mTLS MQTT brokers (jitp, Mosquitto, amqtt, ...).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    fleet = sub.add_parser("fleet", help="device identities").add_subparsers(dest="fleet_command", required=True)
+    p = fleet.add_parser("create", help="issue N device identities under the manufacturer CA (cached)")
+    p.add_argument("--pki", required=True, type=Path, help="a 'jitp pki init' directory")
+    p.add_argument("--count", required=True, type=int)
+    p.add_argument("--out", required=True, type=Path, help="fleet directory")
+    p.add_argument("--prefix", default="dev-")
+    p.add_argument("--region", help="recorded in the fleet metadata")
+    p.add_argument("--workers", type=int, help="issuing processes (default: CPU count)")
+    p.add_argument("--force", action="store_true", help="re-issue even if a matching fleet exists")
+
+    for name in SCENARIOS:
+        p = sub.add_parser(name, help=_HELP[name])
+        p.add_argument("--host", default="127.0.0.1")
+        p.add_argument("--port", type=int, default=8883)
+        p.add_argument("--ca", required=True, type=Path, help="CA bundle that verifies the broker (root CA)")
+        p.add_argument("--server-name", help="TLS server name to verify (default: --host)")
+        p.add_argument("--service-cert", type=Path, help="service identity counting provisioned events")
+        p.add_argument("--service-key", type=Path)
+        p.add_argument("--data-dir", type=Path, help="the broker's local data dir: cross-check its registry")
+        p.add_argument("--broker-pid", type=int, help="local broker process: report its CPU and RSS")
+        p.add_argument("--source-ip", action="append", default=[],
+                       help="local source address to spread connections over (repeatable, e.g. 127.0.0.2)")
+        p.add_argument("--timeout", type=float, default=30.0, help="per connect attempt, seconds")
+        p.add_argument("--json", type=Path, help="write the report as JSON")
+        p.add_argument("--no-progress", action="store_true")
+        if name == "chaos":
+            p.add_argument("--pki", required=True, type=Path, help="the PKI dir (signs the bad identities)")
+            continue
+        p.add_argument("--fleet", required=True, type=Path)
+        p.add_argument("-n", type=int, help="devices (default: the whole fleet)")
+        p.add_argument("--seed", type=int, help="seed the back-off jitter")
+        p.add_argument("--attempts", type=int, default=8, help="connection attempts per device")
+        p.add_argument("--backoff-base", type=float, default=0.5)
+        p.add_argument("--backoff-cap", type=float, default=30.0)
+        p.add_argument("--event-timeout", type=float, default=30.0)
+        p.add_argument("--histogram", type=Path, help="latency histogram PNG (needs matplotlib)")
+        if name == "ramp":
+            p.add_argument("--rate", type=float, required=True, help="joins started per second")
+            p.add_argument("-c", "--concurrency", type=int, help="optional cap on connects in flight")
+        else:
+            p.add_argument("-c", "--concurrency", type=int, default=100, help="connects in flight at most")
+        if name == "hold":
+            p.add_argument("--seconds", type=float, required=True)
+            p.add_argument("--keepalive", type=int, default=30)
+            p.add_argument("--publish-interval", type=float, default=5.0, help="telemetry period; 0 disables")
+    return parser
+
+
+_HELP = {
+    "storm": "all devices join at once, at most -c handshakes in flight",
+    "ramp": "devices join at --rate per second",
+    "reconnect": "an already provisioned fleet rejoins: expects 0 new provisioned events",
+    "hold": "connect N and keep them connected (pings, telemetry); broker memory per connection",
+    "chaos": "bad identities (expired, unknown CA, id mismatch, unsafe ids): each must be refused",
+}
+
+
+def _service(args: argparse.Namespace) -> ServiceCreds | None:
+    if args.service_cert is None and args.service_key is None:
+        return None
+    if args.service_cert is None or args.service_key is None:
+        raise SystemExit("jitp-sim: --service-cert and --service-key go together")
+    return ServiceCreds(cert=args.service_cert, key=args.service_key)
+
+
+async def _run(args: argparse.Namespace) -> Report:
+    target = Target(host=args.host, port=args.port, ca=args.ca, server_hostname=args.server_name,
+                    broker_pid=args.broker_pid, source_addresses=tuple(args.source_ip), connect_timeout=args.timeout)
+    service = _service(args)
+    registry = args.data_dir / "registry.db" if args.data_dir else None
+    progress = not args.no_progress
+    if args.command == "chaos":
+        return await run_chaos(target, args.pki, service=service, registry_path=registry, progress=progress)
+    fleet = Fleet.load(args.fleet)
+    backoff = Backoff(base=args.backoff_base, cap=args.backoff_cap, attempts=args.attempts)
+    common = {"service": service, "registry_path": registry, "backoff": backoff, "seed": args.seed,
+              "progress": progress}
+    if args.command == "storm":
+        return await run_storm(target, fleet, n=args.n, concurrency=args.concurrency,
+                               event_timeout=args.event_timeout, **common)  # type: ignore[arg-type]
+    if args.command == "ramp":
+        return await run_ramp(target, fleet, rate=args.rate, n=args.n, concurrency=args.concurrency,
+                              event_timeout=args.event_timeout, **common)  # type: ignore[arg-type]
+    if args.command == "reconnect":
+        return await run_reconnect(target, fleet, n=args.n, concurrency=args.concurrency,
+                                   **common)  # type: ignore[arg-type]
+    n = args.n if args.n is not None else len(fleet)
+    return await run_hold(target, fleet, n=n, seconds=args.seconds, concurrency=args.concurrency,
+                          keepalive=args.keepalive, publish_interval=args.publish_interval or None,
+                          event_timeout=args.event_timeout, **common)  # type: ignore[arg-type]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "fleet":
+        fleet = create_fleet(args.pki, args.count, args.out, prefix=args.prefix, region=args.region,
+                             workers=args.workers, force=args.force)
+        print(f"fleet of {len(fleet)} devices in {fleet.dir} "
+              f"({fleet.devices[0].device_id} .. {fleet.devices[-1].device_id})" if len(fleet) else
+              f"empty fleet in {fleet.dir}")
+        return 0
+    limit = raise_fd_limit()
+    lean_tls_buffers()
+    try:
+        report = asyncio.run(_run(args))
+    except FileNotFoundError as exc:
+        print(f"jitp-sim: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    print(report.table())
+    if limit < 2 * report.devices:
+        print(f"note: file-descriptor limit {limit}; large runs may need more", file=sys.stderr)
+    if args.json:
+        report.write_json(args.json)
+    if getattr(args, "histogram", None):
+        print(write_histogram(report, args.histogram), file=sys.stderr)
+    return 0 if report.ok else 1
