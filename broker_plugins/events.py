@@ -23,8 +23,10 @@ from amqtt.session import Session
 from broker_plugins.hardened import ADMISSION
 from broker_plugins.runtime import runtime_of
 from jitp import errors
+from jitp.events import ProvisioningEvent
 
 CONFIG_EVENTS = ("provisioned", "reprovisioned", "config-changed")
+RECENT_IDS = 20_000
 
 
 def config_topic(device_id: str) -> str:
@@ -50,10 +52,12 @@ class JitpEventsPlugin(BasePlugin[BrokerContext]):
         super().__init__(context)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._fresh: list[ProvisioningEvent] = []
+        self._recent: dict[str, None] = {}  # ids published lately (insertion-ordered), never twice
 
     async def on_broker_post_start(self) -> None:
         runtime = runtime_of(self.context)
-        runtime.service.on_new_events(self._wake.set)
+        runtime.service.on_new_events(self._fresh_events)
         self._task = asyncio.create_task(self._run(), name="jitp-outbox-publisher")
 
     async def on_broker_pre_shutdown(self) -> None:
@@ -85,22 +89,45 @@ class JitpEventsPlugin(BasePlugin[BrokerContext]):
         await self.context.retain_message(topic, payload, 1)
         await self.context.broadcast_message(topic, payload, qos=1)
 
+    def _fresh_events(self, events: list[ProvisioningEvent]) -> None:
+        self._fresh.extend(events)
+        self._wake.set()
+
+    async def _publish(self, events: list[ProvisioningEvent]) -> list[str]:
+        published = []
+        for event in events:
+            if event.event_id in self._recent:
+                continue
+            await self.context.broadcast_message(event.topic, event.payload, qos=1)
+            if event.type in CONFIG_EVENTS:
+                await self._deliver_config(event.device_id, config_document(event.document()))
+            self._recent[event.event_id] = None
+            published.append(event.event_id)
+        while len(self._recent) > RECENT_IDS:
+            self._recent.pop(next(iter(self._recent)))
+        return published
+
     async def _run(self) -> None:
-        registry = runtime_of(self.context).service.registry
-        clock = runtime_of(self.context).service.clock
+        service = runtime_of(self.context).service
+        registry, clock = service.registry, service.clock
         while True:
-            with contextlib.suppress(asyncio.TimeoutError):
+            polled = False
+            try:
                 await asyncio.wait_for(self._wake.wait(), self.config.poll_interval)
+            except TimeoutError:
+                polled = True
             self._wake.clear()
             try:
-                while True:
+                # Events this node just committed are handed over in memory: no read-back.
+                while self._fresh:
+                    fresh, self._fresh = self._fresh, []
+                    await registry.mark_delivered(await self._publish(fresh), at=clock())
+                # Anything else pending: written by another process (the CLI), or left by a crash.
+                while polled:
                     pending = await registry.pending_events(self.config.batch)
                     if not pending:
                         break
-                    for event in pending:
-                        await self.context.broadcast_message(event.topic, event.payload, qos=1)
-                        if event.type in CONFIG_EVENTS:
-                            await self._deliver_config(event.device_id, config_document(event.document()))
+                    await self._publish(pending)
                     await registry.mark_delivered([e.event_id for e in pending], at=clock())
             except errors.ProvisioningError as exc:
                 log.error("outbox delivery paused: %s", exc)

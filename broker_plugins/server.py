@@ -9,7 +9,7 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
-from broker_plugins.hardened import JitpBroker, check_amqtt_internals
+from broker_plugins.hardened import JitpBroker, check_amqtt_internals, lean_tls_read_buffer
 from broker_plugins.tls import TlsContextHolder
 from jitp import errors
 from jitp.config import Config, host_port
@@ -65,6 +65,7 @@ class JitpServer:
     async def start(self) -> None:
         check_amqtt_internals()
         cfg = self.config
+        lean_tls_read_buffer(cfg.listener.tls_read_buffer)
         listener = cfg.listener
         host, port = host_port(listener.bind)
         # Fail on bad certificates before touching any state.

@@ -24,6 +24,7 @@ from types import MappingProxyType
 
 from jitp import errors
 from jitp.audit import AuditDraft
+from jitp.events import ProvisioningEvent
 from jitp.identity import DEFAULT_REGION, DeviceIdentity, ServiceIdentity, derive_service
 from jitp.records import DeviceRecord
 from jitp.registry import Registry
@@ -75,13 +76,13 @@ class ProvisioningService:
         self.default_region = default_region
         self.templates = templates or TemplateSet()
         self.trust = TrustStore()
-        self._event_waiters: list[Callable[[], None]] = []
+        self._event_waiters: list[Callable[[list[ProvisioningEvent]], None]] = []
         self._trust_listeners: list[Callable[[TrustStore], None]] = []
         self._refresh_lock = asyncio.Lock()
 
     # -- wiring --------------------------------------------------------------------------
-    def on_new_events(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` after a transaction added outbox events (wakes the publisher)."""
+    def on_new_events(self, callback: Callable[[list[ProvisioningEvent]], None]) -> None:
+        """Call ``callback`` with the events a committed transaction added to the outbox."""
         self._event_waiters.append(callback)
 
     def on_trust_change(self, callback: Callable[[TrustStore], None]) -> None:
@@ -129,8 +130,8 @@ class ProvisioningService:
                 outcome.record.device_id,
                 outcome.record.region,
             )
-            for wake in self._event_waiters:
-                wake()
+            for hand_over in self._event_waiters:
+                hand_over([outcome.event])
         return Admission(
             role=Role.DEVICE,
             client_id=peer.client_id,

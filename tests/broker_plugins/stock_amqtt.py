@@ -81,12 +81,16 @@ class ClientAclPlugin(BaseTopicPlugin):
         subscribe: dict[str, list[str]] = field(default_factory=lambda: {"*": ["#"]})
         receive: dict[str, list[str]] = field(default_factory=lambda: {"*": ["#"]})
 
-    async def topic_filtering(self, *, session: Session | None = None, topic: str | None = None,
-                              action: Action | None = None) -> bool:
+    async def topic_filtering(
+        self, *, session: Session | None = None, topic: str | None = None, action: Action | None = None
+    ) -> bool:
         if session is None or topic is None or action is None:
             return False
-        table = {Action.PUBLISH: self.config.publish, Action.SUBSCRIBE: self.config.subscribe,
-                 Action.RECEIVE: self.config.receive}[action]
+        table = {
+            Action.PUBLISH: self.config.publish,
+            Action.SUBSCRIBE: self.config.subscribe,
+            Action.RECEIVE: self.config.receive,
+        }[action]
         allowed = table.get(session.client_id or "", table.get("*", []))
         return any(_filter_matches(topic, f) for f in allowed)
 
@@ -95,7 +99,9 @@ AUTH_CN = f"{_MODULE}.CertCnAuthPlugin"
 ACL = f"{_MODULE}.ClientAclPlugin"
 
 
-def tls_listener(*, server_cert: Path, server_key: Path, cafile: Path, max_connections: int = 0) -> dict[str, Any]:
+def tls_listener(
+    *, server_cert: Path, server_key: Path, cafile: Path, max_connections: int = 0
+) -> dict[str, Any]:
     """A stock amqtt TLS listener (which uses ``ssl.CERT_OPTIONAL``, hard-coded) on a free loopback port."""
     return {
         "type": "tcp",

@@ -187,6 +187,7 @@ def test_document_must_be_a_mapping(text: str) -> None:
         ("listener:\n  handshake_timeout: 0\n", 2, "listener.handshake_timeout"),
         ("listener:\n  connect_timeout: -0.5\n", 2, "listener.connect_timeout"),
         ("listener:\n  session_tickets: -1\n", 2, "listener.session_tickets"),
+        ("listener:\n  tls_read_buffer: 4096\n", 2, "listener.tls_read_buffer"),
         ("listener:\n  tls_min_version: '1.1'\n", 2, "listener.tls_min_version"),
         ("listener:\n  tls_min_version: 1.3.1\n", 2, "listener.tls_min_version"),
         ("limits:\n  max_packet_size: 0\n", 2, "limits.max_packet_size"),
@@ -336,6 +337,7 @@ VALID: dict[str, dict[str, st.SearchStrategy[Any]]] = {
         "backlog": st.integers(1, 10**6),
         "tls_min_version": st.sampled_from(["1.2", "1.3"]),
         "session_tickets": st.integers(0, 10),
+        "tls_read_buffer": st.integers(17 * 1024, 1024 * 1024),
     },
     "limits": {
         "max_packet_size": st.integers(1, 2**31),
