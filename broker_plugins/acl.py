@@ -9,7 +9,8 @@ from amqtt.plugins.base import BaseTopicPlugin
 from amqtt.session import Session
 
 from broker_plugins.hardened import NAMESPACE
-from jitp.acl import NOBODY, SERVICE_NAMESPACE, Access, Namespace, device_namespace
+from jitp.acl import NOBODY, SERVICE_NAMESPACE, Access, Namespace, device_namespace, quarantine_namespace
+from jitp.records import DeviceStatus
 from jitp.service import Admission
 from jitp.trust import Role
 
@@ -28,6 +29,8 @@ def namespace_of(admission: Admission | None) -> Namespace:
     record = admission.record
     if record is None:
         return NOBODY
+    if record.status == DeviceStatus.QUARANTINED:
+        return quarantine_namespace(record.device_id)
     ns = record.config.get("namespace")
     if isinstance(ns, dict):
         return Namespace(publish=tuple(ns.get("publish", ())), subscribe=tuple(ns.get("subscribe", ())))

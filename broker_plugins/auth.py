@@ -10,7 +10,7 @@ from amqtt.plugins.base import BaseAuthPlugin
 from amqtt.session import Session
 
 from broker_plugins.acl import namespace_of
-from broker_plugins.hardened import ADMISSION, NAMESPACE, REFUSAL, peer_chain_der
+from broker_plugins.hardened import ADMISSION, NAMESPACE, PEER, REFUSAL, peer_chain_der
 from broker_plugins.runtime import runtime_of
 from jitp import errors
 from jitp.service import PeerCredentials
@@ -45,6 +45,7 @@ class JitpAuthPlugin(BaseAuthPlugin):
             session.attributes[REFUSAL] = exc
             return False
         session.attributes[ADMISSION] = admission
+        session.attributes[PEER] = peer
         session.attributes[NAMESPACE] = namespace_of(admission)
         session.is_anonymous = False
         return True

@@ -103,6 +103,7 @@ class JitpEventsPlugin(BasePlugin[BrokerContext]):
                 await self._deliver_config(event.device_id, config_document(event.document()))
             self._recent[event.event_id] = None
             published.append(event.event_id)
+            await runtime_of(self.context).enforce(event)
         while len(self._recent) > RECENT_IDS:
             self._recent.pop(next(iter(self._recent)))
         return published

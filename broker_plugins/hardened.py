@@ -37,6 +37,9 @@ W9 TLS_READ_BUFFER        not amqtt but asyncio: every TLS connection allocates 
                           256 KiB read buffer (``asyncio.sslproto.SSLProtocol.max_size``), most of
                           the ~350 KB per held connection and ~9% of broker CPU per connect.
                           :func:`lean_tls_read_buffer` sets it process-wide (32 KiB by default).
+W10 DEVICE_STATUS         stock amqtt disconnects any client that publishes to a $-topic; a jitp
+                          device may publish its own ``$jitp/devices/<id>/status`` (and nothing
+                          else under $), as the topic ACL decides.
 """
 
 from __future__ import annotations
@@ -76,7 +79,11 @@ LISTENER = "jitp"
 ADMISSION = "jitp.admission"  # Session.attributes key: the jitp Admission of an admitted client
 REFUSAL = "jitp.refusal"  # Session.attributes key: the ProvisioningError of a refused client
 RATE = "jitp.rate"  # Session.attributes key: token-bucket state of the device's message rate
-NAMESPACE = "jitp.namespace"  # Session.attributes key: the jitp.acl.Namespace the topic plugin enforces
+NAMESPACE = "jitp.namespace"
+PEER = "jitp.peer"  # Session.attributes key: the PeerCredentials it was admitted with
+JITP_DEVICE_TOPICS = (
+    "$jitp/devices/"  # Session.attributes key: the jitp.acl.Namespace the topic plugin enforces
+)
 
 
 class AmqttIncompatible(RuntimeError):
@@ -513,7 +520,63 @@ class JitpBroker(Broker):
                     message.topic,
                 )
                 return True
+        if message is not None and message.topic and message.topic.startswith(JITP_DEVICE_TOPICS):
+            return await self._device_status(client_session, message)
         return await super()._handle_message_delivery(client_session, handler, wait_deliver)
+
+    async def _device_status(self, session: Session, message: Any) -> bool:
+        """W10: stock amqtt disconnects any client publishing to a $-topic; jitp devices report status
+        on their own ``$jitp/devices/<id>/status`` (the topic ACL decides; nothing else under $)."""
+        if not await self._topic_filtering(session, topic=message.topic, action=Action.PUBLISH):
+            log.info("%s may not publish to %s", session.client_id, message.topic)
+            return True
+        await self._broadcast_message(session, message.topic, message.data)
+        if message.publish_packet is not None and message.publish_packet.retain_flag:
+            await self.retain_message(session, message.topic, message.data, message.qos)
+        return True
+
+    # -- operator actions on live sessions -----------------------------------------------------
+    def live_session(self, client_id: str) -> tuple[Session, BrokerProtocolHandler] | None:
+        found = self._sessions.get(client_id)
+        if found is None or not found[0].transitions.is_connected():
+            return None
+        return found
+
+    async def disconnect_client(self, client_id: str, *, reason: str) -> bool:
+        """Close a client's connection now. True if it was connected."""
+        found = self.live_session(client_id)
+        if found is None:
+            return False
+        _, handler = found
+        log.warning("closing the session of %s: %s", client_id, reason)
+        await handler.handle_connection_closed()
+        if isinstance(handler.writer, AbortableWriter):
+            handler.writer.abort()
+        return True
+
+    def set_namespace(self, client_id: str, namespace: Any, admission: Any) -> bool:
+        """Swap a live client's topic namespace (e.g. quarantine) without disconnecting it."""
+        found = self.live_session(client_id)
+        if found is None:
+            return False
+        found[0].attributes[NAMESPACE] = namespace
+        found[0].attributes[ADMISSION] = admission
+        return True
+
+    async def clear_retained(self, filters: tuple[str, ...]) -> int:
+        """Clear every retained message whose topic matches one of ``filters``."""
+        doomed = [t for t in list(self._retained_messages) if any(self._matches(t, f) for f in filters)]
+        for topic in doomed:
+            await self.retain_message(None, topic, b"")
+        return len(doomed)
+
+    def live_admissions(self) -> list[tuple[str, Any, Any]]:
+        """(client id, admission, peer credentials) of every connected, admitted client."""
+        out = []
+        for client_id, (session, _) in list(self._sessions.items()):
+            if session.transitions.is_connected() and ADMISSION in session.attributes:
+                out.append((client_id, session.attributes[ADMISSION], session.attributes.get(PEER)))
+        return out
 
     def _own_subscriptions(self, session: Session) -> list[tuple[str, int]]:
         return [

@@ -4,21 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
+from broker_plugins.acl import namespace_of
 from broker_plugins.hardened import JitpBroker, check_amqtt_internals, lean_tls_read_buffer
 from broker_plugins.tls import TlsContextHolder
 from jitp import errors
 from jitp.config import Config, host_port
+from jitp.events import ProvisioningEvent
 from jitp.registry import Registry
 from jitp.service import Clock, ProvisioningService, utc_now
 from jitp.sqlite_registry import SQLiteRegistry
 from jitp.templates import TemplateSet
+from jitp.trust import TrustStore
 
 log = logging.getLogger("jitp.server")
+
+STALE_CRL_REPORT_INTERVAL = 300.0  # seconds between repeated errors about a CRL past nextUpdate
+CLOSING_EVENTS = ("revoked", "disabled", "deprovisioned", "erased")
+NAMESPACE_EVENTS = ("quarantined", "enabled", "allowed")
 
 PLUGINS = {
     "broker_plugins.auth.JitpAuthPlugin": {},
@@ -88,8 +97,10 @@ class JitpServer:
                 clock=self._clock,
                 default_region=cfg.default_region,
                 templates=TemplateSet.load(cfg.templates_dir),
+                stale_crl=cfg.trust.stale_crl,
             )
             self._service.on_trust_change(self._tls.update)
+            self._service.on_trust_change(self._trust_changed)
             await self._service.refresh_trust(force=True)
             self._broker = JitpBroker(self, broker_config())
             await self._broker.start()
@@ -120,13 +131,55 @@ class JitpServer:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
+    # -- operator decisions reach live sessions ---------------------------------------------------
+    async def enforce(self, event: ProvisioningEvent) -> None:
+        """Apply a lifecycle event to live sessions and retained messages (called by the publisher)."""
+        broker, device_id = self.broker, event.device_id
+        if not device_id:
+            return
+        if event.type in CLOSING_EVENTS:
+            await broker.disconnect_client(device_id, reason=f"device {event.type}")
+        if event.type in ("deprovisioned", "erased"):
+            # {device_id} is always a whole topic level, in every namespace a template can define.
+            filters = tuple(t for t in list(broker.retained_messages) if device_id in t.split("/"))
+            cleared = await broker.clear_retained(filters)
+            log.info("cleared %d retained message(s) of %s", cleared, device_id)
+        if event.type in NAMESPACE_EVENTS and broker.live_session(device_id) is not None:
+            record = await self.service.registry.get_device(device_id)
+            for client_id, admission, _ in broker.live_admissions():
+                if client_id == device_id and record is not None:
+                    updated = dataclasses.replace(admission, record=record)
+                    broker.set_namespace(device_id, namespace_of(updated), updated)
+
+    def _trust_changed(self, trust: TrustStore) -> None:
+        if self._broker is not None:
+            self._broker.spawn(self._recheck_sessions(), "jitp-recheck-sessions")
+
+    async def _recheck_sessions(self) -> None:
+        """After a trust change (CA disabled, CRL imported), close sessions whose chain no longer verifies."""
+        now = self.service.clock()
+        for client_id, _, peer in self.broker.live_admissions():
+            if peer is None:
+                continue
+            try:
+                self.service.trust.verify(peer.chain_der, now=now)
+            except errors.Refused as exc:
+                await self.broker.disconnect_client(client_id, reason=f"{exc.reason}: {exc.message}")
+                await self.service.record_event(
+                    "session-closed", device_id=client_id, reason=exc.reason, details={"message": exc.message}
+                )
+
     async def _trust_loop(self) -> None:
+        last_report = time.monotonic()
         while True:
             await asyncio.sleep(self.config.trust.reload_interval)
             try:
                 await self.service.refresh_trust()
             except errors.ProvisioningError as exc:
                 log.error("trust reload failed (keeping the current anchors): %s", exc)
+            if time.monotonic() - last_report > STALE_CRL_REPORT_INTERVAL:
+                last_report = time.monotonic()
+                self.service.report_stale_crls()
 
 
 async def serve(config: Config, *, on_ready: Callable[[JitpServer], None] | None = None) -> None:

@@ -98,10 +98,20 @@ class Namespace:
 
 def device_namespace(device_id: str) -> Namespace:
     return Namespace(
-        publish=(f"devices/{device_id}/#",),
+        publish=(f"devices/{device_id}/#", status_topic(device_id)),
         subscribe=(f"devices/{device_id}/cmd/#", f"$jitp/devices/{device_id}/#"),
     )
 
 
-SERVICE_NAMESPACE = Namespace(publish=(), subscribe=("$jitp/events/#", "#"))
+def status_topic(device_id: str) -> str:
+    """Where a device reports its own status (the one $-topic a device may publish to)."""
+    return f"$jitp/devices/{device_id}/status"
+
+
+def quarantine_namespace(device_id: str) -> Namespace:
+    """A quarantined device may only report its status and read its configuration."""
+    return Namespace(publish=(status_topic(device_id),), subscribe=(f"$jitp/devices/{device_id}/config",))
+
+
+SERVICE_NAMESPACE = Namespace(publish=(), subscribe=("$jitp/events/#", "$jitp/devices/+/status", "#"))
 NOBODY = Namespace(publish=(), subscribe=())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import dataclasses
 import getpass
 import importlib
@@ -28,13 +29,22 @@ from cryptography.hazmat.primitives import serialization
 from jitp import errors
 from jitp.audit import AuditDraft, verify_chain
 from jitp.config import DEFAULT_CONFIG, Config, load_config, replace
-from jitp.records import DeviceRecord
+from jitp.records import Command, DeviceRecord
 from jitp.service import ProvisioningService
 from jitp.sqlite_registry import SQLiteRegistry
 from jitp.templates import TemplateSet
-from jitp.trust import Role, TrustAnchor, TrustStore
+from jitp.trust import Role, TrustAnchor, TrustStore, fingerprint_der
 
 Handler = Callable[[argparse.Namespace], int]
+
+LIFECYCLE_HELP = {
+    Command.REVOKE: "refuse the device from now on; a live session is closed within seconds",
+    Command.DISABLE: "block the device temporarily (enable lifts it)",
+    Command.ENABLE: "lift disable or quarantine",
+    Command.QUARANTINE: "admit the device only to report status and read its config",
+    Command.DEPROVISION: "retire the device: session closed, retained messages cleared, refused until allow",
+    Command.ALLOW: "readmit a deprovisioned or revoked device",
+}
 
 
 def _now() -> datetime:
@@ -250,21 +260,152 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     async def go(registry: SQLiteRegistry) -> int:
         entries = await registry.audit_entries()
         problems = verify_chain(entries)
+        head = await registry.audit_head()
+        if head is not None and (not entries or (entries[-1].seq, entries[-1].hash) != head):
+            last = entries[-1].seq if entries else 0
+            problems.append(
+                f"the newest entries were removed: the registry last appended entry {head[0]}, the log ends at {last}"
+            )
         if problems:
             for p in problems:
                 print(p)
             print(f"audit trail TAMPERED: {len(problems)} problem(s) in {len(entries)} entries")
             return 1
-        print(f"audit trail intact: {len(entries)} entries")
+        head_hash = entries[-1].hash if entries else "-"
+        print(f"audit trail intact: {len(entries)} entries, head {head_hash}")
         return 0
 
     return _run(args, go)
 
 
+AUDIT_FIELDS = (
+    "seq",
+    "at",
+    "action",
+    "actor",
+    "device_id",
+    "fingerprint",
+    "reason",
+    "peer",
+    "details",
+    "prev_hash",
+    "hash",
+)
+
+
+def _when(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise errors.InvalidRequest(f"not an ISO-8601 time: {value!r} (e.g. 2026-11-28T05:00:00Z)") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _write_entries(entries: Sequence[Any], fmt: str, writer: Any = None) -> None:
+    for entry in entries:
+        doc = entry.to_json()
+        if fmt == "csv":
+            doc["details"] = json.dumps(doc["details"], sort_keys=True)
+            writer.writerow([doc[f] for f in AUDIT_FIELDS])
+        else:
+            print(json.dumps(doc, sort_keys=True), flush=True)
+
+
 def cmd_audit_export(args: argparse.Namespace) -> int:
+    since, until = _when(args.since), _when(args.until)
+
     async def go(registry: SQLiteRegistry) -> int:
-        for entry in await registry.audit_entries():
-            print(json.dumps(entry.to_json(), sort_keys=True))
+        entries = [
+            e
+            for e in await registry.audit_entries()
+            if (since is None or e.draft.at >= since) and (until is None or e.draft.at < until)
+        ]
+        if not args.pseudonymous:
+            entries = await registry.resolve_audit(entries)
+        writer = None
+        if args.format == "csv":
+            writer = csv.writer(sys.stdout)
+            writer.writerow(AUDIT_FIELDS)
+        _write_entries(entries, args.format, writer)
+        return 0
+
+    return _run(args, go)
+
+
+def cmd_audit_tail(args: argparse.Namespace) -> int:
+    async def go(registry: SQLiteRegistry) -> int:
+        entries = await registry.audit_entries()
+        shown = entries[-args.lines :] if args.lines else []
+        _write_entries(await registry.resolve_audit(shown), "jsonl")
+        last = entries[-1].seq if entries else 0
+        while args.follow:
+            await asyncio.sleep(1.0)
+            fresh = [e for e in await registry.audit_entries() if e.seq > last]
+            if fresh:
+                _write_entries(await registry.resolve_audit(fresh), "jsonl")
+                last = fresh[-1].seq
+        return 0
+
+    return _run(args, go)
+
+
+# -- device lifecycle -----------------------------------------------------------------------
+def cmd_devices_lifecycle(args: argparse.Namespace, command: Command) -> int:
+    async def go(registry: SQLiteRegistry) -> int:
+        service = ProvisioningService(registry)
+        change = await service.apply(
+            command, args.device_id, actor=f"local-admin:{_who()}", reason=args.reason
+        )
+        state = "now" if change.changed else "already"
+        print(f"{args.device_id}: {state} {change.record.status}")
+        return 0
+
+    return _run(args, go)
+
+
+def cmd_devices_erase(args: argparse.Namespace) -> int:
+    if (args.device_id is None) == (args.cert is None):
+        raise errors.InvalidRequest("give a device id or --cert FILE (not both)")
+    fingerprint = None
+    if args.cert:
+        cert = _load_ca_cert(Path(args.cert))  # any certificate: the first in the file
+        fingerprint = fingerprint_der(cert.public_bytes(serialization.Encoding.DER))
+
+    async def go(registry: SQLiteRegistry) -> int:
+        service = ProvisioningService(registry)
+        erasure = await service.erase(
+            device_id=args.device_id,
+            fingerprint=fingerprint,
+            actor=f"local-admin:{_who()}",
+            reason=args.reason,
+        )
+        if erasure.already_erased:
+            print("already erased: the certificate's device was erased before (its tombstone remains)")
+        else:
+            print(f"{erasure.device_id}: erased (only a tombstone remains; the certificate stays refused)")
+        return 0
+
+    return _run(args, go)
+
+
+def cmd_ca_crl(args: argparse.Namespace) -> int:
+    try:
+        data = Path(args.crl).read_bytes()
+    except OSError as exc:
+        raise errors.InvalidRequest(f"cannot read {args.crl}: {exc.strerror}") from None
+
+    async def go(registry: SQLiteRegistry) -> int:
+        service = ProvisioningService(registry)
+        crl = await service.import_crl(args.ca_id, data, actor=f"local-admin:{_who()}")
+        next_update = crl.next_update_utc
+        print(
+            f"CRL imported for {args.ca_id}: {len(crl)} revoked certificate(s), next update "
+            f"{next_update.isoformat() if next_update else 'not set'}"
+        )
+        if next_update is not None and next_update < _now():
+            print("WARNING: this CRL is already past its nextUpdate; see trust.stale_crl", file=sys.stderr)
         return 0
 
     return _run(args, go)
@@ -403,6 +544,14 @@ def build_parser() -> argparse.ArgumentParser:
         data_opts(p)
         p.set_defaults(handler=lambda a, e=enabled: cmd_ca_enable(a, e))
 
+    p = ca.add_parser(
+        "crl", help="import a CRL for a registered CA (applies to running brokers within seconds)"
+    )
+    p.add_argument("ca_id")
+    p.add_argument("crl")
+    data_opts(p)
+    p.set_defaults(handler=cmd_ca_crl)
+
     dev = sub.add_parser("devices", help="device records").add_subparsers(
         dest="devices_command", required=True
     )
@@ -416,13 +565,35 @@ def build_parser() -> argparse.ArgumentParser:
     data_opts(p)
     p.set_defaults(handler=cmd_devices_show)
 
+    for command in Command:
+        p = dev.add_parser(str(command), help=LIFECYCLE_HELP[command])
+        p.add_argument("device_id")
+        p.add_argument("--reason")
+        data_opts(p)
+        p.set_defaults(handler=lambda a, c=command: cmd_devices_lifecycle(a, c))
+    p = dev.add_parser("erase", help="GDPR Art. 17: remove the device's data, keep a tombstone")
+    p.add_argument("device_id", nargs="?")
+    p.add_argument("--cert", help="erase the device holding this certificate (PEM)")
+    p.add_argument("--reason")
+    data_opts(p)
+    p.set_defaults(handler=cmd_devices_erase)
+
     aud = sub.add_parser("audit", help="the audit trail").add_subparsers(dest="audit_command", required=True)
     p = aud.add_parser("verify", help="check the hash chain; exit 1 if tampered")
     data_opts(p)
     p.set_defaults(handler=cmd_audit_verify)
-    p = aud.add_parser("export", help="print entries as JSON lines")
+    p = aud.add_parser("export", help="entries as JSON lines or CSV, device references resolved")
+    p.add_argument("--since", help="ISO-8601 time, inclusive")
+    p.add_argument("--until", help="ISO-8601 time, exclusive")
+    p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    p.add_argument("--pseudonymous", action="store_true", help="as stored: do not resolve device references")
     data_opts(p)
     p.set_defaults(handler=cmd_audit_export)
+    p = aud.add_parser("tail", help="the newest entries; -f follows new ones")
+    p.add_argument("-n", "--lines", type=int, default=10)
+    p.add_argument("-f", "--follow", action="store_true")
+    data_opts(p)
+    p.set_defaults(handler=cmd_audit_tail)
 
     tpl = sub.add_parser("templates", help="enrollment templates").add_subparsers(
         dest="templates_command", required=True

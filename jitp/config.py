@@ -62,9 +62,14 @@ class LimitsConfig:
 @dataclass(frozen=True)
 class TrustConfig:
     reload_interval: float = 2.0  # seconds between checks for CA changes (a change applies within this)
+    # A CRL past its nextUpdate: "keep" enforcing it and report loudly (default: a late CRL must not
+    # lock out a whole fleet, Mosquitto issue #1826), or "refuse" every certificate it covers.
+    stale_crl: str = "keep"
 
     def __post_init__(self) -> None:
         _positive(self, "reload_interval")
+        if self.stale_crl not in ("keep", "refuse"):
+            raise ConfigError("must be 'keep' or 'refuse'", key="trust.stale_crl")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,9 @@ that explain it. Only ``broker_plugins`` maps these to MQTT outcomes (CONNACK co
     │   ├── UnsafeIdentity           unsafe_id
     │   ├── ClientIdMismatch         client_id_mismatch
     │   ├── IdentityConflict         identity_conflict
+    │   ├── DeviceErased             erased               (a tombstone matches the certificate)
+    │   ├── CertificateRevoked       revoked              (listed in the issuing CA's CRL)
+    │   ├── StaleCrl                 crl_stale            (only with trust.stale_crl: refuse)
     │   ├── MissingAttribute         missing_attribute    (a required template value is absent)
     │   ├── TemplateNotFound         template_not_found   (the CA is bound to an unknown template)
     │   └── DeviceBlocked            device_blocked       (record not active)
@@ -114,6 +117,24 @@ class DeviceBlocked(Refused):
     reason = "device_blocked"
 
 
+class DeviceErased(Refused):
+    """The certificate belonged to a device erased under GDPR Art. 17; it stays refused."""
+
+    reason = "erased"
+
+
+class CertificateRevoked(Refused):
+    """A CRL of the issuing CA lists the certificate."""
+
+    reason = "revoked"
+
+
+class StaleCrl(Refused):
+    """The issuing CA's CRL is past nextUpdate and trust.stale_crl is 'refuse'."""
+
+    reason = "crl_stale"
+
+
 class MissingAttribute(Refused):
     """A value the enrollment template requires is missing or unusable; ``detail`` names it."""
 
@@ -179,5 +200,8 @@ REFUSAL_REASONS: tuple[str, ...] = tuple(
         DeviceBlocked,
         MissingAttribute,
         TemplateNotFound,
+        DeviceErased,
+        CertificateRevoked,
+        StaleCrl,
     )
 )

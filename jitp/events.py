@@ -5,7 +5,10 @@ Schema ``jitp.event/1`` (JSON object, UTF-8), published at QoS 1 on
 
     schema            "jitp.event/1"
     event_id          unique id (UUID4 string), stable across redeliveries
-    type              "provisioned" | "reprovisioned"
+    type              "provisioned" | "reprovisioned" (below); lifecycle events ("revoked",
+                      "disabled", "enabled", "quarantined", "deprovisioned", "allowed", "erased")
+                      carry schema, event_id, type, occurred_at, device_id, status,
+                      previous_status, region and reason
     occurred_at       ISO-8601 UTC timestamp of the registry change
     device_id         the device id
     cert_fingerprint  SHA-256 hex of the device certificate's DER
@@ -96,3 +99,32 @@ class EventSink(Protocol):
     """Where outbox events are delivered (the MQTT broker, NATS JetStream, a test fake)."""
 
     async def publish(self, event: ProvisioningEvent) -> None: ...
+
+
+def lifecycle_event(
+    device_id: str,
+    *,
+    type: str,
+    event_id: str,
+    at: datetime,
+    status: str,
+    previous_status: str | None,
+    region: str | None,
+    reason: str | None = None,
+) -> ProvisioningEvent:
+    """revoked, disabled, enabled, quarantined, deprovisioned, allowed, erased."""
+    doc: dict[str, Any] = {
+        "schema": SCHEMA,
+        "event_id": event_id,
+        "type": type,
+        "occurred_at": at.isoformat(),
+        "device_id": device_id,
+        "status": status,
+        "previous_status": previous_status,
+        "region": region,
+        "reason": reason,
+    }
+    payload = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+    return ProvisioningEvent(
+        event_id=event_id, type=type, device_id=device_id, occurred_at=at, payload=payload
+    )

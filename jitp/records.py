@@ -57,3 +57,59 @@ class DeviceRecord:
             "template_version": self.template_version,
             "config": dict(self.config),
         }
+
+
+# -- lifecycle ------------------------------------------------------------------------------
+class Command(enum.StrEnum):
+    """Operator lifecycle commands (``jitp devices <command> ID``)."""
+
+    REVOKE = "revoke"
+    DISABLE = "disable"
+    ENABLE = "enable"
+    QUARANTINE = "quarantine"
+    DEPROVISION = "deprovision"
+    ALLOW = "allow"
+
+
+# command -> (statuses it applies to, resulting status, event type)
+_S = DeviceStatus
+TRANSITIONS: dict[Command, tuple[frozenset[DeviceStatus], DeviceStatus, str]] = {
+    Command.REVOKE: (
+        frozenset({_S.ACTIVE, _S.DISABLED, _S.QUARANTINED, _S.DEPROVISIONED}),
+        _S.REVOKED,
+        "revoked",
+    ),
+    Command.DISABLE: (frozenset({_S.ACTIVE, _S.QUARANTINED}), _S.DISABLED, "disabled"),
+    Command.ENABLE: (frozenset({_S.DISABLED, _S.QUARANTINED}), _S.ACTIVE, "enabled"),
+    Command.QUARANTINE: (frozenset({_S.ACTIVE, _S.DISABLED}), _S.QUARANTINED, "quarantined"),
+    Command.DEPROVISION: (
+        frozenset({_S.ACTIVE, _S.DISABLED, _S.QUARANTINED, _S.REVOKED}),
+        _S.DEPROVISIONED,
+        "deprovisioned",
+    ),
+    Command.ALLOW: (frozenset({_S.DEPROVISIONED, _S.REVOKED}), _S.ACTIVE, "allowed"),
+}
+
+# Statuses a connecting device is admitted in (quarantined: with the quarantine namespace).
+ADMITTED = frozenset({DeviceStatus.ACTIVE, DeviceStatus.QUARANTINED})
+
+
+def transition(current: DeviceStatus, command: Command) -> DeviceStatus | None:
+    """The status ``command`` moves a device to; None if it is already there (idempotent).
+
+    Raises ValueError with a message an operator can act on when the command does not apply.
+    """
+    sources, target, _ = TRANSITIONS[command]
+    if current == target:
+        return None
+    if current not in sources:
+        hint = {
+            DeviceStatus.REVOKED: "it is revoked; use 'allow' to readmit it",
+            DeviceStatus.DEPROVISIONED: "it is deprovisioned; use 'allow' to readmit it",
+        }.get(current, f"it is {current}")
+        raise ValueError(f"cannot {command} this device: {hint}")
+    return target
+
+
+def status_event_type(command: Command) -> str:
+    return TRANSITIONS[command][2]

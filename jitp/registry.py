@@ -20,7 +20,7 @@ from typing import Protocol
 from jitp.audit import AuditDraft, AuditEntry
 from jitp.events import ProvisioningEvent
 from jitp.identity import DeviceIdentity
-from jitp.records import DeviceRecord
+from jitp.records import Command, DeviceRecord
 from jitp.trust import TrustAnchor
 
 
@@ -35,6 +35,20 @@ class ProvisionOutcome:
     @property
     def reprovisioned(self) -> bool:
         return self.event is not None and not self.created
+
+
+@dataclass(frozen=True)
+class StatusChange:
+    record: DeviceRecord
+    changed: bool  # False: the device already had that status (the command is idempotent)
+    event: ProvisioningEvent | None = None
+
+
+@dataclass(frozen=True)
+class Erasure:
+    device_id: str | None  # None when the certificate's device was erased before
+    event: ProvisioningEvent | None = None
+    already_erased: bool = False
 
 
 class Registry(Protocol):
@@ -76,6 +90,47 @@ class Registry(Protocol):
 
     async def list_devices(self) -> list[DeviceRecord]: ...
 
+    async def find_by_fingerprint(self, fingerprint: str) -> DeviceRecord | None: ...
+
+    async def is_erased(self, fingerprint: str) -> bool: ...
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def change_status(
+        self, device_id: str, command: Command, *, at: datetime, actor: str, reason: str | None = None
+    ) -> StatusChange:
+        """Apply a lifecycle command atomically with its event and audit entry.
+
+        :class:`~jitp.errors.NotFound` for an unknown id; :class:`~jitp.errors.InvalidRequest`
+        when the command does not apply to the device's status. Repeating a command is a no-op.
+        """
+        ...
+
+    async def erase(
+        self,
+        *,
+        device_id: str | None = None,
+        fingerprint: str | None = None,
+        at: datetime,
+        actor: str,
+        reason: str | None = None,
+    ) -> Erasure:
+        """Remove every piece of personal or identifying data of a device; keep a tombstone."""
+        ...
+
+    async def import_crl(
+        self,
+        ca_id: str,
+        der: bytes,
+        *,
+        this_update: datetime,
+        next_update: datetime | None,
+        audit: AuditDraft,
+    ) -> None: ...
+
+    async def crls(self) -> dict[str, bytes]:
+        """CRL DER by CA id."""
+        ...
+
     # -- outbox --------------------------------------------------------------------------
     async def pending_events(self, limit: int = 500) -> list[ProvisioningEvent]: ...
 
@@ -86,4 +141,12 @@ class Registry(Protocol):
     # -- audit ---------------------------------------------------------------------------
     async def append_audit(self, drafts: Sequence[AuditDraft]) -> None: ...
 
-    async def audit_entries(self) -> list[AuditEntry]: ...
+    async def audit_entries(self) -> list[AuditEntry]:
+        """Entries in their stored (pseudonymous) form, which is what the hash chain covers."""
+        ...
+
+    async def resolve_audit(self, entries: Sequence[AuditEntry]) -> list[AuditEntry]:
+        """Device refs and sealed peers resolved, for devices that still exist."""
+        ...
+
+    async def audit_head(self) -> tuple[int, str] | None: ...

@@ -22,14 +22,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import MappingProxyType
 
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
 from jitp import errors
 from jitp.audit import AuditDraft
 from jitp.events import ProvisioningEvent
 from jitp.identity import DEFAULT_REGION, DeviceIdentity, ServiceIdentity, derive_service
-from jitp.records import DeviceRecord
-from jitp.registry import Registry
+from jitp.records import Command, DeviceRecord
+from jitp.registry import Erasure, Registry, StatusChange
 from jitp.templates import EnrollmentTemplate, TemplateSet
-from jitp.trust import Role, TrustStore, VerifiedChain
+from jitp.trust import Role, TrustStore, VerifiedChain, parse_crl
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +73,10 @@ class ProvisioningService:
         clock: Clock = utc_now,
         default_region: str = DEFAULT_REGION,
         templates: TemplateSet | None = None,
+        stale_crl: str = "keep",
     ) -> None:
         self.registry = registry
+        self.stale_crl = stale_crl
         self.clock = clock
         self.default_region = default_region
         self.templates = templates or TemplateSet()
@@ -95,11 +100,85 @@ class ProvisioningService:
             if not force and version == self.trust.version:
                 return False
             anchors = await self.registry.anchors()
-            self.trust = TrustStore.of(anchors, version=version)
-            log.info("trust anchors loaded: %d enabled (version %d)", len(self.trust.anchors), version)
+            crls = await self.registry.crls()
+            self.trust = TrustStore.of(anchors, version=version, crls=crls, stale_crl=self.stale_crl)
+            log.info(
+                "trust anchors loaded: %d enabled, %d CRL(s) (version %d)",
+                len(self.trust.anchors),
+                len(crls),
+                version,
+            )
+            self.report_stale_crls()
         for listener in self._trust_listeners:
             listener(self.trust)
         return True
+
+    def report_stale_crls(self) -> list[str]:
+        """Log loudly every CRL past its nextUpdate; returns their CA ids."""
+        stale = self.trust.stale_crls(self.clock())
+        for ca_id in stale:
+            action = (
+                "refusing every certificate it covers" if self.stale_crl == "refuse" else "still enforcing it"
+            )
+            log.error("the CRL of CA %s is past its nextUpdate: import a fresh one (%s)", ca_id, action)
+        return stale
+
+    # -- operator actions ------------------------------------------------------------------
+    async def apply(
+        self, command: Command, device_id: str, *, actor: str, reason: str | None = None
+    ) -> StatusChange:
+        """revoke, disable, enable, quarantine, deprovision, allow: idempotent, audited, evented."""
+        change = await self.registry.change_status(
+            device_id, command, at=self.clock(), actor=actor, reason=reason
+        )
+        if change.event is not None:
+            self._hand_over([change.event])
+        return change
+
+    async def erase(
+        self,
+        *,
+        device_id: str | None = None,
+        fingerprint: str | None = None,
+        actor: str,
+        reason: str | None = None,
+    ) -> Erasure:
+        erasure = await self.registry.erase(
+            device_id=device_id, fingerprint=fingerprint, at=self.clock(), actor=actor, reason=reason
+        )
+        if erasure.event is not None:
+            self._hand_over([erasure.event])
+        return erasure
+
+    async def import_crl(self, ca_id: str, data: bytes, *, actor: str) -> x509.CertificateRevocationList:
+        """Verify a CRL against its registered CA and store it; the broker applies it within seconds."""
+        now = self.clock()
+        anchor = next((a for a in await self.registry.anchors() if a.ca_id == ca_id), None)
+        if anchor is None:
+            raise errors.NotFound(f"no CA with id {ca_id!r} is registered", ca_id=ca_id)
+        crl = parse_crl(data, anchor, now=now)
+        stale = crl.next_update_utc is not None and now > crl.next_update_utc
+        details = {"ca_id": ca_id, "revoked": str(len(crl)), "stale": str(stale).lower()}
+        if crl.next_update_utc is not None:
+            details["next_update"] = crl.next_update_utc.isoformat()
+        await self.registry.import_crl(
+            ca_id,
+            crl.public_bytes(Encoding.DER),
+            this_update=crl.last_update_utc,
+            next_update=crl.next_update_utc,
+            audit=AuditDraft(at=now, action="crl-imported", actor=actor, details=MappingProxyType(details)),
+        )
+        if stale:
+            log.error(
+                "imported a CRL for CA %s that is already past its nextUpdate (%s)",
+                ca_id,
+                crl.next_update_utc,
+            )
+        return crl
+
+    def _hand_over(self, events: list[ProvisioningEvent]) -> None:
+        for hand_over in self._event_waiters:
+            hand_over(events)
 
     # -- the entry point -------------------------------------------------------------------
     async def admit(self, peer: PeerCredentials) -> Admission:
@@ -130,8 +209,7 @@ class ProvisioningService:
                 outcome.record.device_id,
                 outcome.record.region,
             )
-            for hand_over in self._event_waiters:
-                hand_over([outcome.event])
+            self._hand_over([outcome.event])
         return Admission(
             role=Role.DEVICE,
             client_id=peer.client_id,
@@ -174,7 +252,7 @@ class ProvisioningService:
         details: dict[str, str] = {"message": exc.message}
         if exc.detail:
             details["detail"] = exc.detail
-        if client_id is not None and exc.device_id is None:
+        if client_id is not None and exc.device_id is None and not isinstance(exc, errors.DeviceErased):
             details["client_id"] = repr(client_id)[:80]
         log.warning("refused %s from %s: %s (%s)", exc.device_id or "client", peer, exc.reason, exc.message)
         try:

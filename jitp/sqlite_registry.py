@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -24,18 +25,18 @@ from typing import Any
 
 import aiosqlite
 
-from jitp import errors
+from jitp import errors, privacy
 from jitp.audit import GENESIS_HASH, AuditDraft, AuditEntry, chain
-from jitp.events import ProvisioningEvent, new_event_id, provisioned_event
+from jitp.events import ProvisioningEvent, lifecycle_event, new_event_id, provisioned_event
 from jitp.identity import DeviceIdentity
-from jitp.records import DeviceRecord, DeviceStatus
-from jitp.registry import ProvisionOutcome
+from jitp.records import ADMITTED, Command, DeviceRecord, DeviceStatus, status_event_type, transition
+from jitp.registry import Erasure, ProvisionOutcome, StatusChange
 from jitp.trust import Role, TrustAnchor
 
 log = logging.getLogger(__name__)
 
 MIGRATIONS: tuple[str, ...] = (
-    # 1: the foundation
+    # 1: the foundation. Columns of `audit` hold the stored (pseudonymous) form: see jitp.privacy.
     """
     CREATE TABLE anchors (
         ca_id TEXT PRIMARY KEY,
@@ -61,8 +62,26 @@ MIGRATIONS: tuple[str, ...] = (
         provisioned_at TEXT NOT NULL,
         last_seen TEXT,
         attributes TEXT NOT NULL DEFAULT '{}',
-        template TEXT
+        template TEXT,
+        template_version INTEGER,
+        config TEXT NOT NULL DEFAULT '{}'
     );
+    CREATE TABLE cert_history (
+        device_id TEXT NOT NULL,
+        cert_fingerprint TEXT NOT NULL,
+        superseded_at TEXT NOT NULL,
+        PRIMARY KEY (device_id, cert_fingerprint)
+    );
+    CREATE TABLE device_keys (device_id TEXT PRIMARY KEY, ref_key BLOB NOT NULL);
+    CREATE TABLE tombstones (ref TEXT PRIMARY KEY, erased_at TEXT NOT NULL);
+    CREATE TABLE crls (
+        ca_id TEXT PRIMARY KEY,
+        der BLOB NOT NULL,
+        this_update TEXT NOT NULL,
+        next_update TEXT,
+        imported_at TEXT NOT NULL
+    );
+    CREATE TABLE meta_text (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     CREATE INDEX devices_fingerprint ON devices (cert_fingerprint);
     CREATE TABLE outbox (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -87,17 +106,6 @@ MIGRATIONS: tuple[str, ...] = (
         details TEXT NOT NULL,
         prev_hash TEXT NOT NULL,
         hash TEXT NOT NULL
-    );
-    """,
-    # 2: enrollment templates and reprovisioning
-    """
-    ALTER TABLE devices ADD COLUMN template_version INTEGER;
-    ALTER TABLE devices ADD COLUMN config TEXT NOT NULL DEFAULT '{}';
-    CREATE TABLE cert_history (
-        device_id TEXT NOT NULL,
-        cert_fingerprint TEXT NOT NULL,
-        superseded_at TEXT NOT NULL,
-        PRIMARY KEY (device_id, cert_fingerprint)
     );
     """,
 )
@@ -215,6 +223,7 @@ class SQLiteRegistry:
         self._queue: asyncio.Queue[_Provision | _Audit] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self._touches: dict[str, datetime] = {}
+        self._salt = b""
 
     # -- lifecycle -----------------------------------------------------------------------
     async def open(self) -> None:
@@ -226,7 +235,9 @@ class SQLiteRegistry:
         await self._db.execute("PRAGMA journal_mode=WAL")
         await self._db.execute(f"PRAGMA synchronous={self._synchronous}")
         await self._db.execute("PRAGMA busy_timeout=10000")
+        await self._db.execute("PRAGMA secure_delete=ON")  # erased data is overwritten, not just unlinked
         await self._migrate()
+        self._salt = await self._registry_salt()
         self._writer = asyncio.create_task(self._write_loop(), name="jitp-sqlite-writer")
 
     async def close(self) -> None:
@@ -384,6 +395,183 @@ class SQLiteRegistry:
         ):
             return [_record(r) for r in await cur.fetchall()]
 
+    async def find_by_fingerprint(self, fingerprint: str) -> DeviceRecord | None:
+        async with (
+            self._lock,
+            self.db.execute(
+                f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE cert_fingerprint = ?", (fingerprint,)
+            ) as cur,
+        ):
+            row = await cur.fetchone()
+        return _record(row) if row else None
+
+    async def is_erased(self, fingerprint: str) -> bool:
+        ref = privacy.tombstone_ref(self._salt, fingerprint)
+        async with self._lock, self.db.execute("SELECT 1 FROM tombstones WHERE ref = ?", (ref,)) as cur:
+            return await cur.fetchone() is not None
+
+    async def _fetch(self, db: aiosqlite.Connection, device_id: str) -> DeviceRecord:
+        async with db.execute(
+            f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id = ?", (device_id,)
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            raise errors.NotFound(f"no device with id {device_id!r}", device_id=device_id)
+        return _record(row)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def change_status(
+        self, device_id: str, command: Command, *, at: datetime, actor: str, reason: str | None = None
+    ) -> StatusChange:
+        async with self._transaction() as db:
+            record = await self._fetch(db, device_id)
+            try:
+                target = transition(record.status, command)
+            except ValueError as exc:
+                raise errors.InvalidRequest(str(exc), device_id=device_id) from None
+            details = {
+                "command": str(command),
+                "previous_status": str(record.status),
+                "changed": str(target is not None).lower(),
+            }
+            draft = AuditDraft(
+                at=at,
+                action=status_event_type(command),
+                actor=actor,
+                device_id=device_id,
+                fingerprint=record.cert_fingerprint,
+                reason=reason,
+                details=MappingProxyType(details),
+            )
+            if target is None:
+                await self._append_audit_tx(db, [draft])
+                return StatusChange(record=record, changed=False)
+            await db.execute("UPDATE devices SET status = ? WHERE device_id = ?", (str(target), device_id))
+            event = lifecycle_event(
+                device_id,
+                type=status_event_type(command),
+                event_id=new_event_id(),
+                at=at,
+                status=str(target),
+                previous_status=str(record.status),
+                region=record.region,
+                reason=reason,
+            )
+            await self._insert_events(db, [event])
+            await self._append_audit_tx(db, [draft])
+        return StatusChange(record=dataclasses.replace(record, status=target), changed=True, event=event)
+
+    async def erase(
+        self,
+        *,
+        device_id: str | None = None,
+        fingerprint: str | None = None,
+        at: datetime,
+        actor: str,
+        reason: str | None = None,
+    ) -> Erasure:
+        """GDPR erasure: only a tombstone (salted hash of each certificate fingerprint) remains."""
+        async with self._transaction() as db:
+            if device_id is None:
+                if fingerprint is None:
+                    raise errors.InvalidRequest("erase needs a device id or a certificate")
+                async with db.execute(
+                    "SELECT device_id FROM devices WHERE cert_fingerprint = ?", (fingerprint,)
+                ) as cur:
+                    row = await cur.fetchone()
+                if row is None:
+                    ref = privacy.tombstone_ref(self._salt, fingerprint)
+                    async with db.execute("SELECT 1 FROM tombstones WHERE ref = ?", (ref,)) as cur:
+                        if await cur.fetchone() is not None:
+                            return Erasure(device_id=None, already_erased=True)
+                    raise errors.NotFound("no device holds this certificate")
+                device_id = str(row[0])
+            record = await self._fetch(db, device_id)
+            async with db.execute(
+                "SELECT cert_fingerprint FROM cert_history WHERE device_id = ?", (device_id,)
+            ) as cur:
+                fingerprints = {record.cert_fingerprint, *(r[0] for r in await cur.fetchall())}
+            await db.executemany(
+                "INSERT INTO tombstones (ref, erased_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                [(privacy.tombstone_ref(self._salt, fp), _ts(at)) for fp in sorted(fingerprints)],
+            )
+            await self._append_audit_tx(
+                db,
+                [
+                    AuditDraft(
+                        at=at,
+                        action="erased",
+                        actor=actor,
+                        device_id=device_id,
+                        fingerprint=record.cert_fingerprint,
+                        reason=reason,
+                        details=MappingProxyType({"previous_status": str(record.status)}),
+                    )
+                ],
+            )
+            # Everything else about the device goes; secure_delete overwrites the freed pages.
+            for table in ("outbox", "cert_history", "device_keys", "devices"):
+                await db.execute(f"DELETE FROM {table} WHERE device_id = ?", (device_id,))
+            event = lifecycle_event(
+                device_id,
+                type="erased",
+                event_id=new_event_id(),
+                at=at,
+                status="erased",
+                previous_status=str(record.status),
+                region=record.region,
+                reason=None,
+            )
+            await self._insert_events(db, [event])
+            self._touches.pop(device_id, None)
+        await self.checkpoint()
+        return Erasure(device_id=device_id, event=event)
+
+    async def checkpoint(self) -> bool:
+        """Fold the WAL into the database file and truncate it (so erased pages leave the WAL too)."""
+        async with self._lock, self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cur:
+            row = await cur.fetchone()
+        complete = row is not None and int(row[0]) == 0
+        if not complete:
+            log.warning(
+                "WAL checkpoint incomplete (a reader is busy); erased pages leave the WAL on the next one"
+            )
+        return complete
+
+    @staticmethod
+    async def _insert_events(db: aiosqlite.Connection, events: Sequence[ProvisioningEvent]) -> None:
+        await db.executemany(
+            "INSERT INTO outbox (event_id, type, device_id, occurred_at, payload) VALUES (?, ?, ?, ?, ?)",
+            [(e.event_id, e.type, e.device_id, _ts(e.occurred_at), e.payload) for e in events],
+        )
+
+    # -- CRLs ------------------------------------------------------------------------------
+    async def import_crl(
+        self,
+        ca_id: str,
+        der: bytes,
+        *,
+        this_update: datetime,
+        next_update: datetime | None,
+        audit: AuditDraft,
+    ) -> None:
+        async with self._transaction() as db:
+            async with db.execute("SELECT 1 FROM anchors WHERE ca_id = ?", (ca_id,)) as cur:
+                if await cur.fetchone() is None:
+                    raise errors.NotFound(f"no CA with id {ca_id!r} is registered", ca_id=ca_id)
+            await db.execute(
+                "INSERT INTO crls (ca_id, der, this_update, next_update, imported_at) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT(ca_id) DO UPDATE SET der=excluded.der, this_update=excluded.this_update, "
+                "next_update=excluded.next_update, imported_at=excluded.imported_at",
+                (ca_id, der, _ts(this_update), _ts(next_update) if next_update else None, _ts(audit.at)),
+            )
+            await db.execute("UPDATE meta SET value = value + 1 WHERE key = 'trust_version'")
+            await self._append_audit_tx(db, [audit])
+
+    async def crls(self) -> dict[str, bytes]:
+        async with self._lock, self.db.execute("SELECT ca_id, der FROM crls") as cur:
+            return {r[0]: bytes(r[1]) for r in await cur.fetchall()}
+
     # -- outbox --------------------------------------------------------------------------
     async def pending_events(self, limit: int = 500) -> list[ProvisioningEvent]:
         async with (
@@ -403,6 +591,11 @@ class SQLiteRegistry:
             await db.executemany(
                 "UPDATE outbox SET delivered_at = ? WHERE event_id = ? AND delivered_at IS NULL",
                 [(_ts(at), e) for e in event_ids],
+            )
+            # An erased device's last event names it; once delivered, it goes too.
+            await db.execute(
+                "UPDATE outbox SET device_id = '', payload = X'' WHERE type = 'erased' AND delivered_at IS NOT NULL "
+                "AND device_id != ''"
             )
 
     async def events(self, device_id: str | None = None) -> list[ProvisioningEvent]:
@@ -451,11 +644,45 @@ class SQLiteRegistry:
             for r in rows
         ]
 
+    async def _registry_salt(self) -> bytes:
+        """A random per-registry salt for tombstones, made once."""
+        async with self._transaction() as db:
+            async with db.execute("SELECT value FROM meta_text WHERE key = 'salt'") as cur:
+                row = await cur.fetchone()
+            if row is not None:
+                return bytes.fromhex(row[0])
+            salt = privacy.new_key()
+            await db.execute("INSERT INTO meta_text (key, value) VALUES ('salt', ?)", (salt.hex(),))
+            return salt
+
+    @staticmethod
+    async def _device_keys(db: aiosqlite.Connection, ids: Sequence[str], *, create: bool) -> dict[str, bytes]:
+        keys: dict[str, bytes] = {}
+        wanted = sorted(set(ids))
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            async with db.execute(
+                f"SELECT device_id, ref_key FROM device_keys WHERE device_id IN ({marks})", chunk
+            ) as cur:
+                keys.update({r[0]: bytes(r[1]) for r in await cur.fetchall()})
+        missing = [i for i in wanted if i not in keys]
+        if create and missing:
+            fresh = {i: privacy.new_key() for i in missing}
+            await db.executemany(
+                "INSERT INTO device_keys (device_id, ref_key) VALUES (?, ?)", list(fresh.items())
+            )
+            keys.update(fresh)
+        return keys
+
     async def _append_audit_tx(self, db: aiosqlite.Connection, drafts: Sequence[AuditDraft]) -> None:
+        """Append entries in their stored form: nothing personal about a device in clear (jitp.privacy)."""
+        keys = await self._device_keys(db, [d.device_id for d in drafts if d.device_id], create=True)
+        stored = [self._pseudonymize(d, keys) for d in drafts]
         async with db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1") as cur:
             row = await cur.fetchone()
         seq, prev = (int(row[0]) + 1, str(row[1])) if row else (1, GENESIS_HASH)
-        entries = chain(drafts, start_seq=seq, prev_hash=prev)
+        entries = chain(stored, start_seq=seq, prev_hash=prev)
         await db.executemany(
             "INSERT INTO audit (seq, at, action, actor, device_id, fingerprint, reason, peer, details, prev_hash, "
             "hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -476,6 +703,54 @@ class SQLiteRegistry:
                 for e in entries
             ],
         )
+        last = entries[-1]
+        await db.execute(
+            "INSERT INTO meta_text (key, value) VALUES ('audit_head', ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (f"{last.seq}:{last.hash}",),
+        )
+
+    @staticmethod
+    def _pseudonymize(draft: AuditDraft, keys: dict[str, bytes]) -> AuditDraft:
+        if not draft.device_id:
+            return draft
+        key = keys[draft.device_id]
+        secrets = (draft.device_id, draft.fingerprint or "")
+        details = {k: privacy.scrub(str(v), *secrets) for k, v in draft.details.items()}
+        return dataclasses.replace(
+            draft,
+            device_id=privacy.device_ref(key, draft.device_id),
+            fingerprint=privacy.cert_ref(key, draft.fingerprint) if draft.fingerprint else None,
+            peer=privacy.seal(key, draft.peer) if draft.peer else None,
+            details=MappingProxyType(details),
+        )
+
+    async def audit_head(self) -> tuple[int, str] | None:
+        """The (seq, hash) the registry last appended, to detect removal of the newest entries."""
+        async with self._lock, self.db.execute("SELECT value FROM meta_text WHERE key = 'audit_head'") as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        seq, _, digest = str(row[0]).partition(":")
+        return int(seq), digest
+
+    async def resolve_audit(self, entries: Sequence[AuditEntry]) -> list[AuditEntry]:
+        """Entries with device refs and sealed peers resolved, for devices that still exist."""
+        async with self._lock, self.db.execute("SELECT device_id, ref_key FROM device_keys") as cur:
+            rows = await cur.fetchall()
+        by_ref = {privacy.device_ref(bytes(k), d): (d, bytes(k)) for d, k in rows}
+        out = []
+        for e in entries:
+            found = by_ref.get(e.draft.device_id or "")
+            if found is None:
+                out.append(e)
+                continue
+            device_id, key = found
+            peer = privacy.unseal(key, e.draft.peer) if e.draft.peer else None
+            out.append(
+                dataclasses.replace(e, draft=dataclasses.replace(e.draft, device_id=device_id, peer=peer))
+            )
+        return out
 
     # -- last_seen (write-behind) ----------------------------------------------------------
     def note_seen(self, device_id: str, at: datetime) -> None:
@@ -529,6 +804,14 @@ class SQLiteRegistry:
                 ) as cur:
                     for row in await cur.fetchall():
                         existing[row[0]] = _record(row)
+            erased: set[str] = set()
+            if provisions:
+                refs = {privacy.tombstone_ref(self._salt, p.identity.cert_fingerprint) for p in provisions}
+                marks = ",".join("?" * len(refs))
+                async with db.execute(
+                    f"SELECT ref FROM tombstones WHERE ref IN ({marks})", sorted(refs)
+                ) as cur:
+                    erased = {r[0] for r in await cur.fetchall()}
             known = sorted(i for i in ids if i in existing)
             if known and any(p.policy != "reject" for p in provisions):
                 marks = ",".join("?" * len(known))
@@ -544,6 +827,13 @@ class SQLiteRegistry:
             for i, op in enumerate(batch):
                 if isinstance(op, _Audit):
                     drafts.extend(op.drafts)
+                    continue
+                if privacy.tombstone_ref(self._salt, op.identity.cert_fingerprint) in erased:
+                    # Nothing that names the erased device is written again, not even in the audit trail.
+                    results[i] = errors.DeviceErased(
+                        "this certificate belonged to an erased device and stays refused",
+                        detail=privacy.tombstone_ref(self._salt, op.identity.cert_fingerprint),
+                    )
                     continue
                 outcome = self._decide(op, existing.get(op.identity.device_id), superseded)
                 if isinstance(outcome, errors.ProvisioningError):
@@ -637,7 +927,7 @@ class SQLiteRegistry:
             return ProvisionOutcome(
                 record=fresh, created=True, event=provisioned_event(fresh, event_id=new_event_id(), at=op.at)
             )
-        if current.status not in (DeviceStatus.ACTIVE, DeviceStatus.QUARANTINED):
+        if current.status not in ADMITTED:
             return errors.DeviceBlocked(
                 f"device {ident.device_id!r} is {current.status}",
                 device_id=ident.device_id,

@@ -32,7 +32,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from jitp import errors
-from jitp.acl import Namespace, valid_filter
+from jitp.acl import Namespace, status_topic, valid_filter
 from jitp.identity import DeviceIdentity, check_device_id, id_problem
 from jitp.trust import VerifiedChain
 
@@ -275,7 +275,7 @@ class EnrollmentTemplate:
         except _UnsafeValue:
             return Namespace(publish=(), subscribe=())
         own = f"$jitp/devices/{device_id}/#"
-        return Namespace(publish=pub, subscribe=(*sub, own))
+        return Namespace(publish=(*pub, status_topic(device_id)), subscribe=(*sub, own))
 
 
 class _UnsafeValue(Exception):

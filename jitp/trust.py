@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import itertools
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -262,15 +263,65 @@ class TrustStore:
     _by_id: dict[str, TrustAnchor] = field(default_factory=dict, compare=False, repr=False)
     _store: Store | None = field(default=None, compare=False, repr=False)
     _disabled: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+    _revoked: dict[str, frozenset[int]] = field(default_factory=dict, compare=False, repr=False)
+    _crl_next_update: dict[str, datetime | None] = field(default_factory=dict, compare=False, repr=False)
+    stale_crl: str = "keep"
 
     @classmethod
-    def of(cls, anchors: Iterable[TrustAnchor], *, version: int = 0) -> TrustStore:
+    def of(
+        cls,
+        anchors: Iterable[TrustAnchor],
+        *,
+        version: int = 0,
+        crls: dict[str, bytes] | None = None,
+        stale_crl: str = "keep",
+    ) -> TrustStore:
+        """``crls``: CRL DER by CA id (already verified at import). ``stale_crl``: what a CRL past
+        its nextUpdate means: ``keep`` enforcing it (default) or ``refuse`` every certificate it covers."""
         anchors = tuple(anchors)
         enabled = tuple(a for a in anchors if a.enabled)
         by_id = {a.ca_id: a for a in enabled}
         disabled = frozenset(a.ca_id for a in anchors if not a.enabled) - by_id.keys()
         store = Store([a.certificate for a in enabled]) if enabled else None
-        return cls(anchors=enabled, version=version, _by_id=by_id, _store=store, _disabled=disabled)
+        revoked: dict[str, frozenset[int]] = {}
+        next_update: dict[str, datetime | None] = {}
+        for ca_id, der in (crls or {}).items():
+            crl = x509.load_der_x509_crl(der)
+            revoked[ca_id] = frozenset(r.serial_number for r in crl)
+            next_update[ca_id] = crl.next_update_utc
+        return cls(
+            anchors=enabled,
+            version=version,
+            _by_id=by_id,
+            _store=store,
+            _disabled=disabled,
+            _revoked=revoked,
+            _crl_next_update=next_update,
+            stale_crl=stale_crl,
+        )
+
+    def stale_crls(self, now: datetime) -> list[str]:
+        """CA ids whose CRL is past its nextUpdate."""
+        return [ca for ca, nu in self._crl_next_update.items() if nu is not None and now > nu]
+
+    def _check_revocation(self, chain: tuple[x509.Certificate, ...], *, now: datetime, fp: str) -> None:
+        for cert, issuer in itertools.pairwise(chain):
+            ca_id = fingerprint(issuer)
+            serials = self._revoked.get(ca_id)
+            if serials is None:
+                continue
+            if cert.serial_number in serials:
+                which = "certificate" if cert is chain[0] else f"intermediate CA {cert.serial_number:x}"
+                raise errors.CertificateRevoked(
+                    f"the {which} is listed in its CA's revocation list", fingerprint=fp, detail=ca_id
+                )
+            next_update = self._crl_next_update.get(ca_id)
+            if self.stale_crl == "refuse" and next_update is not None and now > next_update:
+                raise errors.StaleCrl(
+                    f"the CRL of CA {ca_id[:16]} expired on {next_update.isoformat()} (trust.stale_crl: refuse)",
+                    fingerprint=fp,
+                    detail=ca_id,
+                )
 
     def get(self, ca_id: str) -> TrustAnchor | None:
         return self._by_id.get(ca_id)
@@ -310,6 +361,8 @@ class TrustStore:
                 "the certificate does not chain to an enabled, registered CA", fingerprint=fp, detail=str(exc)
             ) from None
         chain = tuple(verified.chain)
+        if self._revoked:
+            self._check_revocation(chain, now=now, fp=fp)
         # The nearest registered CA above the leaf decides the role, region and template.
         # A disabled CA on the way up vetoes the chain.
         for cert in chain[1:]:
@@ -324,3 +377,23 @@ class TrustStore:
                     leaf=leaf, leaf_der=chain_der[0], fingerprint=fp, anchor=anchor, chain=chain
                 )
         raise errors.UntrustedChain("the chain ends at no registered CA", fingerprint=fp)  # pragma: no cover
+
+
+def parse_crl(data: bytes, anchor: TrustAnchor, *, now: datetime) -> x509.CertificateRevocationList:
+    """A CRL (PEM or DER) issued by ``anchor``, with its signature verified; else InvalidRequest."""
+    try:
+        crl = x509.load_pem_x509_crl(data) if b"-----BEGIN" in data else x509.load_der_x509_crl(data)
+    except ValueError as exc:
+        raise errors.InvalidRequest(f"not a CRL: {exc}") from None
+    ca = anchor.certificate
+    if crl.issuer != ca.subject:
+        raise errors.InvalidRequest(
+            f"the CRL is issued by {crl.issuer.rfc4514_string()}, not by this CA ({anchor.subject})"
+        )
+    if not crl.is_signature_valid(ca.public_key()):  # type: ignore[arg-type]
+        raise errors.InvalidRequest("the CRL's signature does not verify against this CA's key")
+    if crl.last_update_utc > now:
+        raise errors.InvalidRequest(
+            f"the CRL's thisUpdate {crl.last_update_utc.isoformat()} is in the future"
+        )
+    return crl

@@ -150,6 +150,16 @@ class BrokerThread:
         return self.call(self.registry().events(device_id))
 
     def audit(self) -> list[Any]:
+        """Audit entries with device references resolved (what `jitp audit export` shows)."""
+
+        async def go() -> list[Any]:
+            registry = self.registry()
+            return list(await registry.resolve_audit(await registry.audit_entries()))
+
+        return self.call(go())
+
+    def raw_audit(self) -> list[Any]:
+        """Audit entries as stored: pseudonymous."""
         return self.call(self.registry().audit_entries())
 
     def session_count(self) -> int:

@@ -89,7 +89,10 @@ def test_template_renders_id_attributes_region_namespace_and_profile(
         assert conn.subscribe("$jitp/devices/meter-00a1b2c3/config") == [0]  # max_qos 0 from the profile
         assert conn.wait_for(lambda: any(m.topic.endswith("/config") for m in conn.messages))
         config = json.loads(next(m for m in conn.messages if m.topic.endswith("/config")).payload)
-        assert config["namespace"]["publish"] == ["meters/eu-west/meter-00a1b2c3/#"]
+        assert config["namespace"]["publish"] == [
+            "meters/eu-west/meter-00a1b2c3/#",
+            "$jitp/devices/meter-00a1b2c3/status",
+        ]
         assert config["profile"]["max_message_size"] == 64
         assert config["profile"]["hints"] == {"endpoint": "eu-west.example.com"}
     finally:

@@ -345,7 +345,10 @@ VALID: dict[str, dict[str, st.SearchStrategy[Any]]] = {
         "max_keepalive": st.integers(1, 65535),
         "keepalive_grace": st.floats(min_value=1.0, max_value=100.0),
     },
-    "trust": {"reload_interval": st.floats(min_value=0.01, max_value=3600)},
+    "trust": {
+        "reload_interval": st.floats(min_value=0.01, max_value=3600),
+        "stale_crl": st.sampled_from(["keep", "refuse"]),
+    },
     "sqlite": {
         "synchronous": st.sampled_from(["full", "normal"]),
         "batch_window_ms": st.floats(min_value=0.0, max_value=1000.0),
