@@ -27,7 +27,7 @@ log = logging.getLogger("jitp.server")
 
 STALE_CRL_REPORT_INTERVAL = 300.0  # seconds between repeated errors about a CRL past nextUpdate
 CLOSING_EVENTS = ("revoked", "disabled", "deprovisioned", "erased")
-NAMESPACE_EVENTS = ("quarantined", "enabled", "allowed")
+NAMESPACE_EVENTS = ("quarantined", "enabled", "allowed", "config-changed")
 
 PLUGINS = {
     "broker_plugins.auth.JitpAuthPlugin": {},
@@ -52,6 +52,7 @@ class JitpServer:
         self._broker: JitpBroker | None = None
         self._service: ProvisioningService | None = None
         self._tls: TlsContextHolder | None = None
+        self._templates_version = 0
 
     @property
     def broker(self) -> JitpBroker:
@@ -169,14 +170,30 @@ class JitpServer:
                     "session-closed", device_id=client_id, reason=exc.reason, details={"message": exc.message}
                 )
 
+    async def reload_templates(self) -> None:
+        """SIGHUP, or a `jitp templates reload` seen in the registry: new templates, re-rendered configs."""
+        try:
+            templates = TemplateSet.load(self.config.templates_dir)
+        except errors.ConfigError as exc:
+            log.error("templates not reloaded (keeping the current ones): %s", exc)
+            return
+        events = await self.service.reload_templates(templates, actor="broker")
+        self._templates_version = await self.service.registry.templates_version()
+        log.info(
+            "templates reloaded from %s: %d config-changed event(s)", self.config.templates_dir, len(events)
+        )
+
     async def _trust_loop(self) -> None:
         last_report = time.monotonic()
+        self._templates_version = await self.service.registry.templates_version()
         while True:
             await asyncio.sleep(self.config.trust.reload_interval)
             try:
                 await self.service.refresh_trust()
+                if await self.service.registry.templates_version() != self._templates_version:
+                    await self.reload_templates()
             except errors.ProvisioningError as exc:
-                log.error("trust reload failed (keeping the current anchors): %s", exc)
+                log.error("trust or template reload failed (keeping the current ones): %s", exc)
             if time.monotonic() - last_report > STALE_CRL_REPORT_INTERVAL:
                 last_report = time.monotonic()
                 self.service.report_stale_crls()
@@ -190,6 +207,10 @@ async def serve(config: Config, *, on_ready: Callable[[JitpServer], None] | None
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     async with JitpServer(config) as server:
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(
+                signal.SIGHUP, lambda: server.broker.spawn(server.reload_templates(), "reload")
+            )
         if on_ready is not None:
             on_ready(server)
         await stop.wait()

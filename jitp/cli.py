@@ -420,6 +420,24 @@ def cmd_templates_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_templates_reload(args: argparse.Namespace) -> int:
+    """Re-render the configuration of devices whose template changed; running brokers follow within seconds."""
+    templates = TemplateSet.load(
+        _config(args).templates_dir
+    )  # a broken template fails here, changing nothing
+
+    async def go(registry: SQLiteRegistry) -> int:
+        service = ProvisioningService(registry)
+        events = await service.reload_templates(templates, actor=f"local-admin:{_who()}")
+        await registry.bump_templates_version()  # running brokers load the new templates too
+        print(
+            f"templates reloaded: {', '.join(templates.names())}; {len(events)} device configuration(s) changed"
+        )
+        return 0
+
+    return _run(args, go)
+
+
 def cmd_templates_test(args: argparse.Namespace) -> int:
     """Dry run: what a certificate would become under a template, or exactly why it would be refused."""
     config = _config(args)
@@ -601,6 +619,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = tpl.add_parser("list", help="templates in templates_dir")
     data_opts(p)
     p.set_defaults(handler=cmd_templates_list)
+    p = tpl.add_parser(
+        "reload", help="re-render device configs after a template change (publishes config-changed)"
+    )
+    data_opts(p)
+    p.set_defaults(handler=cmd_templates_reload)
     p = tpl.add_parser("test", help="dry run: what a certificate would become, or why it is refused")
     p.add_argument("name")
     p.add_argument("--cert", required=True, help="device certificate chain (PEM, leaf first)")

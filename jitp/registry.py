@@ -117,6 +117,20 @@ class Registry(Protocol):
         """Remove every piece of personal or identifying data of a device; keep a tombstone."""
         ...
 
+    async def templates_version(self) -> int:
+        """Changes whenever some node or the CLI changed device configs from templates."""
+        ...
+
+    async def bump_templates_version(self) -> None:
+        """Tell every node to reload its templates."""
+        ...
+
+    async def update_configs(
+        self, records: Sequence[DeviceRecord], *, at: datetime, actor: str, template: str
+    ) -> list[ProvisioningEvent]:
+        """Store re-rendered device configurations with a config-changed event each, atomically."""
+        ...
+
     async def import_crl(
         self,
         ca_id: str,

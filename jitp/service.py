@@ -176,6 +176,52 @@ class ProvisioningService:
             )
         return crl
 
+    async def reload_templates(self, templates: TemplateSet, *, actor: str) -> list[ProvisioningEvent]:
+        """Swap in new templates; re-render and publish the config of every device whose template changed."""
+        previous, self.templates = self.templates, templates
+        events: list[ProvisioningEvent] = []
+        devices = await self.registry.list_devices()
+        for name in templates.names():
+            template = templates.get(name)
+            try:
+                before = previous.get(name)
+            except errors.TemplateNotFound:
+                before = None
+            if before == template:
+                continue
+            changed = []
+            for record in devices:
+                if (record.template or "default") != name:
+                    continue
+                updated = self.rerender(record, template)
+                if updated != record:
+                    changed.append(updated)
+            events += await self.registry.update_configs(changed, at=self.clock(), actor=actor, template=name)
+            log.info(
+                "template %s v%d: %d device configuration(s) changed", name, template.version, len(changed)
+            )
+        if events:
+            self._hand_over(events)
+        return events
+
+    @staticmethod
+    def rerender(record: DeviceRecord, template: EnrollmentTemplate) -> DeviceRecord:
+        """A record's configuration under ``template``, from what the record holds (no certificate needed):
+        static attributes, namespace and profile change; certificate-derived values and the region stay."""
+        static = {rule.name: rule.value for rule in template.attributes if rule.value is not None}
+        attributes = {**dict(record.attributes), **static}
+        namespace = template.namespace(record.device_id, record.region, attributes)
+        config = {
+            "namespace": {"publish": list(namespace.publish), "subscribe": list(namespace.subscribe)},
+            "profile": template.profile.to_json(),
+        }
+        return dataclasses.replace(
+            record,
+            attributes=MappingProxyType(attributes),
+            template_version=template.version,
+            config=MappingProxyType(config),
+        )
+
     def _hand_over(self, events: list[ProvisioningEvent]) -> None:
         for hand_over in self._event_waiters:
             hand_over(events)

@@ -50,6 +50,7 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
     INSERT INTO meta (key, value) VALUES ('trust_version', 1);
+    INSERT INTO meta (key, value) VALUES ('templates_version', 1);
     CREATE TABLE devices (
         device_id TEXT PRIMARY KEY,
         status TEXT NOT NULL,
@@ -361,6 +362,19 @@ class SQLiteRegistry:
         ):
             return [_anchor(r) for r in await cur.fetchall()]
 
+    async def bump_templates_version(self) -> None:
+        async with self._transaction() as db:
+            await db.execute("UPDATE meta SET value = value + 1 WHERE key = 'templates_version'")
+
+    async def templates_version(self) -> int:
+        """Bumped by every template reload, so other nodes reload their templates too."""
+        async with (
+            self._lock,
+            self.db.execute("SELECT value FROM meta WHERE key = 'templates_version'") as cur,
+        ):
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
     async def trust_version(self) -> int:
         async with self._lock, self.db.execute("SELECT value FROM meta WHERE key = 'trust_version'") as cur:
             row = await cur.fetchone()
@@ -544,6 +558,44 @@ class SQLiteRegistry:
             "INSERT INTO outbox (event_id, type, device_id, occurred_at, payload) VALUES (?, ?, ?, ?, ?)",
             [(e.event_id, e.type, e.device_id, _ts(e.occurred_at), e.payload) for e in events],
         )
+
+    # -- templates -------------------------------------------------------------------------
+    async def update_configs(
+        self, records: Sequence[DeviceRecord], *, at: datetime, actor: str, template: str
+    ) -> list[ProvisioningEvent]:
+        """Store re-rendered configurations, each with a config-changed event, in one transaction."""
+        if not records:
+            return []
+        events = [
+            provisioned_event(r, event_id=new_event_id(), at=at, type="config-changed") for r in records
+        ]
+        async with self._transaction() as db:
+            await db.executemany(
+                "UPDATE devices SET attributes = ?, template_version = ?, config = ? WHERE device_id = ? AND template = ?",
+                [
+                    (
+                        json.dumps(dict(r.attributes), sort_keys=True),
+                        r.template_version,
+                        json.dumps(dict(r.config), sort_keys=True),
+                        r.device_id,
+                        template,
+                    )
+                    for r in records
+                ],
+            )
+            await self._insert_events(db, events)
+            await self._append_audit_tx(
+                db,
+                [
+                    AuditDraft(
+                        at=at,
+                        action="template-changed",
+                        actor=actor,
+                        details=MappingProxyType({"template": template, "devices": str(len(records))}),
+                    )
+                ],
+            )
+        return events
 
     # -- CRLs ------------------------------------------------------------------------------
     async def import_crl(

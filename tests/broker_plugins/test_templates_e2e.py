@@ -229,3 +229,85 @@ def test_ext_value_with_long_der_length(pki: Pki) -> None:
     raw = b"\x0c\x82" + len(long).to_bytes(2, "big") + long.encode()
     assert _der_string(raw) == long
     assert certs  # the module is used to build the identities above
+
+
+def test_template_change_and_reload_publishes_config_changed(tmp_path: Path, pki: Pki) -> None:
+    import subprocess
+    import sys
+
+    b = start(tmp_path, pki)
+    try:
+        svc = connect(b.port, pki, pki.service())
+        assert svc.subscribe("$jitp/events/config-changed/#") == [1]
+        dev = connect(b.port, pki, pki.identity(meter_subject("SM-00000abc")), client_id="meter-00000abc")
+        assert dev.rc == 0
+        assert dev.subscribe("$jitp/devices/meter-00000abc/config") == [0]
+        assert dev.wait_for(lambda: len(dev.messages) >= 1)
+        # The operator raises the message size limit and adds a static attribute.
+        tfile = tmp_path / "templates" / "meter.yaml"
+        text = tfile.read_text().replace("max_message_size: 64", "max_message_size: 128")
+        text = text.replace("version: 3", "version: 4").replace(
+            "  type: smart-meter", "  type: smart-meter\n  tier: gold"
+        )
+        tfile.write_text(text)
+        cfg = tmp_path / "jitp.yaml"
+        cfg.write_text(f"templates_dir: {tmp_path / 'templates'}\n")
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "jitp.cli",
+                "templates",
+                "reload",
+                "--config",
+                str(cfg),
+                "--data-dir",
+                str(tmp_path / "data"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        assert "1 device configuration(s) changed" in out.stdout
+        assert svc.wait_for(lambda: len(svc.messages) >= 1, timeout=6)
+        doc = json.loads(svc.messages[0].payload)
+        assert doc["type"] == "config-changed"
+        assert doc["template_version"] == 4 and doc["profile"]["max_message_size"] == 128
+        assert doc["attributes"]["tier"] == "gold"
+        # The device reads its new configuration (retained, republished).
+        assert dev.wait_for(
+            lambda: any(json.loads(m.payload)["profile"]["max_message_size"] == 128 for m in dev.messages),
+            timeout=6,
+        )
+        [record] = b.devices()
+        assert record.template_version == 4
+        # The live session is held to the new profile: 100 bytes now pass (the old limit was 64).
+        info = dev.client.publish("meters/eu-west/meter-00000abc/t", b"y" * 100, qos=1)
+        info.wait_for_publish(5)
+        time.sleep(0.3)
+        assert not dev.disconnected.is_set()
+        # A second reload with nothing changed publishes nothing new.
+        again = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "jitp.cli",
+                "templates",
+                "reload",
+                "--config",
+                str(cfg),
+                "--data-dir",
+                str(tmp_path / "data"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert "0 device configuration(s) changed" in again.stdout
+        time.sleep(2.5)
+        assert len(svc.messages) == 1
+        dev.close()
+        svc.close()
+    finally:
+        b.stop()
