@@ -71,7 +71,9 @@ class JitpEventsPlugin(BasePlugin[BrokerContext]):
         """Re-retain a device's configuration if the broker lost it (retained messages live in memory)."""
         admission = client_session.attributes.get(ADMISSION)
         record = getattr(admission, "record", None)
-        if record is None or config_topic(record.device_id) in self.context.retained_messages:
+        if record is None or admission.created or admission.reprovisioned:
+            return  # a new (or renewed) device gets its config with its event, from the publisher
+        if config_topic(record.device_id) in self.context.retained_messages:
             return
         doc = {
             "device_id": record.device_id,

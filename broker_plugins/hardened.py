@@ -40,6 +40,10 @@ W9 TLS_READ_BUFFER        not amqtt but asyncio: every TLS connection allocates 
 W10 DEVICE_STATUS         stock amqtt disconnects any client that publishes to a $-topic; a jitp
                           device may publish its own ``$jitp/devices/<id>/status`` (and nothing
                           else under $), as the topic ACL decides.
+W11 LEAN_SESSION_STATE    amqtt builds a ``transitions.Machine`` for every Session, ~12% of broker
+                          CPU per connect. Sessions made for CONNECTs use :class:`LeanSessionState`,
+                          the same three states and transitions (``new``, ``connected``,
+                          ``disconnected``) without the library; property-tested against it.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ from amqtt.mqtt.connack import NOT_AUTHORIZED, SERVER_UNAVAILABLE, ConnackPacket
 from amqtt.mqtt.constants import QOS_0
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
+from transitions import MachineError
 
 from broker_plugins.tls import handshake_refusal
 from jitp import errors
@@ -153,6 +158,59 @@ def lean_tls_read_buffer(nbytes: int) -> int:
     previous = int(sslproto.SSLProtocol.max_size)
     sslproto.SSLProtocol.max_size = nbytes
     return previous
+
+
+class LeanSessionState:
+    """W11: what amqtt's Session needs from its ``transitions.Machine``, without building one.
+
+    States ``new``, ``connected``, ``disconnected``; ``connect`` from new or disconnected,
+    ``disconnect`` from any state (re-entering ``disconnected`` runs its callback again, as
+    transitions does); the Session's enter callbacks keep its connect/disconnect times.
+    """
+
+    __slots__ = ("_session", "state")
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        self.state = "new"
+
+    def connect(self) -> bool:
+        if self.state == "connected":
+            raise MachineError("Can't trigger event connect from state connected!")
+        self.state = "connected"
+        self._session._on_enter_connected()
+        return True
+
+    def disconnect(self) -> bool:
+        self.state = "disconnected"
+        self._session._on_enter_disconnected()
+        return True
+
+    def is_new(self) -> bool:
+        return self.state == "new"
+
+    def is_connected(self) -> bool:
+        return self.state == "connected"
+
+    def is_disconnected(self) -> bool:
+        return self.state == "disconnected"
+
+
+class JitpSession(Session):
+    """An amqtt Session with :class:`LeanSessionState` (W11)."""
+
+    def _init_states(self) -> None:
+        self.transitions = LeanSessionState(self)  # type: ignore[assignment]
+
+
+def use_lean_sessions() -> None:
+    """W11: amqtt's CONNECT path (``BrokerProtocolHandler.init_from_connect``) creates ``Session()``
+    by its module-level name; point that name at :class:`JitpSession`."""
+    from amqtt.mqtt.protocol import broker_handler
+
+    if getattr(broker_handler, "Session", None) not in (Session, JitpSession):
+        raise AmqttIncompatible("amqtt.mqtt.protocol.broker_handler.Session moved; re-check W11")
+    broker_handler.Session = JitpSession  # type: ignore[misc]
 
 
 class PacketTooLarge(AMQTTError):
@@ -252,6 +310,7 @@ class JitpBroker(Broker):
 
     def __init__(self, server: JitpServer, config: dict[str, Any]) -> None:
         check_amqtt_internals()
+        use_lean_sessions()
         super().__init__(config)
         self.jitp = server
         self._listener: asyncio.Server | None = None
