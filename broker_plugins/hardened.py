@@ -36,7 +36,7 @@ W8 DEVICE_PROFILE        a device's connectivity profile (from its enrollment te
 W9 TLS_READ_BUFFER        not amqtt but asyncio: every TLS connection allocates (and zero-fills) a
                           256 KiB read buffer (``asyncio.sslproto.SSLProtocol.max_size``), most of
                           the ~350 KB per held connection and ~9% of broker CPU per connect.
-                          :func:`lean_tls_read_buffer` sets it process-wide (32 KiB by default).
+                          :func:`lean_tls_read_buffer` sets it process-wide (17 KiB, one TLS record, by default).
 W10 DEVICE_STATUS         stock amqtt disconnects any client that publishes to a $-topic; a jitp
                           device may publish its own ``$jitp/devices/<id>/status`` (and nothing
                           else under $), as the topic ACL decides.

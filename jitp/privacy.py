@@ -64,7 +64,8 @@ def unseal(key: bytes, token: str) -> str | None:
 
 
 def scrub(text: str, *secrets: str) -> str:
-    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
-        text = text.replace(secret, DEVICE_PLACEHOLDER)
-        text = text.replace(repr(secret), DEVICE_PLACEHOLDER)
+    """``text`` with each secret (and its repr) replaced by ``<device>``, longest first."""
+    present = [s for s in secrets if s and s in text]
+    for secret in sorted(present, key=len, reverse=True):
+        text = text.replace(repr(secret), DEVICE_PLACEHOLDER).replace(secret, DEVICE_PLACEHOLDER)
     return text

@@ -57,11 +57,11 @@ def test_w11_broker_sessions_are_lean(broker: BrokerThread, pki: Pki) -> None:
 
 
 def test_w9_tls_read_buffer(broker: BrokerThread, pki: Pki) -> None:
-    """asyncio allocates a 256 KiB read buffer per TLS connection; jitp's broker uses 32 KiB."""
-    assert sslproto.SSLProtocol.max_size == broker.config.listener.tls_read_buffer == 32 * 1024
+    """asyncio allocates a 256 KiB read buffer per TLS connection; jitp uses one TLS record, 17 KiB."""
+    assert sslproto.SSLProtocol.max_size == broker.config.listener.tls_read_buffer == 17 * 1024
     previous = hardened.lean_tls_read_buffer(256 * 1024)
     try:
-        assert previous == 32 * 1024
+        assert previous == 17 * 1024
 
         async def buffer_of_a_new_connection() -> int:
             ctx = client_context(pki, pki.device("buf-1"))
@@ -72,7 +72,7 @@ def test_w9_tls_read_buffer(broker: BrokerThread, pki: Pki) -> None:
 
         assert asyncio.run(buffer_of_a_new_connection()) == 256 * 1024  # the stock size, per connection
     finally:
-        hardened.lean_tls_read_buffer(32 * 1024)
+        hardened.lean_tls_read_buffer(17 * 1024)
 
 
 def test_peer_chain_is_the_verified_chain(broker: BrokerThread, pki: Pki) -> None:
