@@ -4,6 +4,8 @@ One asyncio process drives thousands of simulated devices, each with its own cer
 a lean MQTT 3.1.1 client. The Python API::
 
     fleet = create_fleet(pki_dir, 1000, out)            # or Fleet.load(out)
+    # or one CA per region: create_region_fleet(pki_dir, {"eu-west": 500, "us-east": 500}, out),
+    # then register each fleet.regions[r].cert with --region r; report.by_region() breaks results down
     target = Target("127.0.0.1", 8883, ca=pki_dir / "root-ca.pem")
     report = await run_storm(target, fleet, concurrency=200, service=ServiceCreds.from_pki(pki_dir),
                              registry_path=data_dir / "registry.db")
@@ -11,8 +13,27 @@ a lean MQTT 3.1.1 client. The Python API::
 """
 
 from device_sim.backoff import Backoff
-from device_sim.fleet import DeviceCreds, Fleet, ServiceCreds, Target, create_fleet
-from device_sim.report import ChaosResult, EventCheck, HoldStats, JoinOutcome, RegistryCheck, Report
+from device_sim.fleet import (
+    DeviceCreds,
+    Fleet,
+    RegionCA,
+    RegionSpec,
+    ServiceCreds,
+    Target,
+    create_fleet,
+    create_region_fleet,
+    parse_regions,
+)
+from device_sim.report import (
+    ChaosResult,
+    EventCheck,
+    HoldStats,
+    JoinOutcome,
+    RegionEvents,
+    RegionResult,
+    RegistryCheck,
+    Report,
+)
 from device_sim.scenarios import run_chaos, run_hold, run_ramp, run_reconnect, run_storm
 
 __all__ = [
@@ -23,11 +44,17 @@ __all__ = [
     "Fleet",
     "HoldStats",
     "JoinOutcome",
+    "RegionCA",
+    "RegionEvents",
+    "RegionResult",
+    "RegionSpec",
     "RegistryCheck",
     "Report",
     "ServiceCreds",
     "Target",
     "create_fleet",
+    "create_region_fleet",
+    "parse_regions",
     "run_chaos",
     "run_hold",
     "run_ramp",

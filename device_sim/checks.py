@@ -7,15 +7,16 @@ import contextlib
 import json
 import random
 import time
-from collections.abc import Collection, Iterable
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from device_sim.backoff import Backoff
 from device_sim.fleet import ServiceCreds, Target, client_context
 from device_sim.mqtt import ConnectFailed, Message, MqttClient
-from device_sim.report import EventCheck, RegistryCheck
+from device_sim.report import EventCheck, RegionEvents, RegistryCheck
 
 EVENTS_FILTER = "$jitp/events/provisioned/+"
 _PREFIX = "$jitp/events/provisioned/"
@@ -27,6 +28,7 @@ class SeenEvent:
     event_id: str
     occurred_at: datetime | None
     received_at: float  # perf_counter()
+    region: str | None = None  # the region the event names
 
 
 class EventWatcher:
@@ -56,9 +58,17 @@ class EventWatcher:
 
     async def _connect(self) -> MqttClient:
         t = self.target
-        client = await MqttClient.connect(t.host, t.port, ssl_context=self._ctx, client_id=self.creds.client_id,
-                                          server_hostname=t.server_hostname, keepalive=60, clean=False,
-                                          time_limit=t.connect_timeout, on_message=self._on_message)
+        client = await MqttClient.connect(
+            t.host,
+            t.port,
+            ssl_context=self._ctx,
+            client_id=self.creds.client_id,
+            server_hostname=t.server_hostname,
+            keepalive=60,
+            clean=False,
+            time_limit=t.connect_timeout,
+            on_message=self._on_message,
+        )
         codes = await client.subscribe([(EVENTS_FILTER, 1)])
         if codes != [1]:
             await client.disconnect()
@@ -95,13 +105,15 @@ class EventWatcher:
             device_id = str(doc["device_id"])
             event_id = str(doc["event_id"])
             occurred = _parse_time(doc.get("occurred_at"))
+            region = doc.get("region")
+            region = None if region is None else str(region)
         except (ValueError, KeyError, TypeError):
             self.malformed += 1
             return
         if occurred is not None and occurred < self.since:
             self.stale += 1
             return
-        self.events.append(SeenEvent(device_id, event_id, occurred, msg.received_at))
+        self.events.append(SeenEvent(device_id, event_id, occurred, msg.received_at, region))
         self._changed.set()
 
     def first_seen(self) -> dict[str, float]:
@@ -144,18 +156,53 @@ class EventWatcher:
         if self._client is not None:
             await self._client.disconnect()
 
-    def check(self, expected: Iterable[str], *, run_devices: Collection[str]) -> EventCheck:
-        """Compare what was seen with the devices ``expected`` to produce a new event."""
+    def check(
+        self,
+        expected: Iterable[str],
+        *,
+        run_devices: Collection[str],
+        regions: Mapping[str, str | None] | None = None,
+    ) -> EventCheck:
+        """Compare what was seen with the devices ``expected`` to produce a new event.
+
+        ``regions``: the region each device's event must carry (device id -> region; None or
+        absent: not checked). Every event of such a device that names another region is a mismatch,
+        and the check is broken down by expected region.
+        """
         expected_set = set(expected)
         run_set = set(run_devices)
+        regions = regions or {}
         by_device: dict[str, set[str]] = {}
+        named: dict[str, set[str | None]] = {}
         deliveries = 0
         for e in self.events:
             if e.device_id not in run_set:
                 continue
             by_device.setdefault(e.device_id, set()).add(e.event_id)
+            named.setdefault(e.device_id, set()).add(e.region)
             deliveries += 1
         distinct = sum(len(ids) for ids in by_device.values())
+        mismatches: list[str] = []
+        tallies: dict[str, _RegionTally] = {}
+        for device in sorted(run_set):
+            want = regions.get(device)
+            if want is None:
+                continue
+            tally = tallies.setdefault(want, _RegionTally())
+            if device in expected_set:
+                tally.expected += 1
+                if device in by_device:
+                    tally.seen += 1
+                else:
+                    tally.lost += 1
+            if len(by_device.get(device, ())) > 1:
+                tally.duplicates += 1
+            got = named.get(device, set())
+            tally.observed.update(str(r) for r in got)
+            wrong = sorted(str(r) for r in got if r != want)
+            if wrong:
+                tally.mismatched += 1
+                mismatches.append(f"{device}: expected {want}, got {', '.join(wrong)}")
         return EventCheck(
             expected=len(expected_set),
             seen=len(expected_set & by_device.keys()),
@@ -165,6 +212,23 @@ class EventWatcher:
             lost=tuple(sorted(expected_set - by_device.keys())),
             redeliveries=deliveries - distinct,
             stale=self.stale,
+            region_mismatches=tuple(mismatches),
+            by_region={r: t.freeze() for r, t in tallies.items()},
+        )
+
+
+@dataclass
+class _RegionTally:
+    expected: int = 0
+    seen: int = 0
+    lost: int = 0
+    duplicates: int = 0
+    mismatched: int = 0
+    observed: Counter[str] = field(default_factory=Counter)
+
+    def freeze(self) -> RegionEvents:
+        return RegionEvents(
+            self.expected, self.seen, self.lost, self.duplicates, self.mismatched, dict(self.observed)
         )
 
 
@@ -181,6 +245,7 @@ class RegistrySnapshot:
 
     provisioned_at: dict[str, datetime]
     event_counts: dict[str, int]
+    regions: dict[str, str] | None = None  # device id -> recorded region
 
     @classmethod
     async def read(cls, registry_path: Path) -> RegistrySnapshot:
@@ -195,15 +260,33 @@ class RegistrySnapshot:
         for ev in events:
             if ev.type == "provisioned":
                 counts[ev.device_id] = counts.get(ev.device_id, 0) + 1
-        return cls({d.device_id: d.provisioned_at for d in devices}, counts)
+        return cls(
+            {d.device_id: d.provisioned_at for d in devices},
+            counts,
+            {d.device_id: d.region for d in devices},
+        )
 
-    def check(self, joined: Iterable[str], *, refused: Iterable[str] = ()) -> RegistryCheck:
+    def check(
+        self,
+        joined: Iterable[str],
+        *,
+        refused: Iterable[str] = (),
+        regions: Mapping[str, str | None] | None = None,
+    ) -> RegistryCheck:
+        """``regions``: the region each joined device must be recorded with (None: not checked)."""
         joined = list(joined)
+        recorded = self.regions or {}
+        wrong: list[str] = []
+        for d in joined:
+            want = (regions or {}).get(d)
+            if want is not None and d in recorded and recorded[d] != want:
+                wrong.append(f"{d}: expected {want}, got {recorded[d]}")
         return RegistryCheck(
             checked=len(joined),
             missing=tuple(d for d in joined if d not in self.provisioned_at),
             event_counts_wrong=tuple(d for d in joined if self.event_counts.get(d, 0) != 1),
             leaked=tuple(d for d in refused if d in self.provisioned_at or d in self.event_counts),
+            region_mismatches=tuple(wrong),
         )
 
     def new_since(self, device_ids: Iterable[str], since: datetime) -> list[str]:

@@ -9,7 +9,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from device_sim.backoff import Backoff
-from device_sim.fleet import Fleet, ServiceCreds, Target, create_fleet, lean_tls_buffers, raise_fd_limit
+from device_sim.fleet import (
+    Fleet,
+    ServiceCreds,
+    Target,
+    create_fleet,
+    create_region_fleet,
+    lean_tls_buffers,
+    parse_regions,
+    raise_fd_limit,
+)
 from device_sim.report import Report, write_histogram
 from device_sim.scenarios import run_chaos, run_hold, run_ramp, run_reconnect, run_storm
 
@@ -17,17 +26,43 @@ SCENARIOS = ("storm", "ramp", "reconnect", "hold", "chaos")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jitp-sim", description="Device fleet simulator and load generator "
-                                     "for mTLS MQTT brokers (jitp, Mosquitto, amqtt, ...).")
+    parser = argparse.ArgumentParser(
+        prog="jitp-sim",
+        description="Device fleet simulator and load generator "
+        "for mTLS MQTT brokers (jitp, Mosquitto, amqtt, ...).",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    fleet = sub.add_parser("fleet", help="device identities").add_subparsers(dest="fleet_command", required=True)
-    p = fleet.add_parser("create", help="issue N device identities under the manufacturer CA (cached)")
+    fleet = sub.add_parser("fleet", help="device identities").add_subparsers(
+        dest="fleet_command", required=True
+    )
+    p = fleet.add_parser(
+        "create",
+        help="issue device identities under the manufacturer CA, or one CA per region (cached)",
+        description="Issue --count devices under the PKI's manufacturer CA, or a multi-region fleet "
+        "with --regions: one manufacturer CA per region (an intermediate under the PKI root, cached in "
+        "the fleet directory), device ids <prefix><region>-<n>. Then register each regional CA with "
+        "its region: the commands are printed.",
+    )
     p.add_argument("--pki", required=True, type=Path, help="a 'jitp pki init' directory")
-    p.add_argument("--count", required=True, type=int)
+    size = p.add_mutually_exclusive_group(required=True)
+    size.add_argument("--count", type=int, help="devices under the manufacturer CA")
+    size.add_argument(
+        "--regions",
+        metavar="REGION=N[:TEMPLATE],...",
+        help="a multi-region fleet, e.g. eu-west=500,us-east=300,ap-south=200 (a template name after "
+        "':' is added to the printed 'jitp ca register' command)",
+    )
     p.add_argument("--out", required=True, type=Path, help="fleet directory")
     p.add_argument("--prefix", default="dev-")
-    p.add_argument("--region", help="recorded in the fleet metadata")
+    p.add_argument(
+        "--region", help="with --count: the region the devices' events must carry (recorded in the fleet)"
+    )
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        help="the broker's data dir, added to the printed 'jitp ca register' commands",
+    )
     p.add_argument("--workers", type=int, help="issuing processes (default: CPU count)")
     p.add_argument("--force", action="store_true", help="re-issue even if a matching fleet exists")
 
@@ -41,8 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--service-key", type=Path)
         p.add_argument("--data-dir", type=Path, help="the broker's local data dir: cross-check its registry")
         p.add_argument("--broker-pid", type=int, help="local broker process: report its CPU and RSS")
-        p.add_argument("--source-ip", action="append", default=[],
-                       help="local source address to spread connections over (repeatable, e.g. 127.0.0.2)")
+        p.add_argument(
+            "--source-ip",
+            action="append",
+            default=[],
+            help="local source address to spread connections over (repeatable, e.g. 127.0.0.2)",
+        )
         p.add_argument("--timeout", type=float, default=30.0, help="per connect attempt, seconds")
         p.add_argument("--json", type=Path, help="write the report as JSON")
         p.add_argument("--no-progress", action="store_true")
@@ -87,8 +126,15 @@ def _service(args: argparse.Namespace) -> ServiceCreds | None:
 
 
 async def _run(args: argparse.Namespace) -> Report:
-    target = Target(host=args.host, port=args.port, ca=args.ca, server_hostname=args.server_name,
-                    broker_pid=args.broker_pid, source_addresses=tuple(args.source_ip), connect_timeout=args.timeout)
+    target = Target(
+        host=args.host,
+        port=args.port,
+        ca=args.ca,
+        server_hostname=args.server_name,
+        broker_pid=args.broker_pid,
+        source_addresses=tuple(args.source_ip),
+        connect_timeout=args.timeout,
+    )
     service = _service(args)
     registry = args.data_dir / "registry.db" if args.data_dir else None
     progress = not args.no_progress
@@ -96,32 +142,93 @@ async def _run(args: argparse.Namespace) -> Report:
         return await run_chaos(target, args.pki, service=service, registry_path=registry, progress=progress)
     fleet = Fleet.load(args.fleet)
     backoff = Backoff(base=args.backoff_base, cap=args.backoff_cap, attempts=args.attempts)
-    common = {"service": service, "registry_path": registry, "backoff": backoff, "seed": args.seed,
-              "progress": progress}
+    common = {
+        "service": service,
+        "registry_path": registry,
+        "backoff": backoff,
+        "seed": args.seed,
+        "progress": progress,
+    }
     if args.command == "storm":
-        return await run_storm(target, fleet, n=args.n, concurrency=args.concurrency,
-                               event_timeout=args.event_timeout, **common)  # type: ignore[arg-type]
+        return await run_storm(
+            target, fleet, n=args.n, concurrency=args.concurrency, event_timeout=args.event_timeout, **common
+        )
     if args.command == "ramp":
-        return await run_ramp(target, fleet, rate=args.rate, n=args.n, concurrency=args.concurrency,
-                              event_timeout=args.event_timeout, **common)  # type: ignore[arg-type]
+        return await run_ramp(
+            target,
+            fleet,
+            rate=args.rate,
+            n=args.n,
+            concurrency=args.concurrency,
+            event_timeout=args.event_timeout,
+            **common,
+        )
     if args.command == "reconnect":
-        return await run_reconnect(target, fleet, n=args.n, concurrency=args.concurrency,
-                                   **common)  # type: ignore[arg-type]
+        return await run_reconnect(target, fleet, n=args.n, concurrency=args.concurrency, **common)
     n = args.n if args.n is not None else len(fleet)
-    return await run_hold(target, fleet, n=n, seconds=args.seconds, concurrency=args.concurrency,
-                          keepalive=args.keepalive, publish_interval=args.publish_interval or None,
-                          event_timeout=args.event_timeout, **common)  # type: ignore[arg-type]
+    return await run_hold(
+        target,
+        fleet,
+        n=n,
+        seconds=args.seconds,
+        concurrency=args.concurrency,
+        keepalive=args.keepalive,
+        publish_interval=args.publish_interval or None,
+        event_timeout=args.event_timeout,
+        **common,
+    )
+
+
+def _fleet_create(args: argparse.Namespace) -> int:
+    if args.regions is not None:
+        if args.region is not None:
+            raise SystemExit(
+                "jitp-sim: --region goes with --count; with --regions each region has its own CA"
+            )
+        try:
+            specs = parse_regions(args.regions)
+        except ValueError as exc:
+            raise SystemExit(f"jitp-sim: --regions: {exc}") from None
+        try:
+            fleet = create_region_fleet(
+                args.pki, specs, args.out, prefix=args.prefix, workers=args.workers, force=args.force
+            )
+        except FileNotFoundError as exc:
+            raise SystemExit(f"jitp-sim: error: {exc}") from None
+        print(f"fleet of {len(fleet)} devices in {fleet.dir} across {len(fleet.regions)} regions")
+        width = max(len(r) for r in fleet.regions)
+        for name, ca in fleet.regions.items():
+            ids = [d.device_id for d in fleet.devices if d.region == name]
+            print(f"  {name:<{width}}  {ca.count:>7} devices  CA {ca.cert}  ({ids[0]} .. {ids[-1]})")
+        print("register each regional CA with its region before a run:")
+        for command in fleet.register_commands(data_dir=args.data_dir):
+            print(f"  {command}")
+        return 0
+    try:
+        fleet = create_fleet(
+            args.pki,
+            args.count,
+            args.out,
+            prefix=args.prefix,
+            region=args.region,
+            workers=args.workers,
+            force=args.force,
+        )
+    except FileNotFoundError as exc:
+        raise SystemExit(f"jitp-sim: error: {exc}") from None
+    print(
+        f"fleet of {len(fleet)} devices in {fleet.dir} "
+        f"({fleet.devices[0].device_id} .. {fleet.devices[-1].device_id})"
+        if len(fleet)
+        else f"empty fleet in {fleet.dir}"
+    )
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "fleet":
-        fleet = create_fleet(args.pki, args.count, args.out, prefix=args.prefix, region=args.region,
-                             workers=args.workers, force=args.force)
-        print(f"fleet of {len(fleet)} devices in {fleet.dir} "
-              f"({fleet.devices[0].device_id} .. {fleet.devices[-1].device_id})" if len(fleet) else
-              f"empty fleet in {fleet.dir}")
-        return 0
+        return _fleet_create(args)
     limit = raise_fd_limit()
     lean_tls_buffers()
     try:

@@ -72,10 +72,14 @@ def _packet(kind: int, flags: int, body: bytes) -> bytes:
 
 def connect_packet(client_id: str, *, keepalive: int, clean: bool) -> bytes:
     flags = 0x02 if clean else 0x00
-    return _packet(CONNECT, 0, _str("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive) + _str(client_id))
+    return _packet(
+        CONNECT, 0, _str("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive) + _str(client_id)
+    )
 
 
-def publish_packet(topic: str, payload: bytes, *, qos: int, packet_id: int = 0, retain: bool = False) -> bytes:
+def publish_packet(
+    topic: str, payload: bytes, *, qos: int, packet_id: int = 0, retain: bool = False
+) -> bytes:
     body = _str(topic) + (struct.pack("!H", packet_id) if qos else b"") + payload
     return _packet(PUBLISH, (qos << 1) | int(retain), body)
 
@@ -161,8 +165,14 @@ class ConnectTiming:
 class MqttClient:
     """One MQTT connection. Create with :meth:`connect`; close with :meth:`disconnect` or :meth:`abort`."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client_id: str,
-                 timing: ConnectTiming, on_message: Callable[[MqttClient, Message], None] | None) -> None:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        client_id: str,
+        timing: ConnectTiming,
+        on_message: Callable[[MqttClient, Message], None] | None,
+    ) -> None:
         self.reader = reader
         self.writer = writer
         self.client_id = client_id
@@ -175,10 +185,20 @@ class MqttClient:
         self._reader_task = asyncio.create_task(self._read_loop(), name=f"mqtt-read-{client_id}")
 
     @classmethod
-    async def connect(cls, host: str, port: int, *, ssl_context: ssl.SSLContext | None, client_id: str,
-                      server_hostname: str | None = None, keepalive: int = 60, clean: bool = True,
-                      time_limit: float = 30.0, source_address: str | None = None,
-                      on_message: Callable[[MqttClient, Message], None] | None = None) -> MqttClient:
+    async def connect(
+        cls,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None,
+        client_id: str,
+        server_hostname: str | None = None,
+        keepalive: int = 60,
+        clean: bool = True,
+        time_limit: float = 30.0,
+        source_address: str | None = None,
+        on_message: Callable[[MqttClient, Message], None] | None = None,
+    ) -> MqttClient:
         """TCP connect, TLS handshake, CONNECT, CONNACK; raises :class:`ConnectFailed`."""
         started = time.perf_counter()
         writer: asyncio.StreamWriter | None = None
@@ -187,7 +207,9 @@ class MqttClient:
                 sock = await _tcp_connect(host, port, source_address)
                 try:
                     reader, writer = await asyncio.open_connection(
-                        sock=sock, ssl=ssl_context, limit=2**16,
+                        sock=sock,
+                        ssl=ssl_context,
+                        limit=2**16,
                         server_hostname=(server_hostname or host) if ssl_context else None,
                         ssl_handshake_timeout=time_limit if ssl_context else None,
                     )
@@ -222,7 +244,9 @@ class MqttClient:
             raise self.closed.result() or ConnectFailed("closed")
 
     async def _await(self, fut: asyncio.Future[object], time_limit: float) -> None:
-        done, _ = await asyncio.wait({fut, self.closed}, timeout=time_limit, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            {fut, self.closed}, timeout=time_limit, return_when=asyncio.FIRST_COMPLETED
+        )
         if fut in done:
             fut.result()
             return
@@ -305,8 +329,12 @@ class MqttClient:
                     if qos == 1:
                         self.writer.write(puback_packet(packet_id))
                     if self.on_message is not None:
-                        self.on_message(self, Message(topic, payload, qos, bool(flags & 1), bool(flags & 8),
-                                                      time.perf_counter()))
+                        self.on_message(
+                            self,
+                            Message(
+                                topic, payload, qos, bool(flags & 1), bool(flags & 8), time.perf_counter()
+                            ),
+                        )
                 elif kind in (PUBACK, SUBACK) and len(body) >= 2:
                     (packet_id,) = struct.unpack_from("!H", body, 0)
                     fut = self._acks.get(packet_id)

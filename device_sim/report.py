@@ -23,6 +23,7 @@ class JoinOutcome:
     retried: tuple[str, ...] = ()  # reasons of the attempts that were retried
     started: float | None = None  # perf_counter() at the TCP connect of the last attempt
     connack_latency: float | None = None  # seconds, TCP connect -> CONNACK (accepted attempts)
+    region: str | None = None  # the fleet's region for this device (multi-region fleets)
 
     @property
     def joined(self) -> bool:
@@ -41,10 +42,25 @@ class EventCheck:
     lost: tuple[str, ...]  # expected devices without an event
     redeliveries: int  # the same event_id delivered again (QoS 1 at-least-once; not a failure)
     stale: int  # events from before this run (a persistent session's backlog; ignored)
+    # Devices whose event carried another region than the fleet's, as "device: expected X, got Y".
+    region_mismatches: tuple[str, ...] = ()
+    by_region: Mapping[str, RegionEvents] = field(default_factory=dict)  # by the fleet's region
 
     @property
     def ok(self) -> bool:
-        return not (self.unexpected or self.duplicates or self.lost)
+        return not (self.unexpected or self.duplicates or self.lost or self.region_mismatches)
+
+
+@dataclass(frozen=True)
+class RegionEvents:
+    """Provisioned events of the devices of one (expected) region."""
+
+    expected: int  # devices of the region expected to produce a new event
+    seen: int  # of those, the ones whose event arrived
+    lost: int
+    duplicates: int
+    mismatched: int  # devices whose event named another region
+    observed: Mapping[str, int]  # region named by the events -> devices
 
 
 @dataclass(frozen=True)
@@ -53,10 +69,12 @@ class RegistryCheck:
     missing: tuple[str, ...]  # joined devices absent from the registry
     event_counts_wrong: tuple[str, ...]  # joined devices without exactly one provisioned event
     leaked: tuple[str, ...]  # refused identities that appear in the registry
+    # Joined devices recorded with another region than the fleet's, as "device: expected X, got Y".
+    region_mismatches: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.event_counts_wrong or self.leaked)
+        return not (self.missing or self.event_counts_wrong or self.leaked or self.region_mismatches)
 
 
 @dataclass(frozen=True)
@@ -104,6 +122,35 @@ class ChaosResult:
     @property
     def ok(self) -> bool:
         return self.observed in self.expected
+
+
+@dataclass(frozen=True)
+class RegionResult:
+    """One region of a multi-region run: joins, failures, CONNACK latency and events."""
+
+    region: str
+    devices: int
+    joined: int
+    failures: Mapping[str, int]
+    connack_latencies: tuple[float, ...]
+    events: RegionEvents | None
+
+    @property
+    def ok(self) -> bool:
+        e = self.events
+        return not self.failures and (e is None or not (e.lost or e.duplicates or e.mismatched))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "devices": self.devices,
+            "joined": self.joined,
+            "failures": dict(self.failures),
+            "latency_connack_ms": _latency_json(self.connack_latencies),
+            "events": None
+            if self.events is None
+            else dict(asdict(self.events), observed=dict(self.events.observed)),
+            "ok": self.ok,
+        }
 
 
 def percentile(values: Sequence[float], p: float) -> float | None:
@@ -154,6 +201,25 @@ class Report:
     def connack_latencies(self) -> tuple[float, ...]:
         return tuple(o.connack_latency for o in self.outcomes if o.connack_latency is not None)
 
+    def by_region(self) -> list[RegionResult]:
+        """Per-region breakdown, in order of first appearance; empty if no outcome has a region."""
+        groups: dict[str, list[JoinOutcome]] = {}
+        for o in self.outcomes:
+            if o.region is not None:
+                groups.setdefault(o.region, []).append(o)
+        events = self.events.by_region if self.events is not None else {}
+        return [
+            RegionResult(
+                region=region,
+                devices=len(outs),
+                joined=sum(1 for o in outs if o.joined),
+                failures=dict(Counter(o.reason for o in outs if not o.joined)),
+                connack_latencies=tuple(o.connack_latency for o in outs if o.connack_latency is not None),
+                events=events.get(region) if self.events is not None else None,
+            )
+            for region, outs in groups.items()
+        ]
+
     @property
     def joins_per_second(self) -> float:
         return self.joined / self.duration if self.duration > 0 else 0.0
@@ -168,8 +234,11 @@ class Report:
         """Everything that makes the run a failure (empty list: success)."""
         out: list[str] = []
         if self.chaos:
-            out += [f"chaos {c.name} ({c.device_id!r}): expected {' or '.join(c.expected)}, got {c.observed}"
-                    for c in self.chaos if not c.ok]
+            out += [
+                f"chaos {c.name} ({c.device_id!r}): expected {' or '.join(c.expected)}, got {c.observed}"
+                for c in self.chaos
+                if not c.ok
+            ]
         else:
             out += [f"{n} device(s) failed to join: {reason}" for reason, n in sorted(self.failures.items())]
         if self.events is not None:
@@ -177,24 +246,44 @@ class Report:
             if e.lost:
                 out.append(f"{len(e.lost)} provisioned event(s) lost, e.g. {', '.join(e.lost[:5])}")
             if e.duplicates:
-                out.append(f"{len(e.duplicates)} device(s) with duplicate events, e.g. {', '.join(e.duplicates[:5])}")
+                out.append(
+                    f"{len(e.duplicates)} device(s) with duplicate events, e.g. {', '.join(e.duplicates[:5])}"
+                )
             if e.unexpected:
-                out.append(f"{len(e.unexpected)} unexpected new provisioned event(s), "
-                           f"e.g. {', '.join(e.unexpected[:5])}")
+                out.append(
+                    f"{len(e.unexpected)} unexpected new provisioned event(s), "
+                    f"e.g. {', '.join(e.unexpected[:5])}"
+                )
+            if e.region_mismatches:
+                out.append(
+                    f"{len(e.region_mismatches)} provisioned event(s) with the wrong region, "
+                    f"e.g. {'; '.join(e.region_mismatches[:3])}"
+                )
         if self.registry is not None:
             r = self.registry
             if r.missing:
-                out.append(f"{len(r.missing)} joined device(s) missing from the registry, e.g. {r.missing[:5]}")
+                out.append(
+                    f"{len(r.missing)} joined device(s) missing from the registry, e.g. {r.missing[:5]}"
+                )
             if r.event_counts_wrong:
-                out.append(f"{len(r.event_counts_wrong)} device(s) without exactly one provisioned event in the "
-                           f"registry, e.g. {r.event_counts_wrong[:5]}")
+                out.append(
+                    f"{len(r.event_counts_wrong)} device(s) without exactly one provisioned event in the "
+                    f"registry, e.g. {r.event_counts_wrong[:5]}"
+                )
             if r.leaked:
                 out.append(f"{len(r.leaked)} refused identities found in the registry: {r.leaked[:5]}")
+            if r.region_mismatches:
+                out.append(
+                    f"{len(r.region_mismatches)} device(s) recorded with the wrong region, "
+                    f"e.g. {'; '.join(r.region_mismatches[:3])}"
+                )
         out += list(self.issues)
         if self.hold is not None and not self.hold.ok:
             h = self.hold
-            out.append(f"hold: dropped {dict(h.dropped)}, ping failures {h.ping_failures}, "
-                       f"publish failures {h.publish_failures}")
+            out.append(
+                f"hold: dropped {dict(h.dropped)}, ping failures {h.ping_failures}, "
+                f"publish failures {h.publish_failures}"
+            )
         return out
 
     @property
@@ -209,38 +298,69 @@ class Report:
         if self.chaos:
             for c in self.chaos:
                 verdict = "ok" if c.ok else "FAIL"
-                rows.append((f"  {c.name}", f"{c.observed:28} expected {' | '.join(c.expected):34} {verdict}"))
+                rows.append(
+                    (f"  {c.name}", f"{c.observed:28} expected {' | '.join(c.expected):34} {verdict}")
+                )
         else:
-            rows.append(("joins", f"{self.joined} / {self.devices} in {self.duration:.2f} s   "
-                                  f"{self.joins_per_second:.1f} joins/s   (TLS contexts built in "
-                                  f"{self.prepare_seconds:.2f} s, not timed)"))
+            rows.append(
+                (
+                    "joins",
+                    f"{self.joined} / {self.devices} in {self.duration:.2f} s   "
+                    f"{self.joins_per_second:.1f} joins/s   (TLS contexts built in "
+                    f"{self.prepare_seconds:.2f} s, not timed)",
+                )
+            )
             rows.append(("failures", _counts(self.failures)))
             rows.append(("retried", _counts(self.retries)))
             rows.append(("connect->CONNACK", _latency(self.connack_latencies)))
             if self.event_latencies:
                 rows.append(("connect->event", _latency(self.event_latencies)))
+            rows += self._region_rows()
         if self.events is not None:
             e = self.events
-            rows.append(("events", f"expected {e.expected}  seen {e.seen}  new {e.new_events}  duplicates "
-                                   f"{len(e.duplicates)}  lost {len(e.lost)}  unexpected {len(e.unexpected)}  "
-                                   f"redelivered {e.redeliveries}  stale {e.stale}"))
+            mismatched = f"  wrong region {len(e.region_mismatches)}" if e.by_region else ""
+            rows.append(
+                (
+                    "events",
+                    f"expected {e.expected}  seen {e.seen}  new {e.new_events}  duplicates "
+                    f"{len(e.duplicates)}  lost {len(e.lost)}  unexpected {len(e.unexpected)}  "
+                    f"redelivered {e.redeliveries}  stale {e.stale}{mismatched}",
+                )
+            )
         if self.registry is not None:
             r = self.registry
-            rows.append(("registry", f"checked {r.checked}  missing {len(r.missing)}  wrong event count "
-                                     f"{len(r.event_counts_wrong)}  refused-but-recorded {len(r.leaked)}"))
+            wrong_region = f"  wrong region {len(r.region_mismatches)}" if self.by_region() else ""
+            rows.append(
+                (
+                    "registry",
+                    f"checked {r.checked}  missing {len(r.missing)}  wrong event count "
+                    f"{len(r.event_counts_wrong)}  refused-but-recorded {len(r.leaked)}"
+                    f"{wrong_region}",
+                )
+            )
         if self.hold is not None:
             h = self.hold
             per = h.rss_per_connection
             mem = f"   broker RSS/connection {per / 1024:.1f} KiB" if per is not None else ""
-            rows.append(("hold", f"{h.held} held for {h.seconds:.1f} s   dropped {_counts(h.dropped)}   pings "
-                                 f"{h.pings} ({h.ping_failures} failed)   publishes {h.publishes} "
-                                 f"({h.publish_failures} failed){mem}"))
+            rows.append(
+                (
+                    "hold",
+                    f"{h.held} held for {h.seconds:.1f} s   dropped {_counts(h.dropped)}   pings "
+                    f"{h.pings} ({h.ping_failures} failed)   publishes {h.publishes} "
+                    f"({h.publish_failures} failed){mem}",
+                )
+            )
         if self.broker is not None:
             b = self.broker
             per_join = self.cpu_ms_per_join
             pj = f" ({per_join:.2f} ms/join)" if per_join is not None else ""
-            rows.append(("broker", f"CPU {b.cpu_seconds:.2f} s{pj}   RSS {_mb(b.rss_before)} -> "
-                                   f"{_mb(b.rss_after)} (peak seen {_mb(b.rss_peak_seen)})"))
+            rows.append(
+                (
+                    "broker",
+                    f"CPU {b.cpu_seconds:.2f} s{pj}   RSS {_mb(b.rss_before)} -> "
+                    f"{_mb(b.rss_after)} (peak seen {_mb(b.rss_peak_seen)})",
+                )
+            )
         for note in self.notes:
             rows.append(("note", note))
         problems = self.problems()
@@ -249,22 +369,65 @@ class Report:
         width = max(len(k) for k, _ in rows) + 2
         return "\n".join(f"{k:<{width}}{v}" for k, v in rows)
 
+    def _region_rows(self) -> list[tuple[str, str]]:
+        regions = self.by_region()
+        if not regions:
+            return []
+        width = max(len(r.region) for r in regions)
+        rows = [
+            (
+                "regions",
+                f"{'region':<{width}}  {'joins':>9}  {'CONNACK p50':>11}  {'p99':>9}  "
+                f"{'events':>9}  {'wrong region':>12}  failures",
+            )
+        ]
+        for r in regions:
+            p50, p99 = percentile(r.connack_latencies, 50), percentile(r.connack_latencies, 99)
+            e = r.events
+            events = f"{e.seen}/{e.expected}" if e is not None else "-"
+            wrong = str(e.mismatched) if e is not None else "-"
+            rows.append(
+                (
+                    "",
+                    f"{r.region:<{width}}  {f'{r.joined}/{r.devices}':>9}  {_ms(p50):>11}  "
+                    f"{_ms(p99):>9}  {events:>9}  {wrong:>12}  {_counts(r.failures)}"
+                    f"{'' if r.ok else '   FAIL'}",
+                )
+            )
+        return rows
+
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
-            "scenario": self.scenario, "target": self.target, "concurrency": self.concurrency,
-            "devices": self.devices, "joined": self.joined, "duration_s": self.duration,
-            "prepare_s": self.prepare_seconds, "joins_per_s": self.joins_per_second,
-            "failures": self.failures, "retries": self.retries,
+            "scenario": self.scenario,
+            "target": self.target,
+            "concurrency": self.concurrency,
+            "devices": self.devices,
+            "joined": self.joined,
+            "duration_s": self.duration,
+            "prepare_s": self.prepare_seconds,
+            "joins_per_s": self.joins_per_second,
+            "failures": self.failures,
+            "retries": self.retries,
             "latency_connack_ms": _latency_json(self.connack_latencies),
             "latency_event_ms": _latency_json(self.event_latencies),
-            "events": _json_or_none(self.events), "registry": _json_or_none(self.registry),
-            "broker": _json_or_none(self.broker), "cpu_ms_per_join": self.cpu_ms_per_join,
-            "hold": None, "chaos": [dict(asdict(c), ok=c.ok) for c in self.chaos],
-            "notes": list(self.notes), "issues": list(self.issues), "problems": self.problems(), "ok": self.ok,
+            "events": _json_or_none(self.events),
+            "registry": _json_or_none(self.registry),
+            "broker": _json_or_none(self.broker),
+            "cpu_ms_per_join": self.cpu_ms_per_join,
+            "hold": None,
+            "chaos": [dict(asdict(c), ok=c.ok) for c in self.chaos],
+            "notes": list(self.notes),
+            "issues": list(self.issues),
+            "problems": self.problems(),
+            "ok": self.ok,
         }
+        doc["regions"] = {r.region: r.to_json() for r in self.by_region()} or None
         if self.hold is not None:
-            doc["hold"] = dict(asdict(self.hold), dropped=dict(self.hold.dropped),
-                               rss_per_connection=self.hold.rss_per_connection)
+            doc["hold"] = dict(
+                asdict(self.hold),
+                dropped=dict(self.hold.dropped),
+                rss_per_connection=self.hold.rss_per_connection,
+            )
         return doc
 
     def write_json(self, path: Path) -> None:
@@ -279,6 +442,10 @@ def _counts(counts: Mapping[str, int]) -> str:
     return "  ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "-"
 
 
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
+
+
 def _mb(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
@@ -286,16 +453,23 @@ def _mb(n: int) -> str:
 def _latency(values: Sequence[float]) -> str:
     if not values:
         return "-"
-    parts = [f"{name} {percentile(values, p) * 1000:8.1f} ms" for name, p in  # type: ignore[operator]
-             (("p50", 50), ("p90", 90), ("p99", 99))]
+    parts = [
+        f"{name} {_pct(values, p) * 1000:8.1f} ms" for name, p in (("p50", 50), ("p90", 90), ("p99", 99))
+    ]
     return "  ".join(parts) + f"  max {max(values) * 1000:8.1f} ms   (n={len(values)})"
 
 
 def _latency_json(values: Sequence[float]) -> dict[str, float] | None:
     if not values:
         return None
-    return {name: percentile(values, p) * 1000 for name, p in  # type: ignore[operator]
-            (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))}
+    return {name: _pct(values, p) * 1000 for name, p in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))}
+
+
+def _pct(values: Sequence[float], p: float) -> float:
+    """``percentile`` of a non-empty sequence."""
+    value = percentile(values, p)
+    assert value is not None
+    return value
 
 
 def write_histogram(report: Report, path: Path) -> str:
@@ -306,10 +480,14 @@ def write_histogram(report: Report, path: Path) -> str:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return f"histogram skipped: matplotlib is not installed (pip install 'jitp[plot]'); not writing {path}"
+        return (
+            f"histogram skipped: matplotlib is not installed (pip install 'jitp[plot]'); not writing {path}"
+        )
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for label, values in (("connect -> CONNACK", report.connack_latencies),
-                          ("connect -> event", report.event_latencies)):
+    for label, values in (
+        ("connect -> CONNACK", report.connack_latencies),
+        ("connect -> event", report.event_latencies),
+    ):
         if values:
             ax.hist([v * 1000 for v in values], bins=60, alpha=0.6, label=label)
     ax.set_xlabel("latency (ms)")

@@ -60,8 +60,10 @@ class Progress:
         filled = int(width * done / self.total) if self.total else width
         rate = self.joined / max(1e-9, time.perf_counter() - self.started)
         phase = f" {self.phase}" if self.phase else ""
-        return (f"[{self.label}] [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} joined {self.joined} "
-                f"failed {self.failed} in flight {self.inflight} retries {self.retries} {rate:.0f}/s{phase}")
+        return (
+            f"[{self.label}] [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} joined {self.joined} "
+            f"failed {self.failed} in flight {self.inflight} retries {self.retries} {rate:.0f}/s{phase}"
+        )
 
     async def _loop(self) -> None:
         while True:
@@ -85,14 +87,26 @@ class _Plan:
     device_id: str
     client_id: str
     context: ssl.SSLContext
+    region: str | None = None  # the region its provisioned event must carry
 
 
 class _Run:
     """Shared machinery of the join scenarios."""
 
-    def __init__(self, scenario: str, target: Target, devices: Sequence[DeviceCreds], *, concurrency: int | None,
-                 service: ServiceCreds | None, registry_path: Path | None, backoff: Backoff, seed: int | None,
-                 progress: bool, keepalive: int = 60) -> None:
+    def __init__(
+        self,
+        scenario: str,
+        target: Target,
+        devices: Sequence[DeviceCreds],
+        *,
+        concurrency: int | None,
+        service: ServiceCreds | None,
+        registry_path: Path | None,
+        backoff: Backoff,
+        seed: int | None,
+        progress: bool,
+        keepalive: int = 60,
+    ) -> None:
         if concurrency is not None and concurrency < 1:
             raise ValueError("concurrency must be >= 1")
         self.scenario = scenario
@@ -118,8 +132,10 @@ class _Run:
     async def prepare(self) -> None:
         raise_fd_limit()
         t0 = time.perf_counter()
-        self.plans = [_Plan(d.device_id, d.mqtt_client_id, client_context(self.target.ca, d.cert, d.key))
-                      for d in self.devices]
+        self.plans = [
+            _Plan(d.device_id, d.mqtt_client_id, client_context(self.target.ca, d.cert, d.key), d.region)
+            for d in self.devices
+        ]
         self.prepare_seconds = time.perf_counter() - t0
         self.since = datetime.now(UTC)
         if self.service is not None:
@@ -138,8 +154,9 @@ class _Run:
             self.rss_peak = max(self.rss_peak, now.rss_bytes)
         return now
 
-    async def join(self, index: int, plan: _Plan, *, keep: bool,
-                   on_message: object = None) -> tuple[JoinOutcome, MqttClient | None]:
+    async def join(
+        self, index: int, plan: _Plan, *, keep: bool, on_message: object = None
+    ) -> tuple[JoinOutcome, MqttClient | None]:
         """Connect with retries; returns the outcome and, with ``keep``, the open client."""
         retried: list[str] = []
         t = self.target
@@ -150,9 +167,15 @@ class _Run:
                 self.progress.inflight += 1
                 try:
                     client = await MqttClient.connect(
-                        t.host, t.port, ssl_context=plan.context, client_id=plan.client_id,
-                        server_hostname=t.server_hostname, keepalive=self.keepalive, time_limit=t.connect_timeout,
-                        source_address=t.source_for(index))
+                        t.host,
+                        t.port,
+                        ssl_context=plan.context,
+                        client_id=plan.client_id,
+                        server_hostname=t.server_hostname,
+                        keepalive=self.keepalive,
+                        time_limit=t.connect_timeout,
+                        source_address=t.source_for(index),
+                    )
                     if not keep:
                         await client.disconnect()
                 except ConnectFailed as exc:
@@ -162,8 +185,15 @@ class _Run:
             if client is not None:
                 self.progress.joined += 1
                 timing = client.timing
-                return JoinOutcome(plan.device_id, OK, attempt + 1, tuple(retried), timing.started,
-                                   timing.connack - timing.started), (client if keep else None)
+                return JoinOutcome(
+                    plan.device_id,
+                    OK,
+                    attempt + 1,
+                    tuple(retried),
+                    timing.started,
+                    timing.connack - timing.started,
+                    plan.region,
+                ), (client if keep else None)
             assert failure is not None
             if failure.reason in TRANSIENT_REASONS and attempt + 1 < self.backoff.attempts:
                 retried.append(failure.reason)
@@ -171,12 +201,22 @@ class _Run:
                 await asyncio.sleep(self.backoff.delay(attempt, self.rng))
                 continue
             self.progress.failed += 1
-            return JoinOutcome(plan.device_id, failure.reason, attempt + 1, tuple(retried)), None
+            return JoinOutcome(
+                plan.device_id, failure.reason, attempt + 1, tuple(retried), region=plan.region
+            ), None
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def finish(self, *, expect_new: bool | None, event_timeout: float, hold: HoldStats | None = None,
-                     issues: Sequence[str] = (), refused_ids: Sequence[str] = (), chaos: Sequence[ChaosResult] = (),
-                     duration: float | None = None) -> Report:
+    async def finish(
+        self,
+        *,
+        expect_new: bool | None,
+        event_timeout: float,
+        hold: HoldStats | None = None,
+        issues: Sequence[str] = (),
+        refused_ids: Sequence[str] = (),
+        chaos: Sequence[ChaosResult] = (),
+        duration: float | None = None,
+    ) -> Report:
         """Cross-check events and the registry, sample the broker, and build the report.
 
         ``expect_new``: True - every joined device should be newly provisioned (the registry, when
@@ -186,6 +226,7 @@ class _Run:
         if duration is None:
             duration = time.perf_counter() - self.started
         joined = [o.device_id for o in self.outcomes if o.joined]
+        regions = {p.device_id: p.region for p in self.plans if p.region is not None}
         issues = list(issues)
         notes: list[str] = []
         snapshot = await RegistrySnapshot.read(self.registry_path) if self.registry_path is not None else None
@@ -205,7 +246,9 @@ class _Run:
         if snapshot is not None and expect_new is False:
             fresh = snapshot.new_since(joined, self.since)
             if fresh:
-                issues.append(f"{len(fresh)} device(s) newly provisioned during an idempotent run: {fresh[:5]}")
+                issues.append(
+                    f"{len(fresh)} device(s) newly provisioned during an idempotent run: {fresh[:5]}"
+                )
         event_check = None
         event_latencies: tuple[float, ...] = ()
         if self.watcher is not None:
@@ -213,11 +256,13 @@ class _Run:
             await self.watcher.wait_for(expected, time_limit=event_timeout)
             await self.watcher.settle(0.5 if expected else 1.0)
             run_ids = [p.device_id for p in self.plans]
-            event_check = self.watcher.check(expected, run_devices=run_ids)
+            event_check = self.watcher.check(expected, run_devices=run_ids, regions=regions)
             seen = self.watcher.first_seen()
-            event_latencies = tuple(seen[o.device_id] - o.started for o in self.outcomes
-                                    if o.joined and o.started is not None and o.device_id in seen
-                                    and o.device_id in set(expected))
+            event_latencies = tuple(
+                seen[o.device_id] - o.started
+                for o in self.outcomes
+                if o.joined and o.started is not None and o.device_id in seen and o.device_id in set(expected)
+            )
             if self.watcher.malformed:
                 issues.append(f"{self.watcher.malformed} malformed event payload(s)")
             await self.watcher.stop()
@@ -225,15 +270,32 @@ class _Run:
         await self.progress.stop()
         broker = None
         if self.before is not None and after is not None:
-            broker = BrokerUsage(cpu_seconds=after.cpu_seconds - self.before.cpu_seconds,
-                                 rss_before=self.before.rss_bytes, rss_after=after.rss_bytes,
-                                 rss_peak_seen=self.rss_peak)
-        registry_check = snapshot.check(joined, refused=refused_ids) if snapshot is not None else None
+            broker = BrokerUsage(
+                cpu_seconds=after.cpu_seconds - self.before.cpu_seconds,
+                rss_before=self.before.rss_bytes,
+                rss_after=after.rss_bytes,
+                rss_peak_seen=self.rss_peak,
+            )
+        registry_check = (
+            snapshot.check(joined, refused=refused_ids, regions=regions) if snapshot is not None else None
+        )
         t = self.target
-        return Report(scenario=self.scenario, target=f"{t.host}:{t.port}", concurrency=self.concurrency,
-                      outcomes=tuple(self.outcomes), duration=duration, prepare_seconds=self.prepare_seconds,
-                      event_latencies=event_latencies, events=event_check, registry=registry_check, broker=broker,
-                      hold=hold, chaos=tuple(chaos), notes=tuple(notes), issues=tuple(issues))
+        return Report(
+            scenario=self.scenario,
+            target=f"{t.host}:{t.port}",
+            concurrency=self.concurrency,
+            outcomes=tuple(self.outcomes),
+            duration=duration,
+            prepare_seconds=self.prepare_seconds,
+            event_latencies=event_latencies,
+            events=event_check,
+            registry=registry_check,
+            broker=broker,
+            hold=hold,
+            chaos=tuple(chaos),
+            notes=tuple(notes),
+            issues=tuple(issues),
+        )
 
     async def abort_watcher(self) -> None:
         if self.watcher is not None:
@@ -267,46 +329,128 @@ async def _join_all(run: _Run, *, rate: float | None = None) -> float:
     return time.perf_counter() - run.started
 
 
-async def run_storm(target: Target, fleet: Fleet, *, n: int | None = None, concurrency: int = 100,
-                    service: ServiceCreds | None = None, registry_path: Path | None = None,
-                    backoff: Backoff = DEFAULT_BACKOFF, seed: int | None = None, event_timeout: float = 30.0,
-                    progress: bool = False) -> Report:
+async def run_storm(
+    target: Target,
+    fleet: Fleet,
+    *,
+    n: int | None = None,
+    concurrency: int = 100,
+    service: ServiceCreds | None = None,
+    registry_path: Path | None = None,
+    backoff: Backoff = DEFAULT_BACKOFF,
+    seed: int | None = None,
+    event_timeout: float = 30.0,
+    progress: bool = False,
+) -> Report:
     """All ``n`` devices (default: the whole fleet) join with at most ``concurrency`` connects in flight.
 
     Expects a fresh fleet: every joined device should produce exactly one provisioned event
     (with ``registry_path``, only the devices the registry shows as provisioned during the run).
     """
-    return await _scenario("storm", target, fleet.take(n), concurrency=concurrency, rate=None, service=service,
-                           registry_path=registry_path, backoff=backoff, seed=seed, event_timeout=event_timeout,
-                           progress=progress, expect_new=True)
+    return await _scenario(
+        "storm",
+        target,
+        fleet.take(n),
+        concurrency=concurrency,
+        rate=None,
+        service=service,
+        registry_path=registry_path,
+        backoff=backoff,
+        seed=seed,
+        event_timeout=event_timeout,
+        progress=progress,
+        expect_new=True,
+    )
 
 
-async def run_ramp(target: Target, fleet: Fleet, *, rate: float, n: int | None = None,
-                   concurrency: int | None = None, service: ServiceCreds | None = None,
-                   registry_path: Path | None = None, backoff: Backoff = DEFAULT_BACKOFF, seed: int | None = None,
-                   event_timeout: float = 30.0, progress: bool = False) -> Report:
+async def run_ramp(
+    target: Target,
+    fleet: Fleet,
+    *,
+    rate: float,
+    n: int | None = None,
+    concurrency: int | None = None,
+    service: ServiceCreds | None = None,
+    registry_path: Path | None = None,
+    backoff: Backoff = DEFAULT_BACKOFF,
+    seed: int | None = None,
+    event_timeout: float = 30.0,
+    progress: bool = False,
+) -> Report:
     """Devices start joining at ``rate`` per second (optionally capped at ``concurrency`` in flight)."""
     if rate <= 0:
         raise ValueError("rate must be > 0")
-    return await _scenario("ramp", target, fleet.take(n), concurrency=concurrency, rate=rate, service=service,
-                           registry_path=registry_path, backoff=backoff, seed=seed, event_timeout=event_timeout,
-                           progress=progress, expect_new=True)
+    return await _scenario(
+        "ramp",
+        target,
+        fleet.take(n),
+        concurrency=concurrency,
+        rate=rate,
+        service=service,
+        registry_path=registry_path,
+        backoff=backoff,
+        seed=seed,
+        event_timeout=event_timeout,
+        progress=progress,
+        expect_new=True,
+    )
 
 
-async def run_reconnect(target: Target, fleet: Fleet, *, n: int | None = None, concurrency: int = 100,
-                        service: ServiceCreds | None = None, registry_path: Path | None = None,
-                        backoff: Backoff = DEFAULT_BACKOFF, seed: int | None = None, progress: bool = False) -> Report:
+async def run_reconnect(
+    target: Target,
+    fleet: Fleet,
+    *,
+    n: int | None = None,
+    concurrency: int = 100,
+    service: ServiceCreds | None = None,
+    registry_path: Path | None = None,
+    backoff: Backoff = DEFAULT_BACKOFF,
+    seed: int | None = None,
+    progress: bool = False,
+) -> Report:
     """An already provisioned fleet rejoins: zero new provisioned events are expected."""
-    return await _scenario("reconnect", target, fleet.take(n), concurrency=concurrency, rate=None,
-                           service=service, registry_path=registry_path, backoff=backoff, seed=seed,
-                           event_timeout=0.0, progress=progress, expect_new=False)
+    return await _scenario(
+        "reconnect",
+        target,
+        fleet.take(n),
+        concurrency=concurrency,
+        rate=None,
+        service=service,
+        registry_path=registry_path,
+        backoff=backoff,
+        seed=seed,
+        event_timeout=0.0,
+        progress=progress,
+        expect_new=False,
+    )
 
 
-async def _scenario(name: str, target: Target, devices: Sequence[DeviceCreds], *, concurrency: int | None,
-                    rate: float | None, service: ServiceCreds | None, registry_path: Path | None, backoff: Backoff,
-                    seed: int | None, event_timeout: float, progress: bool, expect_new: bool) -> Report:
-    run = _Run(name, target, devices, concurrency=concurrency, service=service, registry_path=registry_path,
-               backoff=backoff, seed=seed, progress=progress)
+async def _scenario(
+    name: str,
+    target: Target,
+    devices: Sequence[DeviceCreds],
+    *,
+    concurrency: int | None,
+    rate: float | None,
+    service: ServiceCreds | None,
+    registry_path: Path | None,
+    backoff: Backoff,
+    seed: int | None,
+    event_timeout: float,
+    progress: bool,
+    expect_new: bool,
+) -> Report:
+    run = _Run(
+        name,
+        target,
+        devices,
+        concurrency=concurrency,
+        service=service,
+        registry_path=registry_path,
+        backoff=backoff,
+        seed=seed,
+        progress=progress,
+    )
     await run.prepare()
     try:
         duration = await _join_all(run, rate=rate)
@@ -325,10 +469,23 @@ class _HoldCounters:
     publish_failures: int = 0
 
 
-async def run_hold(target: Target, fleet: Fleet, *, n: int, seconds: float, concurrency: int = 100,
-                   keepalive: int = 30, publish_interval: float | None = 5.0, service: ServiceCreds | None = None,
-                   registry_path: Path | None = None, backoff: Backoff = DEFAULT_BACKOFF, seed: int | None = None,
-                   event_timeout: float = 30.0, progress: bool = False, expect_new: bool | None = None) -> Report:
+async def run_hold(
+    target: Target,
+    fleet: Fleet,
+    *,
+    n: int,
+    seconds: float,
+    concurrency: int = 100,
+    keepalive: int = 30,
+    publish_interval: float | None = 5.0,
+    service: ServiceCreds | None = None,
+    registry_path: Path | None = None,
+    backoff: Backoff = DEFAULT_BACKOFF,
+    seed: int | None = None,
+    event_timeout: float = 30.0,
+    progress: bool = False,
+    expect_new: bool | None = None,
+) -> Report:
     """Connect ``n`` devices and keep them connected for ``seconds`` after the last one joined.
 
     Each device pings every ``keepalive / 2`` seconds and publishes QoS 1 telemetry on
@@ -338,8 +495,18 @@ async def run_hold(target: Target, fleet: Fleet, *, n: int, seconds: float, conc
     """
     if keepalive < 1:
         raise ValueError("keepalive must be >= 1 s")
-    run = _Run("hold", target, fleet.take(n), concurrency=concurrency, service=service,
-               registry_path=registry_path, backoff=backoff, seed=seed, progress=progress, keepalive=keepalive)
+    run = _Run(
+        "hold",
+        target,
+        fleet.take(n),
+        concurrency=concurrency,
+        service=service,
+        registry_path=registry_path,
+        backoff=backoff,
+        seed=seed,
+        progress=progress,
+        keepalive=keepalive,
+    )
     await run.prepare()
     loop = asyncio.get_running_loop()
     stop: asyncio.Future[None] = loop.create_future()
@@ -360,8 +527,16 @@ async def run_hold(target: Target, fleet: Fleet, *, n: int, seconds: float, conc
                 all_joined.set()
         if client is not None:
             clients.append(client)
-            await _hold_loop(client, plan.device_id, stop, keepalive, publish_interval, counters, dropped,
-                             random.Random(run.rng.random()))
+            await _hold_loop(
+                client,
+                plan.device_id,
+                stop,
+                keepalive,
+                publish_interval,
+                counters,
+                dropped,
+                random.Random(run.rng.random()),
+            )
         return outcome
 
     try:
@@ -391,17 +566,32 @@ async def run_hold(target: Target, fleet: Fleet, *, n: int, seconds: float, conc
     rss_delta = None
     if run.before is not None and connected is not None:
         rss_delta = connected.rss_bytes - run.before.rss_bytes
-    hold = HoldStats(held=held, dropped=dict(dropped), seconds=seconds, pings=counters.pings,
-                     ping_failures=counters.ping_failures, publishes=counters.publishes,
-                     publish_failures=counters.publish_failures, rss_delta=rss_delta)
-    report = await run.finish(expect_new=expect_new, event_timeout=event_timeout, hold=hold,
-                              duration=join_duration)
+    hold = HoldStats(
+        held=held,
+        dropped=dict(dropped),
+        seconds=seconds,
+        pings=counters.pings,
+        ping_failures=counters.ping_failures,
+        publishes=counters.publishes,
+        publish_failures=counters.publish_failures,
+        rss_delta=rss_delta,
+    )
+    report = await run.finish(
+        expect_new=expect_new, event_timeout=event_timeout, hold=hold, duration=join_duration
+    )
     return report
 
 
-async def _hold_loop(client: MqttClient, device_id: str, stop: asyncio.Future[None], keepalive: int,
-                     publish_interval: float | None, counters: _HoldCounters, dropped: Counter[str],
-                     rng: random.Random) -> None:
+async def _hold_loop(
+    client: MqttClient,
+    device_id: str,
+    stop: asyncio.Future[None],
+    keepalive: int,
+    publish_interval: float | None,
+    counters: _HoldCounters,
+    dropped: Counter[str],
+    rng: random.Random,
+) -> None:
     now = time.monotonic()
     ping_every = keepalive / 2
     next_ping = now + rng.uniform(0.5, 1.0) * ping_every
@@ -426,7 +616,9 @@ async def _hold_loop(client: MqttClient, device_id: str, stop: asyncio.Future[No
             if now >= next_pub and publish_interval:
                 next_pub = now + publish_interval
                 seq += 1
-                payload = json.dumps({"seq": seq, "t": round(time.time(), 3), "v": round(rng.gauss(21, 2), 2)})
+                payload = json.dumps(
+                    {"seq": seq, "t": round(time.time(), 3), "v": round(rng.gauss(21, 2), 2)}
+                )
                 await client.publish(topic, payload.encode(), qos=1, time_limit=keepalive)
                 counters.publishes += 1
         except ConnectFailed as exc:
@@ -456,6 +648,7 @@ def make_chaos_cases(pki_dir: Path, out: Path, *, tag: str | None = None) -> lis
     rogue = certs.make_ca("chaos rogue CA", key=certs.generate_key("ec"))
     tag = tag or f"{random.getrandbits(32):08x}"
     now = datetime.now(UTC)
+
     # Refused in the TLS handshake: a broker on OpenSSL's own I/O (Mosquitto) sends the alert; one on
     # asyncio's TLS (jitp, amqtt) closes without it (asyncio drops the pending alert when the server-side
     # handshake fails), so the client sees EOF or a reset on its first read, before any CONNACK.
@@ -464,8 +657,14 @@ def make_chaos_cases(pki_dir: Path, out: Path, *, tag: str | None = None) -> lis
 
     refused = ("connack:5",)
     specs: list[tuple[str, str, str | None, certs.Issuer, dict[str, datetime], tuple[str, ...]]] = [
-        ("expired", f"chaos-expired-{tag}", None, manufacturer,
-         {"not_before": now - timedelta(days=30), "not_after": now - timedelta(days=1)}, tls("certificate_expired")),
+        (
+            "expired",
+            f"chaos-expired-{tag}",
+            None,
+            manufacturer,
+            {"not_before": now - timedelta(days=30), "not_after": now - timedelta(days=1)},
+            tls("certificate_expired"),
+        ),
         ("unknown_ca", f"chaos-rogue-{tag}", None, rogue, {}, tls("unknown_ca")),
         ("client_id_mismatch", f"chaos-mismatch-{tag}", f"chaos-other-{tag}", manufacturer, {}, refused),
         ("unsafe_id_slash", f"chaos/{tag}", None, manufacturer, {}, refused),
@@ -481,13 +680,27 @@ def make_chaos_cases(pki_dir: Path, out: Path, *, tag: str | None = None) -> lis
         certs.write_certs(cert_path, [cert, issuer.cert, *issuer.chain] if issuer is manufacturer else [cert])
         certs.write_key(key_path, key)
         cases.append(ChaosCase(name, cn, client_id or cn, cert_path, key_path, expected))
-    cases.append(ChaosCase("no_certificate", f"chaos-nocert-{tag}", f"chaos-nocert-{tag}", None, None,
-                           tls("certificate_required")))
+    cases.append(
+        ChaosCase(
+            "no_certificate",
+            f"chaos-nocert-{tag}",
+            f"chaos-nocert-{tag}",
+            None,
+            None,
+            tls("certificate_required"),
+        )
+    )
     return cases
 
 
-async def run_chaos(target: Target, pki_dir: Path, *, service: ServiceCreds | None = None,
-                    registry_path: Path | None = None, progress: bool = False) -> Report:
+async def run_chaos(
+    target: Target,
+    pki_dir: Path,
+    *,
+    service: ServiceCreds | None = None,
+    registry_path: Path | None = None,
+    progress: bool = False,
+) -> Report:
     """Connect each bad identity once; every one must be refused, with the expected reason.
 
     With ``service`` no provisioned event may appear for them; with ``registry_path`` none may be
@@ -495,8 +708,17 @@ async def run_chaos(target: Target, pki_dir: Path, *, service: ServiceCreds | No
     """
     with tempfile.TemporaryDirectory(prefix="jitp-chaos-") as tmp:
         cases = make_chaos_cases(Path(pki_dir), Path(tmp))
-        run = _Run("chaos", target, [], concurrency=1, service=service, registry_path=registry_path,
-                   backoff=Backoff(attempts=1), seed=None, progress=progress)
+        run = _Run(
+            "chaos",
+            target,
+            [],
+            concurrency=1,
+            service=service,
+            registry_path=registry_path,
+            backoff=Backoff(attempts=1),
+            seed=None,
+            progress=progress,
+        )
         run.progress.total = len(cases)
         await run.prepare()
         run.plans = [_Plan(c.device_id, c.client_id, client_context(target.ca, c.cert, c.key)) for c in cases]
@@ -507,7 +729,9 @@ async def run_chaos(target: Target, pki_dir: Path, *, service: ServiceCreds | No
             await run.abort_watcher()
             raise
         run.outcomes = outcomes
-        results = [ChaosResult(c.name, c.device_id, c.client_id, c.expected, o.reason)
-                   for c, o in zip(cases, outcomes, strict=True)]
+        results = [
+            ChaosResult(c.name, c.device_id, c.client_id, c.expected, o.reason)
+            for c, o in zip(cases, outcomes, strict=True)
+        ]
         ids = [c.device_id for c in cases] + [c.client_id for c in cases]
         return await run.finish(expect_new=False, event_timeout=0.0, refused_ids=ids, chaos=results)

@@ -154,7 +154,7 @@ class IdRule:
             for candidate in values:
                 m = self.regex.fullmatch(candidate)
                 if m:
-                    groups = {"value": candidate, **{k: v for k, v in m.groupdict().items() if v is not None}}
+                    groups = {"value": candidate, **{k: v or "" for k, v in m.groupdict().items()}}
                     break
             else:
                 raise errors.UnsafeIdentity(
@@ -164,7 +164,13 @@ class IdRule:
                 )
             value = groups.get("id", groups["value"])
         if self.format is not None:
-            value = self.format.format(**groups)
+            try:
+                value = self.format.format(**groups)
+            except (KeyError, IndexError, ValueError, AttributeError) as exc:
+                raise errors.UnsafeIdentity(
+                    f"the template's id format {self.format!r} cannot be applied: {exc}",
+                    fingerprint=verified.fingerprint,
+                ) from None
         return check_device_id(value, fingerprint=verified.fingerprint)
 
 
@@ -223,7 +229,6 @@ class Profile:
 
 DEFAULT_PUBLISH: tuple[str, ...] = ("devices/{device_id}/#",)
 DEFAULT_SUBSCRIBE: tuple[str, ...] = ("devices/{device_id}/cmd/#",)
-_PLACEHOLDER_ROOTS = ("device_id", "region", "attributes")
 
 
 @dataclass(frozen=True)
@@ -267,30 +272,42 @@ class EnrollmentTemplate:
         )
 
     def namespace(self, device_id: str, region: str, attributes: dict[str, Any]) -> Namespace:
-        """The device's topic namespace; unsafe substituted values yield no access at all."""
-        values = {"device_id": device_id, "region": region, "attributes": _Attrs(attributes)}
-        try:
-            pub = tuple(p.format(**values) for p in self.publish)
-            sub = tuple(p.format(**values) for p in self.subscribe)
-        except _UnsafeValue:
+        """The device's topic namespace. Any unsafe substituted value yields no access at all."""
+        values = {"device_id": device_id, "region": region}
+        values.update({f"attributes.{k}": str(v) for k, v in attributes.items()})
+
+        def fill(pattern: str) -> str | None:
+            out = []
+            for literal, name in _split_pattern(pattern):
+                out.append(literal)
+                if name is not None:
+                    value = values.get(name)
+                    if value is None or id_problem(value) is not None:
+                        return None
+                    out.append(value)
+            return "".join(out)
+
+        rendered = [fill(p) for p in (*self.publish, *self.subscribe)]
+        if any(r is None for r in rendered):
             return Namespace(publish=(), subscribe=())
+        pub = tuple(r for r in rendered[: len(self.publish)] if r is not None)
+        sub = tuple(r for r in rendered[len(self.publish) :] if r is not None)
         own = f"$jitp/devices/{device_id}/#"
         return Namespace(publish=(*pub, status_topic(device_id)), subscribe=(*sub, own))
 
 
-class _UnsafeValue(Exception):
-    pass
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 
 
-class _Attrs:
-    def __init__(self, attrs: dict[str, Any]) -> None:
-        self._attrs = attrs
-
-    def __getattr__(self, name: str) -> str:
-        value = str(self._attrs.get(name, ""))
-        if id_problem(value) is not None:
-            raise _UnsafeValue(name)
-        return value
+def _split_pattern(pattern: str) -> list[tuple[str, str | None]]:
+    """(literal text, placeholder name or None) pieces of a namespace pattern. No format specs."""
+    pieces: list[tuple[str, str | None]] = []
+    pos = 0
+    for m in _PLACEHOLDER.finditer(pattern):
+        pieces.append((pattern[pos : m.start()], m.group(1)))
+        pos = m.end()
+    pieces.append((pattern[pos:], None))
+    return pieces
 
 
 DEFAULT_TEMPLATE = EnrollmentTemplate(name="default")
@@ -319,22 +336,24 @@ def _mapping(node: yaml.Node, where: str, key: str, allowed: set[str]) -> dict[s
     return out
 
 
-def _check_pattern(pattern: str, where: str, node: yaml.Node, key: str) -> str:
-    for _, fname, _, _ in string.Formatter().parse(pattern):
+def _check_pattern(pattern: str, where: str, node: yaml.Node, key: str, attributes: frozenset[str]) -> str:
+    if "{" in _PLACEHOLDER.sub("", pattern) or "}" in _PLACEHOLDER.sub("", pattern):
+        raise _err(where, node, key, f"pattern {pattern!r} has an unbalanced brace")
+    for _, fname in _split_pattern(pattern):
         if fname is None:
             continue
-        root = fname.split(".")[0]
-        if root not in _PLACEHOLDER_ROOTS or (root == "attributes") != ("." in fname) or fname.count(".") > 1:
+        allowed = {"device_id", "region", *(f"attributes.{a}" for a in attributes)}
+        if fname not in allowed:
             raise _err(
                 where,
                 node,
                 key,
-                f"unknown placeholder {{{fname}}} (use {{device_id}}, {{region}}, {{attributes.NAME}})",
+                f"unknown placeholder {{{fname}}} (use {{device_id}}, {{region}} or {{attributes.NAME}} of a "
+                "declared attribute; no format specs)",
             )
     if "{device_id}" not in pattern:
         raise _err(where, node, key, f"pattern {pattern!r} must contain {{device_id}} so devices stay apart")
-    sample = pattern.replace("{device_id}", "d").replace("{region}", "r")
-    sample = re.sub(r"\{attributes\.[^}]+\}", "a", sample)
+    sample = _PLACEHOLDER.sub("x", pattern)
     if not valid_filter(sample) or sample.startswith("$"):
         raise _err(where, node, key, f"pattern {pattern!r} is not a valid MQTT topic filter outside $-topics")
     levels = pattern.split("/")
@@ -353,7 +372,7 @@ def load_template(path: Path) -> EnrollmentTemplate:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         raise errors.ConfigError(f"invalid YAML: {exc}", where=where) from None
-    if root is None:
+    if root is None or (isinstance(root, yaml.ScalarNode) and root.tag.endswith(":null")):
         raise errors.ConfigError("empty template", where=where)
     top = _mapping(
         root,
@@ -377,13 +396,17 @@ def load_template(path: Path) -> EnrollmentTemplate:
         )
         if id_rule.format is not None:
             groups = set(id_rule.regex.groupindex) if id_rule.regex else set()
-            for _, fname, _, _ in string.Formatter().parse(id_rule.format):
-                if fname is not None and fname not in groups | {"value"}:
+            try:
+                parsed = list(string.Formatter().parse(id_rule.format))
+            except ValueError as exc:
+                raise _err(where, spec["format"][0], "device_id.format", f"bad format: {exc}") from None
+            for _, fname, fspec, conv in parsed:
+                if fname is not None and (fname not in groups | {"value"} or fspec or conv):
                     raise _err(
                         where,
                         spec["format"][0],
                         "device_id.format",
-                        f"unknown placeholder {{{fname}}} (named regex groups or {{value}})",
+                        f"unknown placeholder {{{fname}}} (named regex groups or {{value}}, no format specs)",
                     )
     attributes = []
     if "attributes" in top:
@@ -419,12 +442,13 @@ def load_template(path: Path) -> EnrollmentTemplate:
         if id_problem(region) is not None:
             raise _err(where, top["region"][0], "region", "must be a safe topic level")
     publish, subscribe = DEFAULT_PUBLISH, DEFAULT_SUBSCRIBE
+    declared = frozenset(rule.name for rule in attributes)
     if "namespace" in top:
         ns = _mapping(top["namespace"][0], where, "namespace", {"publish", "subscribe"})
         if "publish" in ns:
-            publish = _patterns(ns["publish"], where, "namespace.publish")
+            publish = _patterns(ns["publish"], where, "namespace.publish", declared)
         if "subscribe" in ns:
-            subscribe = _patterns(ns["subscribe"], where, "namespace.subscribe")
+            subscribe = _patterns(ns["subscribe"], where, "namespace.subscribe", declared)
     profile = _profile(top["profile"][0], where) if "profile" in top else Profile()
     reprovision = ReprovisionPolicy.REJECT
     if "reprovision" in top:
@@ -465,13 +489,15 @@ def _regex(item: tuple[yaml.Node, Any] | None, where: str, key: str) -> re.Patte
         raise _err(where, item[0], key, f"bad regular expression: {exc}") from None
 
 
-def _patterns(item: tuple[yaml.Node, Any], where: str, key: str) -> tuple[str, ...]:
+def _patterns(
+    item: tuple[yaml.Node, Any], where: str, key: str, attributes: frozenset[str]
+) -> tuple[str, ...]:
     node, value = item
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise _err(where, node, key, "expected a list of topic patterns")
-    return tuple(_check_pattern(v, where, node, key) for v in value)
+    return tuple(_check_pattern(v, where, node, key, attributes) for v in value)
 
 
 def _profile(node: yaml.Node, where: str) -> Profile:
@@ -488,7 +514,7 @@ def _profile(node: yaml.Node, where: str) -> Profile:
             or not lo <= v <= hi
         ):
             raise _err(
-                where, n, key, f"must be a{'' if kind is int else ' number'} {kind.__name__} in [{lo}, {hi}]"
+                where, n, key, f"must be {'an integer' if kind is int else 'a number'} in [{lo}, {hi}]"
             )
         return v
 

@@ -28,10 +28,12 @@ def provisioned_events(broker: BrokerThread) -> Counter[str]:
     return Counter(e.device_id for e in broker.events() if e.type == "provisioned")
 
 
-def test_storm_outcomes_match_registry_and_events(broker: BrokerThread, fleet: Fleet, target: Target,
-                                                  service: ServiceCreds, registry_path: Path) -> None:
-    report = asyncio.run(run_storm(target, fleet, n=30, concurrency=10, service=service,
-                                   registry_path=registry_path))
+def test_storm_outcomes_match_registry_and_events(
+    broker: BrokerThread, fleet: Fleet, target: Target, service: ServiceCreds, registry_path: Path
+) -> None:
+    report = asyncio.run(
+        run_storm(target, fleet, n=30, concurrency=10, service=service, registry_path=registry_path)
+    )
     assert report.ok, report.table()
     assert report.joined == 30 and report.failures == {}
     assert report.events is not None and report.events.seen == 30 and report.events.new_events == 30
@@ -47,12 +49,16 @@ def test_storm_outcomes_match_registry_and_events(broker: BrokerThread, fleet: F
     assert doc["ok"] is True and doc["joined"] == 30 and doc["latency_connack_ms"]["p50"] > 0
 
 
-def test_reconnect_gives_no_new_events(broker: BrokerThread, fleet: Fleet, target: Target, service: ServiceCreds,
-                                       registry_path: Path) -> None:
+def test_reconnect_gives_no_new_events(
+    broker: BrokerThread, fleet: Fleet, target: Target, service: ServiceCreds, registry_path: Path
+) -> None:
     async def go() -> tuple[object, object]:
-        first = await run_storm(target, fleet, n=20, concurrency=20, service=service, registry_path=registry_path)
-        again = await run_reconnect(target, fleet, n=20, concurrency=20, service=service,
-                                    registry_path=registry_path)
+        first = await run_storm(
+            target, fleet, n=20, concurrency=20, service=service, registry_path=registry_path
+        )
+        again = await run_reconnect(
+            target, fleet, n=20, concurrency=20, service=service, registry_path=registry_path
+        )
         return first, again
 
     first, again = asyncio.run(go())
@@ -64,23 +70,33 @@ def test_reconnect_gives_no_new_events(broker: BrokerThread, fleet: Fleet, targe
     assert all(n == 1 for n in provisioned_events(broker).values())
 
 
-def test_reconnect_flags_new_provisioning(broker: BrokerThread, fleet: Fleet, target: Target,
-                                          service: ServiceCreds, registry_path: Path) -> None:
+def test_reconnect_flags_new_provisioning(
+    broker: BrokerThread, fleet: Fleet, target: Target, service: ServiceCreds, registry_path: Path
+) -> None:
     """A 'reconnect' of a fleet that was never provisioned is not idempotent: reported as failures."""
-    report = asyncio.run(run_reconnect(target, fleet, n=5, concurrency=5, service=service,
-                                       registry_path=registry_path))
+    report = asyncio.run(
+        run_reconnect(target, fleet, n=5, concurrency=5, service=service, registry_path=registry_path)
+    )
     assert report.joined == 5
     assert not report.ok
     assert report.events is not None and len(report.events.unexpected) == 5
 
 
-def test_chaos_identities_are_all_refused(broker: BrokerThread, pki: Pki, target: Target, service: ServiceCreds,
-                                          registry_path: Path) -> None:
+def test_chaos_identities_are_all_refused(
+    broker: BrokerThread, pki: Pki, target: Target, service: ServiceCreds, registry_path: Path
+) -> None:
     report = asyncio.run(run_chaos(target, pki.layout.dir, service=service, registry_path=registry_path))
     assert report.ok, report.table()
     by_name = {c.name: c for c in report.chaos}
-    assert set(by_name) == {"expired", "unknown_ca", "client_id_mismatch", "unsafe_id_slash", "unsafe_id_hash",
-                            "unsafe_id_dollar", "no_certificate"}
+    assert set(by_name) == {
+        "expired",
+        "unknown_ca",
+        "client_id_mismatch",
+        "unsafe_id_slash",
+        "unsafe_id_hash",
+        "unsafe_id_dollar",
+        "no_certificate",
+    }
     assert all(c.refused for c in report.chaos)
     for name in ("client_id_mismatch", "unsafe_id_slash", "unsafe_id_hash", "unsafe_id_dollar"):
         assert by_name[name].observed == "connack:5"
@@ -91,10 +107,22 @@ def test_chaos_identities_are_all_refused(broker: BrokerThread, pki: Pki, target
     assert report.registry is not None and report.registry.leaked == ()
 
 
-def test_hold_keeps_connections_alive(broker: BrokerThread, fleet: Fleet, target: Target, service: ServiceCreds,
-                                      registry_path: Path) -> None:
-    report = asyncio.run(run_hold(target, fleet, n=12, seconds=2, keepalive=1, publish_interval=0.5,
-                                  concurrency=12, service=service, registry_path=registry_path))
+def test_hold_keeps_connections_alive(
+    broker: BrokerThread, fleet: Fleet, target: Target, service: ServiceCreds, registry_path: Path
+) -> None:
+    report = asyncio.run(
+        run_hold(
+            target,
+            fleet,
+            n=12,
+            seconds=2,
+            keepalive=1,
+            publish_interval=0.5,
+            concurrency=12,
+            service=service,
+            registry_path=registry_path,
+        )
+    )
     assert report.ok, report.table()
     assert report.hold is not None
     assert report.hold.held == 12 and dict(report.hold.dropped) == {}
@@ -104,9 +132,12 @@ def test_hold_keeps_connections_alive(broker: BrokerThread, fleet: Fleet, target
     assert len(broker.devices()) == 12
 
 
-def test_ramp_joins_everyone(broker: BrokerThread, fleet: Fleet, target: Target, service: ServiceCreds,
-                             registry_path: Path) -> None:
-    report = asyncio.run(run_ramp(target, fleet, rate=100, n=15, service=service, registry_path=registry_path))
+def test_ramp_joins_everyone(
+    broker: BrokerThread, fleet: Fleet, target: Target, service: ServiceCreds, registry_path: Path
+) -> None:
+    report = asyncio.run(
+        run_ramp(target, fleet, rate=100, n=15, service=service, registry_path=registry_path)
+    )
     assert report.ok, report.table()
     assert report.joined == 15 and report.events is not None and report.events.seen == 15
 
@@ -122,8 +153,9 @@ class _RefusalSeen(logging.Handler):
             self.loop.call_soon_threadsafe(self.event.set)
 
 
-def test_connack_3_backs_off_until_everyone_joins(tmp_path: Path, pki: Pki, fleet: Fleet,
-                                                  service: ServiceCreds) -> None:
+def test_connack_3_backs_off_until_everyone_joins(
+    tmp_path: Path, pki: Pki, fleet: Fleet, service: ServiceCreds
+) -> None:
     broker = BrokerThread(test_config(tmp_path, pki, listener={"max_connections": 5})).start()
     try:
         broker.register_ca(pki.manufacturer.cert)
@@ -132,16 +164,31 @@ def test_connack_3_backs_off_until_everyone_joins(tmp_path: Path, pki: Pki, flee
         blockers = fleet.devices[-4:]  # 4 held devices + the service subscriber fill the 5 slots
 
         async def go() -> object:
-            held = [await MqttClient.connect("127.0.0.1", broker.port, client_id=d.device_id,
-                                             ssl_context=client_context(target.ca, d.cert, d.key))
-                    for d in blockers]
+            held = [
+                await MqttClient.connect(
+                    "127.0.0.1",
+                    broker.port,
+                    client_id=d.device_id,
+                    ssl_context=client_context(target.ca, d.cert, d.key),
+                )
+                for d in blockers
+            ]
             refused = asyncio.Event()
             handler = _RefusalSeen(asyncio.get_running_loop(), refused)
             logging.getLogger("jitp.broker").addHandler(handler)
             try:
-                storm = asyncio.create_task(run_storm(
-                    target, fleet, n=16, concurrency=16, service=service, registry_path=broker.config.registry_path,
-                    backoff=Backoff(base=0.05, cap=0.5, attempts=60), seed=7))
+                storm = asyncio.create_task(
+                    run_storm(
+                        target,
+                        fleet,
+                        n=16,
+                        concurrency=16,
+                        service=service,
+                        registry_path=broker.config.registry_path,
+                        backoff=Backoff(base=0.05, cap=0.5, attempts=60),
+                        seed=7,
+                    )
+                )
                 async with asyncio.timeout(60):
                     await refused.wait()  # at least one CONNACK 3 was sent: now free the slots
                 for client in held:

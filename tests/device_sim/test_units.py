@@ -80,8 +80,11 @@ def test_percentile_nearest_rank() -> None:
 
 
 def test_report_counts_failures() -> None:
-    outcomes = (JoinOutcome("a", "ok", 1, (), 0.0, 0.01), JoinOutcome("b", "connack:5", 1),
-                JoinOutcome("c", "ok", 3, ("connack:3", "connack:3"), 0.0, 0.02))
+    outcomes = (
+        JoinOutcome("a", "ok", 1, (), 0.0, 0.01),
+        JoinOutcome("b", "connack:5", 1),
+        JoinOutcome("c", "ok", 3, ("connack:3", "connack:3"), 0.0, 0.02),
+    )
     report = Report(scenario="storm", target="x:1", concurrency=2, outcomes=outcomes, duration=1.0)
     assert report.joined == 2 and report.failures == {"connack:5": 1} and report.retries == {"connack:3": 2}
     assert not report.ok and "connack:5" in report.table()
@@ -98,25 +101,80 @@ def test_fleet_is_cached(pki: Pki, tmp_path: Path) -> None:
     assert len(bigger) == 6
 
 
-def test_cli_fleet_and_storm(broker: BrokerThread, pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_fleet_and_storm(
+    broker: BrokerThread,
+    pki: Pki,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # The CLI shrinks asyncio's TLS read buffer process-wide; restore it for the tests that follow.
     monkeypatch.setattr(asyncio.sslproto.SSLProtocol, "max_size", asyncio.sslproto.SSLProtocol.max_size)
     out = tmp_path / "fleet"
-    assert main(["fleet", "create", "--pki", str(pki.layout.dir), "--count", "8", "--out", str(out),
-                 "--prefix", "cli-"]) == 0
+    assert (
+        main(
+            [
+                "fleet",
+                "create",
+                "--pki",
+                str(pki.layout.dir),
+                "--count",
+                "8",
+                "--out",
+                str(out),
+                "--prefix",
+                "cli-",
+            ]
+        )
+        == 0
+    )
     layout = pki.layout
     report = tmp_path / "report.json"
-    code = main(["storm", "--port", str(broker.port), "--ca", str(layout.root_cert), "--fleet", str(out),
-                 "-c", "4", "--service-cert", str(layout.service_client_cert), "--service-key",
-                 str(layout.service_client_key), "--data-dir", str(broker.config.data_dir), "--json", str(report),
-                 "--histogram", str(tmp_path / "h.png"), "--no-progress"])
+    code = main(
+        [
+            "storm",
+            "--port",
+            str(broker.port),
+            "--ca",
+            str(layout.root_cert),
+            "--fleet",
+            str(out),
+            "-c",
+            "4",
+            "--service-cert",
+            str(layout.service_client_cert),
+            "--service-key",
+            str(layout.service_client_key),
+            "--data-dir",
+            str(broker.config.data_dir),
+            "--json",
+            str(report),
+            "--histogram",
+            str(tmp_path / "h.png"),
+            "--no-progress",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.out
     assert "connect->CONNACK" in captured.out
     doc = json.loads(report.read_text())
     assert doc["joined"] == 8 and doc["events"]["seen"] == 8 and doc["ok"] is True
-    code = main(["reconnect", "--port", str(broker.port), "--ca", str(layout.root_cert), "--fleet", str(out),
-                 "--data-dir", str(broker.config.data_dir), "--service-cert", str(layout.service_client_cert),
-                 "--service-key", str(layout.service_client_key), "--no-progress"])
+    code = main(
+        [
+            "reconnect",
+            "--port",
+            str(broker.port),
+            "--ca",
+            str(layout.root_cert),
+            "--fleet",
+            str(out),
+            "--data-dir",
+            str(broker.config.data_dir),
+            "--service-cert",
+            str(layout.service_client_cert),
+            "--service-key",
+            str(layout.service_client_key),
+            "--no-progress",
+        ]
+    )
     assert code == 0, capsys.readouterr().out
