@@ -113,13 +113,16 @@ class JitpEventsPlugin(BasePlugin[BrokerContext]):
     async def _run(self) -> None:
         service = runtime_of(self.context).service
         registry, clock = service.registry, service.clock
+        loop = asyncio.get_running_loop()
+        next_poll = loop.time() + self.config.poll_interval
         while True:
-            polled = False
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.config.poll_interval)
-            except TimeoutError:
-                polled = True
+            # The outbox is polled on a deadline, so a steady stream of joins cannot starve it.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.0, next_poll - loop.time()))
             self._wake.clear()
+            polled = loop.time() >= next_poll
+            if polled:
+                next_poll = loop.time() + self.config.poll_interval
             try:
                 # Events this node just committed are handed over in memory: no read-back.
                 while self._fresh:

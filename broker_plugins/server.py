@@ -141,8 +141,13 @@ class JitpServer:
         if event.type in CLOSING_EVENTS:
             await broker.disconnect_client(device_id, reason=f"device {event.type}")
         if event.type in ("deprovisioned", "erased"):
-            # {device_id} is always a whole topic level, in every namespace a template can define.
-            filters = tuple(t for t in list(broker.retained_messages) if device_id in t.split("/"))
+            # What the device itself retained, and its own $jitp/devices/<id>/ topics (its config).
+            own = f"$jitp/devices/{device_id}/"
+            filters = tuple(
+                topic
+                for topic, message in list(broker.retained_messages.items())
+                if topic.startswith(own) or getattr(message.source_session, "client_id", None) == device_id
+            )
             cleared = await broker.clear_retained(filters)
             log.info("cleared %d retained message(s) of %s", cleared, device_id)
         if event.type in NAMESPACE_EVENTS and broker.live_session(device_id) is not None:
@@ -159,15 +164,21 @@ class JitpServer:
     async def _recheck_sessions(self) -> None:
         """After a trust change (CA disabled, CRL imported), close sessions whose chain no longer verifies."""
         now = self.service.clock()
-        for client_id, _, peer in self.broker.live_admissions():
+        for client_id, admission, peer in self.broker.live_admissions():
             if peer is None:
                 continue
             try:
                 self.service.trust.verify(peer.chain_der, now=now)
             except errors.Refused as exc:
                 await self.broker.disconnect_client(client_id, reason=f"{exc.reason}: {exc.message}")
+                is_device = admission.record is not None
                 await self.service.record_event(
-                    "session-closed", device_id=client_id, reason=exc.reason, details={"message": exc.message}
+                    "session-closed",
+                    device_id=client_id if is_device else None,
+                    reason=exc.reason,
+                    details={"message": exc.message}
+                    if is_device
+                    else {"message": exc.message, "service": client_id},
                 )
 
     async def reload_templates(self) -> None:

@@ -157,6 +157,14 @@ class ProvisioningService:
         if anchor is None:
             raise errors.NotFound(f"no CA with id {ca_id!r} is registered", ca_id=ca_id)
         crl = parse_crl(data, anchor, now=now)
+        current = (await self.registry.crls()).get(ca_id)
+        if current is not None:
+            stored = x509.load_der_x509_crl(current)
+            if crl.last_update_utc < stored.last_update_utc:
+                raise errors.InvalidRequest(
+                    f"this CRL (thisUpdate {crl.last_update_utc.isoformat()}) is older than the one in force "
+                    f"({stored.last_update_utc.isoformat()}); importing it would un-revoke certificates"
+                )
         stale = crl.next_update_utc is not None and now > crl.next_update_utc
         details = {"ca_id": ca_id, "revoked": str(len(crl)), "stale": str(stale).lower()}
         if crl.next_update_utc is not None:
@@ -298,9 +306,18 @@ class ProvisioningService:
         details: dict[str, str] = {"message": exc.message}
         if exc.detail:
             details["detail"] = exc.detail
-        if client_id is not None and exc.device_id is None and not isinstance(exc, errors.DeviceErased):
+        device_id = exc.device_id
+        if device_id is None and exc.fingerprint and not isinstance(exc, errors.DeviceErased):
+            # Refused before its identity was derived (e.g. a revoked certificate): if the certificate
+            # is a known device's, the entry is about that device and is pseudonymised under its key.
+            try:
+                known = await self.registry.find_by_fingerprint(exc.fingerprint)
+            except errors.ProvisioningError:
+                known = None
+            device_id = known.device_id if known is not None else None
+        if client_id is not None and device_id is None and not isinstance(exc, errors.DeviceErased):
             details["client_id"] = repr(client_id)[:80]
-        log.warning("refused %s from %s: %s (%s)", exc.device_id or "client", peer, exc.reason, exc.message)
+        log.warning("refused %s from %s: %s (%s)", device_id or "client", peer, exc.reason, exc.message)
         try:
             await self.registry.append_audit(
                 [
@@ -308,7 +325,7 @@ class ProvisioningService:
                         at=at or self.clock(),
                         action="refused",
                         actor="broker",
-                        device_id=exc.device_id,
+                        device_id=device_id,
                         fingerprint=exc.fingerprint,
                         reason=exc.reason,
                         peer=peer,

@@ -645,10 +645,13 @@ class SQLiteRegistry:
                 [(_ts(at), e) for e in event_ids],
             )
             # An erased device's last event names it; once delivered, it goes too.
-            await db.execute(
-                "UPDATE outbox SET device_id = '', payload = X'' WHERE type = 'erased' AND delivered_at IS NOT NULL "
-                "AND device_id != ''"
+            cursor = await db.executemany(
+                "UPDATE outbox SET device_id = '', payload = X'' WHERE event_id = ? AND type = 'erased'",
+                [(e,) for e in event_ids],
             )
+            scrubbed = cursor.rowcount
+        if scrubbed:
+            await self.checkpoint()  # and out of the WAL into the (overwritten) database pages
 
     async def events(self, device_id: str | None = None) -> list[ProvisioningEvent]:
         sql = "SELECT event_id, type, device_id, occurred_at, payload FROM outbox"
@@ -774,6 +777,7 @@ class SQLiteRegistry:
             device_id=privacy.device_ref(key, draft.device_id),
             fingerprint=privacy.cert_ref(key, draft.fingerprint) if draft.fingerprint else None,
             peer=privacy.seal(key, draft.peer) if draft.peer else None,
+            reason=privacy.scrub(draft.reason, *secrets) if draft.reason else None,
             details=MappingProxyType(details),
         )
 
