@@ -99,6 +99,7 @@ class JitpServer:
                 default_region=cfg.default_region,
                 templates=TemplateSet.load(cfg.templates_dir),
                 stale_crl=cfg.trust.stale_crl,
+                coalesce_window=cfg.audit.coalesce_window,
             )
             self._service.on_trust_change(self._tls.update)
             self._service.on_trust_change(self._trust_changed)
@@ -122,6 +123,8 @@ class JitpServer:
         if self._broker is not None:
             await self._broker.shutdown()
             self._broker = None
+        if self._service is not None:
+            await self._service.flush_refusals(force=True)
         if self._registry is not None:
             await self._registry.close()
 
@@ -200,6 +203,7 @@ class JitpServer:
         while True:
             await asyncio.sleep(self.config.trust.reload_interval)
             try:
+                await self.service.flush_refusals()
                 await self.service.refresh_trust()
                 if await self.service.registry.templates_version() != self._templates_version:
                     await self.reload_templates()

@@ -85,6 +85,17 @@ class SQLiteConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    # Identical refusals (same reason, same certificate or peer host) within this many seconds are
+    # written once, then as one counted entry per window: a refusal storm cannot bloat the log.
+    coalesce_window: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not self.coalesce_window >= 0 or self.coalesce_window == float("inf"):
+            raise ConfigError("must be a number >= 0 (0: no coalescing)", key="audit.coalesce_window")
+
+
+@dataclass(frozen=True)
 class Config:
     data_dir: Path = Path("var/data")
     templates_dir: Path = Path("config/templates")  # enrollment templates, <name>.yaml
@@ -94,6 +105,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     trust: TrustConfig = field(default_factory=TrustConfig)
     sqlite: SQLiteConfig = field(default_factory=SQLiteConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     def __post_init__(self) -> None:
         if self.log_level not in ("debug", "info", "warning", "error"):

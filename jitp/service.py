@@ -65,6 +65,22 @@ class Admission:
     reprovisioned: bool = False
 
 
+MAX_COALESCED_CAUSES = 10_000  # distinct refusal causes held open at once (bounded memory)
+
+
+@dataclass
+class _Coalesced:
+    draft: AuditDraft  # the entry written for the first refusal of the window
+    window_start: datetime
+    last_at: datetime
+    last_peer: str | None
+    count: int = 0  # refusals since the first one
+
+
+def _host(peer: str | None) -> str | None:
+    return peer.rsplit(":", 1)[0] if peer else None
+
+
 class ProvisioningService:
     def __init__(
         self,
@@ -74,8 +90,11 @@ class ProvisioningService:
         default_region: str = DEFAULT_REGION,
         templates: TemplateSet | None = None,
         stale_crl: str = "keep",
+        coalesce_window: float = 0.0,
     ) -> None:
         self.registry = registry
+        self.coalesce_window = coalesce_window
+        self._refusals: dict[tuple[str, str], _Coalesced] = {}
         self.stale_crl = stale_crl
         self.clock = clock
         self.default_region = default_region
@@ -303,6 +322,64 @@ class ProvisioningService:
         at: datetime | None = None,
         client_id: str | None = None,
     ) -> None:
+        """Audit a refusal. Repeats of the same cause (reason + certificate, or reason + peer host)
+        within ``coalesce_window`` become one counted entry, written when the window closes."""
+        at = at or self.clock()
+        # Same cause: same reason and the same certificate (or, without one, the same detail -- e.g.
+        # an erased certificate's tombstone -- or the same peer host).
+        key = (exc.reason, exc.fingerprint or exc.detail or _host(peer) or "-")
+        if self.coalesce_window > 0:
+            pending = self._refusals.get(key)
+            if pending is not None and (at - pending.window_start).total_seconds() < self.coalesce_window:
+                pending.count += 1
+                pending.last_at, pending.last_peer = at, peer
+                log.debug("refused again from %s: %s (coalesced)", peer, exc.reason)
+                return
+        draft = await self._refusal_draft(exc, peer=peer, at=at, client_id=client_id)
+        if self.coalesce_window > 0:
+            if len(self._refusals) >= MAX_COALESCED_CAUSES:
+                await self.flush_refusals(force=True)
+            self._refusals[key] = _Coalesced(draft=draft, window_start=at, last_at=at, last_peer=peer)
+        try:
+            await self.registry.append_audit([draft])
+        except errors.ProvisioningError as audit_exc:  # never let auditing hide the refusal itself
+            log.error("could not audit a refusal: %s", audit_exc)
+
+    async def flush_refusals(self, *, force: bool = False) -> int:
+        """Write one counted entry per cause whose window closed (all of them with ``force``)."""
+        now = self.clock()
+        due = [
+            k
+            for k, p in self._refusals.items()
+            if force or (now - p.window_start).total_seconds() >= self.coalesce_window
+        ]
+        drafts = []
+        for key in due:
+            p = self._refusals.pop(key)
+            if p.count == 0:
+                continue
+            details = {
+                **dict(p.draft.details),
+                "coalesced": "true",
+                "count": str(p.count),
+                "first_at": p.window_start.isoformat(),
+                "last_at": p.last_at.isoformat(),
+            }
+            drafts.append(
+                dataclasses.replace(
+                    p.draft, at=p.last_at, peer=p.last_peer, details=MappingProxyType(details)
+                )
+            )
+        if drafts:
+            try:
+                await self.registry.append_audit(drafts)
+            except errors.ProvisioningError as audit_exc:
+                log.error("could not audit %d coalesced refusal(s): %s", len(drafts), audit_exc)
+        return sum(int(d.details["count"]) for d in drafts)
+
+    async def _refusal_draft(
+        self, exc: errors.Refused, *, peer: str | None, at: datetime, client_id: str | None
+    ) -> AuditDraft:
         details: dict[str, str] = {"message": exc.message}
         if exc.detail:
             details["detail"] = exc.detail
@@ -318,23 +395,16 @@ class ProvisioningService:
         if client_id is not None and device_id is None and not isinstance(exc, errors.DeviceErased):
             details["client_id"] = repr(client_id)[:80]
         log.warning("refused %s from %s: %s (%s)", device_id or "client", peer, exc.reason, exc.message)
-        try:
-            await self.registry.append_audit(
-                [
-                    AuditDraft(
-                        at=at or self.clock(),
-                        action="refused",
-                        actor="broker",
-                        device_id=device_id,
-                        fingerprint=exc.fingerprint,
-                        reason=exc.reason,
-                        peer=peer,
-                        details=MappingProxyType(details),
-                    )
-                ]
-            )
-        except errors.ProvisioningError as audit_exc:  # never let auditing hide the refusal itself
-            log.error("could not audit a refusal: %s", audit_exc)
+        return AuditDraft(
+            at=at,
+            action="refused",
+            actor="broker",
+            device_id=device_id,
+            fingerprint=exc.fingerprint,
+            reason=exc.reason,
+            peer=peer,
+            details=MappingProxyType(details),
+        )
 
     async def record_event(
         self,

@@ -18,7 +18,7 @@ from cryptography import x509
 import certs
 from broker_plugins.server import JitpServer
 from jitp.audit import AuditDraft
-from jitp.config import Config, LimitsConfig, ListenerConfig, TrustConfig
+from jitp.config import AuditConfig, Config, LimitsConfig, ListenerConfig, TrustConfig
 from jitp.trust import Role, TrustAnchor
 
 T = TypeVar("T")
@@ -178,6 +178,7 @@ def test_config(tmp: Path, pki: Pki, **sections: Any) -> Config:
         listener=listener,
         limits=LimitsConfig(**sections.pop("limits", {})),
         trust=TrustConfig(**sections.pop("trust", {"reload_interval": 0.5})),
+        audit=AuditConfig(**sections.pop("audit", {})),
         **sections,
     )
 

@@ -183,3 +183,35 @@ def test_garbage_on_the_tls_port_changes_nothing(broker: BrokerThread, pki: Pki)
     time.sleep(0.3)
     assert (broker.devices(), len(broker.audit()), broker.session_count()) == before
     _still_serving(broker, pki, "after-garbage")
+
+
+def test_refusal_storms_are_coalesced_without_losing_distinct_causes(tmp_path, pki: Pki) -> None:
+    from tests.helpers import test_config
+
+    b = BrokerThread(test_config(tmp_path, pki, audit={"coalesce_window": 1.0})).start()
+    try:
+        b.register_ca(pki.manufacturer.cert)
+        mismatched = pki.device("storm-a")
+        weak_usage = pki.identity("storm-b", key_usage=("key_encipherment",))
+        for _ in range(12):
+            connect(b.port, pki, mismatched, client_id="not-storm-a").close()
+        for _ in range(5):
+            connect(b.port, pki, weak_usage).close()
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:
+            entries = [e.draft for e in b.audit() if e.draft.action == "refused"]
+            counted = {
+                r: sum(int(e.details.get("count", "1")) for e in entries if e.reason == r)
+                for r in ("client_id_mismatch", "bad_key_usage")
+            }
+            if counted == {"client_id_mismatch": 12, "bad_key_usage": 5}:
+                break
+            time.sleep(0.2)
+        assert counted == {"client_id_mismatch": 12, "bad_key_usage": 5}
+        # 17 refusals, two causes: the first of each at once, then one counted entry per cause.
+        assert len(entries) == 4
+        coalesced = [e for e in entries if e.details.get("coalesced") == "true"]
+        assert sorted(e.details["count"] for e in coalesced) == ["11", "4"]
+        assert all(e.details["first_at"] <= e.details["last_at"] for e in coalesced)
+    finally:
+        b.stop()

@@ -349,6 +349,7 @@ VALID: dict[str, dict[str, st.SearchStrategy[Any]]] = {
         "reload_interval": st.floats(min_value=0.01, max_value=3600),
         "stale_crl": st.sampled_from(["keep", "refuse"]),
     },
+    "audit": {"coalesce_window": st.floats(min_value=0.0, max_value=86400.0)},
     "sqlite": {
         "synchronous": st.sampled_from(["full", "normal"]),
         "batch_window_ms": st.floats(min_value=0.0, max_value=1000.0),
@@ -371,7 +372,7 @@ def documents(draw: st.DrawFn) -> dict[str, Any]:
 
 def _expected(doc: dict[str, Any]) -> Config:
     sections: dict[str, Any] = {}
-    for section in ("listener", "limits", "trust", "sqlite"):
+    for section in ("listener", "limits", "trust", "sqlite", "audit"):
         cls = type(getattr(Config(), section))
         sections[section] = cls(**doc.get(section, {}))
     top = {k: (Path(v) if k.endswith("_dir") else v) for k, v in doc.items() if k in VALID[""]}
@@ -392,7 +393,7 @@ def test_valid_documents_round_trip(doc: dict[str, Any]) -> None:
 @settings(max_examples=150, deadline=None)
 @given(documents(), st.data())
 def test_an_unknown_key_anywhere_is_named_with_its_line(doc: dict[str, Any], data: st.DataObject) -> None:
-    sections = [""] + [s for s in ("listener", "limits", "trust", "sqlite") if s in doc]
+    sections = [""] + [s for s in ("listener", "limits", "trust", "sqlite", "audit") if s in doc]
     section = data.draw(st.sampled_from(sections))
     bogus = data.draw(
         st.from_regex(r"[a-z][a-z_]{0,12}", fullmatch=True).filter(
