@@ -12,15 +12,18 @@ The contract every implementation keeps:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from types import MappingProxyType
 from typing import Protocol
 
+from jitp import errors, privacy
 from jitp.audit import AuditDraft, AuditEntry
-from jitp.events import ProvisioningEvent
+from jitp.events import ProvisioningEvent, new_event_id, provisioned_event
 from jitp.identity import DeviceIdentity
-from jitp.records import Command, DeviceRecord
+from jitp.records import ADMITTED, Command, DeviceRecord, DeviceStatus
 from jitp.trust import TrustAnchor
 
 
@@ -164,3 +167,89 @@ class Registry(Protocol):
         ...
 
     async def audit_head(self) -> tuple[int, str] | None: ...
+
+
+# -- rules every implementation applies the same way (pure) -----------------------------------
+def decide(
+    identity: DeviceIdentity,
+    *,
+    at: datetime,
+    policy: str,
+    current: DeviceRecord | None,
+    superseded: set[tuple[str, str]],
+) -> ProvisionOutcome | errors.ProvisioningError:
+    """What one provisioning request does, given the current record."""
+    ident = identity
+    fresh = DeviceRecord(
+        device_id=ident.device_id,
+        status=DeviceStatus.ACTIVE,
+        cert_fingerprint=ident.cert_fingerprint,
+        ca_id=ident.ca_id,
+        region=ident.region,
+        serial=ident.serial,
+        subject=ident.subject,
+        not_after=ident.not_after,
+        provisioned_at=at,
+        last_seen=at,
+        attributes=ident.attributes,
+        template=ident.template,
+        template_version=ident.template_version,
+        config=ident.config,
+    )
+    if current is None:
+        return ProvisionOutcome(
+            record=fresh, created=True, event=provisioned_event(fresh, event_id=new_event_id(), at=at)
+        )
+    if current.status not in ADMITTED:
+        return errors.DeviceBlocked(
+            f"device {ident.device_id!r} is {current.status}",
+            device_id=ident.device_id,
+            fingerprint=ident.cert_fingerprint,
+        )
+    if current.cert_fingerprint == ident.cert_fingerprint:
+        return ProvisionOutcome(record=current, created=False)
+    if policy == "reject":
+        return errors.IdentityConflict(
+            f"device id {ident.device_id!r} is already provisioned with another certificate",
+            device_id=ident.device_id,
+            fingerprint=ident.cert_fingerprint,
+            detail=f"registered certificate {current.cert_fingerprint}",
+        )
+    if (ident.device_id, ident.cert_fingerprint) in superseded:
+        return errors.IdentityConflict(
+            f"this certificate of {ident.device_id!r} was superseded by a newer one",
+            device_id=ident.device_id,
+            fingerprint=ident.cert_fingerprint,
+        )
+    reset = policy == "reset"
+    record = (
+        fresh
+        if reset
+        else dataclasses.replace(fresh, status=current.status, provisioned_at=current.provisioned_at)
+    )
+    event = provisioned_event(
+        record,
+        event_id=new_event_id(),
+        at=at,
+        type="reprovisioned",
+        previous_fingerprint=current.cert_fingerprint,
+        reset=reset,
+    )
+    return ProvisionOutcome(record=record, created=False, event=event)
+
+
+def pseudonymize(draft: AuditDraft, keys: dict[str, bytes]) -> AuditDraft:
+    """An audit entry's stored form: nothing personal about a device in clear (see jitp.privacy)."""
+    if not draft.device_id:
+        return draft
+    key = keys[draft.device_id]
+    secrets = (draft.device_id, draft.fingerprint or "")
+    details = {k: privacy.scrub(str(v), *secrets) for k, v in draft.details.items()}
+    return dataclasses.replace(
+        draft,
+        device_id=privacy.device_ref(key, draft.device_id),
+        fingerprint=privacy.cert_ref(key, draft.fingerprint) if draft.fingerprint else None,
+        peer=privacy.seal(key, draft.peer) if draft.peer else None,
+        reason=privacy.scrub(draft.reason, *secrets) if draft.reason else None,
+        details=MappingProxyType(details),
+    )

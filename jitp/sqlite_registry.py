@@ -29,8 +29,8 @@ from jitp import errors, privacy
 from jitp.audit import GENESIS_HASH, AuditDraft, AuditEntry, chain
 from jitp.events import ProvisioningEvent, lifecycle_event, new_event_id, provisioned_event
 from jitp.identity import DeviceIdentity
-from jitp.records import ADMITTED, Command, DeviceRecord, DeviceStatus, status_event_type, transition
-from jitp.registry import Erasure, ProvisionOutcome, StatusChange
+from jitp.records import Command, DeviceRecord, DeviceStatus, status_event_type, transition
+from jitp.registry import Erasure, ProvisionOutcome, StatusChange, decide, pseudonymize
 from jitp.trust import Role, TrustAnchor
 
 log = logging.getLogger(__name__)
@@ -733,7 +733,7 @@ class SQLiteRegistry:
     async def _append_audit_tx(self, db: aiosqlite.Connection, drafts: Sequence[AuditDraft]) -> None:
         """Append entries in their stored form: nothing personal about a device in clear (jitp.privacy)."""
         keys = await self._device_keys(db, [d.device_id for d in drafts if d.device_id], create=True)
-        stored = [self._pseudonymize(d, keys) for d in drafts]
+        stored = [pseudonymize(d, keys) for d in drafts]
         async with db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1") as cur:
             row = await cur.fetchone()
         seq, prev = (int(row[0]) + 1, str(row[1])) if row else (1, GENESIS_HASH)
@@ -763,22 +763,6 @@ class SQLiteRegistry:
             "INSERT INTO meta_text (key, value) VALUES ('audit_head', ?) "
             "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
             (f"{last.seq}:{last.hash}",),
-        )
-
-    @staticmethod
-    def _pseudonymize(draft: AuditDraft, keys: dict[str, bytes]) -> AuditDraft:
-        if not draft.device_id:
-            return draft
-        key = keys[draft.device_id]
-        secrets = (draft.device_id, draft.fingerprint or "")
-        details = {k: privacy.scrub(str(v), *secrets) for k, v in draft.details.items()}
-        return dataclasses.replace(
-            draft,
-            device_id=privacy.device_ref(key, draft.device_id),
-            fingerprint=privacy.cert_ref(key, draft.fingerprint) if draft.fingerprint else None,
-            peer=privacy.seal(key, draft.peer) if draft.peer else None,
-            reason=privacy.scrub(draft.reason, *secrets) if draft.reason else None,
-            details=MappingProxyType(details),
         )
 
     async def audit_head(self) -> tuple[int, str] | None:
@@ -891,7 +875,13 @@ class SQLiteRegistry:
                         detail=privacy.tombstone_ref(self._salt, op.identity.cert_fingerprint),
                     )
                     continue
-                outcome = self._decide(op, existing.get(op.identity.device_id), superseded)
+                outcome = decide(
+                    op.identity,
+                    at=op.at,
+                    policy=op.policy,
+                    current=existing.get(op.identity.device_id),
+                    superseded=superseded,
+                )
                 if isinstance(outcome, errors.ProvisioningError):
                     results[i] = outcome
                     continue
@@ -956,68 +946,3 @@ class SQLiteRegistry:
                 op.future.set_exception(result)
             else:
                 op.future.set_result(result)
-
-    @staticmethod
-    def _decide(
-        op: _Provision, current: DeviceRecord | None, superseded: set[tuple[str, str]]
-    ) -> ProvisionOutcome | errors.ProvisioningError:
-        """What one provisioning request does, given the current record (pure)."""
-        ident = op.identity
-        fresh = DeviceRecord(
-            device_id=ident.device_id,
-            status=DeviceStatus.ACTIVE,
-            cert_fingerprint=ident.cert_fingerprint,
-            ca_id=ident.ca_id,
-            region=ident.region,
-            serial=ident.serial,
-            subject=ident.subject,
-            not_after=ident.not_after,
-            provisioned_at=op.at,
-            last_seen=op.at,
-            attributes=ident.attributes,
-            template=ident.template,
-            template_version=ident.template_version,
-            config=ident.config,
-        )
-        if current is None:
-            return ProvisionOutcome(
-                record=fresh, created=True, event=provisioned_event(fresh, event_id=new_event_id(), at=op.at)
-            )
-        if current.status not in ADMITTED:
-            return errors.DeviceBlocked(
-                f"device {ident.device_id!r} is {current.status}",
-                device_id=ident.device_id,
-                fingerprint=ident.cert_fingerprint,
-            )
-        if current.cert_fingerprint == ident.cert_fingerprint:
-            return ProvisionOutcome(record=current, created=False)
-        if op.policy == "reject":
-            return errors.IdentityConflict(
-                f"device id {ident.device_id!r} is already provisioned with another certificate",
-                device_id=ident.device_id,
-                fingerprint=ident.cert_fingerprint,
-                detail=f"registered certificate {current.cert_fingerprint}",
-            )
-        if (ident.device_id, ident.cert_fingerprint) in superseded:
-            return errors.IdentityConflict(
-                f"this certificate of {ident.device_id!r} was superseded by a newer one",
-                device_id=ident.device_id,
-                fingerprint=ident.cert_fingerprint,
-            )
-        reset = op.policy == "reset"
-        record = (
-            fresh
-            if reset
-            else DeviceRecord(
-                **{**fresh.__dict__, "status": current.status, "provisioned_at": current.provisioned_at}
-            )
-        )
-        event = provisioned_event(
-            record,
-            event_id=new_event_id(),
-            at=op.at,
-            type="reprovisioned",
-            previous_fingerprint=current.cert_fingerprint,
-            reset=reset,
-        )
-        return ProvisionOutcome(record=record, created=False, event=event)
