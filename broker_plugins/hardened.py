@@ -55,9 +55,7 @@ import inspect
 import logging
 import socket
 import ssl
-import sys
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, StreamWriterAdapter, WriterAdapter
@@ -715,10 +713,3 @@ async def _close(writer: WriterAdapter) -> None:
         await asyncio.wait_for(writer.close(), 1)
     if isinstance(writer, AbortableWriter):
         writer.abort()
-
-
-def on_python_with_public_chain() -> bool:
-    return sys.version_info >= (3, 13)
-
-
-Callback = Callable[[], None]
