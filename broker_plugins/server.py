@@ -18,8 +18,8 @@ from jitp import errors
 from jitp.config import Config, host_port
 from jitp.events import ProvisioningEvent
 from jitp.registry import Registry
+from jitp.registry_factory import make_registry
 from jitp.service import Clock, ProvisioningService, utc_now
-from jitp.sqlite_registry import SQLiteRegistry
 from jitp.templates import TemplateSet
 from jitp.trust import TrustStore
 
@@ -86,11 +86,7 @@ class JitpServer:
             session_tickets=listener.session_tickets,
         )
         if self._registry is None:
-            self._registry = SQLiteRegistry(
-                cfg.registry_path,
-                synchronous=cfg.sqlite.synchronous,
-                batch_window=cfg.sqlite.batch_window_ms / 1000,
-            )
+            self._registry = make_registry(cfg)  # SQLite, or PostgreSQL with `registry: postgresql://...`
         await self._registry.open()
         try:
             self._service = ProvisioningService(

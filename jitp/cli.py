@@ -1,7 +1,8 @@
 """The ``jitp`` command line.
 
-Local mode works directly on the data dir (the SQLite registry). Whoever can run it can change
-anything: it is root-equivalent, and its actions are audited as ``local-admin``.
+Local mode works directly on the registry: the data dir's SQLite registry, or the PostgreSQL
+one that ``registry:`` in the config or ``--registry DSN`` names. Whoever can run it can change
+anything: it is root-equivalent, and its actions are audited as ``local-admin:<user>@<host>``.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from jitp import errors
 from jitp.audit import AuditDraft, verify_chain
 from jitp.config import DEFAULT_CONFIG, Config, load_config, replace
 from jitp.records import Command, DeviceRecord
+from jitp.registry import Registry
+from jitp.registry_factory import open_registry
 from jitp.service import ProvisioningService
-from jitp.sqlite_registry import SQLiteRegistry
 from jitp.templates import TemplateSet
 from jitp.trust import Role, TrustAnchor, TrustStore, fingerprint_der
 
@@ -52,7 +54,8 @@ def _now() -> datetime:
 
 
 def _actor() -> str:
-    return "local-admin"
+    """Who a local (data-dir) command acts as, in the audit trail."""
+    return f"local-admin:{_who()}"
 
 
 def _who() -> str:
@@ -69,25 +72,26 @@ def _config(args: argparse.Namespace) -> Config:
         path = DEFAULT_CONFIG
     config = load_config(Path(path)) if path else Config()
     data_dir = getattr(args, "data_dir", None)
-    return replace(config, data_dir=Path(data_dir) if data_dir else None)
+    return replace(
+        config, data_dir=Path(data_dir) if data_dir else None, registry=getattr(args, "registry", None)
+    )
 
 
-def _run(args: argparse.Namespace, fn: Callable[[SQLiteRegistry], Awaitable[int]]) -> int:
+def _run(args: argparse.Namespace, fn: Callable[[Registry], Awaitable[int]]) -> int:
     config = _config(args)
 
     async def go() -> int:
-        async with SQLiteRegistry(
-            config.registry_path, synchronous=config.sqlite.synchronous, batch_window=0
-        ) as registry:
+        registry = await open_registry(config, batch_window=0)
+        try:
             return await fn(registry)
+        finally:
+            await registry.close()
 
     return asyncio.run(go())
 
 
 def _draft(action: str, **details: str) -> AuditDraft:
-    return AuditDraft(
-        at=_now(), action=action, actor=_actor(), details=MappingProxyType({"operator": _who(), **details})
-    )
+    return AuditDraft(at=_now(), action=action, actor=_actor(), details=MappingProxyType(details))
 
 
 def _print_json(value: Any) -> None:
@@ -162,7 +166,7 @@ def cmd_ca_register(args: argparse.Namespace) -> int:
         now=_now(),
     )
 
-    async def go(registry: SQLiteRegistry) -> int:
+    async def go(registry: Registry) -> int:
         stored = await registry.register_anchor(
             anchor,
             audit=_draft(
@@ -193,7 +197,7 @@ def _anchor_json(a: TrustAnchor) -> dict[str, Any]:
 
 
 def cmd_ca_list(args: argparse.Namespace) -> int:
-    async def go(registry: SQLiteRegistry) -> int:
+    async def go(registry: Registry) -> int:
         anchors = await registry.anchors()
         if args.json:
             _print_json([_anchor_json(a) for a in anchors])
@@ -209,7 +213,7 @@ def cmd_ca_list(args: argparse.Namespace) -> int:
 
 
 def cmd_ca_enable(args: argparse.Namespace, enabled: bool) -> int:
-    async def go(registry: SQLiteRegistry) -> int:
+    async def go(registry: Registry) -> int:
         anchor = await registry.set_anchor_enabled(
             args.ca_id, enabled, audit=_draft("ca-enabled" if enabled else "ca-disabled", ca_id=args.ca_id)
         )
@@ -226,7 +230,7 @@ def _device_line(r: DeviceRecord) -> str:
 
 
 def cmd_devices_list(args: argparse.Namespace) -> int:
-    async def go(registry: SQLiteRegistry) -> int:
+    async def go(registry: Registry) -> int:
         records = await registry.list_devices()
         if args.json:
             _print_json([r.to_json() for r in records])
@@ -240,7 +244,7 @@ def cmd_devices_list(args: argparse.Namespace) -> int:
 
 
 def cmd_devices_show(args: argparse.Namespace) -> int:
-    async def go(registry: SQLiteRegistry) -> int:
+    async def go(registry: Registry) -> int:
         record = await registry.get_device(args.device_id)
         if record is None:
             raise errors.NotFound(f"no device with id {args.device_id!r}")
@@ -257,7 +261,7 @@ def cmd_devices_show(args: argparse.Namespace) -> int:
 
 # -- audit --------------------------------------------------------------------------------
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    async def go(registry: SQLiteRegistry) -> int:
+    async def go(registry: Registry) -> int:
         entries = await registry.audit_entries()
         problems = verify_chain(entries)
         head = await registry.audit_head()
@@ -316,7 +320,7 @@ def _write_entries(entries: Sequence[Any], fmt: str, writer: Any = None) -> None
 def cmd_audit_export(args: argparse.Namespace) -> int:
     since, until = _when(args.since), _when(args.until)
 
-    async def go(registry: SQLiteRegistry) -> int:
+    async def go(registry: Registry) -> int:
         entries = [
             e
             for e in await registry.audit_entries()
@@ -335,7 +339,7 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_tail(args: argparse.Namespace) -> int:
-    async def go(registry: SQLiteRegistry) -> int:
+    async def go(registry: Registry) -> int:
         entries = await registry.audit_entries()
         shown = entries[-args.lines :] if args.lines else []
         _write_entries(await registry.resolve_audit(shown), "jsonl")
@@ -353,11 +357,9 @@ def cmd_audit_tail(args: argparse.Namespace) -> int:
 
 # -- device lifecycle -----------------------------------------------------------------------
 def cmd_devices_lifecycle(args: argparse.Namespace, command: Command) -> int:
-    async def go(registry: SQLiteRegistry) -> int:
+    async def go(registry: Registry) -> int:
         service = ProvisioningService(registry)
-        change = await service.apply(
-            command, args.device_id, actor=f"local-admin:{_who()}", reason=args.reason
-        )
+        change = await service.apply(command, args.device_id, actor=_actor(), reason=args.reason)
         state = "now" if change.changed else "already"
         print(f"{args.device_id}: {state} {change.record.status}")
         return 0
@@ -373,12 +375,12 @@ def cmd_devices_erase(args: argparse.Namespace) -> int:
         cert = _load_ca_cert(Path(args.cert))  # any certificate: the first in the file
         fingerprint = fingerprint_der(cert.public_bytes(serialization.Encoding.DER))
 
-    async def go(registry: SQLiteRegistry) -> int:
+    async def go(registry: Registry) -> int:
         service = ProvisioningService(registry)
         erasure = await service.erase(
             device_id=args.device_id,
             fingerprint=fingerprint,
-            actor=f"local-admin:{_who()}",
+            actor=_actor(),
             reason=args.reason,
         )
         if erasure.already_erased:
@@ -396,9 +398,9 @@ def cmd_ca_crl(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise errors.InvalidRequest(f"cannot read {args.crl}: {exc.strerror}") from None
 
-    async def go(registry: SQLiteRegistry) -> int:
+    async def go(registry: Registry) -> int:
         service = ProvisioningService(registry)
-        crl = await service.import_crl(args.ca_id, data, actor=f"local-admin:{_who()}")
+        crl = await service.import_crl(args.ca_id, data, actor=_actor())
         next_update = crl.next_update_utc
         print(
             f"CRL imported for {args.ca_id}: {len(crl)} revoked certificate(s), next update "
@@ -426,9 +428,9 @@ def cmd_templates_reload(args: argparse.Namespace) -> int:
         _config(args).templates_dir
     )  # a broken template fails here, changing nothing
 
-    async def go(registry: SQLiteRegistry) -> int:
+    async def go(registry: Registry) -> int:
         service = ProvisioningService(registry)
-        events = await service.reload_templates(templates, actor=f"local-admin:{_who()}")
+        events = await service.reload_templates(templates, actor=_actor())
         await registry.bump_templates_version()  # running brokers load the new templates too
         print(
             f"templates reloaded: {', '.join(templates.names())}; {len(events)} device configuration(s) changed"
@@ -450,7 +452,7 @@ def cmd_templates_test(args: argparse.Namespace) -> int:
         raise errors.InvalidRequest(f"cannot read certificates from {chain_path}: {exc}") from None
     ders = tuple(c.public_bytes(serialization.Encoding.DER) for c in chain)
 
-    async def go(registry: SQLiteRegistry) -> int:
+    async def go(registry: Registry) -> int:
         anchors = [a for a in await registry.anchors() if a.role is Role.DEVICE]
         if args.ca:
             anchors.append(TrustAnchor.from_certificate(_load_ca_cert(Path(args.ca))))
@@ -528,6 +530,11 @@ def build_parser() -> argparse.ArgumentParser:
             "--config", help="YAML config file (default: config/jitp.yaml when run from the project)"
         )
         p.add_argument("--data-dir", help="data directory holding registry.db (overrides the config)")
+        p.add_argument(
+            "--registry",
+            metavar="DSN",
+            help="use the PostgreSQL registry at this postgresql:// DSN (overrides the config)",
+        )
 
     pki = sub.add_parser("pki", help="development PKI").add_subparsers(dest="pki_command", required=True)
     p = pki.add_parser("init", help="create root, manufacturer, service CAs and broker/service certificates")
@@ -655,6 +662,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. `jitp audit export | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -84,6 +85,30 @@ class SQLiteConfig:
             raise ConfigError("must be >= 0", key="sqlite.batch_window_ms")
 
 
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+@dataclass(frozen=True)
+class PostgresConfig:
+    """Settings of the PostgreSQL registry (used when ``registry`` is a postgresql:// DSN)."""
+
+    pool_size: int = 10  # connections per broker node (or CLI run)
+    schema: str | None = None  # tables live in this schema (created if absent); None: the DSN's search_path
+    batch_window_ms: float = 2.0  # group commit: wait this long to gather concurrent writes
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.pool_size <= 1000:
+            raise ConfigError("must be between 1 and 1000", key="postgres.pool_size")
+        if self.schema is not None and not _SCHEMA_NAME.fullmatch(self.schema):
+            raise ConfigError(
+                "must be a lowercase SQL identifier ([a-z_][a-z0-9_]*, at most 63 characters)",
+                key="postgres.schema",
+            )
+        if not self.batch_window_ms >= 0:
+            raise ConfigError("must be >= 0", key="postgres.batch_window_ms")
+
+
 @dataclass(frozen=True)
 class AuditConfig:
     # Identical refusals (same reason, same certificate or peer host) within this many seconds are
@@ -101,15 +126,25 @@ class Config:
     templates_dir: Path = Path("config/templates")  # enrollment templates, <name>.yaml
     default_region: str = "default"
     log_level: str = "info"
+    # None: the embedded SQLite registry at data_dir/registry.db. "postgresql://...": PostgreSQL,
+    # shared by several broker nodes (see jitp.pg_registry).
+    registry: str | None = None
     listener: ListenerConfig = field(default_factory=ListenerConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     trust: TrustConfig = field(default_factory=TrustConfig)
     sqlite: SQLiteConfig = field(default_factory=SQLiteConfig)
+    postgres: PostgresConfig = field(default_factory=PostgresConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
 
     def __post_init__(self) -> None:
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ConfigError("must be debug, info, warning or error", key="log_level")
+        if self.registry is not None and not self.registry.startswith(POSTGRES_SCHEMES):
+            # The value is not echoed: a DSN may carry a password.
+            raise ConfigError(
+                "must be a postgresql://user@host:port/database DSN, or no value for the embedded SQLite registry",
+                key="registry",
+            )
 
     @property
     def registry_path(self) -> Path:

@@ -245,6 +245,8 @@ def pseudonymize(draft: AuditDraft, keys: dict[str, bytes]) -> AuditDraft:
     key = keys[draft.device_id]
     secrets = (draft.device_id, draft.fingerprint or "")
     details = {k: privacy.scrub(str(v), *secrets) for k, v in draft.details.items()}
+    if "previous_fingerprint" in details:  # a superseded certificate is the device's too
+        details["previous_fingerprint"] = privacy.cert_ref(key, str(draft.details["previous_fingerprint"]))
     return dataclasses.replace(
         draft,
         device_id=privacy.device_ref(key, draft.device_id),

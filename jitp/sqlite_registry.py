@@ -734,9 +734,15 @@ class SQLiteRegistry:
         """Append entries in their stored form: nothing personal about a device in clear (jitp.privacy)."""
         keys = await self._device_keys(db, [d.device_id for d in drafts if d.device_id], create=True)
         stored = [pseudonymize(d, keys) for d in drafts]
-        async with db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1") as cur:
+        # Chain from the recorded head, not the last row: if someone removed the newest entries, the
+        # next entry keeps the gap visible instead of papering over it.
+        async with db.execute("SELECT value FROM meta_text WHERE key = 'audit_head'") as cur:
             row = await cur.fetchone()
-        seq, prev = (int(row[0]) + 1, str(row[1])) if row else (1, GENESIS_HASH)
+        if row is not None:
+            head_seq, _, head_hash = str(row[0]).partition(":")
+            seq, prev = int(head_seq) + 1, head_hash
+        else:
+            seq, prev = 1, GENESIS_HASH
         entries = chain(stored, start_seq=seq, prev_hash=prev)
         await db.executemany(
             "INSERT INTO audit (seq, at, action, actor, device_id, fingerprint, reason, peer, details, prev_hash, "

@@ -97,6 +97,19 @@ def test_types_are_converted() -> None:
     assert config.sqlite.batch_window_ms == 0.0
 
 
+def test_registry_selection() -> None:
+    assert Config().registry is None  # the embedded SQLite registry
+    config = load_config(
+        text="registry: postgresql://jitp@db.example:5432/jitp\npostgres:\n  pool_size: 4\n  schema: jitp\n"
+    )
+    assert config.registry == "postgresql://jitp@db.example:5432/jitp"
+    assert (config.postgres.pool_size, config.postgres.schema) == (4, "jitp")
+    assert load_config(text="registry:\npostgres:\n  schema:\n") == Config()
+    with pytest.raises(ConfigError) as info:
+        replace(Config(), registry="mysql://u:secret@h/db")
+    assert info.value.key == "registry" and "secret" not in str(info.value)  # a DSN may hold a password
+
+
 def test_empty_section_gives_its_defaults() -> None:
     assert load_config(text="listener:\n  # bind: 0.0.0.0:8883\nlimits:\n") == Config()
 
@@ -199,6 +212,13 @@ def test_document_must_be_a_mapping(text: str) -> None:
         ("sqlite:\n  synchronous: off\n", 2, "sqlite.synchronous"),
         ("sqlite:\n  synchronous: extra\n", 2, "sqlite.synchronous"),
         ("sqlite:\n  batch_window_ms: -1\n", 2, "sqlite.batch_window_ms"),
+        ("postgres:\n  pool_size: 0\n", 2, "postgres.pool_size"),
+        ("postgres:\n  pool_size: 1001\n", 2, "postgres.pool_size"),
+        ("postgres:\n  schema: Bad-Name\n", 2, "postgres.schema"),
+        ("postgres:\n  schema: a;drop\n", 2, "postgres.schema"),
+        ("postgres:\n  batch_window_ms: -1\n", 2, "postgres.batch_window_ms"),
+        ("log_level: info\nregistry: sqlite:///var/data/registry.db\n", 2, "registry"),
+        ("registry: db.example:5432\n", 1, "registry"),
         ("# comment\nlog_level: verbose\n", 2, "log_level"),
     ],
 )
@@ -322,6 +342,7 @@ VALID: dict[str, dict[str, st.SearchStrategy[Any]]] = {
             st.characters(codec="utf-8", exclude_categories=["Cs", "Cc"]), min_size=1, max_size=10
         ),
         "log_level": st.sampled_from(["debug", "info", "warning", "error"]),
+        "registry": st.sampled_from([None, "postgresql://jitp@db.example:5432/jitp", "postgres://u:p@h/d"]),
     },
     "listener": {
         "bind": st.builds(
@@ -354,6 +375,11 @@ VALID: dict[str, dict[str, st.SearchStrategy[Any]]] = {
         "synchronous": st.sampled_from(["full", "normal"]),
         "batch_window_ms": st.floats(min_value=0.0, max_value=1000.0),
     },
+    "postgres": {
+        "pool_size": st.integers(1, 1000),
+        "schema": st.sampled_from([None, "jitp", "tenant_a1", "_x"]),
+        "batch_window_ms": st.floats(min_value=0.0, max_value=1000.0),
+    },
 }
 
 
@@ -372,7 +398,7 @@ def documents(draw: st.DrawFn) -> dict[str, Any]:
 
 def _expected(doc: dict[str, Any]) -> Config:
     sections: dict[str, Any] = {}
-    for section in ("listener", "limits", "trust", "sqlite", "audit"):
+    for section in ("listener", "limits", "trust", "sqlite", "postgres", "audit"):
         cls = type(getattr(Config(), section))
         sections[section] = cls(**doc.get(section, {}))
     top = {k: (Path(v) if k.endswith("_dir") else v) for k, v in doc.items() if k in VALID[""]}
@@ -393,7 +419,7 @@ def test_valid_documents_round_trip(doc: dict[str, Any]) -> None:
 @settings(max_examples=150, deadline=None)
 @given(documents(), st.data())
 def test_an_unknown_key_anywhere_is_named_with_its_line(doc: dict[str, Any], data: st.DataObject) -> None:
-    sections = [""] + [s for s in ("listener", "limits", "trust", "sqlite", "audit") if s in doc]
+    sections = [""] + [s for s in ("listener", "limits", "trust", "sqlite", "postgres", "audit") if s in doc]
     section = data.draw(st.sampled_from(sections))
     bogus = data.draw(
         st.from_regex(r"[a-z][a-z_]{0,12}", fullmatch=True).filter(

@@ -470,3 +470,31 @@ def test_erase_leaves_no_trace_even_after_crl_refusals(tmp_path: Path) -> None:
     raw = b"".join(p.read_bytes() for p in sorted(tmp_path.glob("registry.db*")))
     assert device_id.encode() not in raw
     assert fp.encode() not in raw
+
+
+def test_a_removed_tail_stays_visible_after_the_next_append(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Chaining from the recorded head, not the last row: deleting the newest entries and then
+    appending must not make the log verify again."""
+    import sqlite3
+    from datetime import UTC, datetime
+
+    from jitp.audit import AuditDraft, verify_chain
+    from jitp.sqlite_registry import SQLiteRegistry
+
+    async def go() -> list[str]:
+        path = tmp_path / "r.db"
+        async with SQLiteRegistry(path, batch_window=0) as reg:
+            for i in range(5):
+                await reg.append_audit([AuditDraft(at=datetime.now(UTC), action=f"a{i}", actor="t")])
+        db = sqlite3.connect(path)
+        db.execute("DELETE FROM audit WHERE seq >= 4")
+        db.commit()
+        db.close()
+        async with SQLiteRegistry(path, batch_window=0) as reg:
+            await reg.append_audit([AuditDraft(at=datetime.now(UTC), action="after", actor="t")])
+            return verify_chain(await reg.audit_entries())
+
+    import asyncio
+
+    problems = asyncio.run(go())
+    assert any("entry 6" in p for p in problems), problems

@@ -1,0 +1,1172 @@
+"""The shared registry: PostgreSQL through asyncpg, for several broker nodes on one database.
+
+Same contract and semantics as :class:`~jitp.sqlite_registry.SQLiteRegistry` (the rules
+themselves, :func:`~jitp.registry.decide` and :func:`~jitp.registry.pseudonymize`, are shared).
+What differs is how it stays race-free when several nodes (several pools) write at once:
+
+* Provisioning relies on constraints, not on locks held by the application. Known records are
+  read ``FOR UPDATE``; new ones are written with ``INSERT ... ON CONFLICT DO NOTHING RETURNING``.
+  A device another node created in the meantime is not returned: its (committed) row is then
+  read ``FOR UPDATE`` and the requests for that device are decided again against it (same
+  certificate: a reconnect; another one: the reprovisioning policy). The unique partial index
+  ``outbox_one_provisioned`` guarantees a single ``provisioned`` event per device whatever happens.
+* The audit hash chain stays one chain across nodes: every append locks the ``audit_head`` row
+  of ``meta_text`` (``SELECT ... FOR UPDATE``), takes seq and previous hash from it, inserts and
+  moves the head, all in the writing transaction. The head lock is always the last lock a
+  transaction takes, so it is held only until the commit.
+* Like SQLite, concurrent ``provision`` and ``append_audit`` calls of one node are grouped by a
+  writer task into one transaction per batch (group commit). A batch that fails on bad data is
+  retried request by request, so one bad request cannot fail the others; deadlocks and
+  serialization failures are retried.
+
+Timestamps are ``timestamptz``, DER ``bytea``; attributes, config and audit details are JSON
+text, exactly as SQLite stores them (what the audit hashes cover must read back byte-identical).
+Schema migrations run on :meth:`PostgresRegistry.open` under an advisory lock and are recorded
+in ``schema_migrations``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import re
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+import asyncpg
+
+from jitp import errors, privacy
+from jitp.audit import GENESIS_HASH, AuditDraft, AuditEntry, chain
+from jitp.events import ProvisioningEvent, lifecycle_event, new_event_id, provisioned_event
+from jitp.identity import DeviceIdentity
+from jitp.records import Command, DeviceRecord, DeviceStatus, status_event_type, transition
+from jitp.registry import Erasure, ProvisionOutcome, StatusChange, decide, pseudonymize
+from jitp.trust import Role, TrustAnchor
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_HEAD_GENESIS = f"0:{GENESIS_HASH}"
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the foundation, the same tables as SQLite's. Columns of `audit` hold the stored
+    # (pseudonymous) form: see jitp.privacy.
+    f"""
+    CREATE TABLE anchors (
+        ca_id TEXT PRIMARY KEY,
+        cert_der BYTEA NOT NULL,
+        role TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        region TEXT,
+        template TEXT,
+        enabled BOOLEAN NOT NULL DEFAULT TRUE,
+        registered_at TIMESTAMPTZ NOT NULL
+    );
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL);
+    INSERT INTO meta (key, value) VALUES ('trust_version', 1), ('templates_version', 1);
+    CREATE TABLE meta_text (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    INSERT INTO meta_text (key, value) VALUES ('audit_head', '{_HEAD_GENESIS}');
+    CREATE TABLE devices (
+        device_id TEXT PRIMARY KEY,
+        status TEXT NOT NULL,
+        cert_fingerprint TEXT NOT NULL,
+        ca_id TEXT NOT NULL,
+        region TEXT NOT NULL,
+        serial TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        not_after TIMESTAMPTZ NOT NULL,
+        provisioned_at TIMESTAMPTZ NOT NULL,
+        last_seen TIMESTAMPTZ,
+        attributes TEXT NOT NULL DEFAULT '{{}}',
+        template TEXT,
+        template_version INTEGER,
+        config TEXT NOT NULL DEFAULT '{{}}'
+    );
+    CREATE INDEX devices_fingerprint ON devices (cert_fingerprint);
+    CREATE TABLE cert_history (
+        device_id TEXT NOT NULL,
+        cert_fingerprint TEXT NOT NULL,
+        superseded_at TIMESTAMPTZ NOT NULL,
+        PRIMARY KEY (device_id, cert_fingerprint)
+    );
+    CREATE TABLE device_keys (device_id TEXT PRIMARY KEY, ref_key BYTEA NOT NULL);
+    CREATE TABLE tombstones (ref TEXT PRIMARY KEY, erased_at TIMESTAMPTZ NOT NULL);
+    CREATE TABLE crls (
+        ca_id TEXT PRIMARY KEY,
+        der BYTEA NOT NULL,
+        this_update TIMESTAMPTZ NOT NULL,
+        next_update TIMESTAMPTZ,
+        imported_at TIMESTAMPTZ NOT NULL
+    );
+    CREATE TABLE outbox (
+        seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        event_id TEXT NOT NULL UNIQUE,
+        type TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        occurred_at TIMESTAMPTZ NOT NULL,
+        payload BYTEA NOT NULL,
+        delivered_at TIMESTAMPTZ
+    );
+    CREATE INDEX outbox_pending ON outbox (seq) WHERE delivered_at IS NULL;
+    CREATE INDEX outbox_device ON outbox (device_id);
+    CREATE UNIQUE INDEX outbox_one_provisioned ON outbox (device_id) WHERE type = 'provisioned';
+    CREATE TABLE audit (
+        seq BIGINT PRIMARY KEY,
+        at TIMESTAMPTZ NOT NULL,
+        action TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        device_id TEXT,
+        fingerprint TEXT,
+        reason TEXT,
+        peer TEXT,
+        details TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL
+    );
+    """,
+)
+
+_DEVICE_COLUMNS = (
+    "device_id, status, cert_fingerprint, ca_id, region, serial, subject, not_after, provisioned_at, "
+    "last_seen, attributes, template, template_version, config"
+)
+_DEVICE_ARRAYS = (
+    "$1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], "
+    "$8::timestamptz[], $9::timestamptz[], $10::timestamptz[], $11::text[], $12::text[], $13::int[], "
+    "$14::text[]"
+)
+_ANCHOR_COLUMNS = "ca_id, cert_der, role, subject, region, template, enabled, registered_at"
+_EVENT_COLUMNS = "event_id, type, device_id, occurred_at, payload"
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+_RETRIES = 5
+
+# Worth retrying the whole transaction: another node's transaction got in the way.
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.SerializationError,
+)
+# The server is gone or refuses connections: the registry is unavailable, not the request bad.
+_CONNECTION: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+)
+# The request itself failed (bad data): that request fails, the registry is fine.
+_FAILED: tuple[type[BaseException], ...] = (asyncpg.PostgresError, asyncpg.exceptions.DataError)
+
+
+def redact(dsn: str) -> str:
+    """The DSN without its password, for messages and logs."""
+    try:
+        parts = urllib.parse.urlsplit(dsn)
+    except ValueError:
+        return "<unparseable DSN>"
+    if parts.password is None:
+        return dsn
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(dict(value), sort_keys=True)
+
+
+def _record(row: Any) -> DeviceRecord:
+    return DeviceRecord(
+        device_id=row[0],
+        status=DeviceStatus(row[1]),
+        cert_fingerprint=row[2],
+        ca_id=row[3],
+        region=row[4],
+        serial=row[5],
+        subject=row[6],
+        not_after=row[7],
+        provisioned_at=row[8],
+        last_seen=row[9],
+        attributes=MappingProxyType(json.loads(row[10])),
+        template=row[11],
+        template_version=row[12],
+        config=MappingProxyType(json.loads(row[13])),
+    )
+
+
+def _device_arrays(records: Sequence[DeviceRecord]) -> list[list[Any]]:
+    """Column-wise values of ``records``, for ``unnest`` (one round trip for a whole batch)."""
+    return [
+        [r.device_id for r in records],
+        [str(r.status) for r in records],
+        [r.cert_fingerprint for r in records],
+        [r.ca_id for r in records],
+        [r.region for r in records],
+        [r.serial for r in records],
+        [r.subject for r in records],
+        [r.not_after for r in records],
+        [r.provisioned_at for r in records],
+        [r.last_seen for r in records],
+        [_dumps(r.attributes) for r in records],
+        [r.template for r in records],
+        [r.template_version for r in records],
+        [_dumps(r.config) for r in records],
+    ]
+
+
+def _anchor(row: Any) -> TrustAnchor:
+    return TrustAnchor(
+        ca_id=row[0],
+        cert_der=bytes(row[1]),
+        role=Role(row[2]),
+        subject=row[3],
+        region=row[4],
+        template=row[5],
+        enabled=bool(row[6]),
+        registered_at=row[7],
+    )
+
+
+def _event(row: Any) -> ProvisioningEvent:
+    return ProvisioningEvent(
+        event_id=row[0], type=row[1], device_id=row[2], occurred_at=row[3], payload=bytes(row[4])
+    )
+
+
+@dataclass
+class _Provision:
+    identity: DeviceIdentity
+    at: datetime
+    peer: str | None
+    policy: str
+    future: asyncio.Future[ProvisionOutcome]
+
+
+@dataclass
+class _Audit:
+    drafts: Sequence[AuditDraft]
+    future: asyncio.Future[None]
+
+
+_Op = _Provision | _Audit
+_Result = ProvisionOutcome | errors.ProvisioningError | None
+
+
+@dataclass
+class _Group:
+    """The requests of one batch for one device id, decided in order against one current record."""
+
+    current: DeviceRecord | None  # as read from the database
+    results: dict[int, ProvisionOutcome | errors.ProvisioningError] = field(default_factory=dict)
+    record: DeviceRecord | None = None  # what to write (None: nothing)
+    events: list[ProvisioningEvent] = field(default_factory=list)
+    history: list[tuple[str, str, datetime]] = field(default_factory=list)
+    drafts: list[tuple[int, AuditDraft]] = field(default_factory=list)
+    touches: dict[str, datetime] = field(default_factory=dict)
+
+    @property
+    def creates(self) -> bool:
+        return self.current is None and self.record is not None
+
+
+class PostgresRegistry:
+    """A :class:`~jitp.registry.Registry` on PostgreSQL, shared by any number of broker nodes."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str | None = None,
+        pool_size: int = 10,
+        max_batch: int = 512,
+        batch_window: float = 0.002,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        if not dsn.startswith(("postgresql://", "postgres://")):
+            raise errors.ConfigError("must be a postgresql:// DSN", key="registry")
+        if schema is not None and not _SCHEMA_NAME.fullmatch(schema):
+            raise errors.ConfigError("must be an SQL identifier", key="postgres.schema")
+        if pool_size < 1:
+            raise errors.ConfigError("must be >= 1", key="postgres.pool_size")
+        self.dsn = dsn
+        self.schema = schema
+        self._pool_size = pool_size
+        self._max_batch = max_batch
+        self._batch_window = batch_window
+        self._connect_timeout = connect_timeout
+        self._pool: asyncpg.Pool | None = None
+        self._queue: asyncio.Queue[_Op] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
+        self._touches: dict[str, datetime] = {}
+        self._salt = b""
+
+    def __repr__(self) -> str:
+        return f"PostgresRegistry({redact(self.dsn)!r}, schema={self.schema!r})"
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def open(self) -> None:
+        settings = {"application_name": "jitp"}
+        if self.schema is not None:
+            settings["search_path"] = self.schema
+        where = redact(self.dsn)
+        try:
+            pool = await asyncpg.create_pool(
+                self.dsn,
+                min_size=min(2, self._pool_size),
+                max_size=self._pool_size,
+                timeout=self._connect_timeout,
+                server_settings=settings,
+            )
+        except (ValueError, asyncpg.exceptions.ClientConfigurationError) as exc:
+            raise errors.ConfigError(f"invalid PostgreSQL DSN: {exc}", key="registry") from None
+        except (
+            asyncpg.exceptions.InvalidAuthorizationSpecificationError,
+            asyncpg.exceptions.InvalidPasswordError,
+            asyncpg.exceptions.InvalidCatalogNameError,
+        ) as exc:
+            raise errors.RegistryUnavailable(
+                f"cannot use the PostgreSQL registry at {where}: {exc}"
+            ) from None
+        except (*_CONNECTION, asyncpg.PostgresError) as exc:
+            raise errors.RegistryUnavailable(
+                f"cannot connect to the PostgreSQL registry at {where}: {exc or type(exc).__name__}"
+            ) from None
+        self._pool = pool
+        try:
+            await self._migrate()
+            self._salt = await self._registry_salt()
+        except BaseException:
+            self._pool = None
+            await pool.close()
+            raise
+        self._writer = asyncio.create_task(self._write_loop(), name="jitp-postgres-writer")
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            await self._queue.join()
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+            self._writer = None
+        if self._pool is not None:
+            try:
+                if self._touches:
+                    await self._tx(self._flush_touches)
+                    self._touches = {}
+            except errors.ProvisioningError as exc:
+                log.warning("last_seen of %d device(s) not written: %s", len(self._touches), exc)
+            pool, self._pool = self._pool, None
+            try:
+                await asyncio.wait_for(pool.close(), timeout=10)
+            except TimeoutError:
+                pool.terminate()
+
+    async def __aenter__(self) -> PostgresRegistry:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise errors.RegistryUnavailable("the registry is not open")
+        return self._pool
+
+    @contextlib.asynccontextmanager
+    async def _conn(self) -> AsyncIterator[Any]:
+        """A pooled connection; a lost or refused connection is :class:`RegistryUnavailable`."""
+        pool = self.pool
+        try:
+            async with pool.acquire(timeout=self._connect_timeout) as conn:
+                yield conn
+        except _CONNECTION as exc:
+            raise errors.RegistryUnavailable(
+                f"the PostgreSQL registry is unreachable: {exc or type(exc).__name__}"
+            ) from None
+
+    async def _tx(self, body: Callable[[Any], Awaitable[T]]) -> T:
+        """Run ``body(conn)`` in a transaction, again if another node's transaction got in the way."""
+        for attempt in range(_RETRIES):
+            try:
+                async with self._conn() as conn, conn.transaction():
+                    return await body(conn)
+            except _TRANSIENT as exc:
+                if attempt == _RETRIES - 1:
+                    raise errors.RegistryUnavailable(f"registry write failed: {exc}") from None
+                await asyncio.sleep(0.005 * (attempt + 1))
+            except _FAILED as exc:
+                raise errors.RegistryUnavailable(f"registry write failed: {exc}") from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _read(self, sql: str, *args: Any) -> list[Any]:
+        try:
+            async with self._conn() as conn:
+                rows: list[Any] = await conn.fetch(sql, *args)
+                return rows
+        except _FAILED as exc:
+            raise errors.RegistryUnavailable(f"registry read failed: {exc}") from None
+
+    async def _migrate(self) -> None:
+        async def body(conn: Any) -> None:
+            # Several nodes may start at once: one migrates, the others wait and find it done.
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtext('jitp-migrations:' || $1::text))", self.schema or ""
+            )
+            if self.schema is not None:
+                await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {_quote_ident(self.schema)}")
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ)"
+            )
+            current = int(await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_migrations"))
+            if current > len(MIGRATIONS):
+                raise errors.ConfigError(
+                    f"the database schema is version {current}, newer than this jitp "
+                    f"({len(MIGRATIONS)}); upgrade jitp",
+                    where=redact(self.dsn),
+                )
+            for version in range(current + 1, len(MIGRATIONS) + 1):
+                await conn.execute(MIGRATIONS[version - 1])
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)",
+                    version,
+                    datetime.now(UTC),
+                )
+                log.info("registry schema migrated to version %d", version)
+
+        await self._tx(body)
+
+    async def _registry_salt(self) -> bytes:
+        """A random per-registry salt for tombstones, made once (by whichever node is first)."""
+
+        async def body(conn: Any) -> bytes:
+            await conn.execute(
+                "INSERT INTO meta_text (key, value) VALUES ('salt', $1) ON CONFLICT DO NOTHING",
+                privacy.new_key().hex(),
+            )
+            return bytes.fromhex(await conn.fetchval("SELECT value FROM meta_text WHERE key = 'salt'"))
+
+        return await self._tx(body)
+
+    async def schema_version(self) -> int:
+        rows = await self._read("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+        return int(rows[0][0])
+
+    # -- trust anchors -------------------------------------------------------------------
+    async def register_anchor(self, anchor: TrustAnchor, *, audit: AuditDraft) -> TrustAnchor:
+        at = anchor.registered_at or audit.at
+
+        async def body(conn: Any) -> TrustAnchor:
+            row = await conn.fetchrow(
+                f"INSERT INTO anchors ({_ANCHOR_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, TRUE, $7) "
+                "ON CONFLICT (ca_id) DO UPDATE SET role = excluded.role, region = excluded.region, "
+                f"template = excluded.template, enabled = TRUE RETURNING {_ANCHOR_COLUMNS}",
+                anchor.ca_id,
+                anchor.cert_der,
+                str(anchor.role),
+                anchor.subject,
+                anchor.region,
+                anchor.template,
+                at,
+            )
+            await self._bump(conn, "trust_version")
+            await self._append_audit_tx(conn, [audit])
+            return _anchor(row)
+
+        return await self._tx(body)
+
+    async def set_anchor_enabled(self, ca_id: str, enabled: bool, *, audit: AuditDraft) -> TrustAnchor:
+        async def body(conn: Any) -> TrustAnchor:
+            row = await conn.fetchrow(
+                f"UPDATE anchors SET enabled = $2 WHERE ca_id = $1 RETURNING {_ANCHOR_COLUMNS}",
+                ca_id,
+                enabled,
+            )
+            if row is None:
+                raise errors.NotFound(f"no CA with id {ca_id!r} is registered", ca_id=ca_id)
+            await self._bump(conn, "trust_version")
+            await self._append_audit_tx(conn, [audit])
+            return _anchor(row)
+
+        return await self._tx(body)
+
+    async def anchors(self) -> list[TrustAnchor]:
+        rows = await self._read(f"SELECT {_ANCHOR_COLUMNS} FROM anchors ORDER BY registered_at, ca_id")
+        return [_anchor(r) for r in rows]
+
+    @staticmethod
+    async def _bump(conn: Any, key: str) -> None:
+        await conn.execute("UPDATE meta SET value = value + 1 WHERE key = $1", key)
+
+    async def _meta(self, key: str) -> int:
+        rows = await self._read("SELECT value FROM meta WHERE key = $1", key)
+        return int(rows[0][0]) if rows else 0
+
+    async def trust_version(self) -> int:
+        return await self._meta("trust_version")
+
+    async def templates_version(self) -> int:
+        """Bumped by every template reload, so other nodes reload their templates too."""
+        return await self._meta("templates_version")
+
+    async def bump_templates_version(self) -> None:
+        async def body(conn: Any) -> None:
+            await self._bump(conn, "templates_version")
+
+        await self._tx(body)
+
+    # -- devices -------------------------------------------------------------------------
+    async def provision(
+        self, identity: DeviceIdentity, *, at: datetime, peer: str | None, policy: str = "reject"
+    ) -> ProvisionOutcome:
+        if policy not in ("reject", "rotate", "reset"):
+            raise ValueError(f"unknown reprovisioning policy {policy!r}")
+        future: asyncio.Future[ProvisionOutcome] = asyncio.get_running_loop().create_future()
+        self._check_writer()
+        self._queue.put_nowait(_Provision(identity, at, peer, policy, future))
+        return await future
+
+    async def get_device(self, device_id: str) -> DeviceRecord | None:
+        rows = await self._read(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id = $1", device_id)
+        return _record(rows[0]) if rows else None
+
+    async def list_devices(self) -> list[DeviceRecord]:
+        rows = await self._read(f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY device_id")
+        return [_record(r) for r in rows]
+
+    async def find_by_fingerprint(self, fingerprint: str) -> DeviceRecord | None:
+        rows = await self._read(
+            f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE cert_fingerprint = $1 ORDER BY device_id LIMIT 1",
+            fingerprint,
+        )
+        return _record(rows[0]) if rows else None
+
+    async def is_erased(self, fingerprint: str) -> bool:
+        ref = privacy.tombstone_ref(self._salt, fingerprint)
+        return bool(await self._read("SELECT 1 FROM tombstones WHERE ref = $1", ref))
+
+    @staticmethod
+    async def _lock_device(conn: Any, device_id: str) -> DeviceRecord:
+        row = await conn.fetchrow(
+            f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id = $1 FOR UPDATE", device_id
+        )
+        if row is None:
+            raise errors.NotFound(f"no device with id {device_id!r}", device_id=device_id)
+        return _record(row)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def change_status(
+        self, device_id: str, command: Command, *, at: datetime, actor: str, reason: str | None = None
+    ) -> StatusChange:
+        async def body(conn: Any) -> StatusChange:
+            record = await self._lock_device(conn, device_id)
+            try:
+                target = transition(record.status, command)
+            except ValueError as exc:
+                raise errors.InvalidRequest(str(exc), device_id=device_id) from None
+            details = {
+                "command": str(command),
+                "previous_status": str(record.status),
+                "changed": str(target is not None).lower(),
+            }
+            draft = AuditDraft(
+                at=at,
+                action=status_event_type(command),
+                actor=actor,
+                device_id=device_id,
+                fingerprint=record.cert_fingerprint,
+                reason=reason,
+                details=MappingProxyType(details),
+            )
+            if target is None:
+                await self._append_audit_tx(conn, [draft])
+                return StatusChange(record=record, changed=False)
+            await conn.execute("UPDATE devices SET status = $2 WHERE device_id = $1", device_id, str(target))
+            event = lifecycle_event(
+                device_id,
+                type=status_event_type(command),
+                event_id=new_event_id(),
+                at=at,
+                status=str(target),
+                previous_status=str(record.status),
+                region=record.region,
+                reason=reason,
+            )
+            await self._insert_events(conn, [event])
+            await self._append_audit_tx(conn, [draft])
+            return StatusChange(record=dataclasses.replace(record, status=target), changed=True, event=event)
+
+        return await self._tx(body)
+
+    async def erase(
+        self,
+        *,
+        device_id: str | None = None,
+        fingerprint: str | None = None,
+        at: datetime,
+        actor: str,
+        reason: str | None = None,
+    ) -> Erasure:
+        """GDPR erasure: only a tombstone (salted hash of each certificate fingerprint) remains."""
+        if device_id is None and fingerprint is None:
+            raise errors.InvalidRequest("erase needs a device id or a certificate")
+
+        async def body(conn: Any) -> Erasure:
+            target = device_id
+            if target is None:
+                assert fingerprint is not None
+                target = await conn.fetchval(
+                    "SELECT device_id FROM devices WHERE cert_fingerprint = $1 ORDER BY device_id LIMIT 1",
+                    fingerprint,
+                )
+                if target is None:
+                    ref = privacy.tombstone_ref(self._salt, fingerprint)
+                    if await conn.fetchval("SELECT 1 FROM tombstones WHERE ref = $1", ref) is not None:
+                        return Erasure(device_id=None, already_erased=True)
+                    raise errors.NotFound("no device holds this certificate")
+            record = await self._lock_device(conn, target)
+            if fingerprint is not None and record.cert_fingerprint != fingerprint:
+                # Another node reprovisioned the device between the lookup and the lock.
+                raise errors.NotFound("no device holds this certificate")
+            history = await conn.fetch(
+                "SELECT cert_fingerprint FROM cert_history WHERE device_id = $1", target
+            )
+            fingerprints = {record.cert_fingerprint, *(r[0] for r in history)}
+            await conn.executemany(
+                "INSERT INTO tombstones (ref, erased_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                [(privacy.tombstone_ref(self._salt, fp), at) for fp in sorted(fingerprints)],
+            )
+            # Pseudonymized while the device's key still exists; appended last (the head lock).
+            stored = await self._pseudonymize(
+                conn,
+                [
+                    AuditDraft(
+                        at=at,
+                        action="erased",
+                        actor=actor,
+                        device_id=target,
+                        fingerprint=record.cert_fingerprint,
+                        reason=reason,
+                        details=MappingProxyType({"previous_status": str(record.status)}),
+                    )
+                ],
+            )
+            for table in ("outbox", "cert_history", "device_keys", "devices"):
+                await conn.execute(f"DELETE FROM {table} WHERE device_id = $1", target)
+            event = lifecycle_event(
+                target,
+                type="erased",
+                event_id=new_event_id(),
+                at=at,
+                status="erased",
+                previous_status=str(record.status),
+                region=record.region,
+                reason=None,
+            )
+            await self._insert_events(conn, [event])
+            await self._append_stored(conn, stored)
+            return Erasure(device_id=target, event=event)
+
+        erasure = await self._tx(body)
+        if erasure.device_id is not None:
+            self._touches.pop(erasure.device_id, None)
+        return erasure
+
+    async def checkpoint(self) -> bool:
+        """Nothing to fold in PostgreSQL (dead row versions go with autovacuum); for parity with SQLite."""
+        return True
+
+    @staticmethod
+    async def _insert_events(conn: Any, events: Sequence[ProvisioningEvent]) -> None:
+        if events:
+            await conn.executemany(
+                f"INSERT INTO outbox ({_EVENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5)",
+                [(e.event_id, e.type, e.device_id, e.occurred_at, e.payload) for e in events],
+            )
+
+    # -- templates -------------------------------------------------------------------------
+    async def update_configs(
+        self, records: Sequence[DeviceRecord], *, at: datetime, actor: str, template: str
+    ) -> list[ProvisioningEvent]:
+        """Store re-rendered configurations, each with a config-changed event, in one transaction."""
+        if not records:
+            return []
+        events = [
+            provisioned_event(r, event_id=new_event_id(), at=at, type="config-changed") for r in records
+        ]
+        ordered = sorted(records, key=lambda r: r.device_id)  # rows locked in one order by every node
+
+        async def body(conn: Any) -> None:
+            await conn.executemany(
+                "UPDATE devices SET attributes = $1, template_version = $2, config = $3 "
+                "WHERE device_id = $4 AND template = $5",
+                [
+                    (_dumps(r.attributes), r.template_version, _dumps(r.config), r.device_id, template)
+                    for r in ordered
+                ],
+            )
+            await self._insert_events(conn, events)
+            await self._append_audit_tx(
+                conn,
+                [
+                    AuditDraft(
+                        at=at,
+                        action="template-changed",
+                        actor=actor,
+                        details=MappingProxyType({"template": template, "devices": str(len(records))}),
+                    )
+                ],
+            )
+
+        await self._tx(body)
+        return events
+
+    # -- CRLs ------------------------------------------------------------------------------
+    async def import_crl(
+        self,
+        ca_id: str,
+        der: bytes,
+        *,
+        this_update: datetime,
+        next_update: datetime | None,
+        audit: AuditDraft,
+    ) -> None:
+        async def body(conn: Any) -> None:
+            if await conn.fetchval("SELECT 1 FROM anchors WHERE ca_id = $1", ca_id) is None:
+                raise errors.NotFound(f"no CA with id {ca_id!r} is registered", ca_id=ca_id)
+            await conn.execute(
+                "INSERT INTO crls (ca_id, der, this_update, next_update, imported_at) VALUES ($1, $2, $3, $4, $5) "
+                "ON CONFLICT (ca_id) DO UPDATE SET der = excluded.der, this_update = excluded.this_update, "
+                "next_update = excluded.next_update, imported_at = excluded.imported_at",
+                ca_id,
+                der,
+                this_update,
+                next_update,
+                audit.at,
+            )
+            await self._bump(conn, "trust_version")
+            await self._append_audit_tx(conn, [audit])
+
+        await self._tx(body)
+
+    async def crls(self) -> dict[str, bytes]:
+        return {r[0]: bytes(r[1]) for r in await self._read("SELECT ca_id, der FROM crls")}
+
+    # -- outbox --------------------------------------------------------------------------
+    async def pending_events(self, limit: int = 500) -> list[ProvisioningEvent]:
+        rows = await self._read(
+            f"SELECT {_EVENT_COLUMNS} FROM outbox WHERE delivered_at IS NULL ORDER BY seq LIMIT $1", limit
+        )
+        return [_event(r) for r in rows]
+
+    async def mark_delivered(self, event_ids: Sequence[str], *, at: datetime) -> None:
+        if not event_ids:
+            return
+        ids = sorted(set(event_ids))
+
+        async def body(conn: Any) -> None:
+            await conn.execute(
+                "UPDATE outbox SET delivered_at = $2 WHERE event_id = ANY($1::text[]) AND delivered_at IS NULL",
+                ids,
+                at,
+            )
+            # An erased device's last event names it; once delivered, it goes too.
+            await conn.execute(
+                "UPDATE outbox SET device_id = '', payload = ''::bytea "
+                "WHERE event_id = ANY($1::text[]) AND type = 'erased'",
+                ids,
+            )
+
+        await self._tx(body)
+
+    async def events(self, device_id: str | None = None) -> list[ProvisioningEvent]:
+        if device_id is None:
+            rows = await self._read(f"SELECT {_EVENT_COLUMNS} FROM outbox ORDER BY seq")
+        else:
+            rows = await self._read(
+                f"SELECT {_EVENT_COLUMNS} FROM outbox WHERE device_id = $1 ORDER BY seq", device_id
+            )
+        return [_event(r) for r in rows]
+
+    # -- audit ---------------------------------------------------------------------------
+    async def append_audit(self, drafts: Sequence[AuditDraft]) -> None:
+        if not drafts:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._check_writer()
+        self._queue.put_nowait(_Audit(list(drafts), future))
+        await future
+
+    async def audit_entries(self) -> list[AuditEntry]:
+        rows = await self._read(
+            "SELECT seq, at, action, actor, device_id, fingerprint, reason, peer, details, prev_hash, hash "
+            "FROM audit ORDER BY seq"
+        )
+        return [
+            AuditEntry(
+                seq=int(r[0]),
+                draft=AuditDraft(
+                    at=r[1],
+                    action=r[2],
+                    actor=r[3],
+                    device_id=r[4],
+                    fingerprint=r[5],
+                    reason=r[6],
+                    peer=r[7],
+                    details=MappingProxyType(json.loads(r[8])),
+                ),
+                prev_hash=r[9],
+                hash=r[10],
+            )
+            for r in rows
+        ]
+
+    async def audit_head(self) -> tuple[int, str] | None:
+        """The (seq, hash) the registry last appended, to detect removal of the newest entries."""
+        rows = await self._read("SELECT value FROM meta_text WHERE key = 'audit_head'")
+        if not rows:
+            return None
+        seq, _, digest = str(rows[0][0]).partition(":")
+        return (int(seq), digest) if int(seq) > 0 else None
+
+    async def resolve_audit(self, entries: Sequence[AuditEntry]) -> list[AuditEntry]:
+        """Entries with device refs and sealed peers resolved, for devices that still exist."""
+        rows = await self._read("SELECT device_id, ref_key FROM device_keys")
+        by_ref = {privacy.device_ref(bytes(k), d): (d, bytes(k)) for d, k in rows}
+        out = []
+        for e in entries:
+            found = by_ref.get(e.draft.device_id or "")
+            if found is None:
+                out.append(e)
+                continue
+            device_id, key = found
+            peer = privacy.unseal(key, e.draft.peer) if e.draft.peer else None
+            out.append(
+                dataclasses.replace(e, draft=dataclasses.replace(e.draft, device_id=device_id, peer=peer))
+            )
+        return out
+
+    @staticmethod
+    async def _device_keys(conn: Any, ids: Sequence[str]) -> dict[str, bytes]:
+        """Each device's pseudonym key, made if absent (the same key whichever node makes it first)."""
+        wanted = sorted(set(ids))
+        if not wanted:
+            return {}
+        query = "SELECT device_id, ref_key FROM device_keys WHERE device_id = ANY($1::text[])"
+        keys = {r[0]: bytes(r[1]) for r in await conn.fetch(query, wanted)}
+        missing = [i for i in wanted if i not in keys]
+        if missing:
+            await conn.execute(
+                "INSERT INTO device_keys (device_id, ref_key) SELECT * FROM unnest($1::text[], $2::bytea[]) "
+                "ON CONFLICT DO NOTHING",
+                missing,
+                [privacy.new_key() for _ in missing],
+            )
+            keys.update({r[0]: bytes(r[1]) for r in await conn.fetch(query, missing)})
+        return keys
+
+    async def _pseudonymize(self, conn: Any, drafts: Sequence[AuditDraft]) -> list[AuditDraft]:
+        """Drafts in their stored form: nothing personal about a device in clear (jitp.privacy)."""
+        keys = await self._device_keys(conn, [d.device_id for d in drafts if d.device_id])
+        return [pseudonymize(d, keys) for d in drafts]
+
+    @staticmethod
+    async def _append_stored(conn: Any, stored: Sequence[AuditDraft]) -> None:
+        """Chain and insert stored drafts. Locks the audit head: the last lock of a transaction."""
+        if not stored:
+            return
+        head = str(await conn.fetchval("SELECT value FROM meta_text WHERE key = 'audit_head' FOR UPDATE"))
+        seq_text, _, prev = head.partition(":")
+        entries = chain(stored, start_seq=int(seq_text) + 1, prev_hash=prev)
+        await conn.executemany(
+            "INSERT INTO audit (seq, at, action, actor, device_id, fingerprint, reason, peer, details, prev_hash, "
+            "hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            [
+                (
+                    e.seq,
+                    e.draft.at,
+                    e.draft.action,
+                    e.draft.actor,
+                    e.draft.device_id,
+                    e.draft.fingerprint,
+                    e.draft.reason,
+                    e.draft.peer,
+                    json.dumps(dict(e.draft.details), sort_keys=True),
+                    e.prev_hash,
+                    e.hash,
+                )
+                for e in entries
+            ],
+        )
+        last = entries[-1]
+        await conn.execute(
+            "UPDATE meta_text SET value = $1 WHERE key = 'audit_head'", f"{last.seq}:{last.hash}"
+        )
+
+    async def _append_audit_tx(self, conn: Any, drafts: Sequence[AuditDraft]) -> None:
+        await self._append_stored(conn, await self._pseudonymize(conn, drafts))
+
+    # -- last_seen (write-behind) ----------------------------------------------------------
+    def note_seen(self, device_id: str, at: datetime) -> None:
+        """Record a reconnect; written with the next batch (or on close)."""
+        self._touches[device_id] = at
+
+    async def _flush_touches(self, conn: Any, extra: dict[str, datetime] | None = None) -> None:
+        touches = {**self._touches, **(extra or {})}
+        if not touches:
+            return
+        ids = sorted(touches)
+        # GREATEST: two nodes may write a device's reconnects out of order; last_seen never goes back.
+        await conn.execute(
+            "UPDATE devices AS d SET last_seen = GREATEST(d.last_seen, t.at) "
+            "FROM unnest($1::text[], $2::timestamptz[]) AS t (device_id, at) WHERE d.device_id = t.device_id",
+            ids,
+            [touches[i] for i in ids],
+        )
+
+    # -- the group-commit writer ------------------------------------------------------------
+    def _check_writer(self) -> None:
+        if self._writer is None or self._writer.done():
+            raise errors.RegistryUnavailable("the registry writer is not running")
+
+    async def _write_loop(self) -> None:
+        while True:
+            first = await self._queue.get()
+            batch = [first]
+            if self._batch_window > 0 and self._queue.empty():
+                await asyncio.sleep(self._batch_window)
+            while len(batch) < self._max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                results = await self._commit(batch)
+                for op, result in zip(batch, results, strict=True):
+                    if op.future.done():
+                        continue
+                    if isinstance(result, errors.ProvisioningError):
+                        op.future.set_exception(result)
+                    elif isinstance(op, _Audit):
+                        op.future.set_result(None)
+                    else:
+                        assert isinstance(result, ProvisionOutcome)
+                        op.future.set_result(result)
+            except Exception as exc:  # never let the writer die: fail this batch, serve the next
+                log.exception("registry write failed for a batch of %d", len(batch))
+                for op in batch:
+                    if not op.future.done():
+                        op.future.set_exception(errors.RegistryUnavailable(f"registry write failed: {exc}"))
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    async def _commit(self, batch: list[_Op]) -> list[_Result]:
+        """One transaction for the batch; on bad data, one per request so the others still pass."""
+        touches = self._touches
+        self._touches = {}
+        try:
+            for attempt in range(_RETRIES):
+                try:
+                    async with self._conn() as conn, conn.transaction():
+                        return await self._apply(conn, batch, touches)
+                except _TRANSIENT:
+                    if attempt == _RETRIES - 1:
+                        raise
+                    await asyncio.sleep(0.005 * (attempt + 1))
+        except errors.ProvisioningError as exc:  # unreachable server
+            self._touches = {**touches, **self._touches}
+            return [exc] * len(batch)
+        except _FAILED as exc:
+            self._touches = {**touches, **self._touches}
+            if len(batch) == 1:
+                return [errors.RegistryUnavailable(f"registry write failed: {exc}")]
+            log.warning("registry batch of %d failed (%s); retrying request by request", len(batch), exc)
+            out: list[_Result] = []
+            for op in batch:
+                out += await self._commit([op])
+            return out
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _apply(self, conn: Any, batch: list[_Op], touches: dict[str, datetime]) -> list[_Result]:
+        by_device: dict[str, list[tuple[int, _Provision]]] = {}
+        for i, op in enumerate(batch):
+            if isinstance(op, _Provision):
+                by_device.setdefault(op.identity.device_id, []).append((i, op))
+        groups: dict[str, _Group] = {}
+        if by_device:
+            groups = await self._provision(conn, by_device)
+        results: list[_Result] = [None] * len(batch)
+        drafts: list[tuple[int, int, AuditDraft]] = []
+        seen = dict(touches)
+        for group in groups.values():
+            for i, outcome in group.results.items():
+                results[i] = outcome
+            drafts += [(i, n, d) for n, (i, d) in enumerate(group.drafts)]
+            seen.update(group.touches)
+        for i, op in enumerate(batch):
+            if isinstance(op, _Audit):
+                drafts += [(i, n, d) for n, d in enumerate(op.drafts)]
+        await self._flush_touches(conn, seen)
+        drafts.sort(key=lambda t: (t[0], t[1]))  # in request order, as SQLite writes them
+        await self._append_audit_tx(conn, [d for _, _, d in drafts])
+        return results
+
+    async def _lock_devices(
+        self, conn: Any, ids: Sequence[str]
+    ) -> tuple[dict[str, DeviceRecord], set[tuple[str, str]]]:
+        """Current records (locked, in id order) and their superseded certificates."""
+        rows = await conn.fetch(
+            f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id = ANY($1::text[]) "
+            "ORDER BY device_id FOR UPDATE",
+            list(ids),
+        )
+        existing = {r[0]: _record(r) for r in rows}
+        superseded: set[tuple[str, str]] = set()
+        if existing:
+            history = await conn.fetch(
+                "SELECT device_id, cert_fingerprint FROM cert_history WHERE device_id = ANY($1::text[])",
+                sorted(existing),
+            )
+            superseded = {(r[0], r[1]) for r in history}
+        return existing, superseded
+
+    async def _provision(
+        self, conn: Any, by_device: dict[str, list[tuple[int, _Provision]]]
+    ) -> dict[str, _Group]:
+        existing: dict[str, DeviceRecord] = {}
+        superseded: set[tuple[str, str]] = set()
+        erased: set[str] = set()
+        groups: dict[str, _Group] = {}
+        pending = sorted(by_device)
+        for _ in range(_RETRIES):
+            fresh, fresh_superseded = await self._lock_devices(conn, pending)
+            for device_id in pending:
+                existing.pop(device_id, None)
+            existing.update(fresh)
+            superseded |= fresh_superseded
+            # After the lock: an erasure that held it has committed its tombstones by now.
+            refs = {
+                privacy.tombstone_ref(self._salt, op.identity.cert_fingerprint)
+                for device_id in pending
+                for _, op in by_device[device_id]
+            }
+            rows = await conn.fetch("SELECT ref FROM tombstones WHERE ref = ANY($1::text[])", sorted(refs))
+            erased |= {r[0] for r in rows}
+            for device_id in pending:
+                groups[device_id] = self._decide_group(
+                    by_device[device_id], existing.get(device_id), superseded, erased
+                )
+            creates = [g.record for i in pending if (g := groups[i]).creates and g.record is not None]
+            lost: list[str] = []
+            if creates:
+                won = await conn.fetch(
+                    f"INSERT INTO devices ({_DEVICE_COLUMNS}) SELECT * FROM unnest({_DEVICE_ARRAYS}) "
+                    "ON CONFLICT (device_id) DO NOTHING RETURNING device_id",
+                    *_device_arrays(creates),
+                )
+                won_ids = {r[0] for r in won}
+                lost = sorted(r.device_id for r in creates if r.device_id not in won_ids)
+            if not lost:
+                break
+            # Another node created these devices since we looked; its row is committed now (READ
+            # COMMITTED: ON CONFLICT waited for it). Decide again against its record, locked this time.
+            pending = lost
+        else:
+            raise errors.RegistryUnavailable(
+                "provisioning did not settle (devices created and erased meanwhile)"
+            )
+        ids = sorted(by_device)
+        updates = sorted(
+            (g.record for g in groups.values() if not g.creates and g.record is not None),
+            key=lambda r: r.device_id,
+        )
+        if updates:
+            await conn.execute(
+                f"UPDATE devices AS d SET ({_DEVICE_COLUMNS}) = (u.device_id, u.status, u.cert_fingerprint, "
+                "u.ca_id, u.region, u.serial, u.subject, u.not_after, u.provisioned_at, u.last_seen, "
+                "u.attributes, u.template, u.template_version, u.config) "
+                f"FROM unnest({_DEVICE_ARRAYS}) AS u ({_DEVICE_COLUMNS}) WHERE d.device_id = u.device_id",
+                *_device_arrays(updates),
+            )
+        history = [h for i in ids for h in groups[i].history]
+        if history:
+            await conn.executemany(
+                "INSERT INTO cert_history (device_id, cert_fingerprint, superseded_at) VALUES ($1, $2, $3) "
+                "ON CONFLICT DO NOTHING",
+                history,
+            )
+        await self._insert_events(conn, [e for i in ids for e in groups[i].events])
+        return groups
+
+    def _decide_group(
+        self,
+        ops: list[tuple[int, _Provision]],
+        current: DeviceRecord | None,
+        superseded: set[tuple[str, str]],
+        erased: set[str],
+    ) -> _Group:
+        group = _Group(current=current)
+        superseded = {s for s in superseded if s[0] == current.device_id} if current else set()
+        for i, op in ops:
+            ref = privacy.tombstone_ref(self._salt, op.identity.cert_fingerprint)
+            if ref in erased:
+                # Nothing that names the erased device is written again, not even in the audit trail.
+                group.results[i] = errors.DeviceErased(
+                    "this certificate belonged to an erased device and stays refused", detail=ref
+                )
+                continue
+            outcome = decide(op.identity, at=op.at, policy=op.policy, current=current, superseded=superseded)
+            group.results[i] = outcome
+            if isinstance(outcome, errors.ProvisioningError):
+                continue
+            if outcome.event is None:
+                group.touches[op.identity.device_id] = op.at
+                continue
+            record, event = outcome.record, outcome.event
+            previous = current
+            if previous is not None:
+                group.history.append((record.device_id, previous.cert_fingerprint, op.at))
+                superseded.add((record.device_id, previous.cert_fingerprint))
+            current = group.record = record
+            group.events.append(event)
+            details = {"ca_id": record.ca_id, "region": record.region, "event_id": event.event_id}
+            if previous is not None:
+                details["previous_fingerprint"] = previous.cert_fingerprint
+                details["policy"] = op.policy
+            group.drafts.append(
+                (
+                    i,
+                    AuditDraft(
+                        at=op.at,
+                        action=event.type,
+                        actor="device",
+                        device_id=record.device_id,
+                        fingerprint=record.cert_fingerprint,
+                        peer=op.peer,
+                        details=MappingProxyType(details),
+                    ),
+                )
+            )
+        return group
+
+
+async def drop_schema(dsn: str, schema: str) -> None:
+    """Remove a schema and everything in it (tests; decommissioning a registry)."""
+    if not _SCHEMA_NAME.fullmatch(schema):
+        raise errors.ConfigError("must be an SQL identifier", key="postgres.schema")
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f"DROP SCHEMA IF EXISTS {_quote_ident(schema)} CASCADE")
+    finally:
+        await conn.close()

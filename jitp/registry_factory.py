@@ -1,0 +1,42 @@
+"""Which registry a configuration names: the embedded SQLite one, or PostgreSQL.
+
+``registry`` unset: :class:`~jitp.sqlite_registry.SQLiteRegistry` at ``data_dir/registry.db``.
+``registry: postgresql://...``: :class:`~jitp.pg_registry.PostgresRegistry` with the
+``postgres`` section's pool size, schema and group-commit window.
+"""
+
+from __future__ import annotations
+
+from jitp.config import Config
+from jitp.registry import Registry
+
+
+def make_registry(config: Config, *, batch_window: float | None = None) -> Registry:
+    """The registry ``config`` names, not yet opened.
+
+    ``batch_window`` (seconds) overrides the configured group-commit window (the CLI uses 0).
+    """
+    if config.registry is not None:
+        from jitp.pg_registry import PostgresRegistry  # asyncpg is only imported when used
+
+        pg = config.postgres
+        return PostgresRegistry(
+            config.registry,
+            schema=pg.schema,
+            pool_size=pg.pool_size,
+            batch_window=pg.batch_window_ms / 1000 if batch_window is None else batch_window,
+        )
+    from jitp.sqlite_registry import SQLiteRegistry
+
+    return SQLiteRegistry(
+        config.registry_path,
+        synchronous=config.sqlite.synchronous,
+        batch_window=config.sqlite.batch_window_ms / 1000 if batch_window is None else batch_window,
+    )
+
+
+async def open_registry(config: Config, *, batch_window: float | None = None) -> Registry:
+    """:func:`make_registry`, opened (migrations applied). The caller closes it."""
+    registry = make_registry(config, batch_window=batch_window)
+    await registry.open()
+    return registry
