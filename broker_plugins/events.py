@@ -5,6 +5,9 @@ describe. This publisher delivers them to MQTT subscribers at QoS 1 on
 ``$jitp/events/<type>/<device_id>`` (persistent service sessions get them when they return),
 then marks them delivered. After a crash, undelivered events go out with their original
 ``event_id``, so consumers can de-duplicate.
+
+With ``nats.enabled`` it also runs the NATS JetStream sink (:mod:`jitp.nats_sink`), which follows
+the outbox with its own cursor, independent of MQTT delivery.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from broker_plugins.hardened import ADMISSION
 from broker_plugins.runtime import runtime_of
 from jitp import errors
 from jitp.events import ProvisioningEvent
+from jitp.nats_sink import NatsSink
 
 CONFIG_EVENTS = ("provisioned", "reprovisioned", "config-changed")
 RECENT_IDS = 20_000
@@ -54,13 +58,21 @@ class JitpEventsPlugin(BasePlugin[BrokerContext]):
         self._task: asyncio.Task[None] | None = None
         self._fresh: list[ProvisioningEvent] = []
         self._recent: dict[str, None] = {}  # ids published lately (insertion-ordered), never twice
+        self.nats_sink: NatsSink | None = None
 
     async def on_broker_post_start(self) -> None:
         runtime = runtime_of(self.context)
         runtime.service.on_new_events(self._fresh_events)
         self._task = asyncio.create_task(self._run(), name="jitp-outbox-publisher")
+        if runtime.config.nats.enabled:
+            self.nats_sink = NatsSink(runtime.service.registry, runtime.config.nats)
+            runtime.service.on_new_events(self.nats_sink.wake)
+            await self.nats_sink.start()
 
     async def on_broker_pre_shutdown(self) -> None:
+        if self.nats_sink is not None:
+            await self.nats_sink.stop()
+            self.nats_sink = None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -96,6 +96,7 @@ class JitpServer:
                 templates=TemplateSet.load(cfg.templates_dir),
                 stale_crl=cfg.trust.stale_crl,
                 coalesce_window=cfg.audit.coalesce_window,
+                admission=cfg.admission,
             )
             self._service.on_trust_change(self._tls.update)
             self._service.on_trust_change(self._trust_changed)
@@ -120,6 +121,7 @@ class JitpServer:
             await self._broker.shutdown()
             self._broker = None
         if self._service is not None:
+            await self._service.drain()
             await self._service.flush_refusals(force=True)
         if self._registry is not None:
             await self._registry.close()
@@ -137,6 +139,9 @@ class JitpServer:
         broker, device_id = self.broker, event.device_id
         if not device_id:
             return
+        if event.type != "provisioned":
+            # Also changes made by other processes (the CLI): this node's cached record is stale.
+            self.service.forget(device_id)
         if event.type in CLOSING_EVENTS:
             await broker.disconnect_client(device_id, reason=f"device {event.type}")
         if event.type in ("deprovisioned", "erased"):

@@ -121,6 +121,70 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class AdmissionConfig:
+    """Admission control of first joins (the registry write path); see jitp.admission."""
+
+    workers: int = 256  # provisioning requests in flight to the registry at once
+    queue_size: int = 10000  # first joins waiting for a worker; beyond: CONNACK 3 (0: no waiting)
+    queue_timeout: float = 5.0  # seconds a first join waits for a worker before CONNACK 3
+    registry_timeout: float = 10.0  # seconds a join waits for the registry's answer before CONNACK 3
+    per_ca_rate: float = 0.0  # first joins per second per CA (token bucket); 0: unlimited
+    per_ca_burst: int = 0  # bucket size per CA; 0: one second's worth (per_ca_rate, at least 1)
+    per_region_rate: float = 0.0  # first joins per second per region; 0: unlimited
+    per_region_burst: int = 0  # bucket size per region; 0: one second's worth
+    cache_size: int = 100000  # admitted records kept for registry-free reconnects; 0: no cache
+    cache_ttl: float = 60.0  # seconds a cached record is trusted (bounds staleness across processes)
+
+    def __post_init__(self) -> None:
+        _positive(self, "workers", "queue_timeout", "registry_timeout", "cache_ttl")
+        for name in ("queue_size", "per_ca_burst", "per_region_burst", "cache_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError("must be >= 0", key=f"admission.{name}")
+        for name in ("per_ca_rate", "per_region_rate"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError("must be a number >= 0 (0: unlimited)", key=f"admission.{name}")
+
+
+_NATS_STREAM = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_NATS_SUBJECT = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+NATS_SCHEMES = ("nats://", "tls://", "ws://", "wss://")
+
+
+@dataclass(frozen=True)
+class NatsConfig:
+    """The optional NATS JetStream event sink (jitp.nats_sink): every outbox event, once."""
+
+    enabled: bool = False
+    servers: str = "nats://127.0.0.1:4222"  # comma-separated server URLs of one cluster
+    stream: str = "JITP_EVENTS"  # the JetStream stream that stores the events
+    subject_prefix: str = "jitp.events"  # subjects: <prefix>.<type>.<region>.<device_id>
+    create_stream: bool = True  # create the stream (subjects <prefix>.>) if it does not exist
+    duplicate_window: float = 120.0  # s; the stream's de-duplication window (Nats-Msg-Id = event_id)
+    poll_interval: float = 1.0  # s between outbox polls (fresh events are handed over at once)
+
+    def __post_init__(self) -> None:
+        _positive(self, "duplicate_window", "poll_interval")
+        for name in ("duplicate_window", "poll_interval"):
+            if getattr(self, name) == float("inf"):
+                raise ConfigError("must be finite", key=f"nats.{name}")
+        urls = self.server_list
+        if not urls or any(not u.startswith(NATS_SCHEMES) or u.endswith("://") for u in urls):
+            raise ConfigError(
+                "must be comma-separated nats://, tls://, ws:// or wss:// URLs", key="nats.servers"
+            )
+        if not _NATS_STREAM.fullmatch(self.stream):
+            raise ConfigError("must be 1-64 characters of A-Z a-z 0-9 _ -", key="nats.stream")
+        if not _NATS_SUBJECT.fullmatch(self.subject_prefix):
+            raise ConfigError(
+                "must be dot-separated tokens of A-Z a-z 0-9 _ - (no wildcards)", key="nats.subject_prefix"
+            )
+
+    @property
+    def server_list(self) -> list[str]:
+        return [u.strip() for u in self.servers.split(",") if u.strip()]
+
+
+@dataclass(frozen=True)
 class Config:
     data_dir: Path = Path("var/data")
     templates_dir: Path = Path("config/templates")  # enrollment templates, <name>.yaml
@@ -135,6 +199,8 @@ class Config:
     sqlite: SQLiteConfig = field(default_factory=SQLiteConfig)
     postgres: PostgresConfig = field(default_factory=PostgresConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    nats: NatsConfig = field(default_factory=NatsConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
 
     def __post_init__(self) -> None:
         if self.log_level not in ("debug", "info", "warning", "error"):

@@ -24,7 +24,8 @@ that explain it. Only ``broker_plugins`` maps these to MQTT outcomes (CONNACK co
     │   ├── TemplateNotFound         template_not_found   (the CA is bound to an unknown template)
     │   └── DeviceBlocked            device_blocked       (record not active)
     ├── Unavailable                  the server cannot decide now (CONNACK 3)
-    │   └── RegistryUnavailable      registry_unavailable
+    │   ├── RegistryUnavailable      registry_unavailable
+    │   └── Overloaded               overloaded           (admission queue full, CA/region over its rate)
     ├── ConfigError                  bad configuration (file, line, key)
     └── OperatorError                a bad admin/CLI request; nothing was changed
         ├── NotFound                 unknown device or CA
@@ -153,6 +154,21 @@ class Unavailable(ProvisioningError):
 
 class RegistryUnavailable(Unavailable):
     reason = "registry_unavailable"
+
+
+class Overloaded(Unavailable):
+    """Load shedding: the provisioning queue is full, or the CA's or region's join rate is exceeded.
+
+    ``scope`` names what was exhausted ("queue", "ca:<id>", "region:<name>"); ``retry_after`` is a
+    hint in seconds (None when unknown).
+    """
+
+    reason = "overloaded"
+
+    def __init__(self, message: str, *, scope: str | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message, scope=scope, retry_after=retry_after)
+        self.scope = scope
+        self.retry_after = retry_after
 
 
 class ConfigError(ProvisioningError):

@@ -13,7 +13,9 @@ What differs is how it stays race-free when several nodes (several pools) write 
 * The audit hash chain stays one chain across nodes: every append locks the ``audit_head`` row
   of ``meta_text`` (``SELECT ... FOR UPDATE``), takes seq and previous hash from it, inserts and
   moves the head, all in the writing transaction. The head lock is always the last lock a
-  transaction takes, so it is held only until the commit.
+  transaction takes, so it is held only until the commit. Inserting outbox events takes it too
+  (just before the insert), so outbox seq order is commit order, which event sinks rely on
+  (``events_after``).
 * Like SQLite, concurrent ``provision`` and ``append_audit`` calls of one node are grouped by a
   writer task into one transaction per batch (group commit). A batch that fails on bad data is
   retried request by request, so one bad request cannot fail the others; deadlocks and
@@ -132,6 +134,18 @@ MIGRATIONS: tuple[str, ...] = (
         hash TEXT NOT NULL
     );
     """,
+    # 2: event sinks (jitp.nats_sink): each sink's progress through the outbox, by seq.
+    """
+    CREATE TABLE sink_cursors (name TEXT PRIMARY KEY, seq BIGINT NOT NULL);
+    CREATE INDEX outbox_erased_unscrubbed ON outbox (seq) WHERE type = 'erased' AND device_id <> '';
+    """,
+)
+
+# An erased device's last event names it: once delivered over MQTT *and* past every event sink's
+# cursor (a sink that is behind must still publish it in full), it goes too.
+_SCRUB_ERASED = (
+    "UPDATE outbox SET device_id = '', payload = ''::bytea WHERE type = 'erased' AND device_id <> '' "
+    "AND delivered_at IS NOT NULL AND seq <= COALESCE((SELECT MIN(seq) FROM sink_cursors), seq)"
 )
 
 _DEVICE_COLUMNS = (
@@ -692,6 +706,9 @@ class PostgresRegistry:
     @staticmethod
     async def _insert_events(conn: Any, events: Sequence[ProvisioningEvent]) -> None:
         if events:
+            # Outbox rows are numbered under the audit-head lock, held to commit, so seq order is
+            # commit order: an event sink reading by seq (events_after) never skips a late commit.
+            await conn.execute("SELECT 1 FROM meta_text WHERE key = 'audit_head' FOR UPDATE")
             await conn.executemany(
                 f"INSERT INTO outbox ({_EVENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5)",
                 [(e.event_id, e.type, e.device_id, e.occurred_at, e.payload) for e in events],
@@ -783,12 +800,33 @@ class PostgresRegistry:
                 ids,
                 at,
             )
-            # An erased device's last event names it; once delivered, it goes too.
+            await conn.execute(_SCRUB_ERASED)
+
+        await self._tx(body)
+
+    async def events_after(self, seq: int, limit: int = 500) -> list[tuple[int, ProvisioningEvent]]:
+        # Outbox rows are inserted under the audit-head lock (_insert_events): seq order is commit order.
+        rows = await self._read(
+            f"SELECT seq, {_EVENT_COLUMNS} FROM outbox WHERE seq > $1 "
+            "AND NOT (type = 'erased' AND device_id = '') ORDER BY seq LIMIT $2",
+            seq,
+            limit,
+        )
+        return [(int(r[0]), _event(tuple(r)[1:])) for r in rows]
+
+    async def sink_cursor(self, name: str) -> int:
+        rows = await self._read("SELECT seq FROM sink_cursors WHERE name = $1", name)
+        return int(rows[0][0]) if rows else 0
+
+    async def set_sink_cursor(self, name: str, seq: int) -> None:
+        async def body(conn: Any) -> None:
             await conn.execute(
-                "UPDATE outbox SET device_id = '', payload = ''::bytea "
-                "WHERE event_id = ANY($1::text[]) AND type = 'erased'",
-                ids,
+                "INSERT INTO sink_cursors (name, seq) VALUES ($1, $2) "
+                "ON CONFLICT (name) DO UPDATE SET seq = GREATEST(sink_cursors.seq, EXCLUDED.seq)",
+                name,
+                seq,
             )
+            await conn.execute(_SCRUB_ERASED)
 
         await self._tx(body)
 
@@ -924,8 +962,10 @@ class PostgresRegistry:
         """Record a reconnect; written with the next batch (or on close)."""
         self._touches[device_id] = at
 
-    async def _flush_touches(self, conn: Any, extra: dict[str, datetime] | None = None) -> None:
-        touches = {**self._touches, **(extra or {})}
+    async def _flush_touches(
+        self, conn: Any, extra: dict[str, datetime] | None = None, *, only_extra: bool = False
+    ) -> None:
+        touches = {**({} if only_extra else self._touches), **(extra or {})}
         if not touches:
             return
         ids = sorted(touches)
@@ -1004,11 +1044,14 @@ class PostgresRegistry:
             if isinstance(op, _Provision):
                 by_device.setdefault(op.identity.device_id, []).append((i, op))
         groups: dict[str, _Group] = {}
+        # Reconnects of other devices first: their row locks must come before the audit-head lock
+        # that inserting outbox events takes (_insert_events).
+        await self._flush_touches(conn, touches)
         if by_device:
             groups = await self._provision(conn, by_device)
         results: list[_Result] = [None] * len(batch)
         drafts: list[tuple[int, int, AuditDraft]] = []
-        seen = dict(touches)
+        seen: dict[str, datetime] = {}
         for group in groups.values():
             for i, outcome in group.results.items():
                 results[i] = outcome
@@ -1017,7 +1060,7 @@ class PostgresRegistry:
         for i, op in enumerate(batch):
             if isinstance(op, _Audit):
                 drafts += [(i, n, d) for n, d in enumerate(op.drafts)]
-        await self._flush_touches(conn, seen)
+        await self._flush_touches(conn, seen, only_extra=True)  # devices of this batch: locked already
         drafts.sort(key=lambda t: (t[0], t[1]))  # in request order, as SQLite writes them
         await self._append_audit_tx(conn, [d for _, _, d in drafts])
         return results

@@ -155,6 +155,28 @@ class Registry(Protocol):
 
     async def events(self, device_id: str | None = None) -> list[ProvisioningEvent]: ...
 
+    # -- event sinks (jitp.nats_sink): each has its own durable progress through the outbox ---------
+    async def events_after(self, seq: int, limit: int = 500) -> list[tuple[int, ProvisioningEvent]]:
+        """Outbox events with a sequence number above ``seq``, in order, as ``(seq, event)``.
+
+        Sequence numbers only grow, in commit order, but have gaps (an erasure deletes the device's
+        rows). Erased events already scrubbed (see :meth:`set_sink_cursor`) are left out.
+        """
+        ...
+
+    async def sink_cursor(self, name: str) -> int:
+        """The last outbox seq delivered to sink ``name``; 0 for a sink never seen."""
+        ...
+
+    async def set_sink_cursor(self, name: str, seq: int) -> None:
+        """Record progress of sink ``name`` (never moves backwards).
+
+        A sink that has a cursor holds back the scrub of ``erased`` events: such an event is
+        scrubbed once it was delivered over MQTT (:meth:`mark_delivered`) *and* every sink's cursor
+        has passed it, so a sink that is behind (NATS down) still publishes it in full.
+        """
+        ...
+
     # -- audit ---------------------------------------------------------------------------
     async def append_audit(self, drafts: Sequence[AuditDraft]) -> None: ...
 

@@ -8,6 +8,11 @@ It decides, in a fixed order, whether a verified peer is admitted, and applies t
 4. registry - race-free create-if-absent; the event goes to the outbox in the same transaction
 5. audit    - one entry per decision (provisioned entries are written with the record)
 
+Admission control (jitp.admission) sits in front of step 4: a reconnect whose record is cached is
+admitted without a registry round trip (last_seen written behind); other requests take a token
+from their CA's and region's bucket and a slot of the bounded worker pool, or get
+:class:`~jitp.errors.Overloaded` (CONNACK 3) at once. Unavailable outcomes are audited ("refused").
+
 It never imports amqtt: the broker adapters translate sockets into :class:`PeerCredentials`
 and :class:`~jitp.errors.ProvisioningError` subclasses into MQTT outcomes.
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,11 +32,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from jitp import errors
+from jitp.admission import Gate, JoinRates, Monotonic, RecordCache
 from jitp.audit import AuditDraft
+from jitp.config import AdmissionConfig
 from jitp.events import ProvisioningEvent
 from jitp.identity import DEFAULT_REGION, DeviceIdentity, ServiceIdentity, derive_service
 from jitp.records import Command, DeviceRecord
-from jitp.registry import Erasure, Registry, StatusChange
+from jitp.registry import Erasure, ProvisionOutcome, Registry, StatusChange
 from jitp.templates import EnrollmentTemplate, TemplateSet
 from jitp.trust import Role, TrustStore, VerifiedChain, parse_crl
 
@@ -81,6 +89,14 @@ def _host(peer: str | None) -> str | None:
     return peer.rsplit(":", 1)[0] if peer else None
 
 
+class _UnavailableRefusal(errors.Refused):
+    """An Unavailable outcome (CONNACK 3) in the shape the refusal audit (and its coalescing) takes."""
+
+    def __init__(self, exc: errors.Unavailable, *, detail: str) -> None:
+        super().__init__(exc.message, detail=detail)
+        self.reason = exc.reason  # type: ignore[misc]
+
+
 class ProvisioningService:
     def __init__(
         self,
@@ -91,8 +107,21 @@ class ProvisioningService:
         templates: TemplateSet | None = None,
         stale_crl: str = "keep",
         coalesce_window: float = 0.0,
+        admission: AdmissionConfig | None = None,
+        monotonic: Monotonic = time.monotonic,
     ) -> None:
         self.registry = registry
+        self.admission = admission = admission or AdmissionConfig()
+        self.gate = Gate(admission.workers, admission.queue_size)
+        self.rates = JoinRates(
+            per_ca_rate=admission.per_ca_rate,
+            per_ca_burst=admission.per_ca_burst,
+            per_region_rate=admission.per_region_rate,
+            per_region_burst=admission.per_region_burst,
+            clock=monotonic,
+        )
+        self.cache = RecordCache(admission.cache_size, admission.cache_ttl, clock=monotonic)
+        self._provisioning: set[asyncio.Task[ProvisionOutcome]] = set()
         self.coalesce_window = coalesce_window
         self._refusals: dict[tuple[str, str], _Coalesced] = {}
         self.stale_crl = stale_crl
@@ -249,7 +278,14 @@ class ProvisioningService:
             config=MappingProxyType(config),
         )
 
+    def forget(self, device_id: str) -> None:
+        """Drop a device's cached record (its status, certificate or configuration changed)."""
+        self.cache.forget(device_id)
+
     def _hand_over(self, events: list[ProvisioningEvent]) -> None:
+        for event in events:
+            if event.device_id:
+                self.cache.forget(event.device_id)
         for hand_over in self._event_waiters:
             hand_over(events)
 
@@ -269,20 +305,21 @@ class ProvisioningService:
                 )
             template, identity = self.render(verified)
             self._bind(peer, identity.device_id, verified.fingerprint)
-            outcome = await self.registry.provision(
+            cached = self.cache.get(identity.device_id, verified.fingerprint)
+            if cached is not None:
+                return self._admit_cached(peer, cached, now)
+            outcome = await self._provision(
                 identity, at=now, peer=peer.address, policy=str(template.reprovision)
             )
         except errors.Refused as exc:
             await self.record_refusal(exc, peer=peer.address, at=now, client_id=peer.client_id)
             raise
-        if outcome.event is not None:
-            log.info(
-                "%s device %s (region %s)",
-                outcome.event.type,
-                outcome.record.device_id,
-                outcome.record.region,
+        except errors.Unavailable as exc:
+            detail = exc.scope if isinstance(exc, errors.Overloaded) and exc.scope else exc.reason
+            await self.record_refusal(
+                _UnavailableRefusal(exc, detail=detail), peer=peer.address, at=now, client_id=peer.client_id
             )
-            self._hand_over([outcome.event])
+            raise
         return Admission(
             role=Role.DEVICE,
             client_id=peer.client_id,
@@ -291,6 +328,79 @@ class ProvisioningService:
             created=outcome.created,
             reprovisioned=outcome.reprovisioned,
         )
+
+    def _admit_cached(self, peer: PeerCredentials, record: DeviceRecord, now: datetime) -> Admission:
+        """A reconnect of a cached, admitted record: no registry round trip; last_seen written behind."""
+        note_seen = getattr(self.registry, "note_seen", None)
+        if note_seen is not None:
+            try:
+                note_seen(record.device_id, now)
+            except Exception as exc:  # best effort: last_seen must never refuse a device
+                log.debug("last_seen of %s not noted: %s", record.device_id, exc)
+        return Admission(
+            role=Role.DEVICE,
+            client_id=peer.client_id,
+            fingerprint=record.cert_fingerprint,
+            record=dataclasses.replace(record, last_seen=now),
+        )
+
+    async def _provision(
+        self, identity: DeviceIdentity, *, at: datetime, peer: str | None, policy: str
+    ) -> ProvisionOutcome:
+        """The registry write path, behind the rate buckets and the bounded worker pool."""
+        cfg = self.admission
+        refusal = self.rates.take(identity.ca_id, identity.region)
+        if refusal is not None:
+            # Over the rate: only a first join is shed; a known device (not cached here) goes on.
+            known = await self.registry.find_by_fingerprint(identity.cert_fingerprint)
+            if known is None or known.device_id != identity.device_id:
+                raise errors.Overloaded(
+                    f"first joins of {refusal.scope} over their rate; retry in {refusal.retry_after:.1f} s",
+                    scope=refusal.scope,
+                    retry_after=refusal.retry_after,
+                )
+        await self.gate.acquire(cfg.queue_timeout)
+        try:
+            task = asyncio.create_task(
+                self._provision_in_slot(identity, at=at, peer=peer, policy=policy),
+                name=f"jitp-provision-{identity.device_id[:40]}",
+            )
+        except BaseException:
+            self.gate.release()
+            raise
+        self._provisioning.add(task)
+        task.add_done_callback(self._provisioning.discard)
+        try:
+            # Shielded: a timeout (or a dropped connection) stops the waiting, not the write; its
+            # event is still handed over and the device's retry is an idempotent reconnect.
+            return await asyncio.wait_for(asyncio.shield(task), cfg.registry_timeout)
+        except TimeoutError:
+            raise errors.RegistryUnavailable(
+                f"the registry did not answer within {cfg.registry_timeout:g} s"
+            ) from None
+
+    async def _provision_in_slot(
+        self, identity: DeviceIdentity, *, at: datetime, peer: str | None, policy: str
+    ) -> ProvisionOutcome:
+        try:
+            outcome = await self.registry.provision(identity, at=at, peer=peer, policy=policy)
+        finally:
+            self.gate.release()
+        if outcome.event is not None:
+            log.info(
+                "%s device %s (region %s)",
+                outcome.event.type,
+                outcome.record.device_id,
+                outcome.record.region,
+            )
+            self._hand_over([outcome.event])
+        self.cache.put(outcome.record)
+        return outcome
+
+    async def drain(self) -> None:
+        """Wait for provisioning writes still running (e.g. after their requester timed out)."""
+        if self._provisioning:
+            await asyncio.wait(set(self._provisioning), timeout=self.admission.registry_timeout)
 
     def render(self, verified: VerifiedChain) -> tuple[EnrollmentTemplate, DeviceIdentity]:
         """Certificate -> (template, identity with its effective config), or a Refused. No side effects."""

@@ -109,6 +109,18 @@ MIGRATIONS: tuple[str, ...] = (
         hash TEXT NOT NULL
     );
     """,
+    # 2: event sinks (jitp.nats_sink): each sink's progress through the outbox, by seq.
+    """
+    CREATE TABLE sink_cursors (name TEXT PRIMARY KEY, seq INTEGER NOT NULL);
+    CREATE INDEX outbox_erased_unscrubbed ON outbox (seq) WHERE type = 'erased' AND device_id != '';
+    """,
+)
+
+# An erased device's last event names it: once delivered over MQTT *and* past every event sink's
+# cursor (a sink that is behind must still publish it in full), it goes too.
+_SCRUB_ERASED = (
+    "UPDATE outbox SET device_id = '', payload = X'' WHERE type = 'erased' AND device_id != '' "
+    "AND delivered_at IS NOT NULL AND seq <= COALESCE((SELECT MIN(seq) FROM sink_cursors), seq)"
 )
 
 _DEVICE_COLUMNS = (
@@ -644,14 +656,37 @@ class SQLiteRegistry:
                 "UPDATE outbox SET delivered_at = ? WHERE event_id = ? AND delivered_at IS NULL",
                 [(_ts(at), e) for e in event_ids],
             )
-            # An erased device's last event names it; once delivered, it goes too.
-            cursor = await db.executemany(
-                "UPDATE outbox SET device_id = '', payload = X'' WHERE event_id = ? AND type = 'erased'",
-                [(e,) for e in event_ids],
-            )
-            scrubbed = cursor.rowcount
+            scrubbed = (await db.execute(_SCRUB_ERASED)).rowcount
         if scrubbed:
             await self.checkpoint()  # and out of the WAL into the (overwritten) database pages
+
+    async def events_after(self, seq: int, limit: int = 500) -> list[tuple[int, ProvisioningEvent]]:
+        # Writers take the write lock first (BEGIN IMMEDIATE): seq order is commit order.
+        async with (
+            self._lock,
+            self.db.execute(
+                "SELECT seq, event_id, type, device_id, occurred_at, payload FROM outbox "
+                "WHERE seq > ? AND NOT (type = 'erased' AND device_id = '') ORDER BY seq LIMIT ?",
+                (seq, limit),
+            ) as cur,
+        ):
+            return [(int(r[0]), _event(r[1:])) for r in await cur.fetchall()]
+
+    async def sink_cursor(self, name: str) -> int:
+        async with self._lock, self.db.execute("SELECT seq FROM sink_cursors WHERE name = ?", (name,)) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def set_sink_cursor(self, name: str, seq: int) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT INTO sink_cursors (name, seq) VALUES (?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET seq = MAX(seq, excluded.seq)",
+                (name, seq),
+            )
+            scrubbed = (await db.execute(_SCRUB_ERASED)).rowcount
+        if scrubbed:
+            await self.checkpoint()
 
     async def events(self, device_id: str | None = None) -> list[ProvisioningEvent]:
         sql = "SELECT event_id, type, device_id, occurred_at, payload FROM outbox"

@@ -371,6 +371,27 @@ VALID: dict[str, dict[str, st.SearchStrategy[Any]]] = {
         "stale_crl": st.sampled_from(["keep", "refuse"]),
     },
     "audit": {"coalesce_window": st.floats(min_value=0.0, max_value=86400.0)},
+    "nats": {
+        "enabled": st.booleans(),
+        "servers": st.sampled_from(["nats://127.0.0.1:4222", "nats://a:4222, tls://b:4223", "wss://n.example"]),
+        "stream": st.from_regex(r"[A-Za-z0-9_-]{1,64}", fullmatch=True),
+        "subject_prefix": st.sampled_from(["jitp.events", "x", "acme.iot-events.v1"]),
+        "create_stream": st.booleans(),
+        "duplicate_window": st.floats(min_value=0.001, max_value=86400.0),
+        "poll_interval": st.floats(min_value=0.001, max_value=3600.0),
+    },
+    "admission": {
+        "workers": st.integers(1, 100000),
+        "queue_size": st.integers(0, 10**6),
+        "queue_timeout": st.floats(min_value=0.001, max_value=3600.0),
+        "registry_timeout": st.floats(min_value=0.001, max_value=3600.0),
+        "per_ca_rate": st.floats(min_value=0.0, max_value=1e6),
+        "per_ca_burst": st.integers(0, 10**6),
+        "per_region_rate": st.floats(min_value=0.0, max_value=1e6),
+        "per_region_burst": st.integers(0, 10**6),
+        "cache_size": st.integers(0, 10**7),
+        "cache_ttl": st.floats(min_value=0.001, max_value=86400.0),
+    },
     "sqlite": {
         "synchronous": st.sampled_from(["full", "normal"]),
         "batch_window_ms": st.floats(min_value=0.0, max_value=1000.0),
@@ -398,7 +419,7 @@ def documents(draw: st.DrawFn) -> dict[str, Any]:
 
 def _expected(doc: dict[str, Any]) -> Config:
     sections: dict[str, Any] = {}
-    for section in ("listener", "limits", "trust", "sqlite", "postgres", "audit"):
+    for section in ("listener", "limits", "trust", "sqlite", "postgres", "audit", "admission", "nats"):
         cls = type(getattr(Config(), section))
         sections[section] = cls(**doc.get(section, {}))
     top = {k: (Path(v) if k.endswith("_dir") else v) for k, v in doc.items() if k in VALID[""]}
@@ -419,7 +440,7 @@ def test_valid_documents_round_trip(doc: dict[str, Any]) -> None:
 @settings(max_examples=150, deadline=None)
 @given(documents(), st.data())
 def test_an_unknown_key_anywhere_is_named_with_its_line(doc: dict[str, Any], data: st.DataObject) -> None:
-    sections = [""] + [s for s in ("listener", "limits", "trust", "sqlite", "postgres", "audit") if s in doc]
+    sections = [""] + [s for s in ("listener", "limits", "trust", "sqlite", "postgres", "audit", "admission", "nats") if s in doc]
     section = data.draw(st.sampled_from(sections))
     bogus = data.draw(
         st.from_regex(r"[a-z][a-z_]{0,12}", fullmatch=True).filter(

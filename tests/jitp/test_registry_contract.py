@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import asyncpg
 import pytest
 
-from jitp import errors
+from jitp import errors, pg_registry
 from jitp.audit import AuditDraft, AuditEntry, verify_chain
 from jitp.config import Config, PostgresConfig, SQLiteConfig
 from jitp.identity import DeviceIdentity
@@ -888,11 +888,11 @@ def test_pg_migrations_are_versioned_and_run_once(postgres: Backend) -> None:
         try:
             first = registries[0]
             assert isinstance(first, PostgresRegistry)
-            assert await first.schema_version() == 1
+            assert await first.schema_version() == len(pg_registry.MIGRATIONS)
             conn = await asyncpg.connect(postgres.dsn, server_settings={"search_path": postgres.schema})
             try:
                 rows = await conn.fetch("SELECT version FROM schema_migrations")
-                assert [r[0] for r in rows] == [1]
+                assert [r[0] for r in rows] == list(range(1, len(pg_registry.MIGRATIONS) + 1))
                 salts = await conn.fetch("SELECT value FROM meta_text WHERE key = 'salt'")
                 assert len(salts) == 1
                 await conn.execute("INSERT INTO schema_migrations (version) VALUES (99)")
