@@ -328,6 +328,7 @@ class JitpBroker(Broker):
             port,
             backlog=self.listener_config.backlog,
             reuse_address=True,
+            reuse_port=self.listener_config.reuse_port or None,
         )
         return int(self._listener.sockets[0].getsockname()[1])
 

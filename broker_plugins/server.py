@@ -205,6 +205,7 @@ class JitpServer:
             await asyncio.sleep(self.config.trust.reload_interval)
             try:
                 await self.service.flush_refusals()
+                await self.service.registry.flush_seen()
                 await self.service.refresh_trust()
                 if await self.service.registry.templates_version() != self._templates_version:
                     await self.reload_templates()

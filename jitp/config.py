@@ -34,6 +34,7 @@ class ListenerConfig:
     backlog: int = 4096  # listen(2) backlog; amqtt's 100 overflows in join storms
     tls_min_version: str = "1.2"
     session_tickets: int = 0  # TLS 1.3 tickets per handshake; 0 saves ~0.8 ms CPU per connect
+    reuse_port: bool = False  # SO_REUSEPORT: several `jitp serve` processes share one port (one per core)
     tls_read_buffer: int = 17 * 1024  # bytes per TLS connection (one full TLS record); asyncio: 256 KiB
 
     def __post_init__(self) -> None:

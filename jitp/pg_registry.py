@@ -959,8 +959,14 @@ class PostgresRegistry:
 
     # -- last_seen (write-behind) ----------------------------------------------------------
     def note_seen(self, device_id: str, at: datetime) -> None:
-        """Record a reconnect; written with the next batch (or on close)."""
+        """Record a reconnect; written with the next batch, the next flush_seen(), or on close."""
         self._touches[device_id] = at
+
+    async def flush_seen(self) -> None:
+        """Write the reconnects noted since the last write (the broker calls this every few seconds)."""
+        if self._touches and self._pool is not None:
+            touches, self._touches = self._touches, {}
+            await self._tx(lambda conn: self._flush_touches(conn, touches, only_extra=True))
 
     async def _flush_touches(
         self, conn: Any, extra: dict[str, datetime] | None = None, *, only_extra: bool = False

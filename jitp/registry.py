@@ -95,6 +95,14 @@ class Registry(Protocol):
 
     async def find_by_fingerprint(self, fingerprint: str) -> DeviceRecord | None: ...
 
+    def note_seen(self, device_id: str, at: datetime) -> None:
+        """Note a reconnect's time; written behind (see flush_seen)."""
+        ...
+
+    async def flush_seen(self) -> None:
+        """Write the noted reconnect times now."""
+        ...
+
     async def is_erased(self, fingerprint: str) -> bool: ...
 
     # -- lifecycle -----------------------------------------------------------------------

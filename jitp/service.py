@@ -331,12 +331,10 @@ class ProvisioningService:
 
     def _admit_cached(self, peer: PeerCredentials, record: DeviceRecord, now: datetime) -> Admission:
         """A reconnect of a cached, admitted record: no registry round trip; last_seen written behind."""
-        note_seen = getattr(self.registry, "note_seen", None)
-        if note_seen is not None:
-            try:
-                note_seen(record.device_id, now)
-            except Exception as exc:  # best effort: last_seen must never refuse a device
-                log.debug("last_seen of %s not noted: %s", record.device_id, exc)
+        try:
+            self.registry.note_seen(record.device_id, now)
+        except Exception as exc:  # best effort: last_seen must never refuse a device
+            log.debug("last_seen of %s not noted: %s", record.device_id, exc)
         return Admission(
             role=Role.DEVICE,
             client_id=peer.client_id,

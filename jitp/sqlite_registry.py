@@ -835,8 +835,14 @@ class SQLiteRegistry:
 
     # -- last_seen (write-behind) ----------------------------------------------------------
     def note_seen(self, device_id: str, at: datetime) -> None:
-        """Record a reconnect; written with the next batch (or on close)."""
+        """Record a reconnect; written with the next batch, the next flush_seen(), or on close."""
         self._touches[device_id] = at
+
+    async def flush_seen(self) -> None:
+        """Write the reconnects noted since the last write (the broker calls this every few seconds)."""
+        if self._touches and self._db is not None:
+            async with self._transaction():
+                await self._flush_touches()
 
     async def _flush_touches(self) -> None:
         if not self._touches or self._db is None:

@@ -168,10 +168,9 @@ class BrokerThread:
 
 def test_config(tmp: Path, pki: Pki, **sections: Any) -> Config:
     listener = ListenerConfig(
-        bind="127.0.0.1:0",
         server_cert=pki.layout.server_cert,
         server_key=pki.layout.server_key,
-        **sections.pop("listener", {}),
+        **{"bind": "127.0.0.1:0", **sections.pop("listener", {})},
     )
     return Config(
         data_dir=tmp / "data",

@@ -168,3 +168,35 @@ def test_persistent_service_session_gets_events_published_while_offline(
         assert got == ["offline-0", "offline-1", "offline-2"]
     finally:
         back.close()
+
+
+def test_two_nodes_share_one_port_with_reuse_port(tmp_path: Path, pki: Pki) -> None:
+    """listener.reuse_port: several broker processes (here two in one) on one port, one registry."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = []
+    try:
+        for _ in range(2):
+            cfg = test_config(tmp_path, pki, listener={"bind": f"127.0.0.1:{port}", "reuse_port": True})
+            nodes.append(BrokerThread(cfg).start())
+        nodes[0].register_ca(pki.manufacturer.cert)
+        nodes[1].call(nodes[1].server.service.refresh_trust())
+        devs = [pki.device(f"rp-{i:02d}") for i in range(16)]
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            results = list(pool.map(lambda d: connect(port, pki, d), devs))
+        try:
+            assert [c.rc for c in results] == [0] * 16
+            # The kernel spreads connects over both listeners (all 16 on one: p = 2**-15).
+            served = [n.server.broker.connected_clients for n in nodes]
+            assert sum(served) == 16 and min(served) > 0, served
+        finally:
+            for c in results:
+                c.close()
+        assert sorted(r.device_id for r in nodes[0].devices()) == sorted(d.name for d in devs)
+        assert len(nodes[0].events()) == 16
+    finally:
+        for n in nodes:
+            n.stop()

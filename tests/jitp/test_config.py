@@ -359,6 +359,7 @@ VALID: dict[str, dict[str, st.SearchStrategy[Any]]] = {
         "tls_min_version": st.sampled_from(["1.2", "1.3"]),
         "session_tickets": st.integers(0, 10),
         "tls_read_buffer": st.integers(17 * 1024, 1024 * 1024),
+        "reuse_port": st.booleans(),
     },
     "limits": {
         "max_packet_size": st.integers(1, 2**31),
