@@ -44,10 +44,11 @@ def start_nodes(layout: certs.PkiLayout, work: Path, *, nodes: int, dsn: str | N
         subprocess.run([*JITP, "ca", "register", str(cert), "--role", role, "--data-dir", str(data), *registry],
                        check=True, capture_output=True, cwd=ROOT)
     port = free_port()
-    config = work / "node.yaml"
-    config.write_text("listener:\n  reuse_port: true\n" if nodes > 1 else "")
     procs = []
     for i in range(nodes):
+        config = work / f"node{i}.yaml"
+        # Several nodes: one port (SO_REUSEPORT), and each relays the others' events to its subscribers.
+        config.write_text(f"node_id: node-{i}\nlistener:\n  reuse_port: true\n" if nodes > 1 else "")
         log = (work / f"node{i}.log").open("wb")
         procs.append(subprocess.Popen(
             [*JITP, "serve", "--config", str(config), "--data-dir", str(data), *registry, "--bind", f"127.0.0.1:{port}",

@@ -57,12 +57,16 @@ class JitpEventsPlugin(BasePlugin[BrokerContext]):
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._fresh: list[ProvisioningEvent] = []
+        self._node_cursor: str | None = None  # "mqtt:<node_id>" when several nodes share the registry
+        self._relay_from: int | None = None  # that cursor, once read
         self._recent: dict[str, None] = {}  # ids published lately (insertion-ordered), never twice
         self.nats_sink: NatsSink | None = None
 
     async def on_broker_post_start(self) -> None:
         runtime = runtime_of(self.context)
         runtime.service.on_new_events(self._fresh_events)
+        if runtime.config.node_id:
+            self._node_cursor = f"mqtt:{runtime.config.node_id}"
         self._task = asyncio.create_task(self._run(), name="jitp-outbox-publisher")
         if runtime.config.nats.enabled:
             self.nats_sink = NatsSink(runtime.service.registry, runtime.config.nats)
@@ -117,10 +121,29 @@ class JitpEventsPlugin(BasePlugin[BrokerContext]):
                 await self._deliver_config(event.device_id, config_document(event.document()))
             self._recent[event.event_id] = None
             published.append(event.event_id)
-            await runtime_of(self.context).enforce(event)
+            await runtime_of(self.context).enforce(event)  # also for relayed events: sessions live here
         while len(self._recent) > RECENT_IDS:
             self._recent.pop(next(iter(self._recent)))
         return published
+
+    async def _relay_other_nodes(self, registry: Any) -> None:
+        """With several nodes on one registry: deliver the events other nodes committed to this node's
+        subscribers too, in outbox order, from this node's own cursor (events it published are skipped)."""
+        assert self._node_cursor is not None
+        if self._relay_from is None:
+            cursor = await registry.sink_cursor(self._node_cursor)
+            if cursor == 0:  # a new node starts at the present, not with the whole history
+                cursor = await registry.outbox_head()
+                await registry.set_sink_cursor(self._node_cursor, cursor)
+            self._relay_from = cursor
+        cursor = self._relay_from
+        while True:
+            batch = await registry.events_after(cursor, self.config.batch)
+            if not batch:
+                return
+            await self._publish([event for _, event in batch])
+            cursor = self._relay_from = batch[-1][0]
+            await registry.set_sink_cursor(self._node_cursor, cursor)
 
     async def _run(self) -> None:
         service = runtime_of(self.context).service
@@ -147,6 +170,8 @@ class JitpEventsPlugin(BasePlugin[BrokerContext]):
                         break
                     await self._publish(pending)
                     await registry.mark_delivered([e.event_id for e in pending], at=clock())
+                if polled and self._node_cursor is not None:
+                    await self._relay_other_nodes(registry)
             except errors.ProvisioningError as exc:
                 log.error("outbox delivery paused: %s", exc)
                 await asyncio.sleep(self.config.poll_interval)

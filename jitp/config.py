@@ -190,6 +190,9 @@ class Config:
     data_dir: Path = Path("var/data")
     templates_dir: Path = Path("config/templates")  # enrollment templates, <name>.yaml
     default_region: str = "default"
+    # Set on every node when several broker nodes share one registry: each node then also delivers
+    # the events other nodes committed to its own MQTT subscribers (a per-node outbox cursor).
+    node_id: str | None = None
     log_level: str = "info"
     # None: the embedded SQLite registry at data_dir/registry.db. "postgresql://...": PostgreSQL,
     # shared by several broker nodes (see jitp.pg_registry).

@@ -814,6 +814,12 @@ class PostgresRegistry:
         )
         return [(int(r[0]), _event(tuple(r)[1:])) for r in rows]
 
+    async def outbox_head(self) -> int:
+        """The newest outbox seq (0 when empty)."""
+        async with self._conn() as conn:
+            value = await conn.fetchval("SELECT COALESCE(MAX(seq), 0) FROM outbox")
+        return int(value)
+
     async def sink_cursor(self, name: str) -> int:
         rows = await self._read("SELECT seq FROM sink_cursors WHERE name = $1", name)
         return int(rows[0][0]) if rows else 0

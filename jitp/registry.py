@@ -172,6 +172,10 @@ class Registry(Protocol):
         """
         ...
 
+    async def outbox_head(self) -> int:
+        """The newest outbox seq (0 when empty)."""
+        ...
+
     async def sink_cursor(self, name: str) -> int:
         """The last outbox seq delivered to sink ``name``; 0 for a sink never seen."""
         ...

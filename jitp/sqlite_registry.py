@@ -672,6 +672,12 @@ class SQLiteRegistry:
         ):
             return [(int(r[0]), _event(r[1:])) for r in await cur.fetchall()]
 
+    async def outbox_head(self) -> int:
+        """The newest outbox seq (0 when empty)."""
+        async with self._lock, self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM outbox") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
     async def sink_cursor(self, name: str) -> int:
         async with self._lock, self.db.execute("SELECT seq FROM sink_cursors WHERE name = ?", (name,)) as cur:
             row = await cur.fetchone()

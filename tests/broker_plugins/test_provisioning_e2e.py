@@ -200,3 +200,32 @@ def test_two_nodes_share_one_port_with_reuse_port(tmp_path: Path, pki: Pki) -> N
     finally:
         for n in nodes:
             n.stop()
+
+
+def test_subscribers_on_one_node_get_events_committed_on_another(tmp_path: Path, pki: Pki) -> None:
+    """Several nodes on one registry (node_id set): each relays the other nodes' events to its own
+    subscribers, from its own outbox cursor."""
+    nodes = [BrokerThread(test_config(tmp_path, pki, node_id=f"node-{i}")).start() for i in range(2)]
+    try:
+        nodes[0].register_ca(pki.manufacturer.cert)
+        from jitp.trust import Role
+
+        nodes[0].register_ca(pki.service_ca.cert, role=Role.SERVICE)
+        nodes[1].call(nodes[1].server.service.refresh_trust())
+        time.sleep(1.2)  # both publishers have set their cursors
+        svc = connect(nodes[0].port, pki, pki.service())
+        try:
+            assert svc.subscribe("$jitp/events/provisioned/+") == [1]
+            for i, node in enumerate(nodes):
+                d = connect(node.port, pki, pki.device(f"relay-{i}"))
+                d.close()
+                assert d.rc == 0
+            assert svc.wait_for(lambda: len(svc.messages) >= 2, timeout=6)
+            time.sleep(1.2)
+            got = sorted(json.loads(m.payload)["device_id"] for m in svc.messages)
+            assert got == ["relay-0", "relay-1"]  # each exactly once
+        finally:
+            svc.close()
+    finally:
+        for n in nodes:
+            n.stop()
