@@ -78,12 +78,15 @@ class TrustConfig:
 class SQLiteConfig:
     synchronous: str = "full"  # full: a CONNACK 0 is never sent for a record that a power loss could drop
     batch_window_ms: float = 2.0  # group commit: wait this long to gather concurrent writes
+    max_batch: int = 512  # group commit: at most this many writes per transaction (1: no group commit)
 
     def __post_init__(self) -> None:
         if self.synchronous not in ("full", "normal"):
             raise ConfigError("must be 'full' or 'normal'", key="sqlite.synchronous")
         if not self.batch_window_ms >= 0:
             raise ConfigError("must be >= 0", key="sqlite.batch_window_ms")
+        if self.max_batch < 1:
+            raise ConfigError("must be >= 1", key="sqlite.max_batch")
 
 
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")

@@ -31,6 +31,7 @@ def make_registry(config: Config, *, batch_window: float | None = None) -> Regis
     return SQLiteRegistry(
         config.registry_path,
         synchronous=config.sqlite.synchronous,
+        max_batch=config.sqlite.max_batch,
         batch_window=config.sqlite.batch_window_ms / 1000 if batch_window is None else batch_window,
     )
 
