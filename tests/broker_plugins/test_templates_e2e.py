@@ -252,22 +252,14 @@ def test_template_change_and_reload_publishes_config_changed(tmp_path: Path, pki
         tfile.write_text(text)
         cfg = tmp_path / "jitp.yaml"
         cfg.write_text(f"templates_dir: {tmp_path / 'templates'}\n")
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "jitp.cli",
-                "templates",
-                "reload",
-                "--config",
-                str(cfg),
-                "--data-dir",
-                str(tmp_path / "data"),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+
+        def reload() -> subprocess.CompletedProcess[str]:
+            args = ["templates", "reload", "--config", str(cfg), "--data-dir", str(tmp_path / "data")]
+            return subprocess.run(
+                [sys.executable, "-m", "jitp.cli", *args], capture_output=True, text=True, timeout=60
+            )
+
+        out = reload()
         assert out.returncode == 0, out.stderr
         assert "1 device configuration(s) changed" in out.stdout
         assert svc.wait_for(lambda: len(svc.messages) >= 1, timeout=6)
@@ -288,22 +280,7 @@ def test_template_change_and_reload_publishes_config_changed(tmp_path: Path, pki
         time.sleep(0.3)
         assert not dev.disconnected.is_set()
         # A second reload with nothing changed publishes nothing new.
-        again = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "jitp.cli",
-                "templates",
-                "reload",
-                "--config",
-                str(cfg),
-                "--data-dir",
-                str(tmp_path / "data"),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        again = reload()
         assert "0 device configuration(s) changed" in again.stdout
         time.sleep(2.5)
         assert len(svc.messages) == 1
