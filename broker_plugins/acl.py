@@ -9,7 +9,7 @@ from amqtt.plugins.base import BaseTopicPlugin
 from amqtt.session import Session
 
 from broker_plugins.hardened import NAMESPACE
-from jitp.acl import NOBODY, SERVICE_NAMESPACE, Access, Namespace, device_namespace, quarantine_namespace
+from jitp.acl import NOBODY, Access, Namespace, device_namespace, principal_namespace, quarantine_namespace
 from jitp.records import DeviceStatus
 from jitp.service import Admission
 from jitp.trust import Role
@@ -24,8 +24,8 @@ _ACTIONS = {
 def namespace_of(admission: Admission | None) -> Namespace:
     if admission is None:
         return NOBODY
-    if admission.role is Role.SERVICE:
-        return SERVICE_NAMESPACE
+    if admission.role is not Role.DEVICE:
+        return principal_namespace(str(admission.role), admission.client_id)
     record = admission.record
     if record is None:
         return NOBODY

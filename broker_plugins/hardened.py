@@ -39,7 +39,8 @@ W9 TLS_READ_BUFFER        not amqtt but asyncio: every TLS connection allocates 
                           :func:`lean_tls_read_buffer` sets it process-wide (17 KiB, one TLS record, by default).
 W10 DEVICE_STATUS         stock amqtt disconnects any client that publishes to a $-topic; a jitp
                           device may publish its own ``$jitp/devices/<id>/status`` (and nothing
-                          else under $), as the topic ACL decides.
+                          else under $), and backend principals send requests to the admin API on
+                          ``$jitp/admin/<command>``, as the topic ACL decides.
 W11 LEAN_SESSION_STATE    amqtt builds a ``transitions.Machine`` for every Session, ~12% of broker
                           CPU per connect. Sessions made for CONNECTs use :class:`LeanSessionState`,
                           the same three states and transitions (``new``, ``connected``,
@@ -82,11 +83,10 @@ LISTENER = "jitp"
 ADMISSION = "jitp.admission"  # Session.attributes key: the jitp Admission of an admitted client
 REFUSAL = "jitp.refusal"  # Session.attributes key: the ProvisioningError of a refused client
 RATE = "jitp.rate"  # Session.attributes key: token-bucket state of the device's message rate
-NAMESPACE = "jitp.namespace"
+NAMESPACE = "jitp.namespace"  # Session.attributes key: the jitp.acl.Namespace the topic plugin enforces
 PEER = "jitp.peer"  # Session.attributes key: the PeerCredentials it was admitted with
-JITP_DEVICE_TOPICS = (
-    "$jitp/devices/"  # Session.attributes key: the jitp.acl.Namespace the topic plugin enforces
-)
+JITP_DEVICE_TOPICS = "$jitp/devices/"  # devices publish their status here (W10)
+JITP_ADMIN_TOPICS = "$jitp/admin/"  # backend principals send admin API requests here (W10)
 
 
 class AmqttIncompatible(RuntimeError):
@@ -580,6 +580,8 @@ class JitpBroker(Broker):
                 return True
         if message is not None and message.topic and message.topic.startswith(JITP_DEVICE_TOPICS):
             return await self._device_status(client_session, message)
+        if message is not None and message.topic and message.topic.startswith(JITP_ADMIN_TOPICS):
+            return await self._admin_request(client_session, message)
         return await super()._handle_message_delivery(client_session, handler, wait_deliver)
 
     async def _device_status(self, session: Session, message: Any) -> bool:
@@ -591,6 +593,16 @@ class JitpBroker(Broker):
         await self._broadcast_message(session, message.topic, message.data)
         if message.publish_packet is not None and message.publish_packet.retain_flag:
             await self.retain_message(session, message.topic, message.data, message.qos)
+        return True
+
+    async def _admin_request(self, session: Session, message: Any) -> bool:
+        """W10 too: a request to the admin API ($jitp/admin/<command>) goes to the API, never to
+        other subscribers; the topic ACL decides who may send one at all."""
+        if not await self._topic_filtering(session, topic=message.topic, action=Action.PUBLISH):
+            log.info("%s may not use the admin API (%s)", session.client_id, message.topic)
+            return True
+        admission = session.attributes.get(ADMISSION)
+        self.spawn(self.jitp.admin.handle(admission, message.topic, bytes(message.data or b"")), "jitp-admin")
         return True
 
     # -- operator actions on live sessions -----------------------------------------------------

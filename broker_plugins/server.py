@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from broker_plugins.acl import namespace_of
+from broker_plugins.admin import AdminApi
 from broker_plugins.hardened import JitpBroker, check_amqtt_internals, lean_tls_read_buffer
 from broker_plugins.tls import TlsContextHolder
 from jitp import errors
@@ -101,6 +102,7 @@ class JitpServer:
             self._service.on_trust_change(self._tls.update)
             self._service.on_trust_change(self._trust_changed)
             await self._service.refresh_trust(force=True)
+            self.admin = AdminApi(self)
             self._broker = JitpBroker(self, broker_config())
             await self._broker.start()
             try:

@@ -115,3 +115,20 @@ def quarantine_namespace(device_id: str) -> Namespace:
 
 SERVICE_NAMESPACE = Namespace(publish=(), subscribe=("$jitp/events/#", "$jitp/devices/+/status", "#"))
 NOBODY = Namespace(publish=(), subscribe=())
+
+
+ADMIN_REQUESTS = "$jitp/admin/"
+
+
+def admin_replies(client_id: str) -> str:
+    """The filter under which a principal gets its admin API responses."""
+    return f"$jitp/admin/replies/{client_id}/#"
+
+
+def principal_namespace(role: str, client_id: str) -> Namespace:
+    """Backend principals (service, auditor, operator, admin): the admin API, and for services the
+    event feed and telemetry. Which admin commands a role may run is decided per request."""
+    admin = Namespace(publish=(f"{ADMIN_REQUESTS}#",), subscribe=(admin_replies(client_id),))
+    if role == "service":
+        return Namespace(publish=admin.publish, subscribe=(*SERVICE_NAMESPACE.subscribe, *admin.subscribe))
+    return admin

@@ -29,6 +29,7 @@ that explain it. Only ``broker_plugins`` maps these to MQTT outcomes (CONNACK co
     ├── ConfigError                  bad configuration (file, line, key)
     └── OperatorError                a bad admin/CLI request; nothing was changed
         ├── NotFound                 unknown device or CA
+        ├── Forbidden                the caller's role does not allow it
         └── InvalidRequest           bad input, e.g. a file that is not a CA certificate
 """
 
@@ -193,6 +194,12 @@ class OperatorError(ProvisioningError):
 
 class NotFound(OperatorError):
     reason = "not_found"
+
+
+class Forbidden(OperatorError):
+    """The caller's role does not allow the request."""
+
+    reason = "forbidden"
 
 
 class InvalidRequest(OperatorError):

@@ -294,11 +294,11 @@ class ProvisioningService:
         now = self.clock()
         try:
             verified = self.trust.verify(peer.chain_der, now=now)
-            if verified.anchor.role is Role.SERVICE:
+            if verified.anchor.role is not Role.DEVICE:  # a named backend principal, never provisioned
                 service = derive_service(verified)
                 self._bind(peer, service.name, verified.fingerprint)
                 return Admission(
-                    role=Role.SERVICE,
+                    role=verified.anchor.role,
                     client_id=peer.client_id,
                     fingerprint=verified.fingerprint,
                     service=service,

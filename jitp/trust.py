@@ -42,6 +42,9 @@ class Role(enum.StrEnum):
 
     DEVICE = "device"  # provisioned just in time
     SERVICE = "service"  # a backend system: may read $jitp/events/#, never provisioned
+    AUDITOR = "auditor"  # reads devices and the audit trail through the admin API
+    OPERATOR = "operator"  # lifecycle, CA and template management through the admin API
+    ADMIN = "admin"  # everything
 
 
 def fingerprint_der(der: bytes) -> str:
