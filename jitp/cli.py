@@ -530,6 +530,13 @@ def build_parser() -> argparse.ArgumentParser:
             "--config", help="YAML config file (default: config/jitp.yaml when run from the project)"
         )
         p.add_argument("--data-dir", help="data directory holding registry.db (overrides the config)")
+        remote = p.add_argument_group("remote mode: through a broker's admin API instead of the data dir")
+        remote.add_argument("--broker", metavar="HOST:PORT", help="run the command on this broker")
+        remote.add_argument(
+            "--client-cert", help="your certificate (chain) under an admin/operator/auditor CA"
+        )
+        remote.add_argument("--client-key", help="its private key")
+        remote.add_argument("--client-ca", help="CA that signed the broker's certificate")
         p.add_argument(
             "--registry",
             metavar="DSN",
@@ -649,9 +656,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _remote(args: argparse.Namespace) -> int:
+    """--broker: the same commands through the broker's admin API (role-checked and audited there)."""
+    from jitp.remote import remote_call
+
+    group = args.command
+    sub = getattr(args, f"{group}_command", None)
+    device_args = {"device_id": getattr(args, "device_id", None), "reason": getattr(args, "reason", None)}
+    if group == "devices" and sub in [str(c) for c in Command] + ["erase"]:
+        if sub == "erase" and getattr(args, "cert", None):
+            raise errors.InvalidRequest("erase --cert is local only; give the device id with --broker")
+        command, call_args = f"devices.{sub}", device_args
+    elif group == "devices" and sub in ("list", "show"):
+        command, call_args = f"devices.{sub}", {"device_id": getattr(args, "device_id", None)}
+    elif group == "ca" and sub == "list":
+        command, call_args = "ca.list", {}
+    elif group == "ca" and sub in ("disable", "enable"):
+        command, call_args = f"ca.{sub}", {"ca_id": args.ca_id}
+    elif group == "ca" and sub == "register":
+        pem = _load_ca_cert(Path(args.cert)).public_bytes(serialization.Encoding.PEM).decode()
+        command, call_args = (
+            "ca.register",
+            {"cert_pem": pem, "role": args.role, "region": args.region, "template": args.template},
+        )
+    elif group == "templates" and sub == "reload":
+        command, call_args = "templates.reload", {}
+    elif group == "audit" and sub == "export" and args.format == "jsonl":
+        command, call_args = "audit.export", {"since": args.since, "until": args.until}
+    else:
+        raise errors.InvalidRequest(f"'jitp {group} {sub}' is not available with --broker; run it locally")
+    if not (args.client_cert and args.client_key and args.client_ca):
+        raise errors.InvalidRequest("--broker needs --client-cert, --client-key and --client-ca")
+    result = remote_call(
+        args.broker,
+        cert=Path(args.client_cert),
+        key=Path(args.client_key),
+        ca=Path(args.client_ca),
+        command=command,
+        args={k: v for k, v in call_args.items() if v is not None},
+    )
+    if command == "audit.export":
+        for entry in result:
+            print(json.dumps(entry, sort_keys=True))
+    elif getattr(args, "json", False) or not isinstance(result, dict) or "status" not in result:
+        _print_json(result)
+    else:
+        print(f"{result['device_id']}: {'now' if result['changed'] else 'already'} {result['status']}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler: Handler = args.handler
+    handler: Handler = _remote if getattr(args, "broker", None) else args.handler
     try:
         return handler(args)
     except errors.ProvisioningError as exc:

@@ -1,0 +1,69 @@
+"""`jitp --broker ...`: the CLI's remote mode through the admin API, as an operator would use it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import certs
+from jitp.trust import Role
+from tests.helpers import BrokerThread, Pki, connect
+
+
+def remote(broker: BrokerThread, pki: Pki, ident, *args: str) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+    opts = [
+        "--broker",
+        f"127.0.0.1:{broker.port}",
+        "--client-cert",
+        str(ident.cert_path),
+        "--client-key",
+        str(ident.key_path),
+        "--client-ca",
+        str(pki.layout.root_cert),
+    ]
+    return subprocess.run(
+        [sys.executable, "-m", "jitp.cli", *args, *opts],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+
+
+def test_remote_mode_runs_commands_as_the_principal(broker: BrokerThread, pki: Pki) -> None:
+    ops_ca = certs.make_ca("remote ops CA", key=certs.generate_key(), issuer=pki.root)
+    audit_ca = certs.make_ca("remote audit CA", key=certs.generate_key(), issuer=pki.root)
+    broker.register_ca(ops_ca.cert, role=Role.OPERATOR)
+    broker.register_ca(audit_ca.cert, role=Role.AUDITOR)
+    operator = pki.identity("olga", issuer=ops_ca)
+    auditor = pki.identity("aaron", issuer=audit_ca)
+    dev = connect(broker.port, pki, pki.device("remote-victim"))
+    dev.close()
+    assert dev.rc == 0
+
+    listed = remote(broker, pki, operator, "devices", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert [d["device_id"] for d in json.loads(listed.stdout)] == ["remote-victim"]
+
+    revoked = remote(broker, pki, operator, "devices", "revoke", "remote-victim", "--reason", "lost")
+    assert revoked.returncode == 0, revoked.stderr
+    assert "now revoked" in revoked.stdout
+    assert [str(r.status) for r in broker.devices()] == ["revoked"]
+
+    denied = remote(broker, pki, auditor, "devices", "enable", "remote-victim")
+    assert denied.returncode == 2 and "may not run devices.enable" in denied.stderr
+    assert [str(r.status) for r in broker.devices()] == ["revoked"]
+
+    exported = remote(broker, pki, auditor, "audit", "export")
+    assert exported.returncode == 0, exported.stderr
+    actions = [json.loads(line)["action"] for line in exported.stdout.splitlines()]
+    assert "revoked" in actions and "admin-command" in actions
+
+    missing = remote(broker, pki, operator, "devices", "show", "no-such-device")
+    assert missing.returncode == 2 and "no device" in missing.stderr
+    local_only = remote(broker, pki, operator, "audit", "verify")
+    assert local_only.returncode == 2 and "not available with --broker" in local_only.stderr
+    entries = [e for e in broker.audit() if e.draft.action == "admin-command"]
+    assert {e.draft.actor for e in entries} == {"operator:olga", "auditor:aaron"}
