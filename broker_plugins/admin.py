@@ -134,7 +134,7 @@ class AdminApi:
             )
             return {"device_id": erasure.device_id}
         if command == "ca.list":
-            return [_anchor_json(a) for a in await registry.anchors()]
+            return [a.to_json() for a in await registry.anchors()]
         if command == "ca.register":
             requested = Role(args.get("role", "device"))
             if role is not Role.ADMIN and requested not in (Role.DEVICE, Role.SERVICE):
@@ -224,15 +224,3 @@ def _when(value: object) -> datetime | None:
         return None
     parsed = datetime.fromisoformat(str(value))
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
-def _anchor_json(a: TrustAnchor) -> dict[str, Any]:
-    return {
-        "ca_id": a.ca_id,
-        "subject": a.subject,
-        "role": str(a.role),
-        "region": a.region,
-        "template": a.template,
-        "enabled": a.enabled,
-        "registered_at": a.registered_at.isoformat() if a.registered_at else None,
-    }

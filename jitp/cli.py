@@ -184,23 +184,11 @@ def cmd_ca_register(args: argparse.Namespace) -> int:
     return _run(args, go)
 
 
-def _anchor_json(a: TrustAnchor) -> dict[str, Any]:
-    return {
-        "ca_id": a.ca_id,
-        "subject": a.subject,
-        "role": str(a.role),
-        "region": a.region,
-        "template": a.template,
-        "enabled": a.enabled,
-        "registered_at": a.registered_at.isoformat() if a.registered_at else None,
-    }
-
-
 def cmd_ca_list(args: argparse.Namespace) -> int:
     async def go(registry: Registry) -> int:
         anchors = await registry.anchors()
         if args.json:
-            _print_json([_anchor_json(a) for a in anchors])
+            _print_json([a.to_json() for a in anchors])
             return 0
         if not anchors:
             print("no CA registered")

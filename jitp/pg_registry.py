@@ -48,8 +48,8 @@ from jitp import errors, privacy
 from jitp.audit import GENESIS_HASH, AuditDraft, AuditEntry, chain
 from jitp.events import ProvisioningEvent, lifecycle_event, new_event_id, provisioned_event
 from jitp.identity import DeviceIdentity
-from jitp.records import Command, DeviceRecord, DeviceStatus, status_event_type, transition
-from jitp.registry import Erasure, ProvisionOutcome, StatusChange, decide, pseudonymize
+from jitp.records import Command, DeviceRecord, DeviceStatus
+from jitp.registry import Erasure, ProvisionOutcome, StatusChange, decide, plan_status_change, pseudonymize
 from jitp.trust import Role, TrustAnchor
 
 log = logging.getLogger(__name__)
@@ -587,41 +587,16 @@ class PostgresRegistry:
     ) -> StatusChange:
         async def body(conn: Any) -> StatusChange:
             record = await self._lock_device(conn, device_id)
-            try:
-                target = transition(record.status, command)
-            except ValueError as exc:
-                raise errors.InvalidRequest(str(exc), device_id=device_id) from None
-            details = {
-                "command": str(command),
-                "previous_status": str(record.status),
-                "changed": str(target is not None).lower(),
-            }
-            draft = AuditDraft(
-                at=at,
-                action=status_event_type(command),
-                actor=actor,
-                device_id=device_id,
-                fingerprint=record.cert_fingerprint,
-                reason=reason,
-                details=MappingProxyType(details),
-            )
-            if target is None:
-                await self._append_audit_tx(conn, [draft])
-                return StatusChange(record=record, changed=False)
-            await conn.execute("UPDATE devices SET status = $2 WHERE device_id = $1", device_id, str(target))
-            event = lifecycle_event(
-                device_id,
-                type=status_event_type(command),
-                event_id=new_event_id(),
-                at=at,
-                status=str(target),
-                previous_status=str(record.status),
-                region=record.region,
-                reason=reason,
-            )
-            await self._insert_events(conn, [event])
+            change, draft = plan_status_change(record, command, at=at, actor=actor, reason=reason)
+            if change.event is not None:
+                await conn.execute(
+                    "UPDATE devices SET status = $2 WHERE device_id = $1",
+                    device_id,
+                    str(change.record.status),
+                )
+                await self._insert_events(conn, [change.event])
             await self._append_audit_tx(conn, [draft])
-            return StatusChange(record=dataclasses.replace(record, status=target), changed=True, event=event)
+            return change
 
         return await self._tx(body)
 

@@ -21,9 +21,9 @@ from typing import Protocol
 
 from jitp import errors, privacy
 from jitp.audit import AuditDraft, AuditEntry
-from jitp.events import ProvisioningEvent, new_event_id, provisioned_event
+from jitp.events import ProvisioningEvent, lifecycle_event, new_event_id, provisioned_event
 from jitp.identity import DeviceIdentity
-from jitp.records import ADMITTED, Command, DeviceRecord, DeviceStatus
+from jitp.records import ADMITTED, Command, DeviceRecord, DeviceStatus, status_event_type, transition
 from jitp.trust import TrustAnchor
 
 
@@ -270,6 +270,44 @@ def decide(
         reset=reset,
     )
     return ProvisionOutcome(record=record, created=False, event=event)
+
+
+def plan_status_change(
+    record: DeviceRecord, command: Command, *, at: datetime, actor: str, reason: str | None
+) -> tuple[StatusChange, AuditDraft]:
+    """What a lifecycle command does to ``record``: the change (with its event, if any) and the audit
+    entry. InvalidRequest when the command does not apply to the record's status."""
+    try:
+        target = transition(record.status, command)
+    except ValueError as exc:
+        raise errors.InvalidRequest(str(exc), device_id=record.device_id) from None
+    details = {
+        "command": str(command),
+        "previous_status": str(record.status),
+        "changed": str(target is not None).lower(),
+    }
+    draft = AuditDraft(
+        at=at,
+        action=status_event_type(command),
+        actor=actor,
+        device_id=record.device_id,
+        fingerprint=record.cert_fingerprint,
+        reason=reason,
+        details=MappingProxyType(details),
+    )
+    if target is None:
+        return StatusChange(record=record, changed=False), draft
+    event = lifecycle_event(
+        record.device_id,
+        type=status_event_type(command),
+        event_id=new_event_id(),
+        at=at,
+        status=str(target),
+        previous_status=str(record.status),
+        region=record.region,
+        reason=reason,
+    )
+    return StatusChange(record=dataclasses.replace(record, status=target), changed=True, event=event), draft
 
 
 def pseudonymize(draft: AuditDraft, keys: dict[str, bytes]) -> AuditDraft:

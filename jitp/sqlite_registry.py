@@ -29,8 +29,8 @@ from jitp import errors, privacy
 from jitp.audit import GENESIS_HASH, AuditDraft, AuditEntry, chain
 from jitp.events import ProvisioningEvent, lifecycle_event, new_event_id, provisioned_event
 from jitp.identity import DeviceIdentity
-from jitp.records import Command, DeviceRecord, DeviceStatus, status_event_type, transition
-from jitp.registry import Erasure, ProvisionOutcome, StatusChange, decide, pseudonymize
+from jitp.records import Command, DeviceRecord, DeviceStatus
+from jitp.registry import Erasure, ProvisionOutcome, StatusChange, decide, plan_status_change, pseudonymize
 from jitp.trust import Role, TrustAnchor
 
 log = logging.getLogger(__name__)
@@ -451,41 +451,15 @@ class SQLiteRegistry:
     ) -> StatusChange:
         async with self._transaction() as db:
             record = await self._fetch(db, device_id)
-            try:
-                target = transition(record.status, command)
-            except ValueError as exc:
-                raise errors.InvalidRequest(str(exc), device_id=device_id) from None
-            details = {
-                "command": str(command),
-                "previous_status": str(record.status),
-                "changed": str(target is not None).lower(),
-            }
-            draft = AuditDraft(
-                at=at,
-                action=status_event_type(command),
-                actor=actor,
-                device_id=device_id,
-                fingerprint=record.cert_fingerprint,
-                reason=reason,
-                details=MappingProxyType(details),
-            )
-            if target is None:
-                await self._append_audit_tx(db, [draft])
-                return StatusChange(record=record, changed=False)
-            await db.execute("UPDATE devices SET status = ? WHERE device_id = ?", (str(target), device_id))
-            event = lifecycle_event(
-                device_id,
-                type=status_event_type(command),
-                event_id=new_event_id(),
-                at=at,
-                status=str(target),
-                previous_status=str(record.status),
-                region=record.region,
-                reason=reason,
-            )
-            await self._insert_events(db, [event])
+            change, draft = plan_status_change(record, command, at=at, actor=actor, reason=reason)
+            if change.event is not None:
+                await db.execute(
+                    "UPDATE devices SET status = ? WHERE device_id = ?",
+                    (str(change.record.status), device_id),
+                )
+                await self._insert_events(db, [change.event])
             await self._append_audit_tx(db, [draft])
-        return StatusChange(record=dataclasses.replace(record, status=target), changed=True, event=event)
+        return change
 
     async def erase(
         self,

@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -143,6 +144,18 @@ class TrustAnchor:
             template=template,
             registered_at=registered_at,
         )
+
+    def to_json(self) -> dict[str, Any]:
+        """The documented JSON shape (``jitp ca list --json``, the admin API's ``ca.list``)."""
+        return {
+            "ca_id": self.ca_id,
+            "subject": self.subject,
+            "role": str(self.role),
+            "region": self.region,
+            "template": self.template,
+            "enabled": self.enabled,
+            "registered_at": self.registered_at.isoformat() if self.registered_at else None,
+        }
 
     @property
     def certificate(self) -> x509.Certificate:

@@ -11,7 +11,6 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-import certs
 from tests.helpers import BrokerThread, Pki, connect, test_config
 
 CAPS_OID = "1.3.6.1.4.1.57264.1.1"
@@ -228,7 +227,6 @@ def test_ext_value_with_long_der_length(pki: Pki) -> None:
     long = "x" * 300
     raw = b"\x0c\x82" + len(long).to_bytes(2, "big") + long.encode()
     assert _der_string(raw) == long
-    assert certs  # the module is used to build the identities above
 
 
 def test_template_change_and_reload_publishes_config_changed(tmp_path: Path, pki: Pki) -> None:
