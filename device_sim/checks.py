@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import random
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping
@@ -249,21 +250,25 @@ class RegistrySnapshot:
 
     @classmethod
     async def read(cls, registry_path: Path) -> RegistrySnapshot:
-        from jitp.sqlite_registry import SQLiteRegistry  # the simulator itself needs no jitp core
+        """Read-only, and only columns kept in clear (no master key needed, nothing migrated)."""
+        return await asyncio.to_thread(cls._read, Path(registry_path))
 
-        if not await asyncio.to_thread(Path(registry_path).exists):
+    @classmethod
+    def _read(cls, registry_path: Path) -> RegistrySnapshot:
+        if not registry_path.exists():
             raise FileNotFoundError(f"no registry at {registry_path}")
-        async with SQLiteRegistry(registry_path, batch_window=0) as registry:
-            devices = await registry.list_devices()
-            events = await registry.events()
-        counts: dict[str, int] = {}
-        for ev in events:
-            if ev.type == "provisioned":
-                counts[ev.device_id] = counts.get(ev.device_id, 0) + 1
+        db = sqlite3.connect(f"{registry_path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+        try:
+            devices = db.execute("SELECT device_id, provisioned_at, region FROM devices").fetchall()
+            counts: dict[str, int] = {}
+            for (device_id,) in db.execute("SELECT device_id FROM outbox WHERE type = 'provisioned'"):
+                counts[device_id] = counts.get(device_id, 0) + 1
+        finally:
+            db.close()
         return cls(
-            {d.device_id: d.provisioned_at for d in devices},
+            {d: datetime.fromisoformat(at) for d, at, _ in devices},
             counts,
-            {d.device_id: d.region for d in devices},
+            {d: region for d, _, region in devices},
         )
 
     def check(

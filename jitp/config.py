@@ -99,6 +99,10 @@ class PostgresConfig:
 
     pool_size: int = 10  # connections per broker node (or CLI run)
     schema: str | None = None  # tables live in this schema (created if absent); None: the DSN's search_path
+    # The keyring (wrapped data keys) lives in its own schema, so that backups of the registry schema
+    # (pg_dump -n) carry no key material and erasure reaches them. None: "<schema>_keyring"
+    # ("jitp_keyring" without a schema).
+    keyring_schema: str | None = None
     batch_window_ms: float = 2.0  # group commit: wait this long to gather concurrent writes
 
     def __post_init__(self) -> None:
@@ -111,6 +115,36 @@ class PostgresConfig:
             )
         if not self.batch_window_ms >= 0:
             raise ConfigError("must be >= 0", key="postgres.batch_window_ms")
+        if self.keyring_schema is not None and not _SCHEMA_NAME.fullmatch(self.keyring_schema):
+            raise ConfigError(
+                "must be a lowercase SQL identifier ([a-z_][a-z0-9_]*, at most 63 characters)",
+                key="postgres.keyring_schema",
+            )
+        if self.keyring_schema is not None and self.keyring_schema == self.schema:
+            raise ConfigError("must be another schema than postgres.schema", key="postgres.keyring_schema")
+
+    @property
+    def effective_keyring_schema(self) -> str:
+        if self.keyring_schema is not None:
+            return self.keyring_schema
+        return f"{self.schema[:55]}_keyring" if self.schema else "jitp_keyring"
+
+
+@dataclass(frozen=True)
+class KeysConfig:
+    """Encryption at rest (jitp.keys, jitp.envelope): where the master key and the keyring live."""
+
+    # The master key file (made by `jitp keys init`, mode 0600). None: <data_dir>-keys/master.key,
+    # beside the data directory, not inside it, so a copy of the data directory holds no key.
+    file: Path | None = None
+    # When this environment variable is set, its keys are used instead of the file.
+    env: str = "JITP_MASTER_KEY"
+    # The SQLite registry's keyring (wrapped data keys). None: <data_dir>-keys/keyring.db.
+    keyring: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.env):
+            raise ConfigError("must be an environment variable name", key="keys.env")
 
 
 @dataclass(frozen=True)
@@ -208,6 +242,7 @@ class Config:
     audit: AuditConfig = field(default_factory=AuditConfig)
     nats: NatsConfig = field(default_factory=NatsConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    keys: KeysConfig = field(default_factory=KeysConfig)
 
     def __post_init__(self) -> None:
         if self.log_level not in ("debug", "info", "warning", "error"):
@@ -222,6 +257,20 @@ class Config:
     @property
     def registry_path(self) -> Path:
         return self.data_dir / "registry.db"
+
+    @property
+    def keys_dir(self) -> Path:
+        from jitp.keys import default_keys_dir
+
+        return default_keys_dir(self.data_dir)
+
+    @property
+    def key_file(self) -> Path:
+        return self.keys.file if self.keys.file is not None else self.keys_dir / "master.key"
+
+    @property
+    def keyring_path(self) -> Path:
+        return self.keys.keyring if self.keys.keyring is not None else self.keys_dir / "keyring.db"
 
 
 def host_port(bind: str) -> tuple[str, int]:

@@ -27,6 +27,10 @@ that explain it. Only ``broker_plugins`` maps these to MQTT outcomes (CONNACK co
     │   ├── RegistryUnavailable      registry_unavailable
     │   └── Overloaded               overloaded           (admission queue full, CA/region over its rate)
     ├── ConfigError                  bad configuration (file, line, key)
+    │   └── MasterKeyError           the master key cannot be used (the broker refuses to start)
+    │       ├── MasterKeyMissing     no key file and no environment variable
+    │       ├── MasterKeyInvalid     unreadable, badly formed or too widely readable key material
+    │       └── MasterKeyMismatch    the registry's data keys are wrapped under another key
     └── OperatorError                a bad admin/CLI request; nothing was changed
         ├── NotFound                 unknown device or CA
         ├── Forbidden                the caller's role does not allow it
@@ -184,6 +188,29 @@ class ConfigError(ProvisioningError):
         self.problem = message  # the message without the location and key
         self.where = where
         self.key = key
+
+
+class MasterKeyError(ConfigError):
+    """The master key that encrypts device data at rest cannot be used. ``kid``: the key asked for."""
+
+    reason = "master_key"
+
+    def __init__(self, message: str, *, where: str | None = None, kid: str | None = None) -> None:
+        super().__init__(message, where=where)
+        self.fields.update({"kid": kid} if kid else {})
+        self.kid = kid
+
+
+class MasterKeyMissing(MasterKeyError):
+    reason = "master_key_missing"
+
+
+class MasterKeyInvalid(MasterKeyError):
+    reason = "master_key_invalid"
+
+
+class MasterKeyMismatch(MasterKeyError):
+    reason = "master_key_mismatch"
 
 
 class OperatorError(ProvisioningError):

@@ -21,10 +21,25 @@ What differs is how it stays race-free when several nodes (several pools) write 
   retried request by request, so one bad request cannot fail the others; deadlocks and
   serialization failures are retried.
 
-Timestamps are ``timestamptz``, DER ``bytea``; attributes, config and audit details are JSON
-text, exactly as SQLite stores them (what the audit hashes cover must read back byte-identical).
-Schema migrations run on :meth:`PostgresRegistry.open` under an advisory lock and are recorded
-in ``schema_migrations``.
+Device data is sealed at rest (:mod:`jitp.envelope`). The ``devices`` table keeps in clear only
+what lookups and operations need (id, status, CA, region, template, validity end, times), a
+blind index of the certificate fingerprint (``fp_index``), and the rest sealed (AES-GCM) under
+the device's own data key; outbox payloads and superseded fingerprints (``cert_history``) are
+sealed under the same key. The data keys, wrapped by the master key (:mod:`jitp.keys`), live in
+the *keyring*: tables ``meta``, ``data_keys`` and ``registry_keys`` in a schema of their own
+(``<schema>_keyring`` by default). Being in the same database, a key is written and destroyed in
+the same transaction as the rows it protects. Being in another schema, a backup of the registry
+(``pg_dump -n <schema>``) carries no key material: erasing a device deletes its wrapped data key
+(crypto-shredding), so nothing about it can be decrypted from any copy of the registry schema,
+old backups included. (Back the keyring up apart, like the master key, and keep its backups
+short-lived.) The registry and its keyring are paired by a random ``keyring_id`` kept in both;
+:meth:`PostgresRegistry.open` refuses a keyring of another registry, and master keys that do not
+hold every key the keyring is wrapped under (:class:`~jitp.errors.MasterKeyMismatch`).
+
+Timestamps are ``timestamptz``, DER and sealed values ``bytea``; audit details are JSON text,
+exactly as SQLite stores them (what the audit hashes cover must read back byte-identical).
+Schema migrations (and the keyring's creation) run on :meth:`PostgresRegistry.open` under an
+advisory lock and are recorded in ``schema_migrations``.
 """
 
 from __future__ import annotations
@@ -44,12 +59,21 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from jitp import errors, privacy
+from jitp import envelope, errors, privacy
 from jitp.audit import GENESIS_HASH, AuditDraft, AuditEntry, chain
 from jitp.events import ProvisioningEvent, lifecycle_event, new_event_id, provisioned_event
 from jitp.identity import DeviceIdentity
+from jitp.keys import MasterKeyProvider, require_kids
 from jitp.records import Command, DeviceRecord, DeviceStatus
-from jitp.registry import Erasure, ProvisionOutcome, StatusChange, decide, plan_status_change, pseudonymize
+from jitp.registry import (
+    Erasure,
+    KeyringStatus,
+    ProvisionOutcome,
+    StatusChange,
+    decide,
+    plan_status_change,
+    pseudonymize,
+)
 from jitp.trust import Role, TrustAnchor
 
 log = logging.getLogger(__name__)
@@ -57,6 +81,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _HEAD_GENESIS = f"0:{GENESIS_HASH}"
+AUDIT_KEY = "audit"  # registry key sealing the peer address of audit entries that name no device
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: the foundation, the same tables as SQLite's. Columns of `audit` hold the stored
@@ -139,7 +164,62 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE sink_cursors (name TEXT PRIMARY KEY, seq BIGINT NOT NULL);
     CREATE INDEX outbox_erased_unscrubbed ON outbox (seq) WHERE type = 'erased' AND device_id <> '';
     """,
+    # 3: device data sealed at rest (jitp.envelope). Only what lookups need stays in clear; the
+    # fingerprint is kept as a blind index only, and the audit keys move to the keyring schema. The
+    # old tables are renamed; PostgresRegistry._seal_legacy() moves their rows (it needs the keys)
+    # and drops them, in the same transaction.
+    """
+    ALTER TABLE devices RENAME TO devices_v2;
+    ALTER TABLE devices_v2 RENAME CONSTRAINT devices_pkey TO devices_v2_pkey;
+    DROP INDEX devices_fingerprint;
+    ALTER TABLE cert_history RENAME TO cert_history_v2;
+    ALTER TABLE cert_history_v2 RENAME CONSTRAINT cert_history_pkey TO cert_history_v2_pkey;
+    ALTER TABLE device_keys RENAME TO device_keys_v2;
+    ALTER TABLE device_keys_v2 RENAME CONSTRAINT device_keys_pkey TO device_keys_v2_pkey;
+    CREATE TABLE devices (
+        device_id TEXT PRIMARY KEY,
+        status TEXT NOT NULL,
+        ca_id TEXT NOT NULL,
+        region TEXT NOT NULL,
+        not_after TIMESTAMPTZ NOT NULL,
+        provisioned_at TIMESTAMPTZ NOT NULL,
+        last_seen TIMESTAMPTZ,
+        template TEXT,
+        template_version INTEGER,
+        fp_index TEXT NOT NULL,
+        sealed BYTEA NOT NULL
+    );
+    CREATE INDEX devices_fp_index ON devices (fp_index);
+    CREATE TABLE cert_history (
+        device_id TEXT NOT NULL,
+        fp_index TEXT NOT NULL,
+        sealed_fp BYTEA NOT NULL,
+        superseded_at TIMESTAMPTZ NOT NULL,
+        PRIMARY KEY (device_id, fp_index)
+    );
+    """,
 )
+
+
+def _keyring_ddl(ks: str) -> str:
+    """The keyring schema ``ks`` (quoted): wrapped data keys, wrapped registry keys, and meta
+    (``keyring_id``: the registry it belongs to; ``primary_kid``: the master key new keys go under)."""
+    return f"""
+    CREATE SCHEMA IF NOT EXISTS {ks};
+    CREATE TABLE IF NOT EXISTS {ks}.meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE IF NOT EXISTS {ks}.data_keys (
+        device_id TEXT PRIMARY KEY,
+        kid TEXT NOT NULL,
+        wrapped BYTEA NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS data_keys_kid ON {ks}.data_keys (kid);
+    CREATE TABLE IF NOT EXISTS {ks}.registry_keys (
+        name TEXT PRIMARY KEY,
+        kid TEXT NOT NULL,
+        wrapped BYTEA NOT NULL
+    );
+    """
+
 
 # An erased device's last event names it: once delivered over MQTT *and* past every event sink's
 # cursor (a sink that is behind must still publish it in full), it goes too.
@@ -149,16 +229,25 @@ _SCRUB_ERASED = (
 )
 
 _DEVICE_COLUMNS = (
+    "device_id, status, ca_id, region, not_after, provisioned_at, last_seen, template, template_version, "
+    "fp_index, sealed"
+)
+_DEVICE_ARRAYS = (
+    "$1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[], "
+    "$7::timestamptz[], $8::text[], $9::int[], $10::text[], $11::bytea[]"
+)
+# A device row and its wrapped data key (NULL: shredded), see PostgresRegistry._open_device.
+_DEVICE_SELECT = (
+    "d.device_id, d.status, d.ca_id, d.region, d.not_after, d.provisioned_at, d.last_seen, d.template, "
+    "d.template_version, d.sealed, k.kid, k.wrapped"
+)
+_LEGACY_COLUMNS = (
     "device_id, status, cert_fingerprint, ca_id, region, serial, subject, not_after, provisioned_at, "
     "last_seen, attributes, template, template_version, config"
 )
-_DEVICE_ARRAYS = (
-    "$1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], "
-    "$8::timestamptz[], $9::timestamptz[], $10::timestamptz[], $11::text[], $12::text[], $13::int[], "
-    "$14::text[]"
-)
 _ANCHOR_COLUMNS = "ca_id, cert_der, role, subject, region, template, enabled, registered_at"
 _EVENT_COLUMNS = "event_id, type, device_id, occurred_at, payload"
+_EVENT_SELECT = "o.seq, o.event_id, o.type, o.device_id, o.occurred_at, o.payload, k.kid, k.wrapped"
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _RETRIES = 5
 
@@ -193,15 +282,17 @@ def redact(dsn: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
+def default_keyring_schema(schema: str | None) -> str:
+    """The keyring schema of registry schema ``schema`` (as ``PostgresConfig`` names it)."""
+    return f"{schema[:55]}_keyring" if schema else "jitp_keyring"
+
+
 def _quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(dict(value), sort_keys=True)
-
-
-def _record(row: Any) -> DeviceRecord:
+def _legacy_record(row: Any) -> DeviceRecord:
+    """A device row of schema version 2 (everything in clear), for _seal_legacy."""
     return DeviceRecord(
         device_id=row[0],
         status=DeviceStatus(row[1]),
@@ -220,24 +311,13 @@ def _record(row: Any) -> DeviceRecord:
     )
 
 
-def _device_arrays(records: Sequence[DeviceRecord]) -> list[list[Any]]:
-    """Column-wise values of ``records``, for ``unnest`` (one round trip for a whole batch)."""
-    return [
-        [r.device_id for r in records],
-        [str(r.status) for r in records],
-        [r.cert_fingerprint for r in records],
-        [r.ca_id for r in records],
-        [r.region for r in records],
-        [r.serial for r in records],
-        [r.subject for r in records],
-        [r.not_after for r in records],
-        [r.provisioned_at for r in records],
-        [r.last_seen for r in records],
-        [_dumps(r.attributes) for r in records],
-        [r.template for r in records],
-        [r.template_version for r in records],
-        [_dumps(r.config) for r in records],
-    ]
+def _seal_fp(key: bytes, device_id: str, fingerprint: str) -> bytes:
+    """A superseded certificate fingerprint (cert_history), sealed under the device's data key."""
+    return envelope.seal_payload(key, device_id, fingerprint.encode())
+
+
+def _open_fp(key: bytes, device_id: str, sealed: bytes) -> str:
+    return envelope.open_payload(key, device_id, sealed).decode()
 
 
 def _anchor(row: Any) -> TrustAnchor:
@@ -250,12 +330,6 @@ def _anchor(row: Any) -> TrustAnchor:
         template=row[5],
         enabled=bool(row[6]),
         registered_at=row[7],
-    )
-
-
-def _event(row: Any) -> ProvisioningEvent:
-    return ProvisioningEvent(
-        event_id=row[0], type=row[1], device_id=row[2], occurred_at=row[3], payload=bytes(row[4])
     )
 
 
@@ -302,7 +376,9 @@ class PostgresRegistry:
         self,
         dsn: str,
         *,
+        keys: MasterKeyProvider,
         schema: str | None = None,
+        keyring_schema: str | None = None,
         pool_size: int = 10,
         max_batch: int = 512,
         batch_window: float = 0.002,
@@ -312,10 +388,28 @@ class PostgresRegistry:
             raise errors.ConfigError("must be a postgresql:// DSN", key="registry")
         if schema is not None and not _SCHEMA_NAME.fullmatch(schema):
             raise errors.ConfigError("must be an SQL identifier", key="postgres.schema")
+        if keyring_schema is None:
+            keyring_schema = default_keyring_schema(schema)
+        if not _SCHEMA_NAME.fullmatch(keyring_schema):
+            raise errors.ConfigError("must be an SQL identifier", key="postgres.keyring_schema")
+        if keyring_schema == schema:
+            raise errors.ConfigError("must differ from postgres.schema", key="postgres.keyring_schema")
         if pool_size < 1:
             raise errors.ConfigError("must be >= 1", key="postgres.pool_size")
         self.dsn = dsn
         self.schema = schema
+        self.keyring_schema = keyring_schema
+        self._keys = keys
+        self._ks = ks = _quote_ident(keyring_schema)
+        self._select_devices = (
+            f"SELECT {_DEVICE_SELECT} FROM devices d LEFT JOIN {ks}.data_keys k ON k.device_id = d.device_id"
+        )
+        # Events whose data key is gone (an older copy of an erased device's rows) cannot be read:
+        # left out here already, so that a LIMIT still returns what can be.
+        self._select_events = (
+            f"SELECT {_EVENT_SELECT} FROM outbox o LEFT JOIN {ks}.data_keys k ON k.device_id = o.device_id "
+            "WHERE (k.device_id IS NOT NULL OR o.type = 'erased')"
+        )
         self._pool_size = pool_size
         self._max_batch = max_batch
         self._batch_window = batch_window
@@ -325,12 +419,18 @@ class PostgresRegistry:
         self._writer: asyncio.Task[None] | None = None
         self._touches: dict[str, datetime] = {}
         self._salt = b""
+        self._index_key = b""
+        self._audit_key = b""
 
     def __repr__(self) -> str:
-        return f"PostgresRegistry({redact(self.dsn)!r}, schema={self.schema!r})"
+        return (
+            f"PostgresRegistry({redact(self.dsn)!r}, schema={self.schema!r}, "
+            f"keyring_schema={self.keyring_schema!r})"
+        )
 
     # -- lifecycle -----------------------------------------------------------------------
     async def open(self) -> None:
+        """Connect, migrate, and check the keyring (MasterKeyMismatch: nothing is read unverified)."""
         settings = {"application_name": "jitp"}
         if self.schema is not None:
             settings["search_path"] = self.schema
@@ -435,10 +535,16 @@ class PostgresRegistry:
             raise errors.RegistryUnavailable(f"registry read failed: {exc}") from None
 
     async def _migrate(self) -> None:
+        """Schema migrations, the keyring, and the legacy rows sealed: all in one transaction."""
+
         async def body(conn: Any) -> None:
             # Several nodes may start at once: one migrates, the others wait and find it done.
+            # Always in this order (registry, then keyring), so two locks never deadlock.
             await conn.execute(
                 "SELECT pg_advisory_xact_lock(hashtext('jitp-migrations:' || $1::text))", self.schema or ""
+            )
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtext('jitp-keyring:' || $1::text))", self.keyring_schema
             )
             if self.schema is not None:
                 await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {_quote_ident(self.schema)}")
@@ -460,8 +566,121 @@ class PostgresRegistry:
                     datetime.now(UTC),
                 )
                 log.info("registry schema migrated to version %d", version)
+            primary = await self._open_keyring(conn)
+            await self._seal_legacy(conn, primary)
 
         await self._tx(body)
+
+    async def _open_keyring(self, conn: Any) -> str:
+        """Create the keyring if absent, check that it belongs to this registry and that the master
+        keys hold every key it is wrapped under, load (or make) the registry keys. The primary kid."""
+        ks = self._ks
+        await conn.execute(_keyring_ddl(ks))
+        reg_id = await conn.fetchval("SELECT value FROM meta_text WHERE key = 'keyring_id'")
+        ring_id = await conn.fetchval(f"SELECT value FROM {ks}.meta WHERE key = 'keyring_id'")
+        if reg_id is None and ring_id is None:
+            reg_id = ring_id = privacy.new_key().hex()[:32]
+            await conn.execute("INSERT INTO meta_text (key, value) VALUES ('keyring_id', $1)", reg_id)
+            await conn.execute(f"INSERT INTO {ks}.meta (key, value) VALUES ('keyring_id', $1)", ring_id)
+        elif reg_id is None and await conn.fetchval(f"SELECT 1 FROM {ks}.data_keys LIMIT 1") is None:
+            # A new registry on a keyring that protects no device (yet): it is this registry's now.
+            await conn.execute("INSERT INTO meta_text (key, value) VALUES ('keyring_id', $1)", ring_id)
+        elif reg_id != ring_id:
+            found = "there is none" if ring_id is None else f"it holds keyring {ring_id}"
+            raise errors.MasterKeyMismatch(
+                f"the keyring (schema {self.keyring_schema}) is missing or belongs to another registry: "
+                f"this registry's data is sealed with the keys of keyring {reg_id}, {found}. Restore "
+                "that keyring schema, or set postgres.keyring_schema to where it is",
+                where=redact(self.dsn),
+            )
+        primary = await conn.fetchval(f"SELECT value FROM {ks}.meta WHERE key = 'primary_kid'")
+        if primary is None:
+            primary = self._keys.kids()[0]
+            await conn.execute(f"INSERT INTO {ks}.meta (key, value) VALUES ('primary_kid', $1)", primary)
+        rows = await conn.fetch(
+            f"SELECT kid FROM {ks}.data_keys UNION SELECT kid FROM {ks}.registry_keys UNION SELECT $1::text",
+            primary,
+        )
+        used = sorted(str(r[0]) for r in rows)
+        require_kids(self._keys, used, where=redact(self.dsn))
+        self._index_key = await self._registry_key(conn, envelope.INDEX_KEY)
+        self._audit_key = await self._registry_key(conn, AUDIT_KEY)
+        return str(primary)
+
+    async def _registry_key(self, conn: Any, name: str) -> bytes:
+        """Registry key ``name`` of the keyring, made if absent (whichever node is first)."""
+        query = f"SELECT kid, wrapped FROM {self._ks}.registry_keys WHERE name = $1"
+        row = await conn.fetchrow(query, name)
+        if row is None:
+            primary = await self._primary_for_wrapping(conn)
+            await conn.execute(
+                f"INSERT INTO {self._ks}.registry_keys (name, kid, wrapped) VALUES ($1, $2, $3) "
+                "ON CONFLICT (name) DO NOTHING",
+                name,
+                primary,
+                envelope.wrap_registry_key(self._keys, primary, name, envelope.new_data_key()),
+            )
+            row = await conn.fetchrow(query, name)
+        return envelope.unwrap_registry_key(self._keys, str(row[0]), name, bytes(row[1]))
+
+    async def _primary_for_wrapping(self, conn: Any) -> str:
+        """The primary kid, share-locked to the end of the transaction: set_primary_key's update
+        waits for every transaction wrapping under the old primary, so none does once it committed."""
+        return str(
+            await conn.fetchval(f"SELECT value FROM {self._ks}.meta WHERE key = 'primary_kid' FOR SHARE")
+        )
+
+    async def _seal_legacy(self, conn: Any, primary: str) -> None:
+        """Move a version-2 registry's clear rows into their sealed form (migration 3), once.
+
+        Each device keeps its audit key as its data key, so earlier audit entries still resolve."""
+        if await conn.fetchval("SELECT to_regclass('devices_v2')") is None:
+            return
+        keys = {r[0]: bytes(r[1]) for r in await conn.fetch("SELECT device_id, ref_key FROM device_keys_v2")}
+        devices = [_legacy_record(r) for r in await conn.fetch(f"SELECT {_LEGACY_COLUMNS} FROM devices_v2")]
+        history = await conn.fetch("SELECT device_id, cert_fingerprint, superseded_at FROM cert_history_v2")
+        events = await conn.fetch(
+            "SELECT seq, device_id, payload FROM outbox WHERE type <> 'erased' ORDER BY seq"
+        )
+        ids = {r.device_id for r in devices} | {r[0] for r in history} | {r[1] for r in events}
+        keys.update({i: envelope.new_data_key() for i in sorted(ids - set(keys))})
+        ordered = sorted(keys)
+        await conn.execute(
+            f"INSERT INTO {self._ks}.data_keys (device_id, kid, wrapped) "
+            "SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[]) "
+            "ON CONFLICT (device_id) DO UPDATE SET kid = excluded.kid, wrapped = excluded.wrapped",
+            ordered,
+            [primary] * len(ordered),
+            [envelope.wrap_data_key(self._keys, primary, i, keys[i]) for i in ordered],
+        )
+        if devices:
+            await conn.execute(
+                f"INSERT INTO devices ({_DEVICE_COLUMNS}) SELECT * FROM unnest({_DEVICE_ARRAYS})",
+                *self._device_arrays(devices, keys),
+            )
+        await conn.executemany(
+            "INSERT INTO cert_history (device_id, fp_index, sealed_fp, superseded_at) VALUES ($1, $2, $3, $4) "
+            "ON CONFLICT DO NOTHING",
+            [
+                (d, envelope.fingerprint_index(self._index_key, fp), _seal_fp(keys[d], d, fp), at)
+                for d, fp, at in history
+            ],
+        )
+        await conn.executemany(
+            "UPDATE outbox SET payload = $2 WHERE seq = $1",
+            [
+                (seq, envelope.seal_payload(keys[d], d, bytes(payload)))
+                for seq, d, payload in events
+                if bytes(payload)[:1] != envelope.SEALED_VERSION
+            ],
+        )
+        await conn.execute("DROP TABLE devices_v2, cert_history_v2, device_keys_v2")
+        log.info(
+            "registry data sealed: %d device(s), %d superseded certificate(s), %d event(s)",
+            len(devices),
+            len(history),
+            len(events),
+        )
 
     async def _registry_salt(self) -> bytes:
         """A random per-registry salt for tombstones, made once (by whichever node is first)."""
@@ -478,6 +697,86 @@ class PostgresRegistry:
     async def schema_version(self) -> int:
         rows = await self._read("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
         return int(rows[0][0])
+
+    # -- data keys -------------------------------------------------------------------------
+    async def _data_keys(self, conn: Any, ids: Sequence[str], *, create: bool) -> dict[str, bytes]:
+        """The data keys of ``ids``, unwrapped; with ``create``, made for those without one (under
+        the primary, in this transaction: the same key whichever node makes it first)."""
+        wanted = sorted(set(ids))
+        if not wanted:
+            return {}
+        query = f"SELECT device_id, kid, wrapped FROM {self._ks}.data_keys WHERE device_id = ANY($1::text[])"
+        keys = {
+            r[0]: envelope.unwrap_data_key(self._keys, r[1], r[0], bytes(r[2]))
+            for r in await conn.fetch(query, wanted)
+        }
+        missing = [i for i in wanted if i not in keys]
+        if missing and create:
+            primary = await self._primary_for_wrapping(conn)
+            await conn.execute(
+                f"INSERT INTO {self._ks}.data_keys (device_id, kid, wrapped) "
+                "SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[]) ON CONFLICT (device_id) DO NOTHING",
+                missing,
+                [primary] * len(missing),
+                [envelope.wrap_data_key(self._keys, primary, i, envelope.new_data_key()) for i in missing],
+            )
+            # Read back: another node may have made the key first (its wrapped key is then the one).
+            keys.update(
+                {
+                    r[0]: envelope.unwrap_data_key(self._keys, r[1], r[0], bytes(r[2]))
+                    for r in await conn.fetch(query, missing)
+                }
+            )
+        return keys
+
+    def _open_device(self, row: Any) -> tuple[DeviceRecord, bytes] | None:
+        """A ``_DEVICE_SELECT`` row opened, with its data key; None when the key is gone (shredded:
+        the row comes from a copy of the registry older than the device's erasure)."""
+        if row[10] is None:
+            log.warning(
+                "a device row has no data key (its device was erased; the row comes from an older "
+                "copy of the registry): ignored"
+            )
+            return None
+        device_id = str(row[0])
+        key = envelope.unwrap_data_key(self._keys, row[10], device_id, bytes(row[11]))
+        record = envelope.open_record(
+            key,
+            bytes(row[9]),
+            device_id=device_id,
+            status=row[1],
+            ca_id=row[2],
+            region=row[3],
+            not_after=row[4],
+            provisioned_at=row[5],
+            last_seen=row[6],
+            template=row[7],
+            template_version=row[8],
+        )
+        return record, key
+
+    def _opened(self, rows: Sequence[Any]) -> list[tuple[DeviceRecord, bytes]]:
+        return [opened for row in rows if (opened := self._open_device(row)) is not None]
+
+    def _device_arrays(self, records: Sequence[DeviceRecord], keys: dict[str, bytes]) -> list[list[Any]]:
+        """Column-wise rows of ``records``, sealed, for ``unnest`` (one round trip for a whole batch)."""
+        return [
+            [r.device_id for r in records],
+            [str(r.status) for r in records],
+            [r.ca_id for r in records],
+            [r.region for r in records],
+            [r.not_after for r in records],
+            [r.provisioned_at for r in records],
+            [r.last_seen for r in records],
+            [r.template for r in records],
+            [r.template_version for r in records],
+            [envelope.fingerprint_index(self._index_key, r.cert_fingerprint) for r in records],
+            [envelope.seal_record(keys[r.device_id], r) for r in records],
+        ]
+
+    def _match(self, rows: Sequence[Any], fingerprint: str) -> DeviceRecord | None:
+        """The first record of ``rows`` (read by blind index) that really holds ``fingerprint``."""
+        return next((r for r, _ in self._opened(rows) if r.cert_fingerprint == fingerprint), None)
 
     # -- trust anchors -------------------------------------------------------------------
     async def register_anchor(self, anchor: TrustAnchor, *, audit: AuditDraft) -> TrustAnchor:
@@ -554,48 +853,50 @@ class PostgresRegistry:
         return await future
 
     async def get_device(self, device_id: str) -> DeviceRecord | None:
-        rows = await self._read(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id = $1", device_id)
-        return _record(rows[0]) if rows else None
+        rows = await self._read(f"{self._select_devices} WHERE d.device_id = $1", device_id)
+        opened = self._opened(rows)
+        return opened[0][0] if opened else None
 
     async def list_devices(self) -> list[DeviceRecord]:
-        rows = await self._read(f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY device_id")
-        return [_record(r) for r in rows]
+        rows = await self._read(f"{self._select_devices} ORDER BY d.device_id")
+        return [r for r, _ in self._opened(rows)]
 
     async def find_by_fingerprint(self, fingerprint: str) -> DeviceRecord | None:
         rows = await self._read(
-            f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE cert_fingerprint = $1 ORDER BY device_id LIMIT 1",
-            fingerprint,
+            f"{self._select_devices} WHERE d.fp_index = $1 ORDER BY d.device_id",
+            envelope.fingerprint_index(self._index_key, fingerprint),
         )
-        return _record(rows[0]) if rows else None
+        return self._match(rows, fingerprint)
 
     async def is_erased(self, fingerprint: str) -> bool:
         ref = privacy.tombstone_ref(self._salt, fingerprint)
         return bool(await self._read("SELECT 1 FROM tombstones WHERE ref = $1", ref))
 
-    @staticmethod
-    async def _lock_device(conn: Any, device_id: str) -> DeviceRecord:
-        row = await conn.fetchrow(
-            f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id = $1 FOR UPDATE", device_id
-        )
-        if row is None:
+    async def _lock_device(self, conn: Any, device_id: str) -> tuple[DeviceRecord, bytes]:
+        """The record (locked) and its data key; NotFound when absent or shredded."""
+        rows = await conn.fetch(f"{self._select_devices} WHERE d.device_id = $1 FOR UPDATE OF d", device_id)
+        opened = self._opened(rows)
+        if not opened:
             raise errors.NotFound(f"no device with id {device_id!r}", device_id=device_id)
-        return _record(row)
+        return opened[0]
 
     # -- lifecycle -------------------------------------------------------------------------
     async def change_status(
         self, device_id: str, command: Command, *, at: datetime, actor: str, reason: str | None = None
     ) -> StatusChange:
         async def body(conn: Any) -> StatusChange:
-            record = await self._lock_device(conn, device_id)
+            record, key = await self._lock_device(conn, device_id)
             change, draft = plan_status_change(record, command, at=at, actor=actor, reason=reason)
+            keys = {device_id: key}
+            stored = await self._pseudonymize(conn, [draft], keys)
             if change.event is not None:
                 await conn.execute(
                     "UPDATE devices SET status = $2 WHERE device_id = $1",
                     device_id,
                     str(change.record.status),
                 )
-                await self._insert_events(conn, [change.event])
-            await self._append_audit_tx(conn, [draft])
+                await self._insert_events(conn, [change.event], keys)
+            await self._append_stored(conn, stored)
             return change
 
         return await self._tx(body)
@@ -609,7 +910,11 @@ class PostgresRegistry:
         actor: str,
         reason: str | None = None,
     ) -> Erasure:
-        """GDPR erasure: only a tombstone (salted hash of each certificate fingerprint) remains."""
+        """GDPR erasure: only a tombstone (salted hash of each certificate fingerprint) remains.
+
+        The device's data key goes in the same transaction (crypto-shredding): whatever copy of the
+        registry schema still holds its sealed rows, old backups included, can no longer decrypt
+        them, and its audit entries can no longer be linked to it."""
         if device_id is None and fingerprint is None:
             raise errors.InvalidRequest("erase needs a device id or a certificate")
 
@@ -617,23 +922,23 @@ class PostgresRegistry:
             target = device_id
             if target is None:
                 assert fingerprint is not None
-                target = await conn.fetchval(
-                    "SELECT device_id FROM devices WHERE cert_fingerprint = $1 ORDER BY device_id LIMIT 1",
-                    fingerprint,
+                rows = await conn.fetch(
+                    f"{self._select_devices} WHERE d.fp_index = $1 ORDER BY d.device_id",
+                    envelope.fingerprint_index(self._index_key, fingerprint),
                 )
-                if target is None:
+                found = self._match(rows, fingerprint)
+                if found is None:
                     ref = privacy.tombstone_ref(self._salt, fingerprint)
                     if await conn.fetchval("SELECT 1 FROM tombstones WHERE ref = $1", ref) is not None:
                         return Erasure(device_id=None, already_erased=True)
                     raise errors.NotFound("no device holds this certificate")
-            record = await self._lock_device(conn, target)
+                target = found.device_id
+            record, key = await self._lock_device(conn, target)
             if fingerprint is not None and record.cert_fingerprint != fingerprint:
                 # Another node reprovisioned the device between the lookup and the lock.
                 raise errors.NotFound("no device holds this certificate")
-            history = await conn.fetch(
-                "SELECT cert_fingerprint FROM cert_history WHERE device_id = $1", target
-            )
-            fingerprints = {record.cert_fingerprint, *(r[0] for r in history)}
+            history = await conn.fetch("SELECT sealed_fp FROM cert_history WHERE device_id = $1", target)
+            fingerprints = {record.cert_fingerprint, *(_open_fp(key, target, bytes(r[0])) for r in history)}
             await conn.executemany(
                 "INSERT INTO tombstones (ref, erased_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
                 [(privacy.tombstone_ref(self._salt, fp), at) for fp in sorted(fingerprints)],
@@ -652,8 +957,9 @@ class PostgresRegistry:
                         details=MappingProxyType({"previous_status": str(record.status)}),
                     )
                 ],
+                {target: key},
             )
-            for table in ("outbox", "cert_history", "device_keys", "devices"):
+            for table in ("outbox", "cert_history", "devices", f"{self._ks}.data_keys"):
                 await conn.execute(f"DELETE FROM {table} WHERE device_id = $1", target)
             event = lifecycle_event(
                 target,
@@ -665,7 +971,7 @@ class PostgresRegistry:
                 region=record.region,
                 reason=None,
             )
-            await self._insert_events(conn, [event])
+            await self._insert_events(conn, [event], {})  # in clear: its key is gone
             await self._append_stored(conn, stored)
             return Erasure(device_id=target, event=event)
 
@@ -678,53 +984,80 @@ class PostgresRegistry:
         """Nothing to fold in PostgreSQL (dead row versions go with autovacuum); for parity with SQLite."""
         return True
 
-    @staticmethod
-    async def _insert_events(conn: Any, events: Sequence[ProvisioningEvent]) -> None:
-        if events:
-            # Outbox rows are numbered under the audit-head lock, held to commit, so seq order is
-            # commit order: an event sink reading by seq (events_after) never skips a late commit.
-            await conn.execute("SELECT 1 FROM meta_text WHERE key = 'audit_head' FOR UPDATE")
-            await conn.executemany(
-                f"INSERT INTO outbox ({_EVENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5)",
-                [(e.event_id, e.type, e.device_id, e.occurred_at, e.payload) for e in events],
-            )
+    async def _insert_events(
+        self, conn: Any, events: Sequence[ProvisioningEvent], keys: dict[str, bytes]
+    ) -> None:
+        """Outbox rows, payloads sealed under the device's data key in ``keys`` (an erasure's event,
+        whose key is destroyed, names only the id and region, both in clear anyway)."""
+        if not events:
+            return
+        rows = []
+        for e in events:
+            payload = e.payload
+            if e.type != "erased":
+                payload = envelope.seal_payload(keys[e.device_id], e.device_id, payload)
+            rows.append((e.event_id, e.type, e.device_id, e.occurred_at, payload))
+        # Outbox rows are numbered under the audit-head lock, held to commit, so seq order is
+        # commit order: an event sink reading by seq (events_after) never skips a late commit.
+        await conn.execute("SELECT 1 FROM meta_text WHERE key = 'audit_head' FOR UPDATE")
+        await conn.executemany(f"INSERT INTO outbox ({_EVENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5)", rows)
 
     # -- templates -------------------------------------------------------------------------
     async def update_configs(
         self, records: Sequence[DeviceRecord], *, at: datetime, actor: str, template: str
     ) -> list[ProvisioningEvent]:
-        """Store re-rendered configurations, each with a config-changed event, in one transaction."""
+        """Store re-rendered configurations, each with a config-changed event, in one transaction.
+
+        Only devices still bound to ``template`` change (records sealed again) and get an event; a
+        device erased meanwhile is left out (its key is gone)."""
         if not records:
             return []
-        events = [
-            provisioned_event(r, event_id=new_event_id(), at=at, type="config-changed") for r in records
-        ]
         ordered = sorted(records, key=lambda r: r.device_id)  # rows locked in one order by every node
 
-        async def body(conn: Any) -> None:
-            await conn.executemany(
-                "UPDATE devices SET attributes = $1, template_version = $2, config = $3 "
-                "WHERE device_id = $4 AND template = $5",
-                [
-                    (_dumps(r.attributes), r.template_version, _dumps(r.config), r.device_id, template)
-                    for r in ordered
-                ],
+        async def body(conn: Any) -> list[ProvisioningEvent]:
+            rows = await conn.fetch(
+                f"{self._select_devices} WHERE d.device_id = ANY($1::text[]) AND d.template = $2 "
+                "ORDER BY d.device_id FOR UPDATE OF d",
+                [r.device_id for r in ordered],
+                template,
             )
-            await self._insert_events(conn, events)
-            await self._append_audit_tx(
+            current = {r.device_id: (r, key) for r, key in self._opened(rows)}
+            keys = {device_id: key for device_id, (_, key) in current.items()}
+            updates = []
+            for r in ordered:
+                found = current.get(r.device_id)
+                if found is None:
+                    continue
+                # Only what a template renders changes: the certificate may have rotated meanwhile.
+                updated = dataclasses.replace(
+                    found[0], attributes=r.attributes, template_version=r.template_version, config=r.config
+                )
+                updates.append((r.device_id, r.template_version, envelope.seal_record(found[1], updated)))
+            if updates:
+                await conn.executemany(
+                    "UPDATE devices SET template_version = $2, sealed = $3 WHERE device_id = $1", updates
+                )
+            events = [
+                provisioned_event(r, event_id=new_event_id(), at=at, type="config-changed")
+                for r in records
+                if r.device_id in keys
+            ]
+            stored = await self._pseudonymize(
                 conn,
                 [
                     AuditDraft(
                         at=at,
                         action="template-changed",
                         actor=actor,
-                        details=MappingProxyType({"template": template, "devices": str(len(records))}),
+                        details=MappingProxyType({"template": template, "devices": str(len(events))}),
                     )
                 ],
             )
+            await self._insert_events(conn, events, keys)
+            await self._append_stored(conn, stored)
+            return events
 
-        await self._tx(body)
-        return events
+        return await self._tx(body)
 
     # -- CRLs ------------------------------------------------------------------------------
     async def import_crl(
@@ -757,12 +1090,116 @@ class PostgresRegistry:
     async def crls(self) -> dict[str, bytes]:
         return {r[0]: bytes(r[1]) for r in await self._read("SELECT ca_id, der FROM crls")}
 
+    # -- keys (jitp keys rotate) -------------------------------------------------------------
+    async def keyring_status(self) -> KeyringStatus:
+        ks = self._ks
+        primary = await self._read(f"SELECT value FROM {ks}.meta WHERE key = 'primary_kid'")
+        rows = await self._read(
+            f"SELECT kid, COUNT(*) FROM (SELECT kid FROM {ks}.data_keys "
+            f"UNION ALL SELECT kid FROM {ks}.registry_keys) AS wrapped GROUP BY kid ORDER BY kid"
+        )
+        return KeyringStatus(
+            primary=str(primary[0][0]), wrapped=MappingProxyType({str(r[0]): int(r[1]) for r in rows})
+        )
+
+    async def set_primary_key(self, kid: str, *, audit: AuditDraft) -> None:
+        if kid not in self._keys.kids():
+            self._keys.reload()
+        if kid not in self._keys.kids():
+            raise errors.MasterKeyMismatch(
+                f"cannot make {kid} the primary master key: {self._keys.source} does not hold it "
+                f"(it holds {', '.join(self._keys.kids())})",
+                kid=kid,
+            )
+
+        async def body(conn: Any) -> None:
+            # Waits for the transactions wrapping under the old primary (they share-lock this row).
+            await conn.execute(f"UPDATE {self._ks}.meta SET value = $1 WHERE key = 'primary_kid'", kid)
+            await self._append_audit_tx(conn, [audit])
+
+        await self._tx(body)
+
+    async def rewrap_keys(self, *, limit: int = 500) -> int:
+        ks = self._ks
+
+        async def body(conn: Any) -> int:
+            primary = await self._primary_for_wrapping(conn)
+            rows = await conn.fetch(
+                f"SELECT device_id, kid, wrapped FROM {ks}.data_keys WHERE kid <> $1 ORDER BY device_id "
+                "LIMIT $2 FOR UPDATE SKIP LOCKED",
+                primary,
+                limit,
+            )
+            if rows:
+                await conn.execute(
+                    f"UPDATE {ks}.data_keys AS k SET kid = $1, wrapped = u.wrapped "
+                    "FROM unnest($2::text[], $3::bytea[]) AS u (device_id, wrapped) WHERE k.device_id = u.device_id",
+                    primary,
+                    [r[0] for r in rows],
+                    [
+                        envelope.wrap_data_key(
+                            self._keys, primary, d, envelope.unwrap_data_key(self._keys, kid, d, bytes(w))
+                        )
+                        for d, kid, w in rows
+                    ],
+                )
+            named = []
+            if limit > len(rows):
+                named = await conn.fetch(
+                    f"SELECT name, kid, wrapped FROM {ks}.registry_keys WHERE kid <> $1 ORDER BY name "
+                    "LIMIT $2 FOR UPDATE SKIP LOCKED",
+                    primary,
+                    limit - len(rows),
+                )
+                await conn.executemany(
+                    f"UPDATE {ks}.registry_keys SET kid = $2, wrapped = $3 WHERE name = $1",
+                    [
+                        (
+                            n,
+                            primary,
+                            envelope.wrap_registry_key(
+                                self._keys,
+                                primary,
+                                n,
+                                envelope.unwrap_registry_key(self._keys, kid, n, bytes(w)),
+                            ),
+                        )
+                        for n, kid, w in named
+                    ],
+                )
+            return len(rows) + len(named)
+
+        return await self._tx(body)
+
     # -- outbox --------------------------------------------------------------------------
+    def _open_events(self, rows: Sequence[Any]) -> list[tuple[int, ProvisioningEvent]]:
+        """``_EVENT_SELECT`` rows, payloads opened (each device's key unwrapped once)."""
+        keys: dict[str, bytes | None] = {}
+        out = []
+        for seq, event_id, type_, device_id, occurred_at, payload, kid, wrapped in rows:
+            stored = bytes(payload)
+            if stored[:1] == envelope.SEALED_VERSION and device_id not in keys:
+                keys[device_id] = (
+                    envelope.unwrap_data_key(self._keys, kid, device_id, bytes(wrapped))
+                    if kid is not None
+                    else None
+                )
+            try:
+                opened = envelope.open_payload(keys.get(device_id), device_id, stored)
+            except errors.RegistryUnavailable as exc:
+                log.warning("outbox event %s left out: %s", event_id, exc)
+                continue
+            event = ProvisioningEvent(
+                event_id=event_id, type=type_, device_id=device_id, occurred_at=occurred_at, payload=opened
+            )
+            out.append((int(seq), event))
+        return out
+
     async def pending_events(self, limit: int = 500) -> list[ProvisioningEvent]:
         rows = await self._read(
-            f"SELECT {_EVENT_COLUMNS} FROM outbox WHERE delivered_at IS NULL ORDER BY seq LIMIT $1", limit
+            f"{self._select_events} AND o.delivered_at IS NULL ORDER BY o.seq LIMIT $1", limit
         )
-        return [_event(r) for r in rows]
+        return [e for _, e in self._open_events(rows)]
 
     async def mark_delivered(self, event_ids: Sequence[str], *, at: datetime) -> None:
         if not event_ids:
@@ -782,12 +1219,12 @@ class PostgresRegistry:
     async def events_after(self, seq: int, limit: int = 500) -> list[tuple[int, ProvisioningEvent]]:
         # Outbox rows are inserted under the audit-head lock (_insert_events): seq order is commit order.
         rows = await self._read(
-            f"SELECT seq, {_EVENT_COLUMNS} FROM outbox WHERE seq > $1 "
-            "AND NOT (type = 'erased' AND device_id = '') ORDER BY seq LIMIT $2",
+            f"{self._select_events} AND o.seq > $1 AND NOT (o.type = 'erased' AND o.device_id = '') "
+            "ORDER BY o.seq LIMIT $2",
             seq,
             limit,
         )
-        return [(int(r[0]), _event(tuple(r)[1:])) for r in rows]
+        return self._open_events(rows)
 
     async def outbox_head(self) -> int:
         """The newest outbox seq (0 when empty)."""
@@ -813,12 +1250,10 @@ class PostgresRegistry:
 
     async def events(self, device_id: str | None = None) -> list[ProvisioningEvent]:
         if device_id is None:
-            rows = await self._read(f"SELECT {_EVENT_COLUMNS} FROM outbox ORDER BY seq")
+            rows = await self._read(f"{self._select_events} ORDER BY o.seq")
         else:
-            rows = await self._read(
-                f"SELECT {_EVENT_COLUMNS} FROM outbox WHERE device_id = $1 ORDER BY seq", device_id
-            )
-        return [_event(r) for r in rows]
+            rows = await self._read(f"{self._select_events} AND o.device_id = $1 ORDER BY o.seq", device_id)
+        return [e for _, e in self._open_events(rows)]
 
     # -- audit ---------------------------------------------------------------------------
     async def append_audit(self, drafts: Sequence[AuditDraft]) -> None:
@@ -863,11 +1298,21 @@ class PostgresRegistry:
 
     async def resolve_audit(self, entries: Sequence[AuditEntry]) -> list[AuditEntry]:
         """Entries with device refs and sealed peers resolved, for devices that still exist."""
-        rows = await self._read("SELECT device_id, ref_key FROM device_keys")
-        by_ref = {privacy.device_ref(bytes(k), d): (d, bytes(k)) for d, k in rows}
+        by_ref: dict[str, tuple[str, bytes]] = {}
+        if any(e.draft.device_id for e in entries):
+            rows = await self._read(f"SELECT device_id, kid, wrapped FROM {self._ks}.data_keys")
+            for device_id, kid, wrapped in rows:
+                key = envelope.unwrap_data_key(self._keys, kid, device_id, bytes(wrapped))
+                by_ref[privacy.device_ref(key, device_id)] = (device_id, key)
         out = []
         for e in entries:
-            found = by_ref.get(e.draft.device_id or "")
+            if not e.draft.device_id:
+                if e.draft.peer:
+                    peer = privacy.unseal(self._audit_key, e.draft.peer)
+                    e = dataclasses.replace(e, draft=dataclasses.replace(e.draft, peer=peer))
+                out.append(e)
+                continue
+            found = by_ref.get(e.draft.device_id)
             if found is None:
                 out.append(e)
                 continue
@@ -878,29 +1323,24 @@ class PostgresRegistry:
             )
         return out
 
-    @staticmethod
-    async def _device_keys(conn: Any, ids: Sequence[str]) -> dict[str, bytes]:
-        """Each device's pseudonym key, made if absent (the same key whichever node makes it first)."""
-        wanted = sorted(set(ids))
-        if not wanted:
-            return {}
-        query = "SELECT device_id, ref_key FROM device_keys WHERE device_id = ANY($1::text[])"
-        keys = {r[0]: bytes(r[1]) for r in await conn.fetch(query, wanted)}
-        missing = [i for i in wanted if i not in keys]
-        if missing:
-            await conn.execute(
-                "INSERT INTO device_keys (device_id, ref_key) SELECT * FROM unnest($1::text[], $2::bytea[]) "
-                "ON CONFLICT DO NOTHING",
-                missing,
-                [privacy.new_key() for _ in missing],
-            )
-            keys.update({r[0]: bytes(r[1]) for r in await conn.fetch(query, missing)})
-        return keys
+    async def _pseudonymize(
+        self, conn: Any, drafts: Sequence[AuditDraft], known: dict[str, bytes] | None = None
+    ) -> list[AuditDraft]:
+        """Drafts in their stored form: nothing personal about a device in clear (jitp.privacy).
 
-    async def _pseudonymize(self, conn: Any, drafts: Sequence[AuditDraft]) -> list[AuditDraft]:
-        """Drafts in their stored form: nothing personal about a device in clear (jitp.privacy)."""
-        keys = await self._device_keys(conn, [d.device_id for d in drafts if d.device_id])
-        return [pseudonymize(d, keys) for d in drafts]
+        An entry about a device uses its data key (made if absent: a refusal can name a device that
+        was never provisioned); the peer of an entry about no device is sealed under the audit key.
+        Call it before inserting events: making a key takes a lock the audit head must come after."""
+        known = known or {}
+        ids = {d.device_id for d in drafts if d.device_id}
+        keys = {i: known[i] for i in ids if i in known}
+        keys.update(await self._data_keys(conn, [i for i in ids if i not in keys], create=True))
+        return [
+            pseudonymize(d, keys)
+            if d.device_id
+            else dataclasses.replace(d, peer=privacy.seal(self._audit_key, d.peer) if d.peer else None)
+            for d in drafts
+        ]
 
     @staticmethod
     async def _append_stored(conn: Any, stored: Sequence[AuditDraft]) -> None:
@@ -1011,7 +1451,7 @@ class PostgresRegistry:
                     if attempt == _RETRIES - 1:
                         raise
                     await asyncio.sleep(0.005 * (attempt + 1))
-        except errors.ProvisioningError as exc:  # unreachable server
+        except errors.ProvisioningError as exc:  # unreachable server, or unusable master key
             self._touches = {**touches, **self._touches}
             return [exc] * len(batch)
         except _FAILED as exc:
@@ -1031,11 +1471,12 @@ class PostgresRegistry:
             if isinstance(op, _Provision):
                 by_device.setdefault(op.identity.device_id, []).append((i, op))
         groups: dict[str, _Group] = {}
+        keys: dict[str, bytes] = {}
         # Reconnects of other devices first: their row locks must come before the audit-head lock
         # that inserting outbox events takes (_insert_events).
         await self._flush_touches(conn, touches)
         if by_device:
-            groups = await self._provision(conn, by_device)
+            groups, keys = await self._provision(conn, by_device)
         results: list[_Result] = [None] * len(batch)
         drafts: list[tuple[int, int, AuditDraft]] = []
         seen: dict[str, datetime] = {}
@@ -1049,32 +1490,47 @@ class PostgresRegistry:
                 drafts += [(i, n, d) for n, d in enumerate(op.drafts)]
         await self._flush_touches(conn, seen, only_extra=True)  # devices of this batch: locked already
         drafts.sort(key=lambda t: (t[0], t[1]))  # in request order, as SQLite writes them
-        await self._append_audit_tx(conn, [d for _, _, d in drafts])
+        # Keys (and their lock) before the audit head, which inserting the events takes.
+        stored = await self._pseudonymize(conn, [d for _, _, d in drafts], keys)
+        await self._insert_events(conn, [e for i in sorted(groups) for e in groups[i].events], keys)
+        await self._append_stored(conn, stored)
         return results
 
     async def _lock_devices(
         self, conn: Any, ids: Sequence[str]
-    ) -> tuple[dict[str, DeviceRecord], set[tuple[str, str]]]:
-        """Current records (locked, in id order) and their superseded certificates."""
+    ) -> tuple[dict[str, tuple[DeviceRecord, bytes]], set[tuple[str, str]]]:
+        """Current records with their keys (locked, in id order) and their superseded certificates.
+
+        Rows whose key is gone (restored from a copy older than the device's erasure) can never be
+        read again: they are removed, and the device is new."""
         rows = await conn.fetch(
-            f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id = ANY($1::text[]) "
-            "ORDER BY device_id FOR UPDATE",
+            f"{self._select_devices} WHERE d.device_id = ANY($1::text[]) ORDER BY d.device_id FOR UPDATE OF d",
             list(ids),
         )
-        existing = {r[0]: _record(r) for r in rows}
+        existing = {r.device_id: (r, key) for r, key in self._opened(rows)}
+        orphans = sorted({str(r[0]) for r in rows} - set(existing))
+        if orphans:
+            await conn.execute("DELETE FROM cert_history WHERE device_id = ANY($1::text[])", orphans)
+            await conn.execute(
+                "DELETE FROM outbox WHERE device_id = ANY($1::text[]) AND type <> 'erased'", orphans
+            )
+            await conn.execute("DELETE FROM devices WHERE device_id = ANY($1::text[])", orphans)
         superseded: set[tuple[str, str]] = set()
         if existing:
             history = await conn.fetch(
-                "SELECT device_id, cert_fingerprint FROM cert_history WHERE device_id = ANY($1::text[])",
+                "SELECT device_id, sealed_fp FROM cert_history WHERE device_id = ANY($1::text[])",
                 sorted(existing),
             )
-            superseded = {(r[0], r[1]) for r in history}
+            superseded = {(d, _open_fp(existing[d][1], d, bytes(sealed))) for d, sealed in history}
         return existing, superseded
 
     async def _provision(
         self, conn: Any, by_device: dict[str, list[tuple[int, _Provision]]]
-    ) -> dict[str, _Group]:
+    ) -> tuple[dict[str, _Group], dict[str, bytes]]:
+        """Decide and write the batch's provisioning requests. The groups, and the data keys of the
+        devices they write (their events are inserted by the caller, after the audit keys)."""
         existing: dict[str, DeviceRecord] = {}
+        keys: dict[str, bytes] = {}
         superseded: set[tuple[str, str]] = set()
         erased: set[str] = set()
         groups: dict[str, _Group] = {}
@@ -1083,7 +1539,8 @@ class PostgresRegistry:
             fresh, fresh_superseded = await self._lock_devices(conn, pending)
             for device_id in pending:
                 existing.pop(device_id, None)
-            existing.update(fresh)
+            existing.update({d: r for d, (r, _) in fresh.items()})
+            keys.update({d: key for d, (_, key) in fresh.items()})
             superseded |= fresh_superseded
             # After the lock: an erasure that held it has committed its tombstones by now.
             refs = {
@@ -1100,10 +1557,13 @@ class PostgresRegistry:
             creates = [g.record for i in pending if (g := groups[i]).creates and g.record is not None]
             lost: list[str] = []
             if creates:
+                # A new device's data key, in the same transaction as its first row (or the key
+                # another node made for it first, read back).
+                keys.update(await self._data_keys(conn, [r.device_id for r in creates], create=True))
                 won = await conn.fetch(
                     f"INSERT INTO devices ({_DEVICE_COLUMNS}) SELECT * FROM unnest({_DEVICE_ARRAYS}) "
                     "ON CONFLICT (device_id) DO NOTHING RETURNING device_id",
-                    *_device_arrays(creates),
+                    *self._device_arrays(creates, keys),
                 )
                 won_ids = {r[0] for r in won}
                 lost = sorted(r.device_id for r in creates if r.device_id not in won_ids)
@@ -1123,21 +1583,23 @@ class PostgresRegistry:
         )
         if updates:
             await conn.execute(
-                f"UPDATE devices AS d SET ({_DEVICE_COLUMNS}) = (u.device_id, u.status, u.cert_fingerprint, "
-                "u.ca_id, u.region, u.serial, u.subject, u.not_after, u.provisioned_at, u.last_seen, "
-                "u.attributes, u.template, u.template_version, u.config) "
-                f"FROM unnest({_DEVICE_ARRAYS}) AS u ({_DEVICE_COLUMNS}) WHERE d.device_id = u.device_id",
-                *_device_arrays(updates),
+                f"UPDATE devices AS d SET ({_DEVICE_COLUMNS}) = (u.device_id, u.status, u.ca_id, u.region, "
+                "u.not_after, u.provisioned_at, u.last_seen, u.template, u.template_version, u.fp_index, "
+                f"u.sealed) FROM unnest({_DEVICE_ARRAYS}) AS u ({_DEVICE_COLUMNS}) WHERE d.device_id = u.device_id",
+                *self._device_arrays(updates, keys),
             )
-        history = [h for i in ids for h in groups[i].history]
+        history = [
+            (d, envelope.fingerprint_index(self._index_key, fp), _seal_fp(keys[d], d, fp), at)
+            for i in ids
+            for d, fp, at in groups[i].history
+        ]
         if history:
             await conn.executemany(
-                "INSERT INTO cert_history (device_id, cert_fingerprint, superseded_at) VALUES ($1, $2, $3) "
+                "INSERT INTO cert_history (device_id, fp_index, sealed_fp, superseded_at) VALUES ($1, $2, $3, $4) "
                 "ON CONFLICT DO NOTHING",
                 history,
             )
-        await self._insert_events(conn, [e for i in ids for e in groups[i].events])
-        return groups
+        return groups, keys
 
     def _decide_group(
         self,
@@ -1191,12 +1653,17 @@ class PostgresRegistry:
         return group
 
 
-async def drop_schema(dsn: str, schema: str) -> None:
-    """Remove a schema and everything in it (tests; decommissioning a registry)."""
-    if not _SCHEMA_NAME.fullmatch(schema):
-        raise errors.ConfigError("must be an SQL identifier", key="postgres.schema")
+async def drop_schema(dsn: str, schema: str, *, keyring_schema: str | None = None) -> None:
+    """Remove a registry schema and its keyring schema (``keyring_schema``, by default the one
+    :class:`PostgresRegistry` derives), with everything in them (tests; decommissioning a registry)."""
+    if keyring_schema is None:
+        keyring_schema = default_keyring_schema(schema)
+    for name in (schema, keyring_schema):
+        if not _SCHEMA_NAME.fullmatch(name):
+            raise errors.ConfigError("must be an SQL identifier", key="postgres.schema")
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute(f"DROP SCHEMA IF EXISTS {_quote_ident(schema)} CASCADE")
+        for name in (schema, keyring_schema):
+            await conn.execute(f"DROP SCHEMA IF EXISTS {_quote_ident(name)} CASCADE")
     finally:
         await conn.close()

@@ -31,16 +31,16 @@ def new_key() -> bytes:
     return os.urandom(KEY_BYTES)
 
 
-def _derive(key: bytes, purpose: bytes) -> bytes:
+def derive(key: bytes, purpose: bytes) -> bytes:
     return hmac.new(key, purpose, hashlib.sha256).digest()
 
 
 def device_ref(key: bytes, device_id: str) -> str:
-    return "d:" + hmac.new(_derive(key, b"ref"), device_id.encode(), hashlib.sha256).hexdigest()[:32]
+    return "d:" + hmac.new(derive(key, b"ref"), device_id.encode(), hashlib.sha256).hexdigest()[:32]
 
 
 def cert_ref(key: bytes, fingerprint: str) -> str:
-    return "c:" + hmac.new(_derive(key, b"ref"), fingerprint.encode(), hashlib.sha256).hexdigest()[:32]
+    return "c:" + hmac.new(derive(key, b"ref"), fingerprint.encode(), hashlib.sha256).hexdigest()[:32]
 
 
 def tombstone_ref(salt: bytes, fingerprint: str) -> str:
@@ -49,7 +49,7 @@ def tombstone_ref(salt: bytes, fingerprint: str) -> str:
 
 def seal(key: bytes, text: str) -> str:
     nonce = os.urandom(12)
-    sealed = AESGCM(_derive(key, b"enc")).encrypt(nonce, text.encode(), b"jitp-audit")
+    sealed = AESGCM(derive(key, b"enc")).encrypt(nonce, text.encode(), b"jitp-audit")
     return "enc:" + base64.b64encode(nonce + sealed).decode()
 
 
@@ -58,7 +58,7 @@ def unseal(key: bytes, token: str) -> str | None:
         return token
     raw = base64.b64decode(token[4:])
     try:
-        return AESGCM(_derive(key, b"enc")).decrypt(raw[:12], raw[12:], b"jitp-audit").decode()
+        return AESGCM(derive(key, b"enc")).decrypt(raw[:12], raw[12:], b"jitp-audit").decode()
     except (InvalidTag, ValueError):
         return None
 

@@ -54,7 +54,24 @@ class Erasure:
     already_erased: bool = False
 
 
+@dataclass(frozen=True)
+class KeyringStatus:
+    """Which master keys wrap the registry's data keys (``jitp keys status``)."""
+
+    primary: str  # the kid new data keys are wrapped under
+    wrapped: MappingProxyType[str, int]  # kid -> how many keys (data keys and registry keys) it wraps
+
+    @property
+    def pending(self) -> int:
+        """Keys not yet under the primary: a rotation is unfinished while this is above 0."""
+        return sum(n for kid, n in self.wrapped.items() if kid != self.primary)
+
+
 class Registry(Protocol):
+    """Device data at rest is sealed (:mod:`jitp.envelope`): an implementation is constructed with a
+    :class:`~jitp.keys.MasterKeyProvider`, and its ``open`` raises
+    :class:`~jitp.errors.MasterKeyError` when the keys it holds cannot unwrap the registry's keys."""
+
     async def open(self) -> None: ...
 
     async def close(self) -> None: ...
@@ -154,6 +171,25 @@ class Registry(Protocol):
 
     async def crls(self) -> dict[str, bytes]:
         """CRL DER by CA id."""
+        ...
+
+    # -- keys (jitp keys rotate) ----------------------------------------------------------
+    async def keyring_status(self) -> KeyringStatus: ...
+
+    async def set_primary_key(self, kid: str, *, audit: AuditDraft) -> None:
+        """Wrap new data keys under master key ``kid`` from now on (the provider must hold it).
+
+        Once this returns, no writer anywhere wraps under the previous primary any more, so a
+        :meth:`rewrap_keys` loop that reaches 0 leaves nothing under the old key.
+        """
+        ...
+
+    async def rewrap_keys(self, *, limit: int = 500) -> int:
+        """Re-wrap up to ``limit`` keys that are not under the primary, in one transaction.
+
+        Returns how many it re-wrapped (0: none is left). Safe to interrupt and to run while
+        brokers serve: each batch commits on its own, so a rerun resumes where it stopped.
+        """
         ...
 
     # -- outbox --------------------------------------------------------------------------

@@ -5,6 +5,15 @@ updates are queued and a single writer task applies whatever has queued up as on
 transaction (group commit), so a join storm costs one commit per batch, not per device.
 ``BEGIN IMMEDIATE`` takes SQLite's write lock first, and inserts use ``ON CONFLICT DO
 NOTHING``, so several processes sharing the file (the broker and the CLI) stay race-free.
+
+Device data is sealed at rest (:mod:`jitp.envelope`): the ``devices`` table keeps in clear only
+what lookups need, the rest is AES-GCM under each device's data key. The data keys, wrapped by
+the master key (:mod:`jitp.keys`), live in the *keyring*, a second SQLite file attached as
+schema ``keyring`` and kept apart from this one (``<data_dir>-keys/keyring.db`` by default), so
+that a backup of the registry holds no key material and erasing a device's wrapped key
+(crypto-shredding) reaches every copy of it. SQLite commits attached WAL databases one file after
+the other, so a data key is always committed *before* the first row it protects (a crash may
+leave an unused key, never an unreadable record), and removed only after those rows are gone.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ import json
 import logging
 import os
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,12 +34,21 @@ from typing import Any
 
 import aiosqlite
 
-from jitp import errors, privacy
+from jitp import envelope, errors, privacy
 from jitp.audit import GENESIS_HASH, AuditDraft, AuditEntry, chain
 from jitp.events import ProvisioningEvent, lifecycle_event, new_event_id, provisioned_event
 from jitp.identity import DeviceIdentity
+from jitp.keys import MasterKeyProvider, default_keys_dir, provider_for, require_kids
 from jitp.records import Command, DeviceRecord, DeviceStatus
-from jitp.registry import Erasure, ProvisionOutcome, StatusChange, decide, plan_status_change, pseudonymize
+from jitp.registry import (
+    Erasure,
+    KeyringStatus,
+    ProvisionOutcome,
+    StatusChange,
+    decide,
+    plan_status_change,
+    pseudonymize,
+)
 from jitp.trust import Role, TrustAnchor
 
 log = logging.getLogger(__name__)
@@ -114,7 +132,50 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE sink_cursors (name TEXT PRIMARY KEY, seq INTEGER NOT NULL);
     CREATE INDEX outbox_erased_unscrubbed ON outbox (seq) WHERE type = 'erased' AND device_id != '';
     """,
+    # 3: encryption at rest. Identifying fields move into `sealed` (jitp.envelope), the certificate
+    # fingerprint is only kept as a blind index, and the audit keys move to the keyring. The old
+    # tables are renamed; SQLiteRegistry._seal_legacy() moves their rows (it needs the keys), then
+    # drops them.
+    """
+    ALTER TABLE devices RENAME TO devices_v2;
+    DROP INDEX devices_fingerprint;
+    CREATE TABLE devices (
+        device_id TEXT PRIMARY KEY,
+        status TEXT NOT NULL,
+        ca_id TEXT NOT NULL,
+        region TEXT NOT NULL,
+        not_after TEXT NOT NULL,
+        provisioned_at TEXT NOT NULL,
+        last_seen TEXT,
+        template TEXT,
+        template_version INTEGER,
+        fp_index TEXT NOT NULL,
+        sealed BLOB NOT NULL
+    );
+    CREATE INDEX devices_fp_index ON devices (fp_index);
+    ALTER TABLE cert_history RENAME TO cert_history_v2;
+    CREATE TABLE cert_history (
+        device_id TEXT NOT NULL,
+        fp_index TEXT NOT NULL,
+        sealed_fp BLOB NOT NULL,
+        superseded_at TEXT NOT NULL,
+        PRIMARY KEY (device_id, fp_index)
+    );
+    ALTER TABLE device_keys RENAME TO device_keys_v2;
+    """,
 )
+
+# The keyring (a separate file, attached as `keyring`). `erasing` marks a data key whose device is
+# being erased: it is deleted once the device's rows are, even if a crash came in between.
+KEYRING_SCHEMA: tuple[str, ...] = (
+    "CREATE TABLE IF NOT EXISTS keyring.meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS keyring.data_keys (device_id TEXT PRIMARY KEY, kid TEXT NOT NULL, "
+    "wrapped BLOB NOT NULL, erasing INTEGER NOT NULL DEFAULT 0)",
+    "CREATE INDEX IF NOT EXISTS keyring.data_keys_kid ON data_keys (kid)",
+    "CREATE TABLE IF NOT EXISTS keyring.registry_keys (name TEXT PRIMARY KEY, kid TEXT NOT NULL, "
+    "wrapped BLOB NOT NULL)",
+)
+AUDIT_KEY = "audit"  # seals the peer address of audit entries that name no device
 
 # An erased device's last event names it: once delivered over MQTT *and* past every event sink's
 # cursor (a sink that is behind must still publish it in full), it goes too.
@@ -124,10 +185,20 @@ _SCRUB_ERASED = (
 )
 
 _DEVICE_COLUMNS = (
-    "device_id, status, cert_fingerprint, ca_id, region, serial, subject, not_after, provisioned_at, "
-    "last_seen, attributes, template, template_version, config"
+    "device_id, status, ca_id, region, not_after, provisioned_at, last_seen, template, template_version, "
+    "fp_index, sealed"
 )
-_DEVICE_MARKS = ", ".join("?" * 14)
+_DEVICE_MARKS = ", ".join("?" * 11)
+# A device row with its wrapped data key (NULL: the key is gone, the row can no longer be read).
+_DEVICE_SELECT = (
+    "SELECT d.device_id, d.status, d.ca_id, d.region, d.not_after, d.provisioned_at, d.last_seen, "
+    "d.template, d.template_version, d.sealed, k.kid, k.wrapped "
+    "FROM devices d LEFT JOIN keyring.data_keys k ON k.device_id = d.device_id"
+)
+_EVENT_SELECT = (
+    "SELECT o.event_id, o.type, o.device_id, o.occurred_at, o.payload, k.kid, k.wrapped "
+    "FROM outbox o LEFT JOIN keyring.data_keys k ON k.device_id = o.device_id"
+)
 
 
 def _ts(value: datetime) -> str:
@@ -138,42 +209,13 @@ def _dt(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value) if value is not None else None
 
 
-def _record(row: Sequence[Any]) -> DeviceRecord:
-    return DeviceRecord(
-        device_id=row[0],
-        status=DeviceStatus(row[1]),
-        cert_fingerprint=row[2],
-        ca_id=row[3],
-        region=row[4],
-        serial=row[5],
-        subject=row[6],
-        not_after=datetime.fromisoformat(row[7]),
-        provisioned_at=datetime.fromisoformat(row[8]),
-        last_seen=_dt(row[9]),
-        attributes=MappingProxyType(json.loads(row[10])),
-        template=row[11],
-        template_version=row[12],
-        config=MappingProxyType(json.loads(row[13])),
-    )
+def _marks(values: Sequence[object]) -> str:
+    return ",".join("?" * len(values))
 
 
-def _device_row(record: DeviceRecord) -> tuple[Any, ...]:
-    return (
-        record.device_id,
-        str(record.status),
-        record.cert_fingerprint,
-        record.ca_id,
-        record.region,
-        record.serial,
-        record.subject,
-        _ts(record.not_after),
-        _ts(record.provisioned_at),
-        _ts(record.last_seen) if record.last_seen else None,
-        json.dumps(dict(record.attributes), sort_keys=True),
-        record.template,
-        record.template_version,
-        json.dumps(dict(record.config), sort_keys=True),
-    )
+def _chunks(values: Sequence[str], size: int = 500) -> list[list[str]]:
+    ordered = sorted(set(values))
+    return [ordered[i : i + size] for i in range(0, len(ordered), size)]
 
 
 def _anchor(row: Sequence[Any]) -> TrustAnchor:
@@ -186,16 +228,6 @@ def _anchor(row: Sequence[Any]) -> TrustAnchor:
         template=row[5],
         enabled=bool(row[6]),
         registered_at=_dt(row[7]),
-    )
-
-
-def _event(row: Sequence[Any]) -> ProvisioningEvent:
-    return ProvisioningEvent(
-        event_id=row[0],
-        type=row[1],
-        device_id=row[2],
-        occurred_at=datetime.fromisoformat(row[3]),
-        payload=bytes(row[4]),
     )
 
 
@@ -214,6 +246,14 @@ class _Audit:
     future: asyncio.Future[None]
 
 
+def _seal_fp(key: bytes, device_id: str, fingerprint: str) -> bytes:
+    return envelope.seal_payload(key, device_id, fingerprint.encode())
+
+
+def _open_fp(key: bytes, device_id: str, sealed: bytes) -> str:
+    return envelope.open_payload(key, device_id, sealed).decode()
+
+
 class SQLiteRegistry:
     """The embedded :class:`~jitp.registry.Registry`."""
 
@@ -221,11 +261,20 @@ class SQLiteRegistry:
         self,
         path: Path | str,
         *,
+        keys: MasterKeyProvider | None = None,
+        keyring: Path | str | None = None,
         synchronous: str = "FULL",
         max_batch: int = 512,
         batch_window: float = 0.002,
     ) -> None:
+        """``keys`` and ``keyring`` default as the configuration does: ``$JITP_MASTER_KEY`` or the key
+        file, and the keyring, in ``<data_dir>-keys/`` beside the registry's directory."""
         self.path = Path(path)
+        keys_dir = default_keys_dir(self.path.parent)
+        self.keyring_path = Path(keyring) if keyring is not None else keys_dir / "keyring.db"
+        self._keys = keys if keys is not None else provider_for(keys_dir / "master.key")
+        self._index_key = b""
+        self._audit_key = b""
         self._synchronous = synchronous.upper()
         if self._synchronous not in ("FULL", "NORMAL"):
             raise errors.ConfigError("must be FULL or NORMAL", key="sqlite_synchronous")
@@ -240,17 +289,29 @@ class SQLiteRegistry:
 
     # -- lifecycle -----------------------------------------------------------------------
     async def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if not self.path.exists():
-            fd = os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600)
-            os.close(fd)
+        for path in (self.path, self.keyring_path):
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if not path.exists():
+                fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+                os.close(fd)
         self._db = await aiosqlite.connect(self.path, isolation_level=None)
-        await self._db.execute("PRAGMA journal_mode=WAL")
-        await self._db.execute(f"PRAGMA synchronous={self._synchronous}")
-        await self._db.execute("PRAGMA busy_timeout=10000")
-        await self._db.execute("PRAGMA secure_delete=ON")  # erased data is overwritten, not just unlinked
-        await self._migrate()
-        self._salt = await self._registry_salt()
+        try:
+            await self._db.execute("PRAGMA journal_mode=WAL")
+            await self._db.execute(f"PRAGMA synchronous={self._synchronous}")
+            await self._db.execute("PRAGMA busy_timeout=10000")
+            await self._db.execute("PRAGMA secure_delete=ON")  # erased data is overwritten, not just unlinked
+            await self._db.execute("ATTACH DATABASE ? AS keyring", (str(self.keyring_path),))
+            await self._db.execute("PRAGMA keyring.journal_mode=WAL")
+            await self._db.execute("PRAGMA keyring.synchronous=FULL")  # a lost data key is lost data
+            await self._db.execute("PRAGMA keyring.secure_delete=ON")
+            await self._migrate()
+            await self._open_keyring()
+            await self._seal_legacy()
+            self._salt = await self._registry_salt()
+        except BaseException:
+            await self._db.close()
+            self._db = None
+            raise
         self._writer = asyncio.create_task(self._write_loop(), name="jitp-sqlite-writer")
 
     async def close(self) -> None:
@@ -318,6 +379,298 @@ class SQLiteRegistry:
                 await self.db.execute("ROLLBACK")
                 raise
             await self.db.execute("COMMIT")
+
+    # -- keyring ---------------------------------------------------------------------------
+    async def _scalar(self, db: aiosqlite.Connection, sql: str, args: Sequence[object] = ()) -> Any:
+        async with db.execute(sql, args) as cur:
+            row = await cur.fetchone()
+        return row[0] if row is not None else None
+
+    async def _open_keyring(self) -> None:
+        """Check that the keyring belongs to this registry and that the master keys unwrap it;
+        load (or make) the registry keys. MasterKeyMismatch otherwise: nothing is read unverified."""
+        async with self._transaction() as db:
+            for statement in KEYRING_SCHEMA:
+                await db.execute(statement)
+            reg_id = await self._scalar(db, "SELECT value FROM meta_text WHERE key = 'keyring_id'")
+            ring_id = await self._scalar(db, "SELECT value FROM keyring.meta WHERE key = 'keyring_id'")
+            has_devices = await self._scalar(db, "SELECT 1 FROM devices LIMIT 1") is not None
+            has_keys = await self._scalar(db, "SELECT 1 FROM keyring.data_keys LIMIT 1") is not None
+            if reg_id is None and ring_id is None:
+                reg_id = ring_id = privacy.new_key().hex()[:32]
+                await db.execute("INSERT INTO meta_text (key, value) VALUES ('keyring_id', ?)", (reg_id,))
+                await db.execute("INSERT INTO keyring.meta (key, value) VALUES ('keyring_id', ?)", (ring_id,))
+            elif ring_id is None and not has_devices:
+                await db.execute("INSERT INTO keyring.meta (key, value) VALUES ('keyring_id', ?)", (reg_id,))
+            elif reg_id is None and not has_keys:
+                await db.execute("INSERT INTO meta_text (key, value) VALUES ('keyring_id', ?)", (ring_id,))
+            elif reg_id != ring_id:
+                what = "is missing or empty" if ring_id is None else "belongs to another registry"
+                raise errors.MasterKeyMismatch(
+                    f"the keyring {self.keyring_path} {what}: this registry's device data is sealed with "
+                    "keys kept in its own keyring; restore that keyring (or move this one away to start "
+                    "an empty registry)",
+                    where=str(self.path),
+                )
+            primary = await self._scalar(db, "SELECT value FROM keyring.meta WHERE key = 'primary_kid'")
+            if primary is None:
+                primary = self._keys.kids()[0]
+                await db.execute(
+                    "INSERT INTO keyring.meta (key, value) VALUES ('primary_kid', ?)", (primary,)
+                )
+            async with db.execute(
+                "SELECT kid FROM keyring.data_keys UNION SELECT kid FROM keyring.registry_keys UNION SELECT ?",
+                (primary,),
+            ) as cur:
+                used = sorted(str(r[0]) for r in await cur.fetchall())
+            require_kids(self._keys, used, where=str(self.path))
+            self._index_key = await self._registry_key(db, envelope.INDEX_KEY, primary)
+            self._audit_key = await self._registry_key(db, AUDIT_KEY, primary)
+            # Finish erasures a crash interrupted: their device rows are gone, so must their keys be.
+            await db.execute(
+                "DELETE FROM keyring.data_keys WHERE erasing = 1 "
+                "AND device_id NOT IN (SELECT device_id FROM devices)"
+            )
+
+    async def _registry_key(self, db: aiosqlite.Connection, name: str, primary: str) -> bytes:
+        async with db.execute(
+            "SELECT kid, wrapped FROM keyring.registry_keys WHERE name = ?", (name,)
+        ) as cur:
+            row = await cur.fetchone()
+        if row is not None:
+            return envelope.unwrap_registry_key(self._keys, str(row[0]), name, bytes(row[1]))
+        key = envelope.new_data_key()
+        await db.execute(
+            "INSERT INTO keyring.registry_keys (name, kid, wrapped) VALUES (?, ?, ?)",
+            (name, primary, envelope.wrap_registry_key(self._keys, primary, name, key)),
+        )
+        return key
+
+    async def _load_keys(self, db: aiosqlite.Connection, ids: Sequence[str]) -> dict[str, bytes]:
+        """The data keys of ``ids`` that have one, unwrapped."""
+        keys: dict[str, bytes] = {}
+        for chunk in _chunks(ids):
+            async with db.execute(
+                f"SELECT device_id, kid, wrapped FROM keyring.data_keys WHERE device_id IN ({_marks(chunk)})",
+                chunk,
+            ) as cur:
+                for device_id, kid, wrapped in await cur.fetchall():
+                    keys[device_id] = envelope.unwrap_data_key(self._keys, kid, device_id, bytes(wrapped))
+        return keys
+
+    async def _create_keys(self, db: aiosqlite.Connection, ids: Sequence[str]) -> dict[str, bytes]:
+        """New data keys for ``ids``, wrapped under the primary (read in this transaction: a key
+        rotation that changed it is seen). A doomed key (erasing) is replaced."""
+        if not ids:
+            return {}
+        primary = str(await self._scalar(db, "SELECT value FROM keyring.meta WHERE key = 'primary_kid'"))
+        fresh = {device_id: envelope.new_data_key() for device_id in ids}
+        await db.executemany(
+            "INSERT INTO keyring.data_keys (device_id, kid, wrapped, erasing) VALUES (?, ?, ?, 0) "
+            "ON CONFLICT(device_id) DO UPDATE SET kid = excluded.kid, wrapped = excluded.wrapped, erasing = 0",
+            [
+                (device_id, primary, envelope.wrap_data_key(self._keys, primary, device_id, key))
+                for device_id, key in fresh.items()
+            ],
+        )
+        return fresh
+
+    async def _ensure_keys(self, wanted: dict[str, list[str]]) -> None:
+        """Data keys for the devices about to be written (``device_id -> certificate fingerprints``),
+        committed before any row they protect. A device whose certificates are all erased gets none."""
+        async with self._lock:
+            have: set[str] = set()
+            for chunk in _chunks(list(wanted)):
+                async with self.db.execute(
+                    f"SELECT device_id FROM keyring.data_keys WHERE erasing = 0 AND device_id IN ({_marks(chunk)})",
+                    chunk,
+                ) as cur:
+                    have.update(r[0] for r in await cur.fetchall())
+            if len(have) == len(wanted):
+                return
+        async with self._transaction() as db:
+            missing = [d for d in wanted if d not in have]
+            keep: set[str] = set()  # a key row that stays: live (not erasing), or its device still exists
+            for chunk in _chunks(missing):
+                async with db.execute(
+                    f"SELECT k.device_id FROM keyring.data_keys k WHERE k.device_id IN ({_marks(chunk)}) "
+                    "AND (k.erasing = 0 OR EXISTS (SELECT 1 FROM devices d WHERE d.device_id = k.device_id))",
+                    chunk,
+                ) as cur:
+                    keep.update(r[0] for r in await cur.fetchall())
+            refs = {
+                d: [privacy.tombstone_ref(self._salt, fp) for fp in wanted[d]]
+                for d in missing
+                if d not in keep
+            }
+            erased: set[str] = set()
+            for chunk in _chunks([ref for group in refs.values() for ref in group]):
+                async with db.execute(
+                    f"SELECT ref FROM tombstones WHERE ref IN ({_marks(chunk)})", chunk
+                ) as cur:
+                    erased.update(r[0] for r in await cur.fetchall())
+            await self._create_keys(db, [d for d, group in refs.items() if not erased.issuperset(group)])
+
+    def _open_record(self, row: Sequence[Any], keys: dict[str, bytes]) -> DeviceRecord | None:
+        """A device row from ``_DEVICE_SELECT``; None when its data key is gone (shredded)."""
+        device_id = str(row[0])
+        if row[10] is None:
+            log.warning(
+                "device %r has no data key (erased; a registry copy older than its erasure?)", device_id
+            )
+            return None
+        key = keys.get(device_id)
+        if key is None:
+            key = keys[device_id] = envelope.unwrap_data_key(self._keys, row[10], device_id, bytes(row[11]))
+        return envelope.open_record(
+            key,
+            bytes(row[9]),
+            device_id=device_id,
+            status=row[1],
+            ca_id=row[2],
+            region=row[3],
+            not_after=datetime.fromisoformat(row[4]),
+            provisioned_at=datetime.fromisoformat(row[5]),
+            last_seen=_dt(row[6]),
+            template=row[7],
+            template_version=row[8],
+        )
+
+    async def _select_records(
+        self,
+        db: aiosqlite.Connection,
+        where: str,
+        args: Sequence[object],
+        keys: dict[str, bytes] | None = None,
+    ) -> list[DeviceRecord]:
+        keys = {} if keys is None else keys
+        async with db.execute(f"{_DEVICE_SELECT} {where}", args) as cur:
+            rows = await cur.fetchall()
+        return [r for r in (self._open_record(row, keys) for row in rows) if r is not None]
+
+    def _device_row(self, record: DeviceRecord, key: bytes) -> tuple[Any, ...]:
+        return (
+            record.device_id,
+            str(record.status),
+            record.ca_id,
+            record.region,
+            _ts(record.not_after),
+            _ts(record.provisioned_at),
+            _ts(record.last_seen) if record.last_seen else None,
+            record.template,
+            record.template_version,
+            envelope.fingerprint_index(self._index_key, record.cert_fingerprint),
+            envelope.seal_record(key, record),
+        )
+
+    def _open_events(self, rows: Iterable[Sequence[Any]]) -> list[ProvisioningEvent]:
+        """Events from ``_EVENT_SELECT`` rows, payloads opened; those whose key is gone are left out."""
+        keys: dict[str, bytes | None] = {}
+        out = []
+        for event_id, type_, device_id, occurred_at, payload, kid, wrapped in rows:
+            if device_id not in keys:
+                keys[device_id] = (
+                    envelope.unwrap_data_key(self._keys, kid, device_id, bytes(wrapped))
+                    if kid is not None
+                    else None
+                )
+            try:
+                opened = envelope.open_payload(keys[device_id], device_id, bytes(payload))
+            except errors.RegistryUnavailable as exc:
+                log.warning("outbox event %s left out: %s", event_id, exc)
+                continue
+            out.append(
+                ProvisioningEvent(
+                    event_id=event_id,
+                    type=type_,
+                    device_id=device_id,
+                    occurred_at=datetime.fromisoformat(occurred_at),
+                    payload=opened,
+                )
+            )
+        return out
+
+    async def _seal_legacy(self) -> None:
+        """Move a version-2 database's clear rows into their sealed form (migration 3), once.
+
+        Each device keeps its audit key as its data key, so earlier audit entries still resolve."""
+        async with self._lock:
+            legacy = await self._scalar(
+                self.db, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'devices_v2'"
+            )
+        if legacy is None:
+            return
+        async with self._transaction() as db:  # the keys first, committed on their own
+            async with db.execute("SELECT device_id, ref_key FROM device_keys_v2") as cur:
+                old_keys = {r[0]: bytes(r[1]) for r in await cur.fetchall()}
+            async with db.execute("SELECT device_id FROM devices_v2") as cur:
+                ids = [r[0] for r in await cur.fetchall()]
+            primary = str(await self._scalar(db, "SELECT value FROM keyring.meta WHERE key = 'primary_kid'"))
+            for device_id in ids:
+                old_keys.setdefault(device_id, envelope.new_data_key())
+            await db.executemany(
+                "INSERT INTO keyring.data_keys (device_id, kid, wrapped) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                [
+                    (d, primary, envelope.wrap_data_key(self._keys, primary, d, k))
+                    for d, k in old_keys.items()
+                ],
+            )
+        async with self._transaction() as db:
+            keys = await self._load_keys(db, ids)
+            async with db.execute(
+                "SELECT device_id, status, cert_fingerprint, ca_id, region, serial, subject, not_after, "
+                "provisioned_at, last_seen, attributes, template, template_version, config FROM devices_v2"
+            ) as cur:
+                rows = await cur.fetchall()
+            records = [
+                DeviceRecord(
+                    device_id=r[0],
+                    status=DeviceStatus(r[1]),
+                    cert_fingerprint=r[2],
+                    ca_id=r[3],
+                    region=r[4],
+                    serial=r[5],
+                    subject=r[6],
+                    not_after=datetime.fromisoformat(r[7]),
+                    provisioned_at=datetime.fromisoformat(r[8]),
+                    last_seen=_dt(r[9]),
+                    attributes=MappingProxyType(json.loads(r[10])),
+                    template=r[11],
+                    template_version=r[12],
+                    config=MappingProxyType(json.loads(r[13])),
+                )
+                for r in rows
+            ]
+            await db.executemany(
+                f"INSERT INTO devices ({_DEVICE_COLUMNS}) VALUES ({_DEVICE_MARKS})",
+                [self._device_row(rec, keys[rec.device_id]) for rec in records],
+            )
+            async with db.execute(
+                "SELECT device_id, cert_fingerprint, superseded_at FROM cert_history_v2"
+            ) as cur:
+                history = await cur.fetchall()
+            await db.executemany(
+                "INSERT INTO cert_history (device_id, fp_index, sealed_fp, superseded_at) VALUES (?, ?, ?, ?)",
+                [
+                    (d, envelope.fingerprint_index(self._index_key, fp), _seal_fp(keys[d], d, fp), at)
+                    for d, fp, at in history
+                    if d in keys
+                ],
+            )
+            async with db.execute("SELECT seq, device_id, payload FROM outbox WHERE type != 'erased'") as cur:
+                events = await cur.fetchall()
+            await db.executemany(
+                "UPDATE outbox SET payload = ? WHERE seq = ?",
+                [
+                    (envelope.seal_payload(keys[d], d, bytes(payload)), seq)
+                    for seq, d, payload in events
+                    if d in keys and bytes(payload)[:1] != envelope.SEALED_VERSION
+                ],
+            )
+            for table in ("devices_v2", "cert_history_v2", "device_keys_v2"):
+                await db.execute(f"DROP TABLE {table}")
+        log.info("sealed %d device records of the previous schema (encryption at rest)", len(records))
+        await self.checkpoint()
 
     # -- trust anchors -------------------------------------------------------------------
     async def register_anchor(self, anchor: TrustAnchor, *, audit: AuditDraft) -> TrustAnchor:
@@ -404,60 +757,47 @@ class SQLiteRegistry:
         return await future
 
     async def get_device(self, device_id: str) -> DeviceRecord | None:
-        async with (
-            self._lock,
-            self.db.execute(
-                f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id = ?",
-                (device_id,),
-            ) as cur,
-        ):
-            row = await cur.fetchone()
-        return _record(row) if row else None
+        async with self._lock:
+            found = await self._select_records(self.db, "WHERE d.device_id = ?", (device_id,))
+        return found[0] if found else None
 
     async def list_devices(self) -> list[DeviceRecord]:
-        async with (
-            self._lock,
-            self.db.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY device_id") as cur,
-        ):
-            return [_record(r) for r in await cur.fetchall()]
+        async with self._lock:
+            return await self._select_records(self.db, "ORDER BY d.device_id", ())
 
     async def find_by_fingerprint(self, fingerprint: str) -> DeviceRecord | None:
-        async with (
-            self._lock,
-            self.db.execute(
-                f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE cert_fingerprint = ?", (fingerprint,)
-            ) as cur,
-        ):
-            row = await cur.fetchone()
-        return _record(row) if row else None
+        index = envelope.fingerprint_index(self._index_key, fingerprint)
+        async with self._lock:
+            found = await self._select_records(self.db, "WHERE d.fp_index = ?", (index,))
+        return next((r for r in found if r.cert_fingerprint == fingerprint), None)
 
     async def is_erased(self, fingerprint: str) -> bool:
         ref = privacy.tombstone_ref(self._salt, fingerprint)
         async with self._lock, self.db.execute("SELECT 1 FROM tombstones WHERE ref = ?", (ref,)) as cur:
             return await cur.fetchone() is not None
 
-    async def _fetch(self, db: aiosqlite.Connection, device_id: str) -> DeviceRecord:
-        async with db.execute(
-            f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id = ?", (device_id,)
-        ) as cur:
-            row = await cur.fetchone()
-        if row is None:
+    async def _fetch(
+        self, db: aiosqlite.Connection, device_id: str, keys: dict[str, bytes] | None = None
+    ) -> DeviceRecord:
+        found = await self._select_records(db, "WHERE d.device_id = ?", (device_id,), keys)
+        if not found:
             raise errors.NotFound(f"no device with id {device_id!r}", device_id=device_id)
-        return _record(row)
+        return found[0]
 
     # -- lifecycle -------------------------------------------------------------------------
     async def change_status(
         self, device_id: str, command: Command, *, at: datetime, actor: str, reason: str | None = None
     ) -> StatusChange:
         async with self._transaction() as db:
-            record = await self._fetch(db, device_id)
+            keys: dict[str, bytes] = {}
+            record = await self._fetch(db, device_id, keys)
             change, draft = plan_status_change(record, command, at=at, actor=actor, reason=reason)
             if change.event is not None:
                 await db.execute(
                     "UPDATE devices SET status = ? WHERE device_id = ?",
                     (str(change.record.status), device_id),
                 )
-                await self._insert_events(db, [change.event])
+                await self._insert_events(db, [change.event], keys)
             await self._append_audit_tx(db, [draft])
         return change
 
@@ -470,27 +810,33 @@ class SQLiteRegistry:
         actor: str,
         reason: str | None = None,
     ) -> Erasure:
-        """GDPR erasure: only a tombstone (salted hash of each certificate fingerprint) remains."""
+        """GDPR erasure: only a tombstone (salted hash of each certificate fingerprint) remains.
+
+        The device's data key goes too (crypto-shredding): whatever copy of the registry still
+        holds its sealed rows, old backups included, can no longer decrypt them. In three steps, so
+        that a crash anywhere leaves no unreadable live device and no forgotten key: mark the key,
+        delete the rows (one transaction), delete the marked key (again at the next open if a
+        crash came first)."""
+        if device_id is None:
+            if fingerprint is None:
+                raise errors.InvalidRequest("erase needs a device id or a certificate")
+            known = await self.find_by_fingerprint(fingerprint)
+            if known is None:
+                if await self.is_erased(fingerprint):
+                    return Erasure(device_id=None, already_erased=True)
+                raise errors.NotFound("no device holds this certificate")
+            device_id = known.device_id
         async with self._transaction() as db:
-            if device_id is None:
-                if fingerprint is None:
-                    raise errors.InvalidRequest("erase needs a device id or a certificate")
-                async with db.execute(
-                    "SELECT device_id FROM devices WHERE cert_fingerprint = ?", (fingerprint,)
-                ) as cur:
-                    row = await cur.fetchone()
-                if row is None:
-                    ref = privacy.tombstone_ref(self._salt, fingerprint)
-                    async with db.execute("SELECT 1 FROM tombstones WHERE ref = ?", (ref,)) as cur:
-                        if await cur.fetchone() is not None:
-                            return Erasure(device_id=None, already_erased=True)
-                    raise errors.NotFound("no device holds this certificate")
-                device_id = str(row[0])
-            record = await self._fetch(db, device_id)
+            await db.execute("UPDATE keyring.data_keys SET erasing = 1 WHERE device_id = ?", (device_id,))
+        async with self._transaction() as db:
+            keys: dict[str, bytes] = {}
+            record = await self._fetch(db, device_id, keys)
+            key = keys[device_id]
             async with db.execute(
-                "SELECT cert_fingerprint FROM cert_history WHERE device_id = ?", (device_id,)
+                "SELECT sealed_fp FROM cert_history WHERE device_id = ?", (device_id,)
             ) as cur:
-                fingerprints = {record.cert_fingerprint, *(r[0] for r in await cur.fetchall())}
+                old = [_open_fp(key, device_id, bytes(r[0])) for r in await cur.fetchall()]
+            fingerprints = {record.cert_fingerprint, *old}
             await db.executemany(
                 "INSERT INTO tombstones (ref, erased_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
                 [(privacy.tombstone_ref(self._salt, fp), _ts(at)) for fp in sorted(fingerprints)],
@@ -510,7 +856,7 @@ class SQLiteRegistry:
                 ],
             )
             # Everything else about the device goes; secure_delete overwrites the freed pages.
-            for table in ("outbox", "cert_history", "device_keys", "devices"):
+            for table in ("outbox", "cert_history", "devices"):
                 await db.execute(f"DELETE FROM {table} WHERE device_id = ?", (device_id,))
             event = lifecycle_event(
                 device_id,
@@ -522,16 +868,25 @@ class SQLiteRegistry:
                 region=record.region,
                 reason=None,
             )
-            await self._insert_events(db, [event])
+            await self._insert_events(db, [event], {})
             self._touches.pop(device_id, None)
+        async with self._transaction() as db:
+            await db.execute(
+                "DELETE FROM keyring.data_keys WHERE device_id = ? AND erasing = 1 "
+                "AND NOT EXISTS (SELECT 1 FROM devices WHERE device_id = ?)",
+                (device_id, device_id),
+            )
         await self.checkpoint()
         return Erasure(device_id=device_id, event=event)
 
     async def checkpoint(self) -> bool:
-        """Fold the WAL into the database file and truncate it (so erased pages leave the WAL too)."""
-        async with self._lock, self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cur:
-            row = await cur.fetchone()
-        complete = row is not None and int(row[0]) == 0
+        """Fold the WALs (registry and keyring) into their database files and truncate them, so erased
+        pages and destroyed keys leave the WAL too."""
+        complete = True
+        for schema in ("main", "keyring"):
+            async with self._lock, self.db.execute(f"PRAGMA {schema}.wal_checkpoint(TRUNCATE)") as cur:
+                row = await cur.fetchone()
+            complete = complete and row is not None and int(row[0]) == 0
         if not complete:
             log.warning(
                 "WAL checkpoint incomplete (a reader is busy); erased pages leave the WAL on the next one"
@@ -539,10 +894,20 @@ class SQLiteRegistry:
         return complete
 
     @staticmethod
-    async def _insert_events(db: aiosqlite.Connection, events: Sequence[ProvisioningEvent]) -> None:
+    def _event_row(event: ProvisioningEvent, keys: dict[str, bytes]) -> tuple[Any, ...]:
+        """An outbox row: the payload sealed under the device's key (an erasure's event, whose key is
+        being destroyed, names only the id and region, both in clear anyway)."""
+        payload = event.payload
+        if event.type != "erased":
+            payload = envelope.seal_payload(keys[event.device_id], event.device_id, payload)
+        return (event.event_id, event.type, event.device_id, _ts(event.occurred_at), payload)
+
+    async def _insert_events(
+        self, db: aiosqlite.Connection, events: Sequence[ProvisioningEvent], keys: dict[str, bytes]
+    ) -> None:
         await db.executemany(
             "INSERT INTO outbox (event_id, type, device_id, occurred_at, payload) VALUES (?, ?, ?, ?, ?)",
-            [(e.event_id, e.type, e.device_id, _ts(e.occurred_at), e.payload) for e in events],
+            [self._event_row(e, keys) for e in events],
         )
 
     # -- templates -------------------------------------------------------------------------
@@ -556,20 +921,38 @@ class SQLiteRegistry:
             provisioned_event(r, event_id=new_event_id(), at=at, type="config-changed") for r in records
         ]
         async with self._transaction() as db:
-            await db.executemany(
-                "UPDATE devices SET attributes = ?, template_version = ?, config = ? WHERE device_id = ? AND template = ?",
-                [
-                    (
-                        json.dumps(dict(r.attributes), sort_keys=True),
-                        r.template_version,
-                        json.dumps(dict(r.config), sort_keys=True),
-                        r.device_id,
-                        template,
+            keys: dict[str, bytes] = {}
+            rows = []
+            for chunk in _chunks([r.device_id for r in records]):
+                current = {
+                    c.device_id: c
+                    for c in await self._select_records(
+                        db,
+                        f"WHERE d.device_id IN ({_marks(chunk)}) AND d.template = ?",
+                        (*chunk, template),
+                        keys,
                     )
-                    for r in records
-                ],
+                }
+                for r in records:
+                    now = current.get(r.device_id)
+                    if now is None:
+                        continue
+                    # Only what a template renders changes: the certificate may have rotated meanwhile.
+                    updated = dataclasses.replace(
+                        now, attributes=r.attributes, template_version=r.template_version, config=r.config
+                    )
+                    rows.append(
+                        (
+                            updated.template_version,
+                            envelope.seal_record(keys[r.device_id], updated),
+                            r.device_id,
+                        )
+                    )
+            await db.executemany(
+                "UPDATE devices SET template_version = ?, sealed = ? WHERE device_id = ?", rows
             )
-            await self._insert_events(db, events)
+            events = [e for e in events if e.device_id in keys]
+            await self._insert_events(db, events, keys)
             await self._append_audit_tx(
                 db,
                 [
@@ -577,7 +960,7 @@ class SQLiteRegistry:
                         at=at,
                         action="template-changed",
                         actor=actor,
-                        details=MappingProxyType({"template": template, "devices": str(len(records))}),
+                        details=MappingProxyType({"template": template, "devices": str(len(events))}),
                     )
                 ],
             )
@@ -615,12 +998,11 @@ class SQLiteRegistry:
         async with (
             self._lock,
             self.db.execute(
-                "SELECT event_id, type, device_id, occurred_at, payload FROM outbox WHERE delivered_at IS NULL "
-                "ORDER BY seq LIMIT ?",
-                (limit,),
+                f"{_EVENT_SELECT} WHERE o.delivered_at IS NULL ORDER BY o.seq LIMIT ?", (limit,)
             ) as cur,
         ):
-            return [_event(r) for r in await cur.fetchall()]
+            rows = await cur.fetchall()
+        return self._open_events(rows)
 
     async def mark_delivered(self, event_ids: Sequence[str], *, at: datetime) -> None:
         if not event_ids:
@@ -639,12 +1021,14 @@ class SQLiteRegistry:
         async with (
             self._lock,
             self.db.execute(
-                "SELECT seq, event_id, type, device_id, occurred_at, payload FROM outbox "
-                "WHERE seq > ? AND NOT (type = 'erased' AND device_id = '') ORDER BY seq LIMIT ?",
+                f"SELECT o.seq, {_EVENT_SELECT.removeprefix('SELECT ')} "
+                "WHERE o.seq > ? AND NOT (o.type = 'erased' AND o.device_id = '') ORDER BY o.seq LIMIT ?",
                 (seq, limit),
             ) as cur,
         ):
-            return [(int(r[0]), _event(r[1:])) for r in await cur.fetchall()]
+            rows = await cur.fetchall()
+        by_id = {r[1]: int(r[0]) for r in rows}
+        return [(by_id[e.event_id], e) for e in self._open_events([r[1:] for r in rows])]
 
     async def outbox_head(self) -> int:
         """The newest outbox seq (0 when empty)."""
@@ -669,13 +1053,14 @@ class SQLiteRegistry:
             await self.checkpoint()
 
     async def events(self, device_id: str | None = None) -> list[ProvisioningEvent]:
-        sql = "SELECT event_id, type, device_id, occurred_at, payload FROM outbox"
+        sql = _EVENT_SELECT
         args: tuple[str, ...] = ()
         if device_id is not None:
-            sql += " WHERE device_id = ?"
+            sql += " WHERE o.device_id = ?"
             args = (device_id,)
-        async with self._lock, self.db.execute(sql + " ORDER BY seq", args) as cur:
-            return [_event(r) for r in await cur.fetchall()]
+        async with self._lock, self.db.execute(sql + " ORDER BY o.seq", args) as cur:
+            rows = await cur.fetchall()
+        return self._open_events(rows)
 
     # -- audit ---------------------------------------------------------------------------
     async def append_audit(self, drafts: Sequence[AuditDraft]) -> None:
@@ -725,30 +1110,18 @@ class SQLiteRegistry:
             await db.execute("INSERT INTO meta_text (key, value) VALUES ('salt', ?)", (salt.hex(),))
             return salt
 
-    @staticmethod
-    async def _device_keys(db: aiosqlite.Connection, ids: Sequence[str], *, create: bool) -> dict[str, bytes]:
-        keys: dict[str, bytes] = {}
-        wanted = sorted(set(ids))
-        for start in range(0, len(wanted), 500):
-            chunk = wanted[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            async with db.execute(
-                f"SELECT device_id, ref_key FROM device_keys WHERE device_id IN ({marks})", chunk
-            ) as cur:
-                keys.update({r[0]: bytes(r[1]) for r in await cur.fetchall()})
-        missing = [i for i in wanted if i not in keys]
-        if create and missing:
-            fresh = {i: privacy.new_key() for i in missing}
-            await db.executemany(
-                "INSERT INTO device_keys (device_id, ref_key) VALUES (?, ?)", list(fresh.items())
-            )
-            keys.update(fresh)
-        return keys
-
     async def _append_audit_tx(self, db: aiosqlite.Connection, drafts: Sequence[AuditDraft]) -> None:
         """Append entries in their stored form: nothing personal about a device in clear (jitp.privacy)."""
-        keys = await self._device_keys(db, [d.device_id for d in drafts if d.device_id], create=True)
-        stored = [pseudonymize(d, keys) for d in drafts]
+        ids = sorted({d.device_id for d in drafts if d.device_id})
+        keys = await self._load_keys(db, ids)
+        # A refusal can name a device that was never provisioned: its entries get a key of their own.
+        keys.update(await self._create_keys(db, [i for i in ids if i not in keys]))
+        stored = [
+            pseudonymize(d, keys)
+            if d.device_id
+            else dataclasses.replace(d, peer=privacy.seal(self._audit_key, d.peer) if d.peer else None)
+            for d in drafts
+        ]
         # Chain from the recorded head, not the last row: if someone removed the newest entries, the
         # next entry keeps the gap visible instead of papering over it.
         async with db.execute("SELECT value FROM meta_text WHERE key = 'audit_head'") as cur:
@@ -797,12 +1170,24 @@ class SQLiteRegistry:
 
     async def resolve_audit(self, entries: Sequence[AuditEntry]) -> list[AuditEntry]:
         """Entries with device refs and sealed peers resolved, for devices that still exist."""
-        async with self._lock, self.db.execute("SELECT device_id, ref_key FROM device_keys") as cur:
+        async with (
+            self._lock,
+            self.db.execute("SELECT device_id, kid, wrapped FROM keyring.data_keys") as cur,
+        ):
             rows = await cur.fetchall()
-        by_ref = {privacy.device_ref(bytes(k), d): (d, bytes(k)) for d, k in rows}
+        by_ref = {}
+        for device_id, kid, wrapped in rows:
+            key = envelope.unwrap_data_key(self._keys, kid, device_id, bytes(wrapped))
+            by_ref[privacy.device_ref(key, device_id)] = (device_id, key)
         out = []
         for e in entries:
-            found = by_ref.get(e.draft.device_id or "")
+            if not e.draft.device_id:
+                if e.draft.peer:
+                    peer = privacy.unseal(self._audit_key, e.draft.peer)
+                    e = dataclasses.replace(e, draft=dataclasses.replace(e.draft, peer=peer))
+                out.append(e)
+                continue
+            found = by_ref.get(e.draft.device_id)
             if found is None:
                 out.append(e)
                 continue
@@ -812,6 +1197,72 @@ class SQLiteRegistry:
                 dataclasses.replace(e, draft=dataclasses.replace(e.draft, device_id=device_id, peer=peer))
             )
         return out
+
+    # -- keys (jitp keys rotate) -------------------------------------------------------------
+    async def keyring_status(self) -> KeyringStatus:
+        async with self._lock:
+            primary = await self._scalar(self.db, "SELECT value FROM keyring.meta WHERE key = 'primary_kid'")
+            async with self.db.execute(
+                "SELECT kid, COUNT(*) FROM (SELECT kid FROM keyring.data_keys "
+                "UNION ALL SELECT kid FROM keyring.registry_keys) GROUP BY kid"
+            ) as cur:
+                counts = {str(r[0]): int(r[1]) for r in await cur.fetchall()}
+        return KeyringStatus(primary=str(primary), wrapped=MappingProxyType(counts))
+
+    async def set_primary_key(self, kid: str, *, audit: AuditDraft) -> None:
+        if kid not in self._keys.kids():
+            self._keys.reload()
+        if kid not in self._keys.kids():
+            raise errors.MasterKeyMismatch(
+                f"cannot make {kid} the primary master key: {self._keys.source} does not hold it", kid=kid
+            )
+        async with self._transaction() as db:
+            await db.execute("UPDATE keyring.meta SET value = ? WHERE key = 'primary_kid'", (kid,))
+            await self._append_audit_tx(db, [audit])
+
+    async def rewrap_keys(self, *, limit: int = 500) -> int:
+        async with self._transaction() as db:
+            primary = str(await self._scalar(db, "SELECT value FROM keyring.meta WHERE key = 'primary_kid'"))
+            async with db.execute(
+                "SELECT device_id, kid, wrapped FROM keyring.data_keys WHERE kid != ? LIMIT ?",
+                (primary, limit),
+            ) as cur:
+                data_rows = await cur.fetchall()
+            rows = [
+                (
+                    primary,
+                    envelope.wrap_data_key(
+                        self._keys, primary, d, envelope.unwrap_data_key(self._keys, kid, d, bytes(w))
+                    ),
+                    d,
+                )
+                for d, kid, w in data_rows
+            ]
+            await db.executemany(
+                "UPDATE keyring.data_keys SET kid = ?, wrapped = ? WHERE device_id = ?", rows
+            )
+            async with db.execute(
+                "SELECT name, kid, wrapped FROM keyring.registry_keys WHERE kid != ? LIMIT ?",
+                (primary, max(limit - len(rows), 0)),
+            ) as cur:
+                named = await cur.fetchall()
+            await db.executemany(
+                "UPDATE keyring.registry_keys SET kid = ?, wrapped = ? WHERE name = ?",
+                [
+                    (
+                        primary,
+                        envelope.wrap_registry_key(
+                            self._keys, primary, n, envelope.unwrap_registry_key(self._keys, kid, n, bytes(w))
+                        ),
+                        n,
+                    )
+                    for n, kid, w in named
+                ],
+            )
+        done = len(rows) + len(named)
+        if done == 0:
+            await self.checkpoint()  # the old wrapped forms leave the keyring's WAL
+        return done
 
     # -- last_seen (write-behind) ----------------------------------------------------------
     def note_seen(self, device_id: str, at: datetime) -> None:
@@ -859,37 +1310,44 @@ class SQLiteRegistry:
     async def _apply(self, batch: list[_Provision | _Audit]) -> None:
         provisions = [op for op in batch if isinstance(op, _Provision)]
         results: dict[int, ProvisionOutcome | errors.ProvisioningError] = {}
+        if provisions:
+            wanted: dict[str, list[str]] = {}
+            for p in provisions:
+                wanted.setdefault(p.identity.device_id, []).append(p.identity.cert_fingerprint)
+            await self._ensure_keys(wanted)
         async with self._transaction() as db:
+            keys: dict[str, bytes] = {}
             existing: dict[str, DeviceRecord] = {}
             superseded: set[tuple[str, str]] = set()
             ids = sorted({p.identity.device_id for p in provisions})
-            for start in range(0, len(ids), 500):
-                chunk = ids[start : start + 500]
-                marks = ",".join("?" * len(chunk))
-                async with db.execute(
-                    f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id IN ({marks})", chunk
-                ) as cur:
-                    for row in await cur.fetchall():
-                        existing[row[0]] = _record(row)
+            for chunk in _chunks(ids):
+                for record in await self._select_records(
+                    db, f"WHERE d.device_id IN ({_marks(chunk)})", chunk, keys
+                ):
+                    existing[record.device_id] = record
             erased: set[str] = set()
             if provisions:
-                refs = {privacy.tombstone_ref(self._salt, p.identity.cert_fingerprint) for p in provisions}
-                marks = ",".join("?" * len(refs))
-                async with db.execute(
-                    f"SELECT ref FROM tombstones WHERE ref IN ({marks})", sorted(refs)
-                ) as cur:
-                    erased = {r[0] for r in await cur.fetchall()}
+                refs = sorted(
+                    {privacy.tombstone_ref(self._salt, p.identity.cert_fingerprint) for p in provisions}
+                )
+                for chunk in _chunks(refs):
+                    async with db.execute(
+                        f"SELECT ref FROM tombstones WHERE ref IN ({_marks(chunk)})", chunk
+                    ) as cur:
+                        erased.update(r[0] for r in await cur.fetchall())
             known = sorted(i for i in ids if i in existing)
             if known and any(p.policy != "reject" for p in provisions):
-                marks = ",".join("?" * len(known))
-                async with db.execute(
-                    f"SELECT device_id, cert_fingerprint FROM cert_history WHERE device_id IN ({marks})",
-                    known,
-                ) as cur:
-                    superseded = {(r[0], r[1]) for r in await cur.fetchall()}
+                for chunk in _chunks(known):
+                    async with db.execute(
+                        f"SELECT device_id, sealed_fp FROM cert_history WHERE device_id IN ({_marks(chunk)})",
+                        chunk,
+                    ) as cur:
+                        superseded.update(
+                            (d, _open_fp(keys[d], d, bytes(sealed))) for d, sealed in await cur.fetchall()
+                        )
             upserts: dict[str, DeviceRecord] = {}
-            new_events: list[tuple[Any, ...]] = []
-            history: list[tuple[str, str, str]] = []
+            new_events: list[ProvisioningEvent] = []
+            history: list[tuple[str, str, str]] = []  # device id, superseded fingerprint, when
             drafts: list[AuditDraft] = []
             for i, op in enumerate(batch):
                 if isinstance(op, _Audit):
@@ -923,7 +1381,7 @@ class SQLiteRegistry:
                     superseded.add((record.device_id, previous.cert_fingerprint))
                 existing[record.device_id] = record
                 upserts[record.device_id] = record
-                new_events.append((event.event_id, event.type, event.device_id, _ts(op.at), event.payload))
+                new_events.append(event)
                 details = {"ca_id": record.ca_id, "region": record.region, "event_id": event.event_id}
                 if previous is not None:
                     details["previous_fingerprint"] = previous.cert_fingerprint
@@ -940,24 +1398,24 @@ class SQLiteRegistry:
                     )
                 )
             if upserts:
+                keys.update(await self._load_keys(db, [d for d in upserts if d not in keys]))
                 await db.executemany(
                     f"INSERT INTO devices ({_DEVICE_COLUMNS}) VALUES ({_DEVICE_MARKS}) ON CONFLICT(device_id) "
-                    "DO UPDATE SET status=excluded.status, cert_fingerprint=excluded.cert_fingerprint, "
-                    "ca_id=excluded.ca_id, region=excluded.region, serial=excluded.serial, subject=excluded.subject, "
+                    "DO UPDATE SET status=excluded.status, ca_id=excluded.ca_id, region=excluded.region, "
                     "not_after=excluded.not_after, provisioned_at=excluded.provisioned_at, "
-                    "last_seen=excluded.last_seen, attributes=excluded.attributes, template=excluded.template, "
-                    "template_version=excluded.template_version, config=excluded.config",
-                    [_device_row(r) for r in upserts.values()],
+                    "last_seen=excluded.last_seen, template=excluded.template, "
+                    "template_version=excluded.template_version, fp_index=excluded.fp_index, sealed=excluded.sealed",
+                    [self._device_row(r, keys[r.device_id]) for r in upserts.values()],
                 )
-                await db.executemany(
-                    "INSERT INTO outbox (event_id, type, device_id, occurred_at, payload) VALUES (?, ?, ?, ?, ?)",
-                    new_events,
-                )
+                await self._insert_events(db, new_events, keys)
             if history:
                 await db.executemany(
-                    "INSERT INTO cert_history (device_id, cert_fingerprint, superseded_at) VALUES (?, ?, ?) "
+                    "INSERT INTO cert_history (device_id, fp_index, sealed_fp, superseded_at) VALUES (?, ?, ?, ?) "
                     "ON CONFLICT DO NOTHING",
-                    history,
+                    [
+                        (d, envelope.fingerprint_index(self._index_key, fp), _seal_fp(keys[d], d, fp), at)
+                        for d, fp, at in history
+                    ],
                 )
             await self._flush_touches()
             if drafts:

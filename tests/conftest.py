@@ -1,12 +1,19 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from jitp.keys import DEFAULT_ENV, MasterKey
 from tests.helpers import BrokerThread, Pki, test_config
+
+# Device data is always encrypted at rest, so every registry needs a master key: the test session
+# has one in $JITP_MASTER_KEY (inherited by the brokers and CLIs it starts). Tests of the key file,
+# of missing and of wrong keys remove or replace it explicitly.
+os.environ[DEFAULT_ENV] = MasterKey.generate().token()
 
 logging.getLogger("transitions").setLevel(logging.WARNING)
 

@@ -217,6 +217,9 @@ def test_document_must_be_a_mapping(text: str) -> None:
         ("postgres:\n  schema: Bad-Name\n", 2, "postgres.schema"),
         ("postgres:\n  schema: a;drop\n", 2, "postgres.schema"),
         ("postgres:\n  batch_window_ms: -1\n", 2, "postgres.batch_window_ms"),
+        ("postgres:\n  keyring_schema: Bad\n", 2, "postgres.keyring_schema"),
+        ("postgres:\n  schema: a\n  keyring_schema: a\n", 3, "postgres.keyring_schema"),
+        ("keys:\n  env: not a name\n", 2, "keys.env"),
         ("log_level: info\nregistry: sqlite:///var/data/registry.db\n", 2, "registry"),
         ("registry: db.example:5432\n", 1, "registry"),
         ("# comment\nlog_level: verbose\n", 2, "log_level"),
@@ -403,7 +406,13 @@ VALID: dict[str, dict[str, st.SearchStrategy[Any]]] = {
     "postgres": {
         "pool_size": st.integers(1, 1000),
         "schema": st.sampled_from([None, "jitp", "tenant_a1", "_x"]),
+        "keyring_schema": st.sampled_from([None, "jitp_keys", "vault_1"]),
         "batch_window_ms": st.floats(min_value=0.0, max_value=1000.0),
+    },
+    "keys": {
+        "file": st.sampled_from([None, "/etc/jitp/master.key", "keys/k"]),
+        "env": st.sampled_from(["JITP_MASTER_KEY", "MY_KEY", "_K1"]),
+        "keyring": st.sampled_from([None, "/var/lib/jitp-keys/keyring.db"]),
     },
 }
 
@@ -423,10 +432,15 @@ def documents(draw: st.DrawFn) -> dict[str, Any]:
 
 def _expected(doc: dict[str, Any]) -> Config:
     sections: dict[str, Any] = {}
-    for section in ("listener", "limits", "trust", "sqlite", "postgres", "audit", "admission", "nats"):
+    for section in ("listener", "limits", "trust", "sqlite", "postgres", "audit", "admission", "nats", "keys"):
         cls = type(getattr(Config(), section))
         sections[section] = cls(**doc.get(section, {}))
     top = {k: (Path(v) if k.endswith("_dir") else v) for k, v in doc.items() if k in VALID[""]}
+    if "keys" in doc:
+        sections["keys"] = dataclasses.replace(
+            sections["keys"],
+            **{k: Path(v) for k, v in doc["keys"].items() if k in ("file", "keyring") and v is not None},
+        )
     if "listener" in doc:
         sections["listener"] = dataclasses.replace(
             sections["listener"],
@@ -446,7 +460,7 @@ def test_valid_documents_round_trip(doc: dict[str, Any]) -> None:
 def test_an_unknown_key_anywhere_is_named_with_its_line(doc: dict[str, Any], data: st.DataObject) -> None:
     sections = [""] + [
         s
-        for s in ("listener", "limits", "trust", "sqlite", "postgres", "audit", "admission", "nats")
+        for s in ("listener", "limits", "trust", "sqlite", "postgres", "audit", "admission", "nats", "keys")
         if s in doc
     ]
     section = data.draw(st.sampled_from(sections))

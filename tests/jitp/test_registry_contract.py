@@ -32,6 +32,7 @@ from jitp import errors, pg_registry
 from jitp.audit import AuditDraft, AuditEntry, verify_chain
 from jitp.config import Config, PostgresConfig, SQLiteConfig
 from jitp.identity import DeviceIdentity
+from jitp.keys import EnvKeyProvider
 from jitp.pg_registry import PostgresRegistry, drop_schema, redact
 from jitp.records import Command, DeviceStatus
 from jitp.registry import Registry
@@ -109,6 +110,7 @@ class Backend:
         assert self.dsn is not None
         return PostgresRegistry(
             self.dsn,
+            keys=EnvKeyProvider(),
             schema=self.schema,
             pool_size=4,
             max_batch=max_batch,
@@ -715,14 +717,15 @@ def test_templates_version_and_update_configs(backend: Backend) -> None:
             for r in (a, b)
         ]
         events = await registry.update_configs(changed, at=T0, actor="op", template="default")
-        assert [e.type for e in events] == ["config-changed"] * 2
+        # b is bound to another template: not changed, and no event claims it was
+        assert [(e.type, e.device_id) for e in events] == [("config-changed", "tpl-a")]
         new_a, new_b = await registry.get_device("tpl-a"), await registry.get_device("tpl-b")
         assert new_a == changed[0]
         assert new_b == b  # bound to another template: not changed
         assert [e.type for e in await registry.events("tpl-a")] == ["provisioned", "config-changed"]
         entries = await chain_intact(registry)
         assert entries[-1].draft.action == "template-changed"
-        assert entries[-1].draft.details == {"template": "default", "devices": "2"}
+        assert entries[-1].draft.details == {"template": "default", "devices": "1"}
 
     run(backend, body)
 
@@ -910,21 +913,23 @@ def test_pg_migrations_are_versioned_and_run_once(postgres: Backend) -> None:
 
 def test_pg_bad_dsn_and_unreachable_server(tmp_path: Path) -> None:
     async def body() -> None:
-        unreachable = PostgresRegistry("postgresql://nobody:secret@127.0.0.1:1/x", connect_timeout=2)
+        unreachable = PostgresRegistry(
+            "postgresql://nobody:secret@127.0.0.1:1/x", keys=EnvKeyProvider(), connect_timeout=2
+        )
         with pytest.raises(errors.RegistryUnavailable, match="cannot connect") as info:
             await unreachable.open()
         assert "secret" not in str(info.value)
         with pytest.raises(errors.ConfigError):
-            await PostgresRegistry("postgresql://h:notaport/x").open()
+            await PostgresRegistry("postgresql://h:notaport/x", keys=EnvKeyProvider()).open()
         with pytest.raises(errors.RegistryUnavailable, match="not open"):
-            await PostgresRegistry("postgresql://h/x").get_device("x")
+            await PostgresRegistry("postgresql://h/x", keys=EnvKeyProvider()).get_device("x")
 
     asyncio.run(body())
     with pytest.raises(errors.ConfigError) as info:
-        PostgresRegistry("mysql://h/x")
+        PostgresRegistry("mysql://h/x", keys=EnvKeyProvider())
     assert info.value.key == "registry"
     with pytest.raises(errors.ConfigError):
-        PostgresRegistry("postgresql://h/x", schema="bad; drop")
+        PostgresRegistry("postgresql://h/x", keys=EnvKeyProvider(), schema="bad; drop")
 
 
 def test_factory_selects_the_backend(tmp_path: Path) -> None:
