@@ -38,8 +38,10 @@ READ = frozenset({Role.SERVICE, Role.AUDITOR, Role.OPERATOR, Role.ADMIN})
 AUDIT = frozenset({Role.AUDITOR, Role.ADMIN})
 MANAGE = frozenset({Role.OPERATOR, Role.ADMIN})
 CA_READ = frozenset({Role.AUDITOR, Role.OPERATOR, Role.ADMIN})
+KEYS = frozenset({Role.ADMIN})
 
-# command -> roles allowed. Key management (admin only) is not built yet.
+# command -> roles allowed. Key management is the admin's alone; rotation itself needs the key file
+# and runs locally (`jitp keys rotate`).
 PERMISSIONS: dict[str, frozenset[Role]] = {
     "devices.list": READ,
     "devices.show": READ,
@@ -51,6 +53,7 @@ PERMISSIONS: dict[str, frozenset[Role]] = {
     "ca.enable": MANAGE,
     "templates.reload": MANAGE,
     "audit.export": AUDIT,
+    "keys.status": KEYS,
 }
 
 Handler = Callable[[dict[str, Any], str], Awaitable[Any]]
@@ -186,6 +189,9 @@ class AdminApi:
                 if (since is None or e.draft.at >= since) and (until is None or e.draft.at < until)
             ]
             return [e.to_json() for e in await registry.resolve_audit(entries)]
+        if command == "keys.status":
+            status = await registry.keyring_status()
+            return {"primary": status.primary, "wrapped": dict(status.wrapped), "pending": status.pending}
         raise errors.InvalidRequest(f"unknown command {command!r}")  # pragma: no cover
 
     async def _reply(self, topic: str, document: dict[str, Any]) -> None:

@@ -30,9 +30,10 @@ from cryptography.hazmat.primitives import serialization
 from jitp import errors
 from jitp.audit import AuditDraft, verify_chain
 from jitp.config import DEFAULT_CONFIG, Config, load_config, replace
+from jitp.keys import MasterKeyProvider
 from jitp.records import Command, DeviceRecord
 from jitp.registry import Registry
-from jitp.registry_factory import open_registry
+from jitp.registry_factory import master_keys, open_registry
 from jitp.service import ProvisioningService
 from jitp.templates import TemplateSet
 from jitp.trust import Role, TrustAnchor, TrustStore, fingerprint_der
@@ -77,11 +78,16 @@ def _config(args: argparse.Namespace) -> Config:
     )
 
 
-def _run(args: argparse.Namespace, fn: Callable[[Registry], Awaitable[int]]) -> int:
+def _run(
+    args: argparse.Namespace,
+    fn: Callable[[Registry], Awaitable[int]],
+    *,
+    keys: MasterKeyProvider | None = None,
+) -> int:
     config = _config(args)
 
     async def go() -> int:
-        registry = await open_registry(config, batch_window=0)
+        registry = await open_registry(config, batch_window=0, keys=keys)
         try:
             return await fn(registry)
         finally:
@@ -506,6 +512,85 @@ def _path(value: str | None) -> Path | None:
     return Path(value) if value else None
 
 
+# -- keys ---------------------------------------------------------------------------------
+def cmd_keys_init(args: argparse.Namespace) -> int:
+    from jitp.keys import init_key_file
+
+    config = _config(args)
+    path = Path(args.key_file) if args.key_file else config.key_file
+    key = init_key_file(path)
+    print(f"master key {key.kid} written to {path} (mode 0600)")
+    print("Back it up apart from the registry: without it the device data cannot be read.")
+    if os.environ.get(config.keys.env, "").strip():
+        print(f"note: ${config.keys.env} is set, and takes precedence over this file", file=sys.stderr)
+    return 0
+
+
+def cmd_keys_generate(args: argparse.Namespace) -> int:
+    from jitp.keys import MasterKey
+
+    key = MasterKey.generate()
+    print(key.token())
+    print(f"{key.kid}: a new master key, shown once; keep it secret", file=sys.stderr)
+    return 0
+
+
+def cmd_keys_status(args: argparse.Namespace) -> int:
+    config = _config(args)
+    keys = master_keys(config)
+
+    async def body(registry: Registry) -> int:
+        status = await registry.keyring_status()
+        print(f"source   {keys.source}")
+        print(f"holds    {', '.join(keys.kids())}  (first: wraps new data keys)")
+        print(f"primary  {status.primary}  (the registry's)")
+        for kid, count in sorted(status.wrapped.items()):
+            print(f"  {kid}  {count} key(s){'' if kid == status.primary else '  <- to re-wrap'}")
+        if status.pending:
+            print(f"rotation unfinished: {status.pending} key(s) to re-wrap; run `jitp keys rotate`")
+        return 0
+
+    return _run(args, body, keys=keys)
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    from jitp.keyrotation import rotate_keys
+    from jitp.keys import FileKeyProvider
+
+    config = _config(args)
+    keys = master_keys(config)
+    key_file = keys.path if isinstance(keys, FileKeyProvider) else None
+
+    async def body(registry: Registry) -> int:
+        report = await rotate_keys(
+            registry,
+            keys,
+            key_file=key_file,
+            actor=_actor(),
+            clock=_now,
+            batch=args.batch,
+            max_batches=args.max_batches,
+            keep_old=args.keep_old,
+            progress=lambda n: print(f"\rre-wrapped {n}", end="", file=sys.stderr, flush=True),
+        )
+        if report.rewrapped:
+            print(file=sys.stderr)
+        old = ", ".join(report.previous) or "-"
+        if not report.complete:
+            print(
+                f"stopped: {report.rewrapped} key(s) re-wrapped under {report.primary}; run again to finish"
+            )
+            return 1
+        print(f"done: every key is wrapped under {report.primary} ({report.rewrapped} re-wrapped now)")
+        if report.retired:
+            print(f"retired {old} from {key_file}")
+        elif key_file is None:
+            print(f"now remove {old} from ${config.keys.env} (and restart the brokers with it)")
+        return 0
+
+    return _run(args, body, keys=keys)
+
+
 # -- parser -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -633,6 +718,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     data_opts(p)
     p.set_defaults(handler=cmd_templates_test)
+
+    keys = sub.add_parser("keys", help="master keys (encryption at rest)").add_subparsers(
+        dest="keys_command", required=True
+    )
+    p = keys.add_parser("init", help="create the master key file (mode 0600); never overwrites one")
+    data_opts(p)
+    p.add_argument("--key-file", help="where (default: keys.file, or <data_dir>-keys/master.key)")
+    p.set_defaults(handler=cmd_keys_init)
+    p = keys.add_parser("generate", help="print a new master key (for $JITP_MASTER_KEY or a KMS)")
+    p.set_defaults(handler=cmd_keys_generate)
+    p = keys.add_parser("status", help="which master keys wrap the registry's data keys")
+    data_opts(p)
+    p.set_defaults(handler=cmd_keys_status)
+    p = keys.add_parser("rotate", help="re-wrap every data key under a new master key (online, resumable)")
+    data_opts(p)
+    p.add_argument("--batch", type=int, default=500, help="keys re-wrapped per transaction")
+    p.add_argument("--max-batches", type=int, help="stop after this many batches (run again to resume)")
+    p.add_argument("--keep-old", action="store_true", help="keep the old key in the key file afterwards")
+    p.set_defaults(handler=cmd_keys_rotate)
 
     p = sub.add_parser("serve", help="run the broker until SIGINT/SIGTERM")
     data_opts(p)

@@ -54,6 +54,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "ca.enable": WRITERS,
     "templates.reload": WRITERS,
     "audit.export": frozenset({"auditor", "admin"}),
+    "keys.status": frozenset({"admin"}),  # key management: admin only, not even an operator
 }
 COMMANDS = tuple(ALLOWED)
 
@@ -376,13 +377,21 @@ def prepare(env: Env, command: str) -> Case:
             assert "admin-command" in {doc["action"] for doc in result}
 
         return Case({}, check)
+    if command == "keys.status":
+
+        def check(result: Any) -> None:
+            status = b.call(b.registry().keyring_status())
+            assert result == {"primary": status.primary, "wrapped": dict(status.wrapped), "pending": 0}
+            assert result["wrapped"][status.primary] >= 2  # the registry keys, at least
+
+        return Case({}, check)
     raise AssertionError(command)
 
 
 # -- the matrix --------------------------------------------------------------------------------
 def test_matrix_is_complete() -> None:
     assert set(LIFECYCLE) | {"devices.list", "devices.show", "devices.erase"} <= set(COMMANDS)
-    assert len(COMMANDS) == 15
+    assert len(COMMANDS) == 16
 
 
 @pytest.mark.parametrize("command", COMMANDS)
