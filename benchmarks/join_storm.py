@@ -19,10 +19,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -86,8 +88,9 @@ def wait_listening(broker: Broker, deadline_s: float = 30.0) -> None:
 def _spawn(name: str, cmd: list[str], work: Path, port: int, **kw: object) -> Broker:
     log = work / f"{name}.log"
     with log.open("wb") as out:
+        env = kw.pop("env", None) or os.environ
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=kw.pop("cwd", work),  # type: ignore[call-overload]
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                env={**env, "PYTHONUNBUFFERED": "1"})  # type: ignore[dict-item]
     return Broker(name, proc, port, log, **kw)  # type: ignore[arg-type]
 
 
@@ -118,20 +121,42 @@ def start_mosquitto(layout: certs.PkiLayout, work: Path, *, fresh: bool = True) 
     return _spawn("mosquitto", [MOSQUITTO, "-c", str(conf)], work, port)
 
 
-def start_jitp(layout: certs.PkiLayout, work: Path, *, fresh: bool = True) -> Broker:
-    """``fresh``: a new data dir with the CAs registered; else reuse the last one (devices provisioned)."""
-    data = work / "jitp-data"
+def start_jitp(layout: certs.PkiLayout, work: Path, *, fresh: bool = True, revision: str | None = None) -> Broker:
+    """``fresh``: a new data dir with the CAs registered; else reuse the last one (devices provisioned).
+
+    ``revision``: run jitp as of that git revision (a worktree under ``work``), as a baseline.
+    """
+    name = f"jitp@{revision}" if revision else "jitp"
+    source = checkout(revision, work) if revision else ROOT
+    data = work / f"{name.replace('@', '-')}-data"
     jitp = [sys.executable, "-m", "jitp.cli"]
+    env = {k: v for k, v in os.environ.items() if k != "JITP_MASTER_KEY"}  # the key file made here
     if fresh or not data.exists():
         shutil.rmtree(data, ignore_errors=True)
+        shutil.rmtree(data.with_name(data.name + "-keys"), ignore_errors=True)
+        if (source / "jitp" / "keys.py").exists():  # revisions with encryption at rest need a master key
+            subprocess.run([*jitp, "keys", "init", "--data-dir", str(data)], check=True, capture_output=True,
+                           cwd=source, env=env)
         for cert, role in ((layout.manufacturer_cert, "device"), (layout.service_ca_cert, "service")):
             subprocess.run([*jitp, "ca", "register", str(cert), "--role", role, "--data-dir", str(data)],
-                           check=True, capture_output=True, cwd=work)
+                           check=True, capture_output=True, cwd=source, env=env)
     port = free_port()
-    return _spawn("jitp", [*jitp, "serve", "--data-dir", str(data), "--bind", f"127.0.0.1:{port}",
-                           "--server-cert", str(layout.server_cert), "--server-key", str(layout.server_key),
-                           "--log-level", "warning"], work, port, data_dir=data,
+    return _spawn(name, [*jitp, "serve", "--data-dir", str(data), "--bind", f"127.0.0.1:{port}",
+                         "--server-cert", str(layout.server_cert), "--server-key", str(layout.server_key),
+                         "--log-level", "warning"], work, port, data_dir=data, cwd=source, env=env,
                   service=ServiceCreds(layout.service_client_cert, layout.service_client_key))
+
+
+def checkout(revision: str, work: Path) -> Path:
+    """A git worktree of ``revision`` (made once, under ``work``): a baseline measured in the same run."""
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", f"{revision}^{{commit}}"],
+                            check=True, capture_output=True, text=True).stdout.strip()
+    tree = work / f"src-{commit[:12]}"
+    if not (tree / "jitp").is_dir():
+        shutil.rmtree(tree, ignore_errors=True)
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--force", str(tree), commit],
+                       check=True, capture_output=True)
+    return tree
 
 
 def stop(broker: Broker) -> None:
@@ -190,13 +215,14 @@ def _fmt(value: float | None, spec: str = ".1f", unit: str = "") -> str:
 
 
 def table(rows: list[Row], *, n: int, concurrency: int, hold: int) -> str:
-    header = (f"{'target':10} {'joins':>10} {'joins/s':>8} {'CPU ms/join':>12} {'p50 ms':>8} {'p99 ms':>8} "
+    width = max([10, *(len(r.name) for r in rows)])
+    header = (f"{'target':{width}} {'joins':>10} {'joins/s':>8} {'CPU ms/join':>12} {'p50 ms':>8} {'p99 ms':>8} "
               f"{'max ms':>8} {'event p50':>10} {'event p99':>10} {'KiB/held':>9} {'gen ms/join':>12}  failures")
     lines = [f"join storm: n={n} c={concurrency} hold={hold}  ({os.cpu_count()} cores, broker and load generator "
              "share them)", header, "-" * len(header)]
     for row in rows:
         if row.storm is None:
-            lines.append(f"{row.name:10} skipped: {row.skipped}")
+            lines.append(f"{row.name:{width}} skipped: {row.skipped}")
             continue
         s = row.storm
         c = s.to_json()["latency_connack_ms"] or {}
@@ -206,16 +232,22 @@ def table(rows: list[Row], *, n: int, concurrency: int, hold: int) -> str:
         fails = ", ".join(f"{k} {v}" for k, v in sorted(s.failures.items())) or "-"
         if s.retries:
             fails += "  retried: " + ", ".join(f"{k} {v}" for k, v in sorted(s.retries.items()))
-        lines.append(f"{row.name:10} {f'{s.joined}/{s.devices}':>10} {s.joins_per_second:8.1f} "
+        lines.append(f"{row.name:{width}} {f'{s.joined}/{s.devices}':>10} {s.joins_per_second:8.1f} "
                      f"{_fmt(row.broker_cpu_ms, '.2f'):>12} {_fmt(c.get('p50')):>8} {_fmt(c.get('p99')):>8} "
                      f"{_fmt(c.get('max')):>8} {_fmt(e.get('p50')):>10} {_fmt(e.get('p99')):>10} "
                      f"{_fmt(per_conn / 1024 if per_conn is not None else None):>9} "
                      f"{_fmt(row.loadgen_cpu_ms, '.2f'):>12}  {fails}{held_ok}")
-    cpu = {r.name: r.broker_cpu_ms for r in rows if r.storm is not None}
+    samples: dict[str, list[float]] = {}
+    for r in rows:
+        if r.storm is not None and r.broker_cpu_ms is not None:
+            samples.setdefault(r.name, []).append(r.broker_cpu_ms)
+    cpu = {name: statistics.median(values) for name, values in samples.items()}
     jitp = cpu.get("jitp")
-    for other in ("mosquitto", "amqtt"):
-        if jitp and cpu.get(other):
-            lines.append(f"CPU per join, jitp / {other}: {jitp / cpu[other]:.2f}x")  # type: ignore[operator]
+    repeated = any(len(v) > 1 for v in samples.values())
+    for other in sorted(cpu):
+        if jitp and other != "jitp" and cpu[other]:
+            note = f"  (medians of {len(samples['jitp'])} and {len(samples[other])} runs)" if repeated else ""
+            lines.append(f"CPU per join, jitp / {other}: {jitp / cpu[other]:.3f}x{note}")
     lines.append("CPU ms/join: broker CPU from just before the storm to 1 s after it / joins (jitp: includes the "
                  "registry write, audit and event delivery). p50/p99/max: TCP connect -> CONNACK. event: TCP "
                  "connect -> provisioned event at the service subscriber. KiB/held: broker RSS delta / held "
@@ -230,7 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-c", type=int, default=200, help="handshakes in flight at most (default 200)")
     parser.add_argument("--hold", type=int, default=1000, help="connections held for the memory phase (0: skip)")
     parser.add_argument("--hold-seconds", type=float, default=3.0)
-    parser.add_argument("--targets", default="amqtt,mosquitto,jitp", help="comma-separated subset")
+    parser.add_argument("--targets", default="amqtt,mosquitto,jitp",
+                        help="comma-separated: amqtt, mosquitto, jitp, jitp@REV (jitp as of git revision REV)")
+    parser.add_argument("--repeat", type=int, default=1, help="run the targets this many times, interleaved; "
+                        "ratios then use each target's median")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "jitp-bench",
                         help="PKI, fleet (cached) and broker logs")
     args = parser.parse_args(argv)
@@ -246,8 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     fleet = create_fleet(layout.dir, size, work / f"fleet-{size}", prefix="bench-")
     print(f"fleet of {len(fleet)} devices ready in {time.perf_counter() - t0:.1f} s ({fleet.dir})", file=sys.stderr)
     starters = {"amqtt": start_amqtt, "mosquitto": start_mosquitto, "jitp": start_jitp}
+    for name in args.targets.split(","):
+        if name.strip().startswith("jitp@"):
+            starters[name.strip()] = functools.partial(start_jitp, revision=name.strip().removeprefix("jitp@"))
     rows: list[Row] = []
-    for name in [t.strip() for t in args.targets.split(",") if t.strip()]:
+    names = [t.strip() for t in args.targets.split(",") if t.strip()]
+    for name in names * args.repeat:
         if name == "mosquitto" and not Path(MOSQUITTO).exists() and shutil.which("mosquitto") is None:
             rows.append(Row(name, None, None, None, None,
                             skipped="not installed: sudo apt-get install mosquitto"))

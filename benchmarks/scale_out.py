@@ -36,19 +36,25 @@ from device_sim.report import percentile  # noqa: E402
 JITP = [sys.executable, "-m", "jitp.cli"]
 
 
-def start_nodes(layout: certs.PkiLayout, work: Path, *, nodes: int, dsn: str | None) -> tuple[list[subprocess.Popen[bytes]], int]:
+def start_nodes(layout: certs.PkiLayout, work: Path, *, nodes: int, dsn: str | None,
+                keyring_schema: str | None = None) -> tuple[list[subprocess.Popen[bytes]], int]:
     data = work / "data"
     shutil.rmtree(data, ignore_errors=True)
+    shutil.rmtree(work / "data-keys", ignore_errors=True)
     registry = ["--registry", dsn] if dsn else []
+    keyring = f"postgres:\n  keyring_schema: {keyring_schema}\n" if keyring_schema else ""
+    base = work / "base.yaml"
+    base.write_text(keyring)
+    subprocess.run([*JITP, "keys", "init", "--data-dir", str(data)], check=True, capture_output=True, cwd=ROOT)
     for cert, role in ((layout.manufacturer_cert, "device"), (layout.service_ca_cert, "service")):
-        subprocess.run([*JITP, "ca", "register", str(cert), "--role", role, "--data-dir", str(data), *registry],
-                       check=True, capture_output=True, cwd=ROOT)
+        subprocess.run([*JITP, "ca", "register", str(cert), "--role", role, "--config", str(base),
+                        "--data-dir", str(data), *registry], check=True, capture_output=True, cwd=ROOT)
     port = free_port()
     procs = []
     for i in range(nodes):
         config = work / f"node{i}.yaml"
         # Several nodes: one port (SO_REUSEPORT), and each relays the others' events to its subscribers.
-        config.write_text(f"node_id: node-{i}\nlistener:\n  reuse_port: true\n" if nodes > 1 else "")
+        config.write_text((f"node_id: node-{i}\nlistener:\n  reuse_port: true\n" if nodes > 1 else "") + keyring)
         log = (work / f"node{i}.log").open("wb")
         procs.append(subprocess.Popen(
             [*JITP, "serve", "--config", str(config), "--data-dir", str(data), *registry, "--bind", f"127.0.0.1:{port}",
@@ -82,7 +88,8 @@ def one(label: str, layout: certs.PkiLayout, fleet_dir: Path, work: Path, *, n: 
         schema = f"jitp_bench_{uuid.uuid4().hex[:8]}"
         schema_dsn = f"{dsn}{'&' if '?' in dsn else '?'}options=-csearch_path%3D{schema}"
         subprocess.run(["psql", dsn, "-qc", f"CREATE SCHEMA {schema}"], check=True, capture_output=True)
-    procs, port = start_nodes(layout, work, nodes=nodes, dsn=schema_dsn)
+    procs, port = start_nodes(layout, work, nodes=nodes, dsn=schema_dsn,
+                              keyring_schema=f"{schema}_keyring" if dsn else None)
     try:
         fleet = create_fleet(layout.dir, n, fleet_dir, prefix="so-")
         target = Target("127.0.0.1", port, ca=layout.root_cert)
@@ -101,7 +108,8 @@ def one(label: str, layout: certs.PkiLayout, fleet_dir: Path, work: Path, *, n: 
     finally:
         stop_nodes(procs)
         if dsn:
-            subprocess.run(["psql", dsn, "-qc", f"DROP SCHEMA {schema} CASCADE"], capture_output=True)
+            subprocess.run(["psql", dsn, "-qc", f"DROP SCHEMA {schema} CASCADE; DROP SCHEMA IF EXISTS {schema}_keyring CASCADE"],
+                           capture_output=True)
 
 
 def main() -> int:

@@ -122,7 +122,9 @@ def main() -> int:
     ]
 
     data = str(WORK / "data")
-    step("2. register the manufacturer CA (devices, region eu-west) and the service CA")
+    step("2. the master key (device data is encrypted at rest; nothing starts without it)")
+    print(run("keys", "init", "--data-dir", data).splitlines()[0])
+    step("2b. register the manufacturer CA (devices, region eu-west) and the service CA")
     print(
         "device CA :",
         run("ca", "register", str(layout.manufacturer_cert), "--data-dir", data, "--region", "eu-west"),
@@ -154,6 +156,7 @@ def main() -> int:
         stderr=subprocess.STDOUT,
         env=env,
     )
+    sealed = False
     try:
         wait_port(port, proc)
         print(f"broker pid {proc.pid}, log in {WORK / 'broker.log'}")
@@ -197,8 +200,16 @@ def main() -> int:
         svc.loop_stop()
         svc.disconnect()
 
-        step("8. jitp devices show sensor-00001")
-        print(run("devices", "show", devices[0].device_id, "--data-dir", data))
+        step("8. jitp devices show sensor-00001 (decrypted; on disk it is sealed)")
+        shown = run("devices", "show", devices[0].device_id, "--data-dir", data, "--json")
+        print(shown)
+        subject = str(json.loads(shown)["subject"]).encode()
+        on_disk = b"".join(f.read_bytes() for f in (WORK / "data").iterdir() if f.is_file())
+        sealed = subject not in on_disk
+        print(
+            f"registry files ({len(on_disk)} bytes): device id in clear: {devices[0].device_id.encode() in on_disk}; "
+            f"subject {subject.decode()!r} in clear: {subject in on_disk}"
+        )
 
         step(f"9. {FLEET} simulated devices join at once (device_sim storm, 200 connects in flight)")
         fleet = create_fleet(layout.dir, FLEET, WORK / "fleet", prefix="dev-")
@@ -224,7 +235,7 @@ def main() -> int:
         code = proc.wait(20)
         log.close()
         step(f"11. broker stopped on SIGTERM (exit code {code})")
-    ok = outcomes.count("Success") == DEVICES and len(events) == DEVICES and report.ok
+    ok = outcomes.count("Success") == DEVICES and len(events) == DEVICES and report.ok and sealed
     print("\ndemo OK" if ok else "\ndemo FAILED")
     return 0 if ok else 1
 
