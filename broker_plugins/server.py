@@ -98,6 +98,7 @@ class JitpServer:
                 stale_crl=cfg.trust.stale_crl,
                 coalesce_window=cfg.audit.coalesce_window,
                 admission=cfg.admission,
+                roles=cfg.role_map,
             )
             self._service.on_trust_change(self._tls.update)
             self._service.on_trust_change(self._trust_changed)

@@ -596,6 +596,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jitp", description="Zero-touch just-in-time MQTT device provisioning."
     )
+    remote_top = parser.add_argument_group(
+        "remote mode", "run the command through a broker's admin API, as your certificate's principal"
+    )
+    remote_top.add_argument("--broker", dest="top_broker", metavar="HOST:PORT", help="the broker")
+    remote_top.add_argument("--cert", dest="top_cert", help="your certificate (chain)")
+    remote_top.add_argument("--key", dest="top_key", help="its private key")
+    remote_top.add_argument("--ca", dest="top_ca", help="CA that signed the broker's certificate")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def data_opts(p: argparse.ArgumentParser) -> None:
@@ -778,7 +785,10 @@ def _remote(args: argparse.Namespace) -> int:
     else:
         raise errors.InvalidRequest(f"'jitp {group} {sub}' is not available with --broker; run it locally")
     if not (args.client_cert and args.client_key and args.client_ca):
-        raise errors.InvalidRequest("--broker needs --client-cert, --client-key and --client-ca")
+        raise errors.InvalidRequest(
+            "--broker needs your certificate, its key and the broker's CA: "
+            "jitp --broker H:P --cert F --key F --ca F <command> (or --client-cert/--client-key/--client-ca)"
+        )
     result = remote_call(
         args.broker,
         cert=Path(args.client_cert),
@@ -797,8 +807,23 @@ def _remote(args: argparse.Namespace) -> int:
     return 0
 
 
+_REMOTE_OPTIONS = (
+    ("broker", "top_broker"),
+    ("client_cert", "top_cert"),
+    ("client_key", "top_key"),
+    ("client_ca", "top_ca"),
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # `jitp --broker H:P --cert C --key K --ca CA <command>` or `jitp <command> --broker ... --client-*`
+    for name, top in _REMOTE_OPTIONS:
+        if getattr(args, top, None) and not getattr(args, name, None):
+            setattr(args, name, getattr(args, top))
+    if not getattr(args, "broker", None) and any(getattr(args, top, None) for _, top in _REMOTE_OPTIONS):
+        parser.error("--cert, --key and --ca are for remote mode: give --broker HOST:PORT too")
     handler: Handler = _remote if getattr(args, "broker", None) else args.handler
     try:
         return handler(args)

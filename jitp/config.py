@@ -7,13 +7,16 @@ taken relative to the current working directory.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import math
 import re
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 import yaml
@@ -89,6 +92,8 @@ class SQLiteConfig:
             raise ConfigError("must be >= 1", key="sqlite.max_batch")
 
 
+_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
+PRINCIPAL_ROLES = ("service", "auditor", "operator", "admin")
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
@@ -243,8 +248,22 @@ class Config:
     nats: NatsConfig = field(default_factory=NatsConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     keys: KeysConfig = field(default_factory=KeysConfig)
+    # Explicit roles for single client certificates, by SHA-256 fingerprint (hex, colons allowed):
+    # service, auditor, operator or admin. It overrides the role of the CA the certificate chains to.
+    roles: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
     def __post_init__(self) -> None:
+        for fingerprint, role in self.roles.items():
+            if not _FINGERPRINT.fullmatch(fingerprint.replace(":", "").lower()):
+                raise ConfigError(
+                    f"{fingerprint[:80]!r} is not a certificate's SHA-256 fingerprint (64 hex digits)",
+                    key="roles",
+                )
+            if role not in PRINCIPAL_ROLES:
+                raise ConfigError(
+                    f"role {role[:40]!r} for {fingerprint[:16]}...: must be one of {', '.join(PRINCIPAL_ROLES)}",
+                    key="roles",
+                )
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ConfigError("must be debug, info, warning or error", key="log_level")
         if self.registry is not None and not self.registry.startswith(POSTGRES_SCHEMES):
@@ -253,6 +272,11 @@ class Config:
                 "must be a postgresql://user@host:port/database DSN, or no value for the embedded SQLite registry",
                 key="registry",
             )
+
+    @property
+    def role_map(self) -> dict[str, str]:
+        """``roles`` with fingerprints normalised (lowercase hex, no colons)."""
+        return {fp.replace(":", "").lower(): role for fp, role in self.roles.items()}
 
     @property
     def registry_path(self) -> Path:
@@ -307,6 +331,23 @@ def _convert(tp: Any, node: yaml.Node, where: str, key: str) -> Any:
             return None
         return _convert(args[0], node, where, key)
     at = f"{where}:{node.start_mark.line + 1}"
+    if origin in (dict, collections.abc.Mapping):
+        if _is_null(node):
+            return MappingProxyType({})
+        if not isinstance(node, yaml.MappingNode):
+            raise ConfigError("expected a mapping", where=at, key=key)
+        key_type, value_type = typing.get_args(tp)
+        out: dict[Any, Any] = {}
+        for k_node, v_node in node.value:
+            name = _convert(key_type, k_node, where, key)
+            if name in out:
+                raise ConfigError(
+                    f"duplicate key {str(name)[:80]!r}",
+                    where=f"{where}:{k_node.start_mark.line + 1}",
+                    key=key,
+                )
+            out[name] = _convert(value_type, v_node, where, f"{key}.{str(name)[:80]}")
+        return MappingProxyType(out)
     if dataclasses.is_dataclass(tp):
         if _is_null(node):  # an empty section ("listener:" with every key commented out): defaults
             return typing.cast(Any, tp)()

@@ -23,7 +23,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -109,8 +109,11 @@ class ProvisioningService:
         coalesce_window: float = 0.0,
         admission: AdmissionConfig | None = None,
         monotonic: Monotonic = time.monotonic,
+        roles: Mapping[str, str] | None = None,
     ) -> None:
+        """``roles``: explicit roles of single certificates (fingerprint -> role), over their CA's."""
         self.registry = registry
+        self.roles = {fp: Role(role) for fp, role in (roles or {}).items()}
         self.admission = admission = admission or AdmissionConfig()
         self.gate = Gate(admission.workers, admission.queue_size)
         self.rates = JoinRates(
@@ -294,11 +297,12 @@ class ProvisioningService:
         now = self.clock()
         try:
             verified = self.trust.verify(peer.chain_der, now=now)
-            if verified.anchor.role is not Role.DEVICE:  # a named backend principal, never provisioned
+            role = self.roles.get(verified.fingerprint, verified.anchor.role)
+            if role is not Role.DEVICE:  # a named backend principal, never provisioned
                 service = derive_service(verified)
                 self._bind(peer, service.name, verified.fingerprint)
                 return Admission(
-                    role=verified.anchor.role,
+                    role=role,
                     client_id=peer.client_id,
                     fingerprint=verified.fingerprint,
                     service=service,

@@ -67,3 +67,36 @@ def test_remote_mode_runs_commands_as_the_principal(broker: BrokerThread, pki: P
     assert local_only.returncode == 2 and "not available with --broker" in local_only.stderr
     entries = [e for e in broker.audit() if e.draft.action == "admin-command"]
     assert {e.draft.actor for e in entries} == {"operator:olga", "auditor:aaron"}
+
+
+def test_remote_options_before_the_command(broker: BrokerThread, pki: Pki) -> None:
+    """The issue's spelling: jitp --broker H:P --cert F --key F --ca F <command> (--cert after
+    `devices erase` keeps meaning the device's certificate)."""
+    ops_ca = certs.make_ca("remote ops CA 2", key=certs.generate_key(), issuer=pki.root)
+    broker.register_ca(ops_ca.cert, role=Role.OPERATOR)
+    operator = pki.identity("otto", issuer=ops_ca)
+    dev = connect(broker.port, pki, pki.device("remote-victim-2"))
+    dev.close()
+    assert dev.rc == 0
+    top = ["--broker", f"127.0.0.1:{broker.port}", "--cert", str(operator.cert_path)]
+    top += ["--key", str(operator.key_path), "--ca", str(pki.layout.root_cert)]
+    cli = [sys.executable, "-m", "jitp.cli"]
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [*cli, *top, "devices", "quarantine", "remote-victim-2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=root,
+    )
+    assert done.returncode == 0, done.stderr
+    assert [str(r.status) for r in broker.devices()] == ["quarantined"]
+    assert "operator:otto" in {e.draft.actor for e in broker.audit() if e.draft.action == "admin-command"}
+    alone = subprocess.run(
+        [*cli, "--cert", str(operator.cert_path), "devices", "list"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=root,
+    )
+    assert alone.returncode == 2 and "give --broker HOST:PORT too" in alone.stderr

@@ -530,3 +530,34 @@ def test_only_an_admin_registers_a_ca_with_an_administrative_role(env: Env) -> N
     allowed = request(env.client("admin"), "ca.register", {"cert_pem": pem(ca), "role": "operator"})
     assert allowed["ok"] is True, allowed
     assert str(anchor(env, certs.fingerprint(ca.cert)).role) == "operator"
+
+
+def test_roles_from_an_explicit_mapping_in_config(tmp_path: Path, pki: Pki) -> None:
+    """`roles:` names single certificates: it makes a device-CA certificate an operator (never
+    provisioned then), and demotes a certificate of the admin CA to auditor."""
+    admins = certs.make_ca("mapped admins CA", key=certs.generate_key(), issuer=pki.root)
+    promoted = pki.device("ops-console")  # from the manufacturer CA: a device, unless mapped
+    demoted = pki.identity("dora", issuer=admins)
+    fp = promoted.fingerprint.upper()
+    colons = ":".join(fp[i : i + 2] for i in range(0, len(fp), 2))  # as `openssl x509 -fingerprint` prints it
+    config = test_config(tmp_path, pki, roles={colons: "operator", demoted.fingerprint: "auditor"})
+    broker = BrokerThread(config).start()
+    env = Env(broker, pki)
+    try:
+        broker.register_ca(pki.manufacturer.cert)
+        broker.register_ca(admins.cert, role=Role.ADMIN)
+        env.add("operator", promoted)
+        env.add("auditor", demoted)
+        victim = new_victim(env)
+        assert request(env.client("operator"), "devices.revoke", {"device_id": victim})["ok"] is True
+        assert status_of(env, victim) == "revoked"
+        assert "ops-console" not in {d.device_id for d in broker.devices()}  # a principal, not a device
+        denied = request(env.client("auditor"), "devices.revoke", {"device_id": victim})
+        assert denied["ok"] is False and denied["error"]["reason"] == "forbidden"
+        assert request(env.client("auditor"), "audit.export")["ok"] is True
+        actors = {e.draft.actor for e in broker.audit() if e.draft.action == "admin-command"}
+        assert {"operator:ops-console", "auditor:dora"} <= actors
+    finally:
+        for c in env.clients.values():
+            c.conn.close()
+        broker.stop()

@@ -346,6 +346,15 @@ VALID: dict[str, dict[str, st.SearchStrategy[Any]]] = {
         ),
         "log_level": st.sampled_from(["debug", "info", "warning", "error"]),
         "registry": st.sampled_from([None, "postgresql://jitp@db.example:5432/jitp", "postgres://u:p@h/d"]),
+        "roles": st.dictionaries(
+            st.builds(
+                lambda raw, colons: ":".join(raw[i : i + 2] for i in range(0, 64, 2)) if colons else raw,
+                st.from_regex(r"[0-9a-fA-F]{64}", fullmatch=True),
+                st.booleans(),
+            ),
+            st.sampled_from(["service", "auditor", "operator", "admin"]),
+            max_size=3,
+        ),
     },
     "listener": {
         "bind": st.builds(
@@ -432,7 +441,17 @@ def documents(draw: st.DrawFn) -> dict[str, Any]:
 
 def _expected(doc: dict[str, Any]) -> Config:
     sections: dict[str, Any] = {}
-    for section in ("listener", "limits", "trust", "sqlite", "postgres", "audit", "admission", "nats", "keys"):
+    for section in (
+        "listener",
+        "limits",
+        "trust",
+        "sqlite",
+        "postgres",
+        "audit",
+        "admission",
+        "nats",
+        "keys",
+    ):
         cls = type(getattr(Config(), section))
         sections[section] = cls(**doc.get(section, {}))
     top = {k: (Path(v) if k.endswith("_dir") else v) for k, v in doc.items() if k in VALID[""]}
@@ -506,3 +525,20 @@ def test_the_property_tests_cover_every_section() -> None:
         cls = type(getattr(Config(), section))
         assert {f.name for f in dataclasses.fields(cls)} == set(VALID[section]), section
     assert config_mod.DEFAULT_CONFIG == DEFAULT_CONFIG
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "contains"),
+    [
+        ("log_level: info\nroles:\n  abc: admin\n", 2, "is not a certificate's SHA-256 fingerprint"),
+        (
+            f"log_level: info\nroles:\n  {'ab' * 32}: device\n",
+            2,
+            "must be one of service, auditor, operator, admin",
+        ),
+        (f"log_level: info\nroles:\n  {'ab' * 32}: root\n", 2, "must be one of"),
+        ("log_level: info\nroles:\n  - admin\n", 3, "expected a mapping"),
+    ],
+)
+def test_bad_role_mappings_are_named(text: str, line: int, contains: str) -> None:
+    assert_error(text, line=line, key="roles", contains=contains)
