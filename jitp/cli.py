@@ -571,11 +571,17 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
             batch=args.batch,
             max_batches=args.max_batches,
             keep_old=args.keep_old,
+            stage=args.stage,
             progress=lambda n: print(f"\rre-wrapped {n}", end="", file=sys.stderr, flush=True),
         )
         if report.rewrapped:
             print(file=sys.stderr)
         old = ", ".join(report.previous) or "-"
+        if report.staged:
+            print(
+                f"staged {report.primary} in {key_file} (not used yet): copy this file to every node, then run `jitp keys rotate`"
+            )
+            return 0
         if not report.complete:
             print(
                 f"stopped: {report.rewrapped} key(s) re-wrapped under {report.primary}; run again to finish"
@@ -743,6 +749,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=500, help="keys re-wrapped per transaction")
     p.add_argument("--max-batches", type=int, help="stop after this many batches (run again to resume)")
     p.add_argument("--keep-old", action="store_true", help="keep the old key in the key file afterwards")
+    p.add_argument(
+        "--stage",
+        action="store_true",
+        help="only add the new key to the key file (several nodes: copy it first)",
+    )
     p.set_defaults(handler=cmd_keys_rotate)
 
     p = sub.add_parser("serve", help="run the broker until SIGINT/SIGTERM")

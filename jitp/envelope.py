@@ -154,6 +154,16 @@ def open_record(
     )
 
 
+def seal_fingerprint(key: bytes, device_id: str, fingerprint: str) -> bytes:
+    """A superseded certificate's fingerprint (reprovisioning history), sealed for its own purpose:
+    it cannot pass for an event payload or a record."""
+    return _seal(key, b"fingerprint", device_id, fingerprint.encode())
+
+
+def open_fingerprint(key: bytes, device_id: str, sealed: bytes) -> str:
+    return _open(key, b"fingerprint", device_id, sealed).decode()
+
+
 def seal_payload(key: bytes, device_id: str, payload: bytes) -> bytes:
     return _seal(key, b"event", device_id, payload)
 

@@ -10,8 +10,14 @@ Online and resumable. With a key file:
 4. once none is left, the old key is removed from the key file.
 
 Interrupted anywhere (Ctrl-C, a crash, ``max_batches``), running it again resumes: a key file
-holding more than one key, or a keyring with keys under a non-primary key, is a rotation in
-progress, and no new key is made until it is finished.
+whose first key is not the registry's primary, or a keyring with keys under a non-primary key,
+is a rotation in progress, and no new key is made until it is finished. Runs are serialised by a
+lock on the key file.
+
+Several nodes with a key file each: ``stage=True`` (``jitp keys rotate --stage``) stops after
+step 1; copy the key file to every node, then run ``jitp keys rotate`` to do steps 2 to 4 (and
+copy the final file again). Until a node has the new key, it cannot make data keys (its first
+joins get CONNACK 3), but it keeps serving known devices.
 
 With keys from the environment nothing can be written for the operator: they put a new key
 (``jitp keys generate``) first in the variable, keep the old one after it, restart the brokers,
@@ -20,7 +26,10 @@ run ``jitp keys rotate`` (steps 2 and 3), then drop the old key from the variabl
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import fcntl
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -34,11 +43,26 @@ from jitp.registry import Registry
 
 @dataclass(frozen=True)
 class RotationReport:
-    primary: str  # the key everything is wrapped under now
+    primary: str  # the key everything is (to be) wrapped under
     previous: tuple[str, ...]  # the keys it replaces
     rewrapped: int  # keys re-wrapped by this run
     complete: bool  # nothing is left under an old key
     retired: bool  # the old keys were removed from the key file
+    staged: bool = False  # only step 1 was done (stage=True)
+
+
+@contextlib.contextmanager
+def _exclusive(key_file: Path) -> Iterator[None]:
+    lock = key_file.with_name(key_file.name + ".lock")
+    fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise errors.InvalidRequest(f"another `jitp keys rotate` holds {lock}; wait for it") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 async def rotate_keys(
@@ -51,19 +75,50 @@ async def rotate_keys(
     batch: int = 500,
     max_batches: int | None = None,
     keep_old: bool = False,
+    stage: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> RotationReport:
     """Rotate (or finish rotating) the master key. ``key_file`` None: keys from the environment."""
     if batch < 1:
         raise errors.InvalidRequest("batch must be >= 1")
-    status = await registry.keyring_status()
-    if key_file is not None:
+    if key_file is None:
+        if stage:
+            raise errors.InvalidRequest(
+                "--stage writes the key file; with $JITP_MASTER_KEY, add the key yourself"
+            )
+        return await _rotate(
+            registry, provider, None, [], actor, clock, batch, max_batches, keep_old, progress
+        )
+    with _exclusive(key_file):
+        status = await registry.keyring_status()
         file_keys = read_key_file(key_file)
-        in_progress = status.pending > 0 or len(file_keys) > 1 or file_keys[0].kid != status.primary
-        if not in_progress:
+        if status.pending == 0 and file_keys[0].kid == status.primary:  # no rotation under way: start one
             file_keys = [MasterKey.generate(), *file_keys]
             write_key_file(key_file, file_keys)
             provider.reload()
+        if stage:
+            return RotationReport(
+                file_keys[0].kid, (status.primary,), 0, complete=False, retired=False, staged=True
+            )
+        return await _rotate(
+            registry, provider, key_file, file_keys, actor, clock, batch, max_batches, keep_old, progress
+        )
+
+
+async def _rotate(
+    registry: Registry,
+    provider: MasterKeyProvider,
+    key_file: Path | None,
+    file_keys: list[MasterKey],
+    actor: str,
+    clock: Callable[[], datetime],
+    batch: int,
+    max_batches: int | None,
+    keep_old: bool,
+    progress: Callable[[int], None] | None,
+) -> RotationReport:
+    status = await registry.keyring_status()
+    if key_file is not None:
         target = file_keys[0].kid
         previous = tuple(k.kid for k in file_keys[1:])
     else:

@@ -71,8 +71,10 @@ from jitp.registry import (
     ProvisionOutcome,
     StatusChange,
     decide,
+    open_anonymous,
     plan_status_change,
     pseudonymize,
+    seal_anonymous,
 )
 from jitp.trust import Role, TrustAnchor
 
@@ -309,15 +311,6 @@ def _legacy_record(row: Any) -> DeviceRecord:
         template_version=row[12],
         config=MappingProxyType(json.loads(row[13])),
     )
-
-
-def _seal_fp(key: bytes, device_id: str, fingerprint: str) -> bytes:
-    """A superseded certificate fingerprint (cert_history), sealed under the device's data key."""
-    return envelope.seal_payload(key, device_id, fingerprint.encode())
-
-
-def _open_fp(key: bytes, device_id: str, sealed: bytes) -> str:
-    return envelope.open_payload(key, device_id, sealed).decode()
 
 
 def _anchor(row: Any) -> TrustAnchor:
@@ -662,7 +655,12 @@ class PostgresRegistry:
             "INSERT INTO cert_history (device_id, fp_index, sealed_fp, superseded_at) VALUES ($1, $2, $3, $4) "
             "ON CONFLICT DO NOTHING",
             [
-                (d, envelope.fingerprint_index(self._index_key, fp), _seal_fp(keys[d], d, fp), at)
+                (
+                    d,
+                    envelope.fingerprint_index(self._index_key, fp),
+                    envelope.seal_fingerprint(keys[d], d, fp),
+                    at,
+                )
                 for d, fp, at in history
             ],
         )
@@ -938,7 +936,10 @@ class PostgresRegistry:
                 # Another node reprovisioned the device between the lookup and the lock.
                 raise errors.NotFound("no device holds this certificate")
             history = await conn.fetch("SELECT sealed_fp FROM cert_history WHERE device_id = $1", target)
-            fingerprints = {record.cert_fingerprint, *(_open_fp(key, target, bytes(r[0])) for r in history)}
+            fingerprints = {
+                record.cert_fingerprint,
+                *(envelope.open_fingerprint(key, target, bytes(r[0])) for r in history),
+            }
             await conn.executemany(
                 "INSERT INTO tombstones (ref, erased_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
                 [(privacy.tombstone_ref(self._salt, fp), at) for fp in sorted(fingerprints)],
@@ -1307,10 +1308,7 @@ class PostgresRegistry:
         out = []
         for e in entries:
             if not e.draft.device_id:
-                if e.draft.peer:
-                    peer = privacy.unseal(self._audit_key, e.draft.peer)
-                    e = dataclasses.replace(e, draft=dataclasses.replace(e.draft, peer=peer))
-                out.append(e)
+                out.append(dataclasses.replace(e, draft=open_anonymous(e.draft, self._audit_key)))
                 continue
             found = by_ref.get(e.draft.device_id)
             if found is None:
@@ -1335,12 +1333,7 @@ class PostgresRegistry:
         ids = {d.device_id for d in drafts if d.device_id}
         keys = {i: known[i] for i in ids if i in known}
         keys.update(await self._data_keys(conn, [i for i in ids if i not in keys], create=True))
-        return [
-            pseudonymize(d, keys)
-            if d.device_id
-            else dataclasses.replace(d, peer=privacy.seal(self._audit_key, d.peer) if d.peer else None)
-            for d in drafts
-        ]
+        return [pseudonymize(d, keys) if d.device_id else seal_anonymous(d, self._audit_key) for d in drafts]
 
     @staticmethod
     async def _append_stored(conn: Any, stored: Sequence[AuditDraft]) -> None:
@@ -1521,7 +1514,9 @@ class PostgresRegistry:
                 "SELECT device_id, sealed_fp FROM cert_history WHERE device_id = ANY($1::text[])",
                 sorted(existing),
             )
-            superseded = {(d, _open_fp(existing[d][1], d, bytes(sealed))) for d, sealed in history}
+            superseded = {
+                (d, envelope.open_fingerprint(existing[d][1], d, bytes(sealed))) for d, sealed in history
+            }
         return existing, superseded
 
     async def _provision(
@@ -1589,7 +1584,12 @@ class PostgresRegistry:
                 *self._device_arrays(updates, keys),
             )
         history = [
-            (d, envelope.fingerprint_index(self._index_key, fp), _seal_fp(keys[d], d, fp), at)
+            (
+                d,
+                envelope.fingerprint_index(self._index_key, fp),
+                envelope.seal_fingerprint(keys[d], d, fp),
+                at,
+            )
             for i in ids
             for d, fp, at in groups[i].history
         ]

@@ -363,3 +363,31 @@ def pseudonymize(draft: AuditDraft, keys: dict[str, bytes]) -> AuditDraft:
         reason=privacy.scrub(draft.reason, *secrets) if draft.reason else None,
         details=MappingProxyType(details),
     )
+
+
+# Free text of an entry about no device that can quote the refused certificate (its CN in a message
+# or detail) or what the client sent (its client id).
+_QUOTING_DETAILS = ("client_id", "detail", "message")
+
+
+def seal_anonymous(draft: AuditDraft, audit_key: bytes) -> AuditDraft:
+    """An audit entry naming no device (a refused unknown client), as stored: its peer address and
+    the details that may quote the client sealed under the registry's audit key (AES-GCM)."""
+    details = {
+        k: privacy.seal(audit_key, v) if k in _QUOTING_DETAILS and v else v for k, v in draft.details.items()
+    }
+    return dataclasses.replace(
+        draft,
+        peer=privacy.seal(audit_key, draft.peer) if draft.peer else None,
+        details=MappingProxyType(details),
+    )
+
+
+def open_anonymous(draft: AuditDraft, audit_key: bytes) -> AuditDraft:
+    """:func:`seal_anonymous` undone (a value that does not open is left as stored)."""
+    details = {
+        k: (privacy.unseal(audit_key, v) or v) if k in _QUOTING_DETAILS else v
+        for k, v in draft.details.items()
+    }
+    peer = (privacy.unseal(audit_key, draft.peer) or draft.peer) if draft.peer else None
+    return dataclasses.replace(draft, peer=peer, details=MappingProxyType(details))

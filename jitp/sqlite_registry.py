@@ -12,8 +12,10 @@ the master key (:mod:`jitp.keys`), live in the *keyring*, a second SQLite file a
 schema ``keyring`` and kept apart from this one (``<data_dir>-keys/keyring.db`` by default), so
 that a backup of the registry holds no key material and erasing a device's wrapped key
 (crypto-shredding) reaches every copy of it. SQLite commits attached WAL databases one file after
-the other, so a data key is always committed *before* the first row it protects (a crash may
-leave an unused key, never an unreadable record), and removed only after those rows are gone.
+the other, so a data key is always committed *before* the first device row it protects (a crash
+may leave an unused key, never an unreadable record), and removed only after those rows are gone.
+(The one exception: a key made for an audit entry about a device that was never provisioned is
+written with that entry; a crash at the commit can cost the entry its resolvability, no record.)
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import dataclasses
 import json
 import logging
 import os
-import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -46,8 +47,10 @@ from jitp.registry import (
     ProvisionOutcome,
     StatusChange,
     decide,
+    open_anonymous,
     plan_status_change,
     pseudonymize,
+    seal_anonymous,
 )
 from jitp.trust import Role, TrustAnchor
 
@@ -246,14 +249,6 @@ class _Audit:
     future: asyncio.Future[None]
 
 
-def _seal_fp(key: bytes, device_id: str, fingerprint: str) -> bytes:
-    return envelope.seal_payload(key, device_id, fingerprint.encode())
-
-
-def _open_fp(key: bytes, device_id: str, sealed: bytes) -> str:
-    return envelope.open_payload(key, device_id, sealed).decode()
-
-
 class SQLiteRegistry:
     """The embedded :class:`~jitp.registry.Registry`."""
 
@@ -446,12 +441,16 @@ class SQLiteRegistry:
         )
         return key
 
-    async def _load_keys(self, db: aiosqlite.Connection, ids: Sequence[str]) -> dict[str, bytes]:
-        """The data keys of ``ids`` that have one, unwrapped."""
+    async def _load_keys(
+        self, db: aiosqlite.Connection, ids: Sequence[str], *, usable_only: bool = False
+    ) -> dict[str, bytes]:
+        """The data keys of ``ids`` that have one, unwrapped. ``usable_only``: not those of a device
+        being erased (nothing new may be sealed under a key about to be destroyed)."""
         keys: dict[str, bytes] = {}
+        live = " AND erasing = 0" if usable_only else ""
         for chunk in _chunks(ids):
             async with db.execute(
-                f"SELECT device_id, kid, wrapped FROM keyring.data_keys WHERE device_id IN ({_marks(chunk)})",
+                f"SELECT device_id, kid, wrapped FROM keyring.data_keys WHERE device_id IN ({_marks(chunk)}){live}",
                 chunk,
             ) as cur:
                 for device_id, kid, wrapped in await cur.fetchall():
@@ -509,7 +508,17 @@ class SQLiteRegistry:
                     f"SELECT ref FROM tombstones WHERE ref IN ({_marks(chunk)})", chunk
                 ) as cur:
                     erased.update(r[0] for r in await cur.fetchall())
-            await self._create_keys(db, [d for d, group in refs.items() if not erased.issuperset(group)])
+            create = [d for d, group in refs.items() if not erased.issuperset(group)]
+            # Rows of these ids that have no key at all were shredded (a registry restored from a
+            # backup older than their erasure): unreadable for good, they make way for the new device.
+            for chunk in _chunks(create):
+                marks = _marks(chunk)
+                shredded = f"SELECT device_id FROM devices WHERE device_id IN ({marks}) AND device_id NOT IN (SELECT device_id FROM keyring.data_keys)"
+                async with db.execute(shredded, chunk) as cur:
+                    gone = [r[0] for r in await cur.fetchall()]
+                for table in ("outbox", "cert_history", "devices"):
+                    await db.executemany(f"DELETE FROM {table} WHERE device_id = ?", [(d,) for d in gone])
+            await self._create_keys(db, create)
 
     def _open_record(self, row: Sequence[Any], keys: dict[str, bytes]) -> DeviceRecord | None:
         """A device row from ``_DEVICE_SELECT``; None when its data key is gone (shredded)."""
@@ -652,7 +661,12 @@ class SQLiteRegistry:
             await db.executemany(
                 "INSERT INTO cert_history (device_id, fp_index, sealed_fp, superseded_at) VALUES (?, ?, ?, ?)",
                 [
-                    (d, envelope.fingerprint_index(self._index_key, fp), _seal_fp(keys[d], d, fp), at)
+                    (
+                        d,
+                        envelope.fingerprint_index(self._index_key, fp),
+                        envelope.seal_fingerprint(keys[d], d, fp),
+                        at,
+                    )
                     for d, fp, at in history
                     if d in keys
                 ],
@@ -835,7 +849,7 @@ class SQLiteRegistry:
             async with db.execute(
                 "SELECT sealed_fp FROM cert_history WHERE device_id = ?", (device_id,)
             ) as cur:
-                old = [_open_fp(key, device_id, bytes(r[0])) for r in await cur.fetchall()]
+                old = [envelope.open_fingerprint(key, device_id, bytes(r[0])) for r in await cur.fetchall()]
             fingerprints = {record.cert_fingerprint, *old}
             await db.executemany(
                 "INSERT INTO tombstones (ref, erased_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
@@ -1117,10 +1131,7 @@ class SQLiteRegistry:
         # A refusal can name a device that was never provisioned: its entries get a key of their own.
         keys.update(await self._create_keys(db, [i for i in ids if i not in keys]))
         stored = [
-            pseudonymize(d, keys)
-            if d.device_id
-            else dataclasses.replace(d, peer=privacy.seal(self._audit_key, d.peer) if d.peer else None)
-            for d in drafts
+            pseudonymize(d, keys) if d.device_id else seal_anonymous(d, self._audit_key) for d in drafts
         ]
         # Chain from the recorded head, not the last row: if someone removed the newest entries, the
         # next entry keeps the gap visible instead of papering over it.
@@ -1182,10 +1193,7 @@ class SQLiteRegistry:
         out = []
         for e in entries:
             if not e.draft.device_id:
-                if e.draft.peer:
-                    peer = privacy.unseal(self._audit_key, e.draft.peer)
-                    e = dataclasses.replace(e, draft=dataclasses.replace(e.draft, peer=peer))
-                out.append(e)
+                out.append(dataclasses.replace(e, draft=open_anonymous(e.draft, self._audit_key)))
                 continue
             found = by_ref.get(e.draft.device_id)
             if found is None:
@@ -1298,7 +1306,7 @@ class SQLiteRegistry:
                 batch.append(self._queue.get_nowait())
             try:
                 await self._apply(batch)
-            except (sqlite3.Error, ValueError) as exc:
+            except Exception as exc:  # one bad batch must not stop every later join
                 log.error("registry write failed for a batch of %d: %s", len(batch), exc)
                 for op in batch:
                     if not op.future.done():
@@ -1335,6 +1343,9 @@ class SQLiteRegistry:
                         f"SELECT ref FROM tombstones WHERE ref IN ({_marks(chunk)})", chunk
                     ) as cur:
                         erased.update(r[0] for r in await cur.fetchall())
+            # A new record is sealed only under a key that is not being destroyed by an erasure
+            # running meanwhile (CLI or another node): that join is told to come back (CONNACK 3).
+            keys.update(await self._load_keys(db, [i for i in ids if i not in existing], usable_only=True))
             known = sorted(i for i in ids if i in existing)
             if known and any(p.policy != "reject" for p in provisions):
                 for chunk in _chunks(known):
@@ -1343,7 +1354,8 @@ class SQLiteRegistry:
                         chunk,
                     ) as cur:
                         superseded.update(
-                            (d, _open_fp(keys[d], d, bytes(sealed))) for d, sealed in await cur.fetchall()
+                            (d, envelope.open_fingerprint(keys[d], d, bytes(sealed)))
+                            for d, sealed in await cur.fetchall()
                         )
             upserts: dict[str, DeviceRecord] = {}
             new_events: list[ProvisioningEvent] = []
@@ -1375,6 +1387,11 @@ class SQLiteRegistry:
                     self._touches[op.identity.device_id] = op.at
                     continue
                 record, event = outcome.record, outcome.event
+                if record.device_id not in keys:
+                    results[i] = errors.RegistryUnavailable(
+                        f"device {record.device_id!r} is being erased; try again", device_id=record.device_id
+                    )
+                    continue
                 previous = existing.get(record.device_id)
                 if previous is not None:
                     history.append((record.device_id, previous.cert_fingerprint, _ts(op.at)))
@@ -1398,7 +1415,6 @@ class SQLiteRegistry:
                     )
                 )
             if upserts:
-                keys.update(await self._load_keys(db, [d for d in upserts if d not in keys]))
                 await db.executemany(
                     f"INSERT INTO devices ({_DEVICE_COLUMNS}) VALUES ({_DEVICE_MARKS}) ON CONFLICT(device_id) "
                     "DO UPDATE SET status=excluded.status, ca_id=excluded.ca_id, region=excluded.region, "
@@ -1413,7 +1429,12 @@ class SQLiteRegistry:
                     "INSERT INTO cert_history (device_id, fp_index, sealed_fp, superseded_at) VALUES (?, ?, ?, ?) "
                     "ON CONFLICT DO NOTHING",
                     [
-                        (d, envelope.fingerprint_index(self._index_key, fp), _seal_fp(keys[d], d, fp), at)
+                        (
+                            d,
+                            envelope.fingerprint_index(self._index_key, fp),
+                            envelope.seal_fingerprint(keys[d], d, fp),
+                            at,
+                        )
                         for d, fp, at in history
                     ],
                 )

@@ -403,3 +403,168 @@ def test_a_version_2_database_is_sealed_on_open_and_keeps_its_audit_links(tmp_pa
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert not {"devices_v2", "cert_history_v2", "device_keys_v2"} & tables
     assert ORG.encode() not in raw_bytes(tmp_path / "data") and b"Lyon" not in raw_bytes(tmp_path / "data")
+
+
+# -- review fixes: failure modes -------------------------------------------------------------------
+def test_a_key_the_instance_lacks_fails_those_joins_and_the_writer_keeps_serving(tmp_path: Path) -> None:
+    old, new = MasterKey.generate(), MasterKey.generate()
+
+    async def body() -> None:
+        broker = make(tmp_path, LocalKeys([old]))
+        await broker.open()
+        try:
+            await broker.provision(identity("known"), at=T0, peer=None)
+            operator = make(tmp_path, LocalKeys([new, old]))
+            await operator.open()
+            try:
+                await operator.set_primary_key(new.kid, audit=draft("key-rotation-started"))
+            finally:
+                await operator.close()
+            # This node cannot wrap under the new primary: the join is refused as unavailable (CONNACK 3),
+            # promptly, and the writer lives on for everything else.
+            with pytest.raises(errors.RegistryUnavailable, match=new.kid):
+                await asyncio.wait_for(broker.provision(identity("fresh"), at=T0, peer=None), 10)
+            again = await asyncio.wait_for(broker.provision(identity("known"), at=T0, peer=None), 10)
+            assert not again.created
+        finally:
+            await broker.close()
+
+    _run(body())
+
+
+def test_a_restored_backup_holding_an_erased_device_does_not_stop_provisioning(tmp_path: Path) -> None:
+    keys = LocalKeys([MasterKey.generate()])
+    db = tmp_path / "data" / "registry.db"
+    saved = tmp_path / "saved.db"
+
+    async def before(registry: SQLiteRegistry) -> None:
+        await registry.provision(identity("x"), at=T0, peer=None)
+        await registry.checkpoint()
+        shutil.copy(db, saved)
+        await registry.erase(device_id="x", at=T0, actor="op")
+
+    _run(with_registry(make(tmp_path, keys), before))
+    shutil.copy(saved, db)  # the registry restored from the backup; the keyring is the current one
+
+    async def after(registry: SQLiteRegistry) -> None:
+        assert await registry.get_device("x") is None  # shredded
+        outcome = await asyncio.wait_for(registry.provision(identity("x", cert="2"), at=T0, peer=None), 10)
+        assert outcome.created  # the unreadable leftovers made way for it
+        record = await registry.get_device("x")
+        assert record is not None and record.cert_fingerprint == identity("x", cert="2").cert_fingerprint
+        assert [e.type for e in await registry.events("x")] == ["provisioned"]
+
+    _run(with_registry(make(tmp_path, keys), after))
+
+
+def test_nothing_new_is_sealed_under_the_key_of_a_device_being_erased(tmp_path: Path) -> None:
+    """Another process erases the device between this node's key check and its write (key marked,
+    rows deleted, key not yet deleted): the first join of a new certificate for that id must not be
+    sealed under the doomed key, or that key would outlive the erasure."""
+    keys = LocalKeys([MasterKey.generate()])
+    db_path, ring = tmp_path / "data" / "registry.db", tmp_path / "data-keys" / "keyring.db"
+
+    def other_process(sql: str) -> None:
+        with sqlite3.connect(db_path) as other:
+            other.execute("ATTACH DATABASE ? AS keyring", (str(ring),))
+            other.executescript(sql)
+
+    class Interleaved(SQLiteRegistry):
+        """Runs the other process's erasure steps right after this node checked its keys."""
+
+        between: str | None = None
+
+        async def _ensure_keys(self, wanted: dict[str, list[str]]) -> None:
+            await super()._ensure_keys(wanted)
+            if self.between is not None:
+                other_process(self.between)
+                self.between = None
+
+    async def body() -> None:
+        registry = Interleaved(db_path, keys=keys, batch_window=0)
+        await registry.open()
+        try:
+            await registry.provision(identity("y"), at=T0, peer=None)
+            registry.between = (
+                "UPDATE keyring.data_keys SET erasing = 1 WHERE device_id = 'y';"
+                "DELETE FROM outbox WHERE device_id = 'y'; DELETE FROM devices WHERE device_id = 'y';"
+            )
+            with pytest.raises(errors.RegistryUnavailable, match="being erased"):
+                await registry.provision(identity("y", cert="2"), at=T0, peer=None)
+            assert await registry.get_device("y") is None
+            other_process(
+                "DELETE FROM keyring.data_keys WHERE device_id = 'y' AND erasing = 1"
+            )  # its last step
+            outcome = await registry.provision(identity("y", cert="2"), at=T0, peer=None)
+            assert outcome.created and (await registry.get_device("y")) is not None
+        finally:
+            await registry.close()
+
+    _run(body())
+
+
+def test_a_refused_clients_certificate_name_and_client_id_are_sealed(tmp_path: Path) -> None:
+    keys = LocalKeys([MasterKey.generate()])
+    cn = "Jane Example/pacemaker-7"  # not a safe device id: refused, and quoted in the refusal
+    cert = pt.leaf(cn)
+    peer = PeerCredentials(chain_der=tuple(pt.chain_of(cert)), client_id="jane-client-77", address=PEER)
+
+    async def body(registry: SQLiteRegistry) -> None:
+        service = ProvisioningService(registry)
+        await registry.register_anchor(pt.MANUFACTURER_ANCHOR, audit=draft("ca-registered"))
+        await service.refresh_trust()
+        with pytest.raises(errors.UnsafeIdentity):
+            await service.admit(peer)
+        await service.flush_refusals()
+        (entry,) = [e for e in await registry.audit_entries() if e.draft.action == "refused"]
+        assert entry.draft.device_id is None and entry.draft.reason == "unsafe_id"
+        (resolved,) = await registry.resolve_audit([entry])
+        assert "Jane Example" in resolved.draft.details.get("detail", "") + resolved.draft.details["message"]
+        assert resolved.draft.details["client_id"] == repr("jane-client-77")
+        assert resolved.draft.peer == PEER
+
+    _run(with_registry(make(tmp_path, keys), body))
+    on_disk = raw_bytes(tmp_path / "data")
+    assert b"unsafe_id" in on_disk  # the reason stays in clear
+    for secret in (b"Jane Example", b"jane-client-77", PEER.split(":")[0].encode()):
+        assert secret not in on_disk, secret
+
+
+def test_rotation_stage_keep_old_and_one_run_at_a_time(tmp_path: Path) -> None:
+    import fcntl
+
+    key_file = tmp_path / "master.key"
+    first = init_key_file(key_file)
+
+    async def body() -> None:
+        registry = make(tmp_path, FileKeyProvider(key_file))
+        await registry.open()
+        try:
+            await registry.provision(identity("r"), at=T0, peer=None)
+
+            def rotate(**kw: Any) -> Any:
+                return rotate_keys(
+                    registry, FileKeyProvider(key_file), key_file=key_file, actor="op", clock=_clock, **kw
+                )
+
+            staged = await rotate(stage=True)  # several nodes: the new key goes into the file only
+            second = read_key_file(key_file)[0]
+            assert staged.staged and staged.primary == second.kid and read_key_file(key_file)[1] == first
+            assert (await registry.keyring_status()).primary == first.kid  # not used yet
+            kept = await rotate(keep_old=True)  # then the rotation proper
+            assert kept.complete and not kept.retired and kept.primary == second.kid
+            assert [k.kid for k in read_key_file(key_file)] == [second.kid, first.kid]
+            again = await rotate()  # after --keep-old, a rotation is a rotation: a new key
+            third = read_key_file(key_file)[0]
+            assert again.complete and again.retired and third.kid not in (first.kid, second.kid)
+            assert read_key_file(key_file) == [third]
+            with (tmp_path / "master.key.lock").open("a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                with pytest.raises(errors.InvalidRequest, match="another `jitp keys rotate`"):
+                    await rotate()
+            assert read_key_file(key_file) == [third]
+            assert (await registry.get_device("r")) is not None
+        finally:
+            await registry.close()
+
+    _run(body())
