@@ -515,9 +515,9 @@ class SQLiteRegistry:
                 marks = _marks(chunk)
                 shredded = f"SELECT device_id FROM devices WHERE device_id IN ({marks}) AND device_id NOT IN (SELECT device_id FROM keyring.data_keys)"
                 async with db.execute(shredded, chunk) as cur:
-                    gone = [r[0] for r in await cur.fetchall()]
-                for table in ("outbox", "cert_history", "devices"):
-                    await db.executemany(f"DELETE FROM {table} WHERE device_id = ?", [(d,) for d in gone])
+                    gone = [(r[0],) for r in await cur.fetchall()]
+                for table in ("outbox", "cert_history", "devices") if gone else ():
+                    await db.executemany(f"DELETE FROM {table} WHERE device_id = ?", gone)
             await self._create_keys(db, create)
 
     def _open_record(self, row: Sequence[Any], keys: dict[str, bytes]) -> DeviceRecord | None:
