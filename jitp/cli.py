@@ -542,8 +542,8 @@ def cmd_keys_status(args: argparse.Namespace) -> int:
     async def body(registry: Registry) -> int:
         status = await registry.keyring_status()
         print(f"source   {keys.source}")
-        print(f"holds    {', '.join(keys.kids())}  (first: wraps new data keys)")
-        print(f"primary  {status.primary}  (the registry's)")
+        print(f"holds    {', '.join(keys.kids())}")
+        print(f"primary  {status.primary}  (the registry's: new data keys are wrapped under it)")
         for kid, count in sorted(status.wrapped.items()):
             print(f"  {kid}  {count} key(s){'' if kid == status.primary else '  <- to re-wrap'}")
         if status.pending:

@@ -253,6 +253,8 @@ class Config:
     roles: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
     def __post_init__(self) -> None:
+        if len(self.role_map) != len(self.roles):
+            raise ConfigError("a certificate is listed twice (with and without colons?)", key="roles")
         for fingerprint, role in self.roles.items():
             if not _FINGERPRINT.fullmatch(fingerprint.replace(":", "").lower()):
                 raise ConfigError(

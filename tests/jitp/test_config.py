@@ -346,14 +346,19 @@ VALID: dict[str, dict[str, st.SearchStrategy[Any]]] = {
         ),
         "log_level": st.sampled_from(["debug", "info", "warning", "error"]),
         "registry": st.sampled_from([None, "postgresql://jitp@db.example:5432/jitp", "postgres://u:p@h/d"]),
-        "roles": st.dictionaries(
-            st.builds(
-                lambda raw, colons: ":".join(raw[i : i + 2] for i in range(0, 64, 2)) if colons else raw,
+        "roles": st.lists(
+            st.tuples(
                 st.from_regex(r"[0-9a-fA-F]{64}", fullmatch=True),
                 st.booleans(),
+                st.sampled_from(["service", "auditor", "operator", "admin"]),
             ),
-            st.sampled_from(["service", "auditor", "operator", "admin"]),
             max_size=3,
+            unique_by=lambda t: t[0].lower(),  # one certificate once
+        ).map(
+            lambda items: {
+                (":".join(raw[i : i + 2] for i in range(0, 64, 2)) if colons else raw): role
+                for raw, colons, role in items
+            }
         ),
     },
     "listener": {
@@ -538,6 +543,7 @@ def test_the_property_tests_cover_every_section() -> None:
         ),
         (f"log_level: info\nroles:\n  {'ab' * 32}: root\n", 2, "must be one of"),
         ("log_level: info\nroles:\n  - admin\n", 3, "expected a mapping"),
+        (f"log_level: info\nroles:\n  {'ab' * 32}: admin\n  {'AB:' * 31}AB: auditor\n", 2, "listed twice"),
     ],
 )
 def test_bad_role_mappings_are_named(text: str, line: int, contains: str) -> None:
