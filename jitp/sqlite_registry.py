@@ -524,9 +524,8 @@ class SQLiteRegistry:
         """A device row from ``_DEVICE_SELECT``; None when its data key is gone (shredded)."""
         device_id = str(row[0])
         if row[10] is None:
-            log.warning(
-                "device %r has no data key (erased; a registry copy older than its erasure?)", device_id
-            )
+            # Not named: the id is all that is left of an erased device.
+            log.warning("a device row has no data key (erased; a registry copy older than its erasure?)")
             return None
         key = keys.get(device_id)
         if key is None:
