@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import yaml
 
 from jitp.errors import ConfigError
+from jitp.keys import default_keys_dir
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "jitp.yaml"
 
@@ -94,7 +95,7 @@ class SQLiteConfig:
 
 _FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 PRINCIPAL_ROLES = ("service", "auditor", "operator", "admin")
-_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
@@ -113,14 +114,14 @@ class PostgresConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.pool_size <= 1000:
             raise ConfigError("must be between 1 and 1000", key="postgres.pool_size")
-        if self.schema is not None and not _SCHEMA_NAME.fullmatch(self.schema):
+        if self.schema is not None and not SCHEMA_NAME.fullmatch(self.schema):
             raise ConfigError(
                 "must be a lowercase SQL identifier ([a-z_][a-z0-9_]*, at most 63 characters)",
                 key="postgres.schema",
             )
         if not self.batch_window_ms >= 0:
             raise ConfigError("must be >= 0", key="postgres.batch_window_ms")
-        if self.keyring_schema is not None and not _SCHEMA_NAME.fullmatch(self.keyring_schema):
+        if self.keyring_schema is not None and not SCHEMA_NAME.fullmatch(self.keyring_schema):
             raise ConfigError(
                 "must be a lowercase SQL identifier ([a-z_][a-z0-9_]*, at most 63 characters)",
                 key="postgres.keyring_schema",
@@ -130,9 +131,12 @@ class PostgresConfig:
 
     @property
     def effective_keyring_schema(self) -> str:
-        if self.keyring_schema is not None:
-            return self.keyring_schema
-        return f"{self.schema[:55]}_keyring" if self.schema else "jitp_keyring"
+        return self.keyring_schema if self.keyring_schema is not None else default_keyring_schema(self.schema)
+
+
+def default_keyring_schema(schema: str | None) -> str:
+    """The keyring schema of registry schema ``schema``: ``<schema>_keyring`` (or ``jitp_keyring``)."""
+    return f"{schema[:55]}_keyring" if schema else "jitp_keyring"
 
 
 @dataclass(frozen=True)
@@ -286,8 +290,6 @@ class Config:
 
     @property
     def keys_dir(self) -> Path:
-        from jitp.keys import default_keys_dir
-
         return default_keys_dir(self.data_dir)
 
     @property

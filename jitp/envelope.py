@@ -40,19 +40,10 @@ from jitp.privacy import derive
 from jitp.records import DeviceRecord, DeviceStatus
 
 SEALED_VERSION = b"\x01"  # the first byte of every sealed value (JSON payloads start with "{")
-CLEAR_FIELDS = (
-    "device_id",
-    "status",
-    "ca_id",
-    "region",
-    "not_after",
-    "provisioned_at",
-    "last_seen",
-    "template",
-    "template_version",
-)
-SEALED_FIELDS = ("cert_fingerprint", "serial", "subject", "attributes", "config")
+# Registry keys (kept wrapped in the keyring): the blind index of certificate fingerprints, and the
+# key sealing what audit entries naming no device could reveal (jitp.registry.seal_anonymous).
 INDEX_KEY = "fingerprint-index"
+AUDIT_KEY = "audit"
 
 
 def new_data_key() -> bytes:

@@ -49,7 +49,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import re
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -61,6 +60,7 @@ import asyncpg
 
 from jitp import envelope, errors, privacy
 from jitp.audit import GENESIS_HASH, AuditDraft, AuditEntry, chain
+from jitp.config import SCHEMA_NAME, default_keyring_schema
 from jitp.events import ProvisioningEvent, lifecycle_event, new_event_id, provisioned_event
 from jitp.identity import DeviceIdentity
 from jitp.keys import MasterKeyProvider, require_kids
@@ -71,9 +71,11 @@ from jitp.registry import (
     ProvisionOutcome,
     StatusChange,
     decide,
-    open_anonymous,
+    pair_keyring,
     plan_status_change,
+    provisioned_draft,
     pseudonymize,
+    resolve_entries,
     seal_anonymous,
 )
 from jitp.trust import Role, TrustAnchor
@@ -83,7 +85,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _HEAD_GENESIS = f"0:{GENESIS_HASH}"
-AUDIT_KEY = "audit"  # registry key sealing the peer address of audit entries that name no device
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: the foundation, the same tables as SQLite's. Columns of `audit` hold the stored
@@ -250,7 +251,6 @@ _LEGACY_COLUMNS = (
 _ANCHOR_COLUMNS = "ca_id, cert_der, role, subject, region, template, enabled, registered_at"
 _EVENT_COLUMNS = "event_id, type, device_id, occurred_at, payload"
 _EVENT_SELECT = "o.seq, o.event_id, o.type, o.device_id, o.occurred_at, o.payload, k.kid, k.wrapped"
-_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _RETRIES = 5
 
 # Worth retrying the whole transaction: another node's transaction got in the way.
@@ -282,11 +282,6 @@ def redact(dsn: str) -> str:
         return dsn
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-
-
-def default_keyring_schema(schema: str | None) -> str:
-    """The keyring schema of registry schema ``schema`` (as ``PostgresConfig`` names it)."""
-    return f"{schema[:55]}_keyring" if schema else "jitp_keyring"
 
 
 def _quote_ident(name: str) -> str:
@@ -379,11 +374,11 @@ class PostgresRegistry:
     ) -> None:
         if not dsn.startswith(("postgresql://", "postgres://")):
             raise errors.ConfigError("must be a postgresql:// DSN", key="registry")
-        if schema is not None and not _SCHEMA_NAME.fullmatch(schema):
+        if schema is not None and not SCHEMA_NAME.fullmatch(schema):
             raise errors.ConfigError("must be an SQL identifier", key="postgres.schema")
         if keyring_schema is None:
             keyring_schema = default_keyring_schema(schema)
-        if not _SCHEMA_NAME.fullmatch(keyring_schema):
+        if not SCHEMA_NAME.fullmatch(keyring_schema):
             raise errors.ConfigError("must be an SQL identifier", key="postgres.keyring_schema")
         if keyring_schema == schema:
             raise errors.ConfigError("must differ from postgres.schema", key="postgres.keyring_schema")
@@ -571,21 +566,19 @@ class PostgresRegistry:
         await conn.execute(_keyring_ddl(ks))
         reg_id = await conn.fetchval("SELECT value FROM meta_text WHERE key = 'keyring_id'")
         ring_id = await conn.fetchval(f"SELECT value FROM {ks}.meta WHERE key = 'keyring_id'")
-        if reg_id is None and ring_id is None:
-            reg_id = ring_id = privacy.new_key().hex()[:32]
-            await conn.execute("INSERT INTO meta_text (key, value) VALUES ('keyring_id', $1)", reg_id)
-            await conn.execute(f"INSERT INTO {ks}.meta (key, value) VALUES ('keyring_id', $1)", ring_id)
-        elif reg_id is None and await conn.fetchval(f"SELECT 1 FROM {ks}.data_keys LIMIT 1") is None:
-            # A new registry on a keyring that protects no device (yet): it is this registry's now.
-            await conn.execute("INSERT INTO meta_text (key, value) VALUES ('keyring_id', $1)", ring_id)
-        elif reg_id != ring_id:
-            found = "there is none" if ring_id is None else f"it holds keyring {ring_id}"
-            raise errors.MasterKeyMismatch(
-                f"the keyring (schema {self.keyring_schema}) is missing or belongs to another registry: "
-                f"this registry's data is sealed with the keys of keyring {reg_id}, {found}. Restore "
-                "that keyring schema, or set postgres.keyring_schema to where it is",
-                where=redact(self.dsn),
-            )
+        paired = pair_keyring(
+            reg_id,
+            ring_id,
+            has_devices=await conn.fetchval("SELECT 1 FROM devices LIMIT 1") is not None,
+            has_keys=await conn.fetchval(f"SELECT 1 FROM {ks}.data_keys LIMIT 1") is not None,
+            keyring=f"(schema {self.keyring_schema})",
+            where=redact(self.dsn),
+        )
+        paired = paired or privacy.new_key().hex()[:32]
+        if reg_id is None:
+            await conn.execute("INSERT INTO meta_text (key, value) VALUES ('keyring_id', $1)", paired)
+        if ring_id is None:
+            await conn.execute(f"INSERT INTO {ks}.meta (key, value) VALUES ('keyring_id', $1)", paired)
         primary = await conn.fetchval(f"SELECT value FROM {ks}.meta WHERE key = 'primary_kid'")
         if primary is None:
             primary = self._keys.kids()[0]
@@ -597,7 +590,7 @@ class PostgresRegistry:
         used = sorted(str(r[0]) for r in rows)
         require_kids(self._keys, used, where=redact(self.dsn))
         self._index_key = await self._registry_key(conn, envelope.INDEX_KEY)
-        self._audit_key = await self._registry_key(conn, AUDIT_KEY)
+        self._audit_key = await self._registry_key(conn, envelope.AUDIT_KEY)
         return str(primary)
 
     async def _registry_key(self, conn: Any, name: str) -> bytes:
@@ -1299,27 +1292,11 @@ class PostgresRegistry:
 
     async def resolve_audit(self, entries: Sequence[AuditEntry]) -> list[AuditEntry]:
         """Entries with device refs and sealed peers resolved, for devices that still exist."""
-        by_ref: dict[str, tuple[str, bytes]] = {}
+        keys: dict[str, bytes] = {}
         if any(e.draft.device_id for e in entries):
             rows = await self._read(f"SELECT device_id, kid, wrapped FROM {self._ks}.data_keys")
-            for device_id, kid, wrapped in rows:
-                key = envelope.unwrap_data_key(self._keys, kid, device_id, bytes(wrapped))
-                by_ref[privacy.device_ref(key, device_id)] = (device_id, key)
-        out = []
-        for e in entries:
-            if not e.draft.device_id:
-                out.append(dataclasses.replace(e, draft=open_anonymous(e.draft, self._audit_key)))
-                continue
-            found = by_ref.get(e.draft.device_id)
-            if found is None:
-                out.append(e)
-                continue
-            device_id, key = found
-            peer = privacy.unseal(key, e.draft.peer) if e.draft.peer else None
-            out.append(
-                dataclasses.replace(e, draft=dataclasses.replace(e.draft, device_id=device_id, peer=peer))
-            )
-        return out
+            keys = {d: envelope.unwrap_data_key(self._keys, kid, d, bytes(w)) for d, kid, w in rows}
+        return resolve_entries(entries, keys, self._audit_key)
 
     async def _pseudonymize(
         self, conn: Any, drafts: Sequence[AuditDraft], known: dict[str, bytes] | None = None
@@ -1632,21 +1609,11 @@ class PostgresRegistry:
                 superseded.add((record.device_id, previous.cert_fingerprint))
             current = group.record = record
             group.events.append(event)
-            details = {"ca_id": record.ca_id, "region": record.region, "event_id": event.event_id}
-            if previous is not None:
-                details["previous_fingerprint"] = previous.cert_fingerprint
-                details["policy"] = op.policy
             group.drafts.append(
                 (
                     i,
-                    AuditDraft(
-                        at=op.at,
-                        action=event.type,
-                        actor="device",
-                        device_id=record.device_id,
-                        fingerprint=record.cert_fingerprint,
-                        peer=op.peer,
-                        details=MappingProxyType(details),
+                    provisioned_draft(
+                        record, event, previous=previous, at=op.at, peer=op.peer, policy=op.policy
                     ),
                 )
             )
@@ -1659,7 +1626,7 @@ async def drop_schema(dsn: str, schema: str, *, keyring_schema: str | None = Non
     if keyring_schema is None:
         keyring_schema = default_keyring_schema(schema)
     for name in (schema, keyring_schema):
-        if not _SCHEMA_NAME.fullmatch(name):
+        if not SCHEMA_NAME.fullmatch(name):
             raise errors.ConfigError("must be an SQL identifier", key="postgres.schema")
     conn = await asyncpg.connect(dsn)
     try:

@@ -13,7 +13,7 @@ The contract every implementation keeps:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from types import MappingProxyType
@@ -391,3 +391,81 @@ def open_anonymous(draft: AuditDraft, audit_key: bytes) -> AuditDraft:
     }
     peer = (privacy.unseal(audit_key, draft.peer) or draft.peer) if draft.peer else None
     return dataclasses.replace(draft, peer=peer, details=MappingProxyType(details))
+
+
+def provisioned_draft(
+    record: DeviceRecord,
+    event: ProvisioningEvent,
+    *,
+    previous: DeviceRecord | None,
+    at: datetime,
+    peer: str | None,
+    policy: str,
+) -> AuditDraft:
+    """The audit entry of a provisioning decision that wrote ``record`` (a reprovisioning when
+    ``previous`` is the record it replaced)."""
+    details = {"ca_id": record.ca_id, "region": record.region, "event_id": event.event_id}
+    if previous is not None:
+        details["previous_fingerprint"] = previous.cert_fingerprint
+        details["policy"] = policy
+    return AuditDraft(
+        at=at,
+        action=event.type,
+        actor="device",
+        device_id=record.device_id,
+        fingerprint=record.cert_fingerprint,
+        peer=peer,
+        details=MappingProxyType(details),
+    )
+
+
+def resolve_entries(
+    entries: Sequence[AuditEntry], keys: Mapping[str, bytes], audit_key: bytes
+) -> list[AuditEntry]:
+    """Stored entries resolved: device refs and sealed peers of the devices whose data keys are in
+    ``keys`` (device id -> key), and the sealed fields of entries naming no device. Entries of a
+    device whose key is gone (erased) stay as stored."""
+    by_ref = {privacy.device_ref(key, device_id): (device_id, key) for device_id, key in keys.items()}
+    out = []
+    for e in entries:
+        if not e.draft.device_id:
+            out.append(dataclasses.replace(e, draft=open_anonymous(e.draft, audit_key)))
+            continue
+        found = by_ref.get(e.draft.device_id)
+        if found is None:
+            out.append(e)
+            continue
+        device_id, key = found
+        peer = privacy.unseal(key, e.draft.peer) if e.draft.peer else None
+        out.append(dataclasses.replace(e, draft=dataclasses.replace(e.draft, device_id=device_id, peer=peer)))
+    return out
+
+
+def pair_keyring(
+    registry_id: str | None,
+    keyring_id: str | None,
+    *,
+    has_devices: bool,
+    has_keys: bool,
+    keyring: str,
+    where: str,
+) -> str | None:
+    """The id that pairs a registry with its keyring, from the id each holds (None: none yet).
+
+    Both without one: a new pair (returns None: make one). One side without: it takes the other's,
+    if that side protects nothing yet (a new registry on an empty keyring, or the first open
+    interrupted between the two writes). Otherwise they must be equal; else
+    :class:`~jitp.errors.MasterKeyMismatch` (a missing keyring, or another registry's)."""
+    if registry_id == keyring_id:
+        return registry_id
+    if keyring_id is None and not has_devices:
+        return registry_id
+    if registry_id is None and not has_keys:
+        return keyring_id
+    found = "there is none" if keyring_id is None else f"it holds keyring {keyring_id}"
+    raise errors.MasterKeyMismatch(
+        f"the keyring {keyring} is missing or belongs to another registry: this registry's data is "
+        f"sealed with the keys of keyring {registry_id or '(none yet)'}, {found}. Restore that keyring "
+        "or point the configuration at it (or, to start an empty registry, move this keyring away)",
+        where=where,
+    )

@@ -47,9 +47,11 @@ from jitp.registry import (
     ProvisionOutcome,
     StatusChange,
     decide,
-    open_anonymous,
+    pair_keyring,
     plan_status_change,
+    provisioned_draft,
     pseudonymize,
+    resolve_entries,
     seal_anonymous,
 )
 from jitp.trust import Role, TrustAnchor
@@ -178,7 +180,6 @@ KEYRING_SCHEMA: tuple[str, ...] = (
     "CREATE TABLE IF NOT EXISTS keyring.registry_keys (name TEXT PRIMARY KEY, kid TEXT NOT NULL, "
     "wrapped BLOB NOT NULL)",
 )
-AUDIT_KEY = "audit"  # seals the peer address of audit entries that name no device
 
 # An erased device's last event names it: once delivered over MQTT *and* past every event sink's
 # cursor (a sink that is behind must still publish it in full), it goes too.
@@ -389,24 +390,19 @@ class SQLiteRegistry:
                 await db.execute(statement)
             reg_id = await self._scalar(db, "SELECT value FROM meta_text WHERE key = 'keyring_id'")
             ring_id = await self._scalar(db, "SELECT value FROM keyring.meta WHERE key = 'keyring_id'")
-            has_devices = await self._scalar(db, "SELECT 1 FROM devices LIMIT 1") is not None
-            has_keys = await self._scalar(db, "SELECT 1 FROM keyring.data_keys LIMIT 1") is not None
-            if reg_id is None and ring_id is None:
-                reg_id = ring_id = privacy.new_key().hex()[:32]
-                await db.execute("INSERT INTO meta_text (key, value) VALUES ('keyring_id', ?)", (reg_id,))
-                await db.execute("INSERT INTO keyring.meta (key, value) VALUES ('keyring_id', ?)", (ring_id,))
-            elif ring_id is None and not has_devices:
-                await db.execute("INSERT INTO keyring.meta (key, value) VALUES ('keyring_id', ?)", (reg_id,))
-            elif reg_id is None and not has_keys:
-                await db.execute("INSERT INTO meta_text (key, value) VALUES ('keyring_id', ?)", (ring_id,))
-            elif reg_id != ring_id:
-                what = "is missing or empty" if ring_id is None else "belongs to another registry"
-                raise errors.MasterKeyMismatch(
-                    f"the keyring {self.keyring_path} {what}: this registry's device data is sealed with "
-                    "keys kept in its own keyring; restore that keyring (or move this one away to start "
-                    "an empty registry)",
-                    where=str(self.path),
-                )
+            paired = pair_keyring(
+                reg_id,
+                ring_id,
+                has_devices=await self._scalar(db, "SELECT 1 FROM devices LIMIT 1") is not None,
+                has_keys=await self._scalar(db, "SELECT 1 FROM keyring.data_keys LIMIT 1") is not None,
+                keyring=str(self.keyring_path),
+                where=str(self.path),
+            )
+            paired = paired or privacy.new_key().hex()[:32]
+            if reg_id is None:
+                await db.execute("INSERT INTO meta_text (key, value) VALUES ('keyring_id', ?)", (paired,))
+            if ring_id is None:
+                await db.execute("INSERT INTO keyring.meta (key, value) VALUES ('keyring_id', ?)", (paired,))
             primary = await self._scalar(db, "SELECT value FROM keyring.meta WHERE key = 'primary_kid'")
             if primary is None:
                 primary = self._keys.kids()[0]
@@ -420,7 +416,7 @@ class SQLiteRegistry:
                 used = sorted(str(r[0]) for r in await cur.fetchall())
             require_kids(self._keys, used, where=str(self.path))
             self._index_key = await self._registry_key(db, envelope.INDEX_KEY, primary)
-            self._audit_key = await self._registry_key(db, AUDIT_KEY, primary)
+            self._audit_key = await self._registry_key(db, envelope.AUDIT_KEY, primary)
             # Finish erasures a crash interrupted: their device rows are gone, so must their keys be.
             await db.execute(
                 "DELETE FROM keyring.data_keys WHERE erasing = 1 "
@@ -475,8 +471,9 @@ class SQLiteRegistry:
         return fresh
 
     async def _ensure_keys(self, wanted: dict[str, list[str]]) -> None:
-        """Data keys for the devices about to be written (``device_id -> certificate fingerprints``),
-        committed before any row they protect. A device whose certificates are all erased gets none."""
+        """Data keys for the devices about to be written (``device_id -> tombstone refs of the
+        certificates``), committed before any row they protect. A device whose certificates are all
+        erased gets none."""
         async with self._lock:
             have: set[str] = set()
             for chunk in _chunks(list(wanted)):
@@ -497,11 +494,7 @@ class SQLiteRegistry:
                     chunk,
                 ) as cur:
                     keep.update(r[0] for r in await cur.fetchall())
-            refs = {
-                d: [privacy.tombstone_ref(self._salt, fp) for fp in wanted[d]]
-                for d in missing
-                if d not in keep
-            }
+            refs = {d: wanted[d] for d in missing if d not in keep}
             erased: set[str] = set()
             for chunk in _chunks([ref for group in refs.values() for ref in group]):
                 async with db.execute(
@@ -1185,25 +1178,8 @@ class SQLiteRegistry:
             self.db.execute("SELECT device_id, kid, wrapped FROM keyring.data_keys") as cur,
         ):
             rows = await cur.fetchall()
-        by_ref = {}
-        for device_id, kid, wrapped in rows:
-            key = envelope.unwrap_data_key(self._keys, kid, device_id, bytes(wrapped))
-            by_ref[privacy.device_ref(key, device_id)] = (device_id, key)
-        out = []
-        for e in entries:
-            if not e.draft.device_id:
-                out.append(dataclasses.replace(e, draft=open_anonymous(e.draft, self._audit_key)))
-                continue
-            found = by_ref.get(e.draft.device_id)
-            if found is None:
-                out.append(e)
-                continue
-            device_id, key = found
-            peer = privacy.unseal(key, e.draft.peer) if e.draft.peer else None
-            out.append(
-                dataclasses.replace(e, draft=dataclasses.replace(e.draft, device_id=device_id, peer=peer))
-            )
-        return out
+        keys = {d: envelope.unwrap_data_key(self._keys, kid, d, bytes(w)) for d, kid, w in rows}
+        return resolve_entries(entries, keys, self._audit_key)
 
     # -- keys (jitp keys rotate) -------------------------------------------------------------
     async def keyring_status(self) -> KeyringStatus:
@@ -1317,10 +1293,15 @@ class SQLiteRegistry:
     async def _apply(self, batch: list[_Provision | _Audit]) -> None:
         provisions = [op for op in batch if isinstance(op, _Provision)]
         results: dict[int, ProvisionOutcome | errors.ProvisioningError] = {}
+        # Each certificate's tombstone ref, computed once: an erased certificate stays refused.
+        tombstone = {
+            p.identity.cert_fingerprint: privacy.tombstone_ref(self._salt, p.identity.cert_fingerprint)
+            for p in provisions
+        }
         if provisions:
             wanted: dict[str, list[str]] = {}
             for p in provisions:
-                wanted.setdefault(p.identity.device_id, []).append(p.identity.cert_fingerprint)
+                wanted.setdefault(p.identity.device_id, []).append(tombstone[p.identity.cert_fingerprint])
             await self._ensure_keys(wanted)
         async with self._transaction() as db:
             keys: dict[str, bytes] = {}
@@ -1334,10 +1315,7 @@ class SQLiteRegistry:
                     existing[record.device_id] = record
             erased: set[str] = set()
             if provisions:
-                refs = sorted(
-                    {privacy.tombstone_ref(self._salt, p.identity.cert_fingerprint) for p in provisions}
-                )
-                for chunk in _chunks(refs):
+                for chunk in _chunks(list(tombstone.values())):
                     async with db.execute(
                         f"SELECT ref FROM tombstones WHERE ref IN ({_marks(chunk)})", chunk
                     ) as cur:
@@ -1364,11 +1342,11 @@ class SQLiteRegistry:
                 if isinstance(op, _Audit):
                     drafts.extend(op.drafts)
                     continue
-                if privacy.tombstone_ref(self._salt, op.identity.cert_fingerprint) in erased:
+                ref = tombstone[op.identity.cert_fingerprint]
+                if ref in erased:
                     # Nothing that names the erased device is written again, not even in the audit trail.
                     results[i] = errors.DeviceErased(
-                        "this certificate belonged to an erased device and stays refused",
-                        detail=privacy.tombstone_ref(self._salt, op.identity.cert_fingerprint),
+                        "this certificate belonged to an erased device and stays refused", detail=ref
                     )
                     continue
                 outcome = decide(
@@ -1398,19 +1376,9 @@ class SQLiteRegistry:
                 existing[record.device_id] = record
                 upserts[record.device_id] = record
                 new_events.append(event)
-                details = {"ca_id": record.ca_id, "region": record.region, "event_id": event.event_id}
-                if previous is not None:
-                    details["previous_fingerprint"] = previous.cert_fingerprint
-                    details["policy"] = op.policy
                 drafts.append(
-                    AuditDraft(
-                        at=op.at,
-                        action=event.type,
-                        actor="device",
-                        device_id=record.device_id,
-                        fingerprint=record.cert_fingerprint,
-                        peer=op.peer,
-                        details=MappingProxyType(details),
+                    provisioned_draft(
+                        record, event, previous=previous, at=op.at, peer=op.peer, policy=op.policy
                     )
                 )
             if upserts:

@@ -75,38 +75,51 @@ def test_storm_over_the_ca_rate_is_shed_with_connack_3_and_all_join_after_backin
     assert len(shed) < total  # coalesced: a storm of refusals is a few counted entries
 
 
-def test_a_full_queue_answers_connack_3_fast(make_broker: Any, pki: Pki) -> None:
+def test_a_full_queue_answers_connack_3_without_waiting(make_broker: Any, pki: Pki) -> None:
+    """The only worker is held until the test lets it go: a second first join is refused with
+    CONNACK 3 while the first is still in flight, not queued behind it."""
     broker = make_broker(workers=1, queue_size=0)
     registry = broker.registry()
     original = registry.provision
 
-    async def stalled(*args: Any, **kw: Any) -> Any:
-        await asyncio.sleep(2.0)
+    async def new_event() -> asyncio.Event:
+        return asyncio.Event()
+
+    release = broker.call(new_event())
+
+    async def held(*args: Any, **kw: Any) -> Any:
+        await asyncio.wait_for(release.wait(), 30)
         return await original(*args, **kw)
 
-    registry.provision = stalled
+    registry.provision = held
     try:
         slow: list[int | None] = []
-        t = threading.Thread(target=lambda: slow.append(connect(broker.port, pki, pki.device("q-1")).rc))
+        t = threading.Thread(
+            target=lambda: slow.append(connect(broker.port, pki, pki.device("q-1"), timeout=40).rc)
+        )
         t.start()
-        time.sleep(0.5)  # q-1 holds the only worker
+        time.sleep(0.5)  # q-1 takes the only worker
         started = time.perf_counter()
         refused = connect(broker.port, pki, pki.device("q-2"))
         elapsed = time.perf_counter() - started
         refused.close()
         assert refused.rc == 3
-        assert elapsed < 0.5, f"CONNACK 3 took {elapsed:.3f} s"
+        assert slow == [], "q-2 was answered only after q-1 finished"
         print(f"\nqueue full: CONNACK 3 after {elapsed * 1000:.0f} ms (TLS + CONNECT included)")
-        t.join(10)
+        broker.loop.call_soon_threadsafe(release.set)
+        t.join(40)
         assert slow == [0]
     finally:
+        broker.loop.call_soon_threadsafe(release.set)
         registry.provision = original
 
 
 def test_registry_unavailable_refuses_first_joins_fast_but_cached_devices_connect(
     make_broker: Any, pki: Pki
 ) -> None:
-    broker = make_broker()
+    # Waiting for the queue would take 60 s, beyond the client's 5 s: a CONNACK 3 within that
+    # shows the join was refused at once, not left to time out.
+    broker = make_broker(queue_timeout=60.0)
     known = pki.device("outage-known")
     first = connect(broker.port, pki, known)
     first.close()
@@ -117,7 +130,7 @@ def test_registry_unavailable_refuses_first_joins_fast_but_cached_devices_connec
         new = connect(broker.port, pki, pki.device("outage-new"))
         elapsed = time.perf_counter() - started
         new.close()
-        assert new.rc == 3 and elapsed < 1.0, (new.rc, elapsed)
+        assert new.rc == 3, (new.rc, new.error)
         print(f"\nregistry down: CONNACK 3 after {elapsed * 1000:.0f} ms")
         again = connect(broker.port, pki, known)
         again.close()

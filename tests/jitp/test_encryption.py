@@ -162,7 +162,7 @@ def test_a_wrong_or_missing_master_key_or_keyring_is_refused(tmp_path: Path) -> 
 
     keyring = tmp_path / "data-keys" / "keyring.db"
     shutil.move(keyring, tmp_path / "keyring.away")
-    with pytest.raises(errors.MasterKeyMismatch, match="is missing or empty"):
+    with pytest.raises(errors.MasterKeyMismatch, match="is missing or belongs to another registry"):
         _run(make(tmp_path, LocalKeys([right])).open())
     shutil.move(tmp_path / "keyring.away", keyring)
 
@@ -568,3 +568,25 @@ def test_rotation_stage_keep_old_and_one_run_at_a_time(tmp_path: Path) -> None:
             await registry.close()
 
     _run(body())
+
+
+def test_pairing_a_registry_with_its_keyring() -> None:
+    from jitp.registry import pair_keyring
+
+    def pair(reg: str | None, ring: str | None, *, devices: bool = False, keys: bool = False) -> str | None:
+        return pair_keyring(reg, ring, has_devices=devices, has_keys=keys, keyring="K", where="R")
+
+    assert pair(None, None) is None  # new: the caller makes an id for both
+    assert pair("a", "a", devices=True, keys=True) == "a"
+    assert pair("a", None) == "a"  # the first open was interrupted between the two writes
+    assert pair(None, "b") == "b"  # a new registry on a keyring that protects nothing yet
+    for reg, ring, devices, keys in (
+        ("a", None, True, False),
+        (None, "b", False, True),
+        ("a", "b", True, True),
+    ):
+        with pytest.raises(
+            errors.MasterKeyMismatch, match="the keyring K is missing or belongs to another"
+        ) as exc:
+            pair(reg, ring, devices=devices, keys=keys)
+        assert exc.value.where == "R" and "move this keyring away" in str(exc.value)

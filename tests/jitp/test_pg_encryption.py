@@ -21,6 +21,7 @@ import pytest
 
 from jitp import envelope, errors, pg_registry, privacy
 from jitp.audit import GENESIS_HASH, AuditDraft, chain, verify_chain
+from jitp.config import default_keyring_schema
 from jitp.events import lifecycle_event, new_event_id, provisioned_event
 from jitp.keys import EnvKeyProvider, LocalKeys, MasterKey, MasterKeyProvider
 from jitp.pg_registry import PostgresRegistry, drop_schema
@@ -162,7 +163,7 @@ def test_wrong_master_key_refuses_to_open(
 def test_keyring_missing_or_of_another_registry(postgres: Backend, keys_a: MasterKey, pg_dsn: str) -> None:
     assert postgres.schema is not None
     other = Backend("postgresql", postgres.tmp, dsn=pg_dsn, schema=f"{postgres.schema}_b")
-    keyring = pg_registry.default_keyring_schema(postgres.schema)
+    keyring = default_keyring_schema(postgres.schema)
 
     async def body() -> None:
         async with make(postgres, LocalKeys([keys_a])) as registry:
@@ -252,7 +253,7 @@ def test_erasure_leaves_old_copies_undecryptable(
 ) -> None:
     ident, rotated = secret_identity("shred-dev"), secret_identity("shred-dev", "2")
     keys = LocalKeys([keys_a])
-    keyring = pg_registry.default_keyring_schema(postgres.schema)
+    keyring = default_keyring_schema(postgres.schema)
 
     async def body() -> None:
         async with make(postgres, keys) as registry:
