@@ -144,19 +144,70 @@ def cmd_pki_issue(args: argparse.Namespace) -> int:
 
 
 # -- ca -----------------------------------------------------------------------------------
-def _load_ca_cert(path: Path) -> x509.Certificate:
+MAX_CERT_FILE = 1024 * 1024  # bytes; a certificate (chain) file is a few KiB
+MAX_CRL_FILE = 16 * 1024 * 1024  # bytes; a CRL of ~400,000 revoked serials
+
+
+def _read_capped(path: Path, cap: int, what: str) -> bytes:
+    """At most ``cap`` bytes of ``path``: reads ``cap + 1`` and refuses more (``/dev/zero`` at once)."""
     try:
-        data = path.read_bytes()
+        with path.open("rb") as f:
+            data = f.read(cap + 1)
     except OSError as exc:
         raise errors.InvalidRequest(f"cannot read {path}: {exc.strerror}") from None
+    if len(data) > cap:
+        raise errors.InvalidRequest(
+            f"{path} is larger than {_size(cap)}, the limit for {what}; is it the right file?"
+        )
+    return data
+
+
+def _load_certs(path: Path) -> list[x509.Certificate]:
+    """Every certificate in a PEM file, or the one in a DER file (read with a size cap)."""
+    data = _read_capped(path, MAX_CERT_FILE, "a certificate file")
     try:
-        certs_ = x509.load_pem_x509_certificates(data)
+        return x509.load_pem_x509_certificates(data)
     except ValueError:
         try:
-            certs_ = [x509.load_der_x509_certificate(data)]
+            return [x509.load_der_x509_certificate(data)]
         except ValueError:
             raise errors.InvalidRequest(f"{path} holds no PEM or DER certificate") from None
-    return certs_[0]
+
+
+def _load_ca_cert(path: Path) -> x509.Certificate:
+    """The one certificate in ``path``. A bundle is refused rather than cut to its first
+    certificate: which of them was meant cannot be guessed, and registering only one is silent."""
+    found = _load_certs(path)
+    if len(found) > 1:
+        raise errors.InvalidRequest(
+            f"{path} holds {len(found)} certificates; put each CA certificate in a file of its own "
+            "and register each separately"
+        )
+    return found[0]
+
+
+def _load_leaf(path: Path) -> x509.Certificate:
+    """The leaf of a chain file (leaf first, then its CAs, as TLS sends it). Several leaves are
+    refused: erasing only the first of them would be silent."""
+    leaf, *rest = _load_certs(path)
+    leaves = 1 + sum(not _is_ca(c) for c in rest)
+    if leaves > 1:
+        raise errors.InvalidRequest(
+            f"{path} holds {leaves} end-entity certificates; give one device's certificate "
+            "(its chain may follow it) and erase each device separately"
+        )
+    return leaf
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except (x509.ExtensionNotFound, ValueError):
+        return False
+
+
+def _size(n: int) -> str:
+    return f"{n // (1024 * 1024)} MiB" if n % (1024 * 1024) == 0 else f"{n} bytes"
 
 
 def cmd_ca_register(args: argparse.Namespace) -> int:
@@ -366,7 +417,7 @@ def cmd_devices_erase(args: argparse.Namespace) -> int:
         raise errors.InvalidRequest("give a device id or --cert FILE (not both)")
     fingerprint = None
     if args.cert:
-        cert = _load_ca_cert(Path(args.cert))  # any certificate: the first in the file
+        cert = _load_leaf(Path(args.cert))  # a device's chain file will do: its leaf comes first
         fingerprint = fingerprint_der(cert.public_bytes(serialization.Encoding.DER))
 
     async def go(registry: Registry) -> int:
@@ -387,10 +438,7 @@ def cmd_devices_erase(args: argparse.Namespace) -> int:
 
 
 def cmd_ca_crl(args: argparse.Namespace) -> int:
-    try:
-        data = Path(args.crl).read_bytes()
-    except OSError as exc:
-        raise errors.InvalidRequest(f"cannot read {args.crl}: {exc.strerror}") from None
+    data = _read_capped(Path(args.crl), MAX_CRL_FILE, "a CRL")
 
     async def go(registry: Registry) -> int:
         service = ProvisioningService(registry)
@@ -440,9 +488,10 @@ def cmd_templates_test(args: argparse.Namespace) -> int:
     templates = TemplateSet.load(config.templates_dir)
     template = templates.get(args.name)
     chain_path = Path(args.cert)
+    data = _read_capped(chain_path, MAX_CERT_FILE, "a certificate file")
     try:
-        chain = x509.load_pem_x509_certificates(chain_path.read_bytes())
-    except (OSError, ValueError) as exc:
+        chain = x509.load_pem_x509_certificates(data)
+    except ValueError as exc:
         raise errors.InvalidRequest(f"cannot read certificates from {chain_path}: {exc}") from None
     ders = tuple(c.public_bytes(serialization.Encoding.DER) for c in chain)
 

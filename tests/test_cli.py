@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from tests.helpers import Pki, connect
 
@@ -66,8 +67,9 @@ def test_ca_register_list_disable(tmp_path: Path, pki: Pki) -> None:
     )
     unknown = jitp("ca", "disable", "f" * 64, "--data-dir", "d", cwd=tmp_path, check=False)
     assert unknown.returncode == 2 and "no CA" in unknown.stderr
-    leaf = pki.device("not-a-ca")
-    refused = jitp("ca", "register", str(leaf.cert_path), "--data-dir", "d", cwd=tmp_path, check=False)
+    leaf = tmp_path / "leaf.pem"  # the leaf alone: its chain file would be refused as a bundle
+    leaf.write_bytes(pki.device("not-a-ca").cert.public_bytes(Encoding.PEM))
+    refused = jitp("ca", "register", str(leaf), "--data-dir", "d", cwd=tmp_path, check=False)
     assert refused.returncode == 2 and "not a CA certificate" in refused.stderr
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("hello")

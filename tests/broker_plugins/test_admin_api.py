@@ -22,6 +22,7 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
 import certs
+from broker_plugins import admin
 from jitp.audit import AuditDraft
 from jitp.records import Command, DeviceStatus
 from jitp.trust import Role
@@ -561,3 +562,179 @@ def test_roles_from_an_explicit_mapping_in_config(tmp_path: Path, pki: Pki) -> N
         for c in env.clients.values():
             c.conn.close()
         broker.stop()
+
+
+# -- request limits and the audit of every request (issue 12, findings 10 and 15) ---------------
+def error_replies(client: Client) -> list[dict[str, Any]]:
+    """Replies to requests that could not be read (no correlation id): on ``.../<cid>/error``."""
+    return [doc for topic, _, doc in replies(client) if topic == f"{REPLIES}/{client.cid}/error"]
+
+
+def unreadable_request(env: Env, role: str, command: str, payload: bytes) -> tuple[dict[str, Any], Any]:
+    """Publish a request that cannot be read; its error reply and its one audit entry."""
+    client = env.client(role)
+    seen = len(error_replies(client))
+    audited = len(admin_entries(env, client.actor, command))
+    publish(client, command, payload)
+    assert wait(lambda: len(error_replies(client)) > seen), f"no reply to {payload[:40]!r}..."
+    assert wait(lambda: len(admin_entries(env, client.actor, command)) > audited), "not audited"
+    assert len(error_replies(client)) == seen + 1
+    assert len(admin_entries(env, client.actor, command)) == audited + 1, "audited more than once"
+    return error_replies(client)[seen], admin_entries(env, client.actor, command)[-1].draft
+
+
+def nested(depth: int, correlation_id: str = "") -> bytes:
+    """A devices.show request whose device id is ``depth`` nested lists: ``depth + 2`` levels."""
+    value: Any = "x"
+    for _ in range(depth):
+        value = [value]
+    return json.dumps({"correlation_id": correlation_id, "args": {"device_id": value}}).encode()
+
+
+def still_serving(env: Env, role: str) -> None:
+    doc = request(env.client(role), "devices.list")
+    assert doc["ok"] is True, doc
+
+
+def test_deeply_nested_request_gets_an_error_and_an_audit_entry(env: Env) -> None:
+    """A 30,000-deep ``[[[...`` (under the size limit) raised RecursionError inside the JSON parser:
+    no reply, no audit entry. Now the depth is checked before parsing."""
+    doc, entry = unreadable_request(env, "operator", "devices.list", b"[" * 30_000)
+    assert doc["ok"] is False and doc["error"]["reason"] == "invalid_request", doc
+    assert f"more than {admin.MAX_REQUEST_DEPTH} levels" in doc["error"]["message"], doc
+    assert admin.MAX_REQUEST_BYTES > 30_000  # refused for its depth, not its size
+    assert (entry.details.get("allowed"), entry.reason) == ("false", "invalid_request"), entry
+    assert entry.details.get("limit") == "depth", entry
+    still_serving(env, "operator")
+
+
+def test_nesting_just_over_the_limit_is_refused_and_at_it_accepted(env: Env) -> None:
+    over = nested(admin.MAX_REQUEST_DEPTH - 1)  # one level too deep
+    doc, entry = unreadable_request(env, "admin", "devices.show", over)
+    assert doc["error"]["reason"] == "invalid_request" and entry.details.get("limit") == "depth", doc
+    client = env.client("admin")
+    corr = uuid.uuid4().hex
+    publish(client, "devices.show", nested(admin.MAX_REQUEST_DEPTH - 2, corr))  # at the limit
+    assert wait(lambda: find_reply(client, corr) is not None), "no reply to a request at the depth limit"
+    found = find_reply(client, corr)
+    assert found is not None
+    # parsed and run: the device id (a list, stringified) is simply unknown
+    assert found[2]["error"]["reason"] == "not_found", found
+
+
+def test_brackets_inside_strings_do_not_count(env: Env) -> None:
+    doc = request(env.client("operator"), "devices.show", {"device_id": "[{" * 5_000 + '\\"]'})
+    assert doc["ok"] is False and doc["error"]["reason"] == "not_found", doc
+
+
+def test_oversized_request_gets_an_error_and_an_audit_entry(env: Env) -> None:
+    payload = json.dumps({"correlation_id": "big", "args": {"device_id": "x" * 100_000}}).encode()
+    doc, entry = unreadable_request(env, "operator", "devices.show", payload)
+    assert admin.MAX_REQUEST_BYTES < len(payload) < 256 * 1024  # under the broker's packet limit
+    assert doc["ok"] is False and doc["error"]["reason"] == "invalid_request", doc
+    assert str(admin.MAX_REQUEST_BYTES) in doc["error"]["message"], doc
+    assert (entry.details.get("allowed"), entry.reason, entry.details.get("limit")) == (
+        "false",
+        "invalid_request",
+        "size",
+    ), entry
+    # just under the limit is read and run
+    under = request(env.client("operator"), "devices.show", {"device_id": "y" * 60_000})
+    assert under["ok"] is False and under["error"]["reason"] == "not_found", under
+    still_serving(env, "operator")
+
+
+def test_non_utf8_and_non_object_requests_are_answered_and_audited(env: Env) -> None:
+    for payload in (b'{"args": "\xff\xfe"}', b"[1, 2, 3]", b"{this is not json"):
+        doc, entry = unreadable_request(env, "auditor", "ca.list", payload)
+        assert doc["error"]["reason"] == "invalid_request", (payload, doc)
+        assert (entry.details.get("allowed"), entry.reason) == ("false", "invalid_request"), entry
+
+
+def test_args_not_an_object_is_invalid_request(env: Env) -> None:
+    client = env.client("operator")
+    before = len(admin_entries(env, client.actor, "devices.show"))
+    corr = uuid.uuid4().hex
+    publish(client, "devices.show", json.dumps({"correlation_id": corr, "args": ["x"]}))
+    assert wait(lambda: find_reply(client, corr) is not None)
+    found = find_reply(client, corr)
+    assert found is not None
+    assert found[2]["error"] == {"reason": "invalid_request", "message": "args must be a JSON object"}
+    assert len(admin_entries(env, client.actor, "devices.show")) == before + 1
+
+
+def test_forbidden_escalation_is_audited_as_denied(env: Env) -> None:
+    """An operator asking ``ca.register`` for an administrative role is answered ``forbidden``; the
+    audit entry said ``allowed: true``, hiding exactly the denial an auditor looks for."""
+    operator = env.client("operator")
+    for role in ("auditor", "operator", "admin"):
+        before = len(admin_entries(env, operator.actor, "ca.register"))
+        ca = new_ca()
+        doc = request(operator, "ca.register", {"cert_pem": pem(ca), "role": role})
+        assert doc["ok"] is False and doc["error"]["reason"] == "forbidden", doc
+        expected = before + 1
+        assert wait(lambda n=expected: len(admin_entries(env, operator.actor, "ca.register")) == n)
+        entry = admin_entries(env, operator.actor, "ca.register")[-1].draft
+        assert (entry.details.get("allowed"), entry.reason) == ("false", "forbidden"), (role, entry)
+        assert anchor(env, certs.fingerprint(ca.cert)) is None
+
+
+def test_every_forbidden_answer_is_audited_as_denied(env: Env) -> None:
+    """Whatever path answers ``forbidden`` (the role table, or a check inside a command), its one
+    audit entry says ``allowed: false``."""
+    b = env.broker
+    count = len(b.audit())
+    answered = 0
+    for role in ROLES[1:]:
+        for command in COMMANDS:
+            if role not in ALLOWED[command]:
+                assert request(env.client(role), command, {})["error"]["reason"] == "forbidden"
+                answered += 1
+    escalation = request(env.client("operator"), "ca.register", {"cert_pem": pem(new_ca()), "role": "admin"})
+    assert escalation["error"]["reason"] == "forbidden"
+    answered += 1
+    denied = [
+        e.draft
+        for e in b.audit()[count:]
+        if e.draft.action == "admin-command" and e.draft.reason == "forbidden"
+    ]
+    assert len(denied) == answered
+    assert [d.details.get("allowed") for d in denied] == ["false"] * answered, denied
+
+
+def test_a_failing_command_is_answered_and_audited_once(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unexpected exception inside a command: an ``internal_error`` reply and one audit entry."""
+
+    async def broken() -> list[Any]:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(env.broker.registry(), "list_devices", broken)
+    client = env.client("auditor")
+    before = len(admin_entries(env, client.actor, "devices.list"))
+    doc = request(client, "devices.list")
+    assert doc["ok"] is False and doc["error"]["reason"] == "internal_error", doc
+    assert "disk on fire" not in json.dumps(doc)  # details stay in the broker log
+    assert wait(lambda: len(admin_entries(env, client.actor, "devices.list")) == before + 1)
+    entry = admin_entries(env, client.actor, "devices.list")[-1].draft
+    assert (entry.details.get("allowed"), entry.reason) == ("true", "internal_error"), entry
+    monkeypatch.undo()
+    still_serving(env, "auditor")
+    assert len(admin_entries(env, client.actor, "devices.list")) == before + 2
+
+
+def test_unknown_command_is_audited_once_as_denied(env: Env) -> None:
+    client = env.client("admin")
+    before = len(admin_entries(env, client.actor, "devices.levitate"))
+    doc = request(client, "devices.levitate", {})
+    assert doc["error"]["reason"] == "invalid_request", doc
+    assert wait(lambda: len(admin_entries(env, client.actor, "devices.levitate")) == before + 1)
+    entry = admin_entries(env, client.actor, "devices.levitate")[-1].draft
+    assert (entry.details.get("allowed"), entry.reason) == ("false", "invalid_request"), entry
+
+
+def test_json_depth_ignores_strings_and_escapes() -> None:
+    assert admin.json_depth('{"a": [1, {"b": []}]}') == 4
+    assert admin.json_depth('{"a": "[[[[{{{{"}') == 1
+    assert admin.json_depth('{"a": "\\\\", "b": [[]]}') == 3  # an escaped backslash ends no string
+    assert admin.json_depth('{"a": "\\"[[[["}') == 1  # an escaped quote does
+    assert admin.json_depth("[" * 100_000, stop=32) == 33
