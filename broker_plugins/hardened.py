@@ -45,6 +45,30 @@ W11 LEAN_SESSION_STATE    amqtt builds a ``transitions.Machine`` for every Sessi
                           CPU per connect. Sessions made for CONNECTs use :class:`LeanSessionState`,
                           the same three states and transitions (``new``, ``connected``,
                           ``disconnected``) without the library; property-tested against it.
+W12 ROUTING               amqtt matches every PUBLISH against every filter in the broker, leaves
+                          unsubscribed filters behind, and iterates its subscription dict across
+                          an await (a concurrent SUBSCRIBE drops the message for the rest). Here
+                          a topic tree (:class:`jitp.routing.SubscriptionTree`) routes each message
+                          synchronously, *before* its PUBACK: an acknowledged message is already in
+                          every matching session's queue, whatever the publisher does next.
+W13 DELIVERY_QUEUE        amqtt sends each outgoing message in a task of its own, without bound,
+                          forgets unacknowledged QoS 1 messages when a connection drops, and
+                          replays an offline session's queue with RETAIN=1. Here each session has
+                          a bounded :class:`jitp.routing.DeliveryQueue` written by one sender per
+                          connection: QoS 0 beyond the bound is dropped, QoS 1 beyond it disconnects
+                          the client; unacknowledged QoS 1 messages are resent (DUP) on reconnect.
+W14 WILL_ACL              amqtt publishes and retains a will without any topic check. Here a will
+                          outside the client's namespace refuses the CONNECT (``will_not_allowed``),
+                          and the will is checked again (ACL, profile, quotas) when published.
+W15 RETAINED_QUOTA        retained messages have a quota per client (count, bytes) and a global cap;
+                          a revoked, disabled, deprovisioned or erased device's are cleared.
+W16 STRICT_PACKETS        QoS 3, a QoS 1 PUBLISH with packet id 0, wildcards in a PUBLISH topic, an
+                          empty SUBSCRIBE or a will with QoS 3 close the connection (audited
+                          ``protocol_violation``); keep-alive also bounds a half-sent packet.
+W17 INLINE_READER         amqtt reads packets in one task and handles each in another, never
+                          waiting for them. Here the reader handles them in order, so a client that
+                          does not read its acknowledgements stops being read; writes that cannot
+                          drain within the keep-alive period close the connection.
 """
 
 from __future__ import annotations
@@ -57,21 +81,47 @@ import logging
 import socket
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, StreamWriterAdapter, WriterAdapter
 from amqtt.broker import Broker
-from amqtt.contexts import Action
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.events import BrokerEvents
+from amqtt.mqtt import packet_class
 from amqtt.mqtt.connack import NOT_AUTHORIZED, SERVER_UNAVAILABLE, ConnackPacket
-from amqtt.mqtt.constants import QOS_0
+from amqtt.mqtt.packet import (
+    DISCONNECT,
+    PINGREQ,
+    PUBACK,
+    PUBCOMP,
+    PUBLISH,
+    PUBREC,
+    PUBREL,
+    SUBSCRIBE,
+    UNSUBSCRIBE,
+    MQTTFixedHeader,
+)
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.puback import PubackPacket
+from amqtt.mqtt.publish import PublishPacket
+from amqtt.mqtt.subscribe import SubscribePacket
 from amqtt.session import Session
 from transitions import MachineError
 
 from broker_plugins.tls import handshake_refusal
 from jitp import errors
+from jitp.acl import NOBODY, Access, valid_filter
+from jitp.routing import (
+    DeliveryQueue,
+    Offer,
+    Outgoing,
+    QueueLimits,
+    RetainedLimits,
+    RetainedStore,
+    RetainVerdict,
+    SubscriptionTree,
+)
 
 if TYPE_CHECKING:
     from broker_plugins.server import JitpServer
@@ -87,6 +137,8 @@ NAMESPACE = "jitp.namespace"  # Session.attributes key: the jitp.acl.Namespace t
 PEER = "jitp.peer"  # Session.attributes key: the PeerCredentials it was admitted with
 JITP_DEVICE_TOPICS = "$jitp/devices/"  # devices publish their status here (W10)
 JITP_ADMIN_TOPICS = "$jitp/admin/"  # backend principals send admin API requests here (W10)
+MAX_PENDING_REQUESTS = 16  # SUBSCRIBE/UNSUBSCRIBE read ahead of their SUBACK/UNSUBACK, per client
+CLOSED_BY_OPERATOR = "jitp.closed"  # Session.attributes key: why the broker closed it (no will then)
 
 
 class AmqttIncompatible(RuntimeError):
@@ -195,7 +247,15 @@ class LeanSessionState:
 
 
 class JitpSession(Session):
-    """An amqtt Session with :class:`LeanSessionState` (W11)."""
+    """An amqtt Session with :class:`LeanSessionState` (W11), its own topic filters and its
+    bounded outgoing queue (W12, W13)."""
+
+    queue_limits = QueueLimits()  # set from LimitsConfig by JitpBroker
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.filters: dict[str, int] = {}  # topic filter -> granted QoS
+        self.delivery = DeliveryQueue(limits=self.queue_limits)
 
     def _init_states(self) -> None:
         self.transitions = LeanSessionState(self)  # type: ignore[assignment]
@@ -228,11 +288,17 @@ class LimitedReader(StreamReaderAdapter):
         self._body_left = 0  # bytes of the current packet's body not read yet
         self._length: int | None = None  # remaining length being decoded; None: next byte is a packet type
         self._shift = 0
+        # W16: seconds the rest of a packet may take once its first byte came (the keep-alive
+        # period); amqtt's reader loop times out only the wait for a packet's first byte.
+        self.idle_timeout: float | None = None
 
     async def read(self, n: int = -1) -> bytes:
         if n < 0 or n > self.max_packet_size:
             raise PacketTooLarge(f"packet larger than {self.max_packet_size} bytes")
-        data = await super().read(n)
+        if self.idle_timeout is not None and (self._body_left or self._length is not None):
+            data = await asyncio.wait_for(super().read(n), self.idle_timeout)
+        else:
+            data = await super().read(n)
         self._track(data)
         return data
 
@@ -259,9 +325,28 @@ class LimitedReader(StreamReaderAdapter):
 
 
 class AbortableWriter(StreamWriterAdapter):
+    """W17: a write that cannot drain within ``write_timeout`` (a client that stops reading) fails
+    instead of waiting forever, and closing never waits more than a second for such a client."""
+
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         super().__init__(writer)
         self.stream = writer
+        self.write_timeout: float | None = None
+
+    async def drain(self) -> None:
+        if self.is_closed:
+            return
+        async with asyncio.timeout(self.write_timeout):
+            await self.stream.drain()
+
+    async def close(self) -> None:
+        if self.is_closed:
+            return
+        try:
+            async with asyncio.timeout(1.0):
+                await super().close()
+        except (TimeoutError, OSError):
+            self.abort()
 
     def abort(self) -> None:
         self.is_closed = True
@@ -271,13 +356,68 @@ class AbortableWriter(StreamWriterAdapter):
 
 
 class JitpProtocolHandler(BrokerProtocolHandler):
-    """W5 keep-alive enforcement and W6 inflight limit on top of amqtt's handler."""
-
-    max_inflight = 32
+    """W5 keep-alive, W12 inline routing of PUBLISH, W13 one sender per connection, W16 strict packets."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._inflight = asyncio.Semaphore(self.max_inflight)
+        self.broker: JitpBroker | None = None
+        self._wake = asyncio.Event()
+        self._sender: asyncio.Task[None] | None = None
+        self._qos2: set[asyncio.Task[None]] = set()
+        # W17: the reader waits (TCP backpressure) rather than queueing requests without bound.
+        self._pending_subscriptions = asyncio.Queue(maxsize=MAX_PENDING_REQUESTS)
+        self._pending_unsubscriptions = asyncio.Queue(maxsize=MAX_PENDING_REQUESTS)
+
+    async def _reader_loop(self) -> None:
+        """W17: packets are handled one after another in this task, in order. amqtt starts a task
+        per packet and never waits for them: a client that does not read its PUBACKs grows the broker
+        without bound, and a drop of the connection cancels packets already read."""
+        session, reader = self.session, self.reader
+        assert session is not None and reader is not None and self._reader_ready is not None
+        keepalive = float(session.keep_alive) or None
+        handlers: dict[int, Callable[[Any], Awaitable[None]]] = {
+            PUBLISH: self.handle_publish,
+            PUBACK: self.handle_puback,
+            PUBREC: self.handle_pubrec,
+            PUBREL: self.handle_pubrel,
+            PUBCOMP: self.handle_pubcomp,
+            SUBSCRIBE: self.handle_subscribe,
+            UNSUBSCRIBE: self.handle_unsubscribe,
+            PINGREQ: self.handle_pingreq,
+            DISCONNECT: self.handle_disconnect,
+        }
+        self._reader_ready.set()
+        try:
+            while True:
+                try:
+                    header = await asyncio.wait_for(MQTTFixedHeader.from_stream(reader), keepalive)
+                except TimeoutError:
+                    self.handle_read_timeout()
+                    break
+                if not header:
+                    break
+                handle = handlers.get(header.packet_type)
+                if handle is None:  # CONNECT again, a server-only packet, or a reserved type
+                    if self.broker is not None:
+                        await self.broker.protocol_violation(
+                            session, self, f"unexpected packet type {header.packet_type} [MQTT-4.8.0-1]"
+                        )
+                    break
+                packet = await packet_class(header).from_stream(reader, fixed_header=header)
+                await handle(packet)
+                if header.packet_type == DISCONNECT:
+                    break
+        except asyncio.CancelledError:
+            pass
+        except TimeoutError:
+            self.handle_read_timeout()
+        except Exception as exc:  # malformed packet, reset, TLS error: the connection ends
+            log.debug("connection of %s ends: %r", session.client_id, exc)
+        for task in self._qos2:
+            task.cancel()
+        await self.handle_connection_closed()
+        self._reader_stopped.set()
+        await self.stop()
 
     def handle_read_timeout(self) -> None:
         session = self.session
@@ -289,18 +429,114 @@ class JitpProtocolHandler(BrokerProtocolHandler):
         if isinstance(self.writer, AbortableWriter):
             self.writer.abort()
 
-    async def mqtt_publish(
-        self,
-        topic: str,
-        data: bytes | bytearray,
-        qos: int | None,
-        retain: bool,
-        ack_timeout: int | None = None,
-    ) -> Any:
-        if not qos:
-            return await super().mqtt_publish(topic, data, qos, retain, ack_timeout)
-        async with self._inflight:
-            return await super().mqtt_publish(topic, data, qos, retain, ack_timeout)
+    # -- W13: the session's delivery queue, written by one task ------------------------------
+    async def start(self) -> None:
+        await super().start()
+        session = self.session
+        assert isinstance(session, JitpSession)
+        session.delivery.notify = self._wake.set
+        self._sender = asyncio.create_task(self._send_loop(session.delivery), name="jitp-sender")
+
+    def stop_sender(self) -> None:
+        """Stop writing; unacknowledged QoS 1 messages go back to the queue (resent on reconnect)."""
+        if self._sender is not None:
+            self._sender.cancel()
+            self._sender = None
+        session = self.session
+        if isinstance(session, JitpSession) and session.delivery.notify == self._wake.set:
+            session.delivery.notify = None
+            session.delivery.connection_lost()
+
+    async def stop(self) -> None:
+        self.stop_sender()
+        await super().stop()
+        if self.broker is not None:
+            self.broker.delivery_progress.set()
+
+    async def _send_loop(self, queue: DeliveryQueue) -> None:
+        try:
+            while True:
+                message = queue.next_to_send()
+                if message is None:
+                    self._wake.clear()
+                    message = queue.next_to_send()
+                    if message is None:
+                        await self._wake.wait()
+                        continue
+                packet = PublishPacket.build(
+                    message.topic, message.data, message.packet_id, message.dup, message.qos, message.retain
+                )
+                async with self._write_lock:
+                    assert self.writer is not None
+                    await packet.to_stream(self.writer)
+                if not message.qos and self.broker is not None:
+                    self.broker.delivery_progress.set()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the connection is gone; the reader notices and ends the session
+            log.debug("sender of %s stopped: %r", self.session.client_id if self.session else "?", exc)
+            if isinstance(self.writer, AbortableWriter):
+                self.writer.abort()
+
+    async def handle_puback(self, puback: PubackPacket) -> None:
+        session = self.session
+        packet_id = puback.packet_id
+        if isinstance(session, JitpSession) and session.delivery.acknowledge(packet_id):
+            if self.broker is not None:
+                self.broker.delivery_progress.set()
+            return
+        await super().handle_puback(puback)
+
+    # -- W12, W16: a PUBLISH is checked and routed before its PUBACK -----------------------------
+    async def handle_publish(self, publish_packet: PublishPacket) -> None:
+        session, broker = self.session, self.broker
+        if session is None or broker is None:
+            return
+        header = publish_packet.variable_header
+        topic = header.topic_name if header is not None else None
+        qos = publish_packet.qos or 0
+        packet_id = header.packet_id if header is not None else None
+        violation = None
+        if qos > 2:
+            violation = "PUBLISH with QoS 3 [MQTT-3.3.1-4]"
+        elif qos and not packet_id:
+            violation = "PUBLISH with QoS > 0 and packet id 0 [MQTT-2.3.1-1]"
+        elif not topic:
+            violation = "PUBLISH with an empty topic [MQTT-4.7.3-1]"
+        elif "+" in topic or "#" in topic:
+            violation = "PUBLISH to a topic with a wildcard [MQTT-3.3.2-2]"
+        if violation is not None:
+            await broker.protocol_violation(session, self, violation)
+            return
+        assert topic is not None
+        if qos == 2:  # amqtt's QoS 2 flow (PUBREC, then wait for PUBREL) ends in the message loop
+            if len(self._qos2) >= JitpSession.queue_limits.max_inflight:
+                await broker.protocol_violation(session, self, "too many QoS 2 messages in flight")
+                return
+            task = asyncio.create_task(super().handle_publish(publish_packet))
+            self._qos2.add(task)
+            task.add_done_callback(self._qos2.discard)
+            return
+        data = bytes(publish_packet.data or b"")
+        if not await broker.receive(session, topic, data, qos, bool(publish_packet.retain_flag)):
+            await broker.close_connection(session, self)
+            return
+        if qos == 1:
+            assert packet_id is not None
+            await self._send_packet(PubackPacket.build(packet_id))
+
+    async def handle_subscribe(self, subscribe: SubscribePacket) -> None:
+        session, broker = self.session, self.broker
+        topics = subscribe.payload.topics if subscribe.payload is not None else []
+        violation = None
+        if not topics:
+            violation = "SUBSCRIBE with no topic filter [MQTT-3.8.3-3]"
+        elif any(not 0 <= qos <= 2 for _, qos in topics):
+            violation = "SUBSCRIBE with QoS 3 [MQTT-3-8.3-4]"
+        if violation is not None and session is not None and broker is not None:
+            await broker.protocol_violation(session, self, violation)
+            return
+        await super().handle_subscribe(subscribe)
 
 
 class JitpBroker(Broker):
@@ -316,9 +552,27 @@ class JitpBroker(Broker):
         self.connected_clients = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         cfg = server.config
-        self.limits = cfg.limits
+        self.limits = limits = cfg.limits
         self.listener_config = cfg.listener
-        JitpProtocolHandler.max_inflight = cfg.limits.max_inflight
+        JitpSession.queue_limits = QueueLimits(
+            max_messages=limits.max_queued_messages,
+            max_bytes=limits.max_queued_bytes,
+            max_inflight=limits.max_inflight,
+        )
+        # W12: a topic tree (client id -> QoS per filter) instead of amqtt's scanned dict.
+        self.subscription_tree: SubscriptionTree[str] = SubscriptionTree()
+        # W15: retained messages with quotas; amqtt's name for them is kept for BrokerContext.
+        self.retained = RetainedStore(
+            RetainedLimits(
+                max_per_owner=limits.max_retained_per_client,
+                max_bytes_per_owner=limits.max_retained_bytes_per_client,
+                max_total_bytes=limits.max_retained_bytes,
+            )
+        )
+        self._retained_messages = self.retained.messages  # type: ignore[assignment]
+        self.draining = False
+        self.delivery_progress = asyncio.Event()  # set when a queue shrinks or a client leaves
+        self._reported: dict[tuple[str, str], float] = {}  # (client id, reason) -> when last audited
 
     # -- W1: our own listener --------------------------------------------------------------
     async def start_listener(self, host: str, port: int) -> int:
@@ -341,9 +595,36 @@ class JitpBroker(Broker):
 
     async def shutdown(self) -> None:
         await self.close_listener()
+        await self._drain()
         for task in list(self._tasks):
             task.cancel()
         await super().shutdown()
+
+    def _undelivered(self, *, connected: bool) -> int:
+        return sum(
+            len(s.delivery)
+            for s, _ in self._sessions.values()
+            if isinstance(s, JitpSession) and s.transitions.is_connected() == connected
+        )
+
+    async def _drain(self) -> None:
+        """A graceful stop: no new PUBLISH is acknowledged, and what was acknowledged is delivered to
+        connected subscribers (for up to ``limits.shutdown_drain_timeout``). Queues of offline
+        persistent sessions live in memory and end with the process: how many were left is logged."""
+        self.draining = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.limits.shutdown_drain_timeout):
+                while self._undelivered(connected=True):
+                    self.delivery_progress.clear()
+                    await self.delivery_progress.wait()
+        left, offline = self._undelivered(connected=True), self._undelivered(connected=False)
+        if left or offline:
+            log.warning(
+                "stopping with %d message(s) undelivered to connected clients and %d queued for "
+                "offline persistent sessions",
+                left,
+                offline,
+            )
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -439,10 +720,23 @@ class JitpBroker(Broker):
             await self._refuse(writer, code)  # W3: never entered the session table
             return
 
+        refusal = self._check_will(session)
+        if refusal is not None:
+            await self.jitp.service.record_refusal(
+                refusal, peer=f"{session.remote_address}:{session.remote_port}", client_id=session.client_id
+            )
+            await self._refuse(writer, NOT_AUTHORIZED)
+            return
+
         session = await self._attach_session(session)
         self._apply_keepalive(session)
+        if isinstance(reader, LimitedReader):
+            reader.idle_timeout = float(session.keep_alive)
+        if isinstance(writer, AbortableWriter):
+            writer.write_timeout = float(session.keep_alive)
         session.transitions.connect()
         handler.attach(session, reader, writer)
+        handler.broker = self
         self._sessions[session.client_id] = (session, handler)
         self.connected_clients += 1
         try:
@@ -450,8 +744,7 @@ class JitpBroker(Broker):
             await self.plugins_manager.fire_event(
                 BrokerEvents.CLIENT_CONNECTED, client_id=session.client_id, client_session=session
             )
-            await handler.start()
-            await self._publish_session_retained_messages(session)
+            await handler.start()  # W13: also starts the sender, which resends what was unacknowledged
             for topic_filter, qos in self._own_subscriptions(session):
                 await self._publish_retained_messages_for_subscription((topic_filter, qos), session)
             await self._client_message_loop(session, handler)
@@ -465,9 +758,7 @@ class JitpBroker(Broker):
                     session.transitions.disconnect()
                 if session.clean_session:
                     # W3: a clean session ends with its network connection [MQTT-3.1.2-6].
-                    del self._sessions[session.client_id]
-                    await self._del_all_subscriptions(session)
-                    session.clear_queues()
+                    await self._delete_session(session.client_id)
 
     async def _refuse(self, writer: WriterAdapter, code: int) -> None:
         with contextlib.suppress(Exception):
@@ -502,6 +793,8 @@ class JitpBroker(Broker):
                 reason="duplicate_client_id",
                 details={"previous_peer": old_peer, "same_certificate": str(same_cert).lower()},
             )
+            if isinstance(old_handler, JitpProtocolHandler):
+                old_handler.stop_sender()  # its unacknowledged messages stay queued for the new connection
             await old_handler.handle_connection_closed()
             if isinstance(old_handler.writer, AbortableWriter):
                 old_handler.writer.abort()
@@ -548,62 +841,293 @@ class JitpBroker(Broker):
         requested = max(requested, floor)
         session.keep_alive = requested * self.limits.keepalive_grace  # type: ignore[assignment]
 
-    # -- W8: connectivity profile ------------------------------------------------------------
-    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+    # -- W14: the Last Will goes through the topic ACL ---------------------------------------------
+    def _check_will(self, session: Session) -> errors.Refused | None:
+        """At CONNECT: a will must be a topic the client may publish to (its own status topic is).
+        Such a CONNECT is refused (CONNACK 5, audited ``will_not_allowed``) rather than admitted with
+        its will dropped: the device learns at once that its configuration is wrong."""
+        if not session.will_flag:
+            return None
+        topic = session.will_topic or ""
+        admission = session.attributes.get(ADMISSION)
+        device_id = getattr(getattr(admission, "record", None), "device_id", None)
+        fingerprint = getattr(admission, "fingerprint", None)
+        if (session.will_qos or 0) > 2:
+            return errors.ProtocolViolation(
+                "CONNECT with will QoS 3 [MQTT-3.1.2-14]", device_id=device_id, fingerprint=fingerprint
+            )
+        if "+" in topic or "#" in topic or not self._allows(session, Access.PUBLISH, topic):
+            return errors.WillNotAllowed(
+                "the Last Will's topic is outside the client's publish namespace",
+                device_id=device_id,
+                fingerprint=fingerprint,
+                detail=repr(topic)[:120],
+            )
+        return None
+
+    async def _handle_disconnect(
+        self, client_session: Session, handler: BrokerProtocolHandler, disconnect_waiter: asyncio.Future[Any]
+    ) -> None:
+        """The will is published like a PUBLISH (same ACL, now; profile; quotas), unless the client
+        said DISCONNECT or the broker closed it for a lifecycle decision (revoked, quarantined...)."""
+        result = disconnect_waiter.result()
+        if (
+            client_session.will_flag
+            and result is None
+            and not client_session.attributes.get(CLOSED_BY_OPERATOR)
+            and client_session.will_topic
+        ):
+            await self.receive(
+                client_session,
+                client_session.will_topic,
+                bytes(client_session.will_message or b""),
+                client_session.will_qos or 0,
+                bool(client_session.will_retain),
+                will=True,
+            )
+        await self._stop_handler(handler)
+        client_session.transitions.disconnect()
+        await self.plugins_manager.fire_event(
+            BrokerEvents.CLIENT_DISCONNECTED,
+            client_id=client_session.client_id,
+            client_session=client_session,
+        )
+
+    # -- W12: one inbound path for PUBLISH and Will, routed through the topic tree ---------------
+    def _allows(self, session: Session, access: Access, topic: str) -> bool:
+        namespace = session.attributes.get(NAMESPACE, NOBODY)
+        return bool(namespace.allows(access, topic))
+
+    async def receive(
+        self, session: Session, topic: str, data: bytes, qos: int, retain: bool, *, will: bool = False
+    ) -> bool:
+        """Check and route one message from ``session``. False: close the connection."""
+        if self.draining and not will:
+            return False  # not acknowledged: the client sends it again to the next broker
+        what = "will" if will else "message"
         profile = _profile(session)
-        topic_filter, qos = subscription
         if profile is not None:
+            if len(data) > int(profile["max_message_size"]):
+                log.warning(
+                    "%s sent a %d-byte %s, over its profile's max_message_size %s: %s",
+                    session.client_id,
+                    len(data),
+                    what,
+                    profile["max_message_size"],
+                    "dropped" if will else "disconnecting",
+                )
+                return False
+            if not will and not _within_rate(session, profile):
+                log.info("%s is over its message rate; message on %s dropped", session.client_id, topic)
+                return True
+            # W8: the profile's max_qos also caps what the device publishes (and its will).
             qos = min(qos, int(profile["max_qos"]))
-        return await super().add_subscription((topic_filter, qos), session)
+        if topic.startswith(JITP_ADMIN_TOPICS) and not will:
+            return await self._admin_request(session, topic, data)
+        if topic.startswith("$") and not topic.startswith(JITP_DEVICE_TOPICS):
+            if will:
+                return True  # refused at CONNECT already; the ACL would refuse it anyway
+            log.warning("[MQTT-4.7.2-1] %s published to %s: closing the connection", session.client_id, topic)
+            return False
+        if not self._allows(session, Access.PUBLISH, topic):
+            # W10 too: a device publishes under $ only to its own status topic.
+            log.info("%s may not publish to %s; %s dropped", session.client_id, topic, what)
+            if will:
+                self._report(session, errors.WillNotAllowed, f"will on {topic!r} refused at publication")
+            return True
+        self.route(topic, data, qos)
+        if retain:
+            self._retain(session, topic, data, qos)
+        return True
+
+    def route(self, topic: str, data: bytes, qos: int) -> int:
+        """Queue ``data`` for every session subscribed to ``topic`` and allowed to receive it.
+
+        Synchronous: when it returns, every matching subscription has the message, so a PUBACK
+        sent afterwards is a promise kept whatever the publisher does next."""
+        routed = 0
+        for client_id, sub_qos in self.subscription_tree.match(topic).items():
+            entry = self._sessions.get(client_id)
+            if entry is None:
+                continue
+            target = entry[0]
+            if not isinstance(target, JitpSession) or not self._allows(target, Access.RECEIVE, topic):
+                continue
+            routed += self._enqueue(target, Outgoing(topic, data, min(qos, sub_qos), retain=False))
+        return routed
+
+    def _enqueue(self, target: JitpSession, message: Outgoing) -> bool:
+        connected = target.transitions.is_connected()
+        if not connected and (target.clean_session or message.qos == 0):
+            return False  # offline: only persistent sessions keep QoS 1 messages [MQTT-3.1.2-5]
+        offer = target.delivery.offer(message)
+        if offer is Offer.QUEUED:
+            return True
+        if offer is Offer.OVERFLOW and connected:
+            self._report(target, errors.QueueFull, "QoS 1 queue full: the client does not read; disconnected")
+            self.spawn(self.disconnect_client(target.client_id or "", reason="queue_full"), "jitp-queue-full")
+        else:
+            self._report(target, errors.QueueFull, f"{len(target.delivery)} messages queued: dropped")
+        return False
+
+    def _retain(self, session: Session, topic: str, data: bytes, qos: int) -> None:
+        verdict = self.retained.put(topic, data, qos, owner=session.client_id)
+        if verdict in (RetainVerdict.STORED, RetainVerdict.CLEARED):
+            return
+        count, nbytes = self.retained.owner_usage(session.client_id or "")
+        self._report(
+            session,
+            errors.RetainedQuota,
+            f"retained message on {topic!r} refused ({verdict.value}): the client retains "
+            f"{count} message(s), {nbytes} bytes; the broker {self.retained.total_bytes} bytes",
+        )
+
+    def _report(self, session: Session, kind: type[errors.Refused], message: str) -> None:
+        """Log and audit a limit a connected client hit; the audit coalesces repeats (and this
+        reports one cause of one client at most once a second, so a flood costs no task per message)."""
+        client_id = session.client_id or "?"
+        now = time.monotonic()
+        key = (client_id, kind.reason)
+        if now - self._reported.get(key, -1e9) < 1.0:
+            return
+        if len(self._reported) > 10_000:
+            self._reported.clear()
+        self._reported[key] = now
+        log.warning("%s: %s (%s)", client_id, message, kind.reason)
+        admission = session.attributes.get(ADMISSION)
+        record = getattr(admission, "record", None)
+        refusal = kind(
+            message,
+            device_id=getattr(record, "device_id", None),
+            fingerprint=getattr(admission, "fingerprint", None),
+            detail=None if record is not None else client_id[:80],
+        )
+        self.spawn(
+            self.jitp.service.record_refusal(
+                refusal, peer=f"{session.remote_address}:{session.remote_port}", client_id=client_id
+            ),
+            "jitp-audit-limit",
+        )
+
+    async def protocol_violation(self, session: Session, handler: BrokerProtocolHandler, what: str) -> None:
+        """A packet the specification says closes the connection: audited, then closed."""
+        self._report(session, errors.ProtocolViolation, what)
+        await self.close_connection(session, handler)
+
+    async def close_connection(self, session: Session, handler: BrokerProtocolHandler) -> None:
+        await handler.handle_connection_closed()
+        if isinstance(handler.writer, AbortableWriter):
+            handler.writer.abort()
 
     async def _handle_message_delivery(
         self, client_session: Session, handler: BrokerProtocolHandler, wait_deliver: asyncio.Future[Any]
     ) -> bool:
-        profile = _profile(client_session)
+        """Only QoS 2 messages come this way (amqtt's PUBREC/PUBREL flow); QoS 0 and 1 are routed
+        by :meth:`JitpProtocolHandler.handle_publish` before their PUBACK."""
         message = wait_deliver.result()
-        if profile is not None and message is not None:
-            size = len(message.data or b"")
-            if size > int(profile["max_message_size"]):
-                log.warning(
-                    "%s sent %d bytes, over its profile's max_message_size %s: disconnecting",
-                    client_session.client_id,
-                    size,
-                    profile["max_message_size"],
-                )
-                return False
-            if not _within_rate(client_session, profile):
-                log.info(
-                    "%s is over its message rate; message on %s dropped",
-                    client_session.client_id,
-                    message.topic,
-                )
-                return True
-        if message is not None and message.topic and message.topic.startswith(JITP_DEVICE_TOPICS):
-            return await self._device_status(client_session, message)
-        if message is not None and message.topic and message.topic.startswith(JITP_ADMIN_TOPICS):
-            return await self._admin_request(client_session, message)
-        return await super()._handle_message_delivery(client_session, handler, wait_deliver)
-
-    async def _device_status(self, session: Session, message: Any) -> bool:
-        """W10: stock amqtt disconnects any client publishing to a $-topic; jitp devices report status
-        on their own ``$jitp/devices/<id>/status`` (the topic ACL decides; nothing else under $)."""
-        if not await self._topic_filtering(session, topic=message.topic, action=Action.PUBLISH):
-            log.info("%s may not publish to %s", session.client_id, message.topic)
+        if message is None or not message.topic:
             return True
-        await self._broadcast_message(session, message.topic, message.data)
-        if message.publish_packet is not None and message.publish_packet.retain_flag:
-            await self.retain_message(session, message.topic, message.data, message.qos)
-        return True
+        retain = bool(message.publish_packet is not None and message.publish_packet.retain_flag)
+        return await self.receive(client_session, message.topic, bytes(message.data or b""), 2, retain)
 
-    async def _admin_request(self, session: Session, message: Any) -> bool:
-        """W10 too: a request to the admin API ($jitp/admin/<command>) goes to the API, never to
+    async def _admin_request(self, session: Session, topic: str, data: bytes) -> bool:
+        """W10: a request to the admin API ($jitp/admin/<command>) goes to the API, never to
         other subscribers; the topic ACL decides who may send one at all."""
-        if not await self._topic_filtering(session, topic=message.topic, action=Action.PUBLISH):
-            log.info("%s may not use the admin API (%s)", session.client_id, message.topic)
+        if not self._allows(session, Access.PUBLISH, topic):
+            log.info("%s may not use the admin API (%s)", session.client_id, topic)
             return True
         admission = session.attributes.get(ADMISSION)
-        self.spawn(self.jitp.admin.handle(admission, message.topic, bytes(message.data or b"")), "jitp-admin")
+        self.spawn(self.jitp.admin.handle(admission, topic, data), "jitp-admin")
         return True
+
+    # amqtt's own publishing entry points (BrokerContext.broadcast_message, internal broadcasts)
+    async def _broadcast_message(
+        self,
+        session: Session | None,
+        topic: str | None,
+        data: bytes | bytearray | None,
+        force_qos: int | None = None,
+    ) -> None:
+        if topic:
+            self.route(topic, bytes(data or b""), 1 if force_qos is None else force_qos)
+
+    async def retain_message(
+        self,
+        source_session: Session | None,
+        topic_name: str | None,
+        data: bytes | bytearray | None,
+        qos: int | None = None,
+    ) -> None:
+        if topic_name is None:
+            return
+        if source_session is None:  # the broker's own (device configurations): never refused
+            self.retained.put(topic_name, bytes(data or b""), qos or 0, owner=None)
+        else:
+            self._retain(source_session, topic_name, bytes(data or b""), qos or 0)
+
+    async def _publish_session_retained_messages(self, session: Session) -> None:
+        """W13: queued messages live in the session's delivery queue and go out as they were
+        published, with RETAIN=0 [MQTT-3.3.1-9]; amqtt's replay (with RETAIN=1) is not used."""
+
+    # -- W12 subscriptions, W8 profile, limits ----------------------------------------------------
+    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        topic_filter, qos = subscription
+        if not valid_filter(topic_filter) or not self._allows(session, Access.SUBSCRIBE, topic_filter):
+            return 0x80
+        if not isinstance(session, JitpSession):
+            return 0x80
+        profile = _profile(session)
+        if profile is not None:
+            qos = min(qos, int(profile["max_qos"]))
+        if topic_filter not in session.filters and len(session.filters) >= self.limits.max_subscriptions:
+            self._report(
+                session,
+                errors.SubscriptionLimit,
+                f"subscription to {topic_filter!r} refused: {len(session.filters)} filters (limits.max_subscriptions)",
+            )
+            return 0x80
+        session.filters[topic_filter] = qos
+        self.subscription_tree.subscribe(topic_filter, session.client_id or "", qos)
+        return qos
+
+    async def _handle_subscription(
+        self, client_session: Session, handler: BrokerProtocolHandler, subscribe_waiter: asyncio.Future[Any]
+    ) -> None:
+        request = subscribe_waiter.result()
+        codes = [await self.add_subscription(sub, client_session) for sub in request.topics]
+        await handler.mqtt_acknowledge_subscription(request.packet_id, codes)
+        for (topic_filter, _), code in zip(request.topics, codes, strict=True):
+            if code != 0x80:
+                await self._publish_retained_messages_for_subscription((topic_filter, code), client_session)
+
+    def _del_subscription(self, a_filter: str, session: Session) -> int:
+        if isinstance(session, JitpSession):
+            session.filters.pop(a_filter, None)
+        return int(self.subscription_tree.unsubscribe(a_filter, session.client_id or ""))
+
+    async def _del_all_subscriptions(self, session: Session) -> None:
+        if isinstance(session, JitpSession):
+            for topic_filter in list(session.filters):
+                self._del_subscription(topic_filter, session)
+
+    async def _delete_session(self, client_id: str) -> None:
+        session = self._sessions.pop(client_id, (None, None))[0]
+        if session is None:
+            return
+        await self._del_all_subscriptions(session)
+        session.clear_queues()
+        if isinstance(session, JitpSession):
+            session.delivery.clear()
+
+    @property
+    def subscriptions(self) -> dict[str, list[tuple[Session, int]]]:
+        """amqtt's view (filter -> [(session, QoS)]), built from the topic tree."""
+        view: dict[str, list[tuple[Session, int]]] = {}
+        for topic_filter, client_id, qos in self.subscription_tree.entries():
+            entry = self._sessions.get(client_id)
+            if entry is not None:
+                view.setdefault(topic_filter, []).append((entry[0], qos))
+        return view
 
     # -- operator actions on live sessions -----------------------------------------------------
     def live_session(self, client_id: str) -> tuple[Session, BrokerProtocolHandler] | None:
@@ -617,7 +1141,8 @@ class JitpBroker(Broker):
         found = self.live_session(client_id)
         if found is None:
             return False
-        _, handler = found
+        session, handler = found
+        session.attributes[CLOSED_BY_OPERATOR] = reason  # W14: no will for a revoked device
         log.warning("closing the session of %s: %s", client_id, reason)
         await handler.handle_connection_closed()
         if isinstance(handler.writer, AbortableWriter):
@@ -633,11 +1158,13 @@ class JitpBroker(Broker):
         found[0].attributes[ADMISSION] = admission
         return True
 
-    async def clear_retained(self, filters: tuple[str, ...]) -> int:
-        """Clear every retained message whose topic matches one of ``filters``."""
-        doomed = [t for t in list(self._retained_messages) if any(self._matches(t, f) for f in filters)]
+    def clear_retained(self, *, owner: str | None = None, prefix: str | None = None) -> int:
+        """Clear the retained messages ``owner`` retained, and those under topic ``prefix``."""
+        doomed = set(self.retained.owned_by(owner)) if owner is not None else set()
+        if prefix is not None:
+            doomed.update(t for t in self.retained.messages if t.startswith(prefix))
         for topic in doomed:
-            await self.retain_message(None, topic, b"")
+            self.retained.remove(topic)
         return len(doomed)
 
     def live_admissions(self) -> list[tuple[str, Any, Any]]:
@@ -649,36 +1176,20 @@ class JitpBroker(Broker):
         return out
 
     def _own_subscriptions(self, session: Session) -> list[tuple[str, int]]:
-        return [
-            (f, qos)
-            for f, subs in self._subscriptions.items()
-            for s, qos in subs
-            if s.client_id == session.client_id
-        ]
+        return list(session.filters.items()) if isinstance(session, JitpSession) else []
 
     # -- W4: retained messages obey the topic ACL ----------------------------------------------
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Session
     ) -> None:
-        topic_filter, qos = subscription
-        handler = self._get_handler(session)
-        if handler is None:
+        if not isinstance(session, JitpSession):
             return
-        tasks = []
-        for topic, retained in list(self._retained_messages.items()):
-            if not self._matches(topic, topic_filter):
-                continue
-            if not await self._topic_filtering(session, topic=topic, action=Action.RECEIVE):
-                continue
-            tasks.append(
-                asyncio.ensure_future(
-                    handler.mqtt_publish(
-                        retained.topic, retained.data, min(qos, retained.qos or qos or QOS_0), retain=True
-                    )
+        topic_filter, qos = subscription
+        for retained in self.retained.match(topic_filter):
+            if self._allows(session, Access.RECEIVE, retained.topic):
+                self._enqueue(
+                    session, Outgoing(retained.topic, retained.data, min(qos, retained.qos), retain=True)
                 )
-            )
-        if tasks:
-            await asyncio.wait(tasks)
 
     def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)

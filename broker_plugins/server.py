@@ -147,15 +147,11 @@ class JitpServer:
             self.service.forget(device_id)
         if event.type in CLOSING_EVENTS:
             await broker.disconnect_client(device_id, reason=f"device {event.type}")
-        if event.type in ("deprovisioned", "erased"):
-            # What the device itself retained, and its own $jitp/devices/<id>/ topics (its config).
-            own = f"$jitp/devices/{device_id}/"
-            filters = tuple(
-                topic
-                for topic, message in list(broker.retained_messages.items())
-                if topic.startswith(own) or getattr(message.source_session, "client_id", None) == device_id
-            )
-            cleared = await broker.clear_retained(filters)
+        if event.type in CLOSING_EVENTS:
+            # What the device itself retained goes with it; after deprovisioning or erasure also its
+            # own $jitp/devices/<id>/ topics (its configuration).
+            prefix = f"$jitp/devices/{device_id}/" if event.type in ("deprovisioned", "erased") else None
+            cleared = broker.clear_retained(owner=device_id, prefix=prefix)
             log.info("cleared %d retained message(s) of %s", cleared, device_id)
         if event.type in NAMESPACE_EVENTS and broker.live_session(device_id) is not None:
             record = await self.service.registry.get_device(device_id)

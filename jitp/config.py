@@ -58,9 +58,31 @@ class LimitsConfig:
     max_inflight: int = 32  # outgoing QoS 1/2 messages awaiting ack, per client
     max_keepalive: int = 3600  # seconds; a CONNECT asking for more (or 0 = none) gets this
     keepalive_grace: float = 1.5  # disconnect after this many keep-alive periods of silence
+    max_subscriptions: int = 100  # topic filters per client; more get SUBACK 0x80
+    max_queued_messages: int = 1000  # outgoing messages per session (queued + unacknowledged)
+    max_queued_bytes: int = 16 * 1024 * 1024  # outgoing bytes per session (topic + payload)
+    max_retained_per_client: int = 100  # retained messages one client may own
+    max_retained_bytes_per_client: int = 1024 * 1024  # payload bytes one client may retain
+    max_retained_bytes: int = 256 * 1024 * 1024  # all retained payloads in the broker
+    shutdown_drain_timeout: float = 5.0  # s a graceful stop waits for queued QoS 1 deliveries
 
     def __post_init__(self) -> None:
-        _positive(self, "max_packet_size", "max_inflight", "max_keepalive")
+        _positive(
+            self,
+            "max_packet_size",
+            "max_inflight",
+            "max_keepalive",
+            "max_subscriptions",
+            "max_queued_messages",
+            "max_queued_bytes",
+            "max_retained_per_client",
+            "max_retained_bytes_per_client",
+            "max_retained_bytes",
+        )
+        if self.max_inflight >= 65535:
+            raise ConfigError("must be < 65535 (MQTT packet ids)", key="limits.max_inflight")
+        if not self.shutdown_drain_timeout >= 0:
+            raise ConfigError("must be >= 0", key="limits.shutdown_drain_timeout")
         if not self.keepalive_grace >= 1.0:
             raise ConfigError("must be >= 1.0", key="limits.keepalive_grace")
 

@@ -22,7 +22,13 @@ that explain it. Only ``broker_plugins`` maps these to MQTT outcomes (CONNACK co
     │   ├── StaleCrl                 crl_stale            (only with trust.stale_crl: refuse)
     │   ├── MissingAttribute         missing_attribute    (a required template value is absent)
     │   ├── TemplateNotFound         template_not_found   (the CA is bound to an unknown template)
-    │   └── DeviceBlocked            device_blocked       (record not active)
+    │   ├── DeviceBlocked            device_blocked       (record not active)
+    │   ├── WillNotAllowed           will_not_allowed     (the CONNECT's will topic is outside the namespace)
+    │   └── LimitExceeded            a connected client's request is refused, a broker limit holds
+    │       ├── QueueFull            queue_full           (a session's outgoing queue is full)
+    │       ├── RetainedQuota        retained_quota       (per client, or the broker's total)
+    │       ├── SubscriptionLimit    subscription_limit   (limits.max_subscriptions)
+    │       └── ProtocolViolation    protocol_violation   (a malformed packet: the connection is closed)
     ├── Unavailable                  the server cannot decide now (CONNACK 3)
     │   ├── RegistryUnavailable      registry_unavailable
     │   └── Overloaded               overloaded           (admission queue full, CA/region over its rate)
@@ -151,6 +157,36 @@ class TemplateNotFound(Refused):
     reason = "template_not_found"
 
 
+class WillNotAllowed(Refused):
+    """The CONNECT carries a Last Will whose topic the client may not publish to."""
+
+    reason = "will_not_allowed"
+
+
+class LimitExceeded(Refused):
+    """A connected client went past a broker limit; what it asked for is refused, and audited."""
+
+    reason = "limit_exceeded"
+
+
+class QueueFull(LimitExceeded):
+    reason = "queue_full"
+
+
+class RetainedQuota(LimitExceeded):
+    reason = "retained_quota"
+
+
+class SubscriptionLimit(LimitExceeded):
+    reason = "subscription_limit"
+
+
+class ProtocolViolation(LimitExceeded):
+    """A packet the MQTT specification says closes the connection."""
+
+    reason = "protocol_violation"
+
+
 class Unavailable(ProvisioningError):
     """The server cannot take the decision now; the client should back off and retry."""
 
@@ -253,5 +289,12 @@ REFUSAL_REASONS: tuple[str, ...] = tuple(
         DeviceErased,
         CertificateRevoked,
         StaleCrl,
+        WillNotAllowed,
+        LimitExceeded,
+        QueueFull,
+        RetainedQuota,
+        SubscriptionLimit,
+        ProtocolViolation,
     )
 )
+

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import ssl
 import time
 from collections.abc import Callable, Iterator
@@ -24,106 +23,27 @@ from broker_plugins.hardened import NAMESPACE
 from jitp.acl import Access
 from jitp.trust import Role
 from tests.broker_plugins.stock_amqtt import ACL, AUTH_CN, StockBroker, tls_listener
-from tests.helpers import BrokerThread, Conn, Identity, Pki, client_context, connect, test_config
+from tests.helpers import BrokerThread, Conn, Pki, client_context, connect, test_config
+from tests.rawmqtt import (
+    HOST,
+    PINGREQ,
+    PINGRESP,
+    closed_within,
+    connect_packet,
+    mqtt_connect,
+    puback,
+    publish_packet,
+    recv_exact,
+    tcp_connect,
+    tls_connect,
+)
 
-HOST = "127.0.0.1"
 CLOSE_DEADLINE = 4.0  # generous deadline for "the server closed the connection"
 STAYS_OPEN = 3.0  # how long a connection must survive to count as "not closed"
 
 CONNACK_ACCEPTED = 0
 CONNACK_SERVER_UNAVAILABLE = 3
 CONNACK_NOT_AUTHORIZED = 5
-
-
-# -- a minimal MQTT 3.1.1 encoder, for clients that misbehave on purpose ----------------------------
-
-
-def _remaining_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _utf8(s: str) -> bytes:
-    raw = s.encode()
-    return len(raw).to_bytes(2, "big") + raw
-
-
-def connect_packet(client_id: str, *, keepalive: int, clean: bool = True) -> bytes:
-    body = (
-        _utf8("MQTT") + bytes([4, 0x02 if clean else 0x00]) + keepalive.to_bytes(2, "big") + _utf8(client_id)
-    )
-    return b"\x10" + _remaining_length(len(body)) + body
-
-
-def publish_packet(topic: str, payload: bytes, *, packet_id: int) -> bytes:
-    """A QoS 1 PUBLISH."""
-    body = _utf8(topic) + packet_id.to_bytes(2, "big") + payload
-    return b"\x32" + _remaining_length(len(body)) + body
-
-
-PINGREQ = b"\xc0\x00"
-PINGRESP = b"\xd0\x00"
-
-
-def puback(packet_id: int) -> bytes:
-    return b"\x40\x02" + packet_id.to_bytes(2, "big")
-
-
-# -- raw sockets -------------------------------------------------------------------------------
-
-
-def tcp_connect(port: int) -> socket.socket:
-    return socket.create_connection((HOST, port), timeout=5)
-
-
-def tls_connect(port: int, pki: Pki, ident: Identity | None) -> ssl.SSLSocket:
-    raw = tcp_connect(port)
-    try:
-        return client_context(pki, ident).wrap_socket(raw, server_hostname=HOST)
-    except BaseException:
-        raw.close()
-        raise
-
-
-def recv_exact(sock: socket.socket, n: int, timeout: float = 5.0) -> bytes:
-    sock.settimeout(timeout)
-    out = b""
-    while len(out) < n:
-        chunk = sock.recv(n - len(out))
-        if not chunk:
-            raise ConnectionError(f"EOF after {len(out)} of {n} bytes")
-        out += chunk
-    return out
-
-
-def mqtt_connect(sock: socket.socket, client_id: str, *, keepalive: int) -> int:
-    """Send CONNECT, return the CONNACK return code."""
-    sock.sendall(connect_packet(client_id, keepalive=keepalive))
-    connack = recv_exact(sock, 4)
-    assert connack[:2] == b"\x20\x02", connack
-    return connack[3]
-
-
-def closed_within(sock: socket.socket, timeout: float) -> bool:
-    """True if the peer closes (EOF, reset, TLS alert) within ``timeout``; data read meanwhile is dropped."""
-    deadline = time.monotonic() + timeout
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return False
-        sock.settimeout(left)
-        try:
-            data = sock.recv(65536)
-        except TimeoutError:
-            return False
-        except (ssl.SSLError, OSError):
-            return True
-        if not data:
-            return True
 
 
 # -- asyncio clients for the many-connections tests --------------------------------------------

@@ -383,6 +383,13 @@ VALID: dict[str, dict[str, st.SearchStrategy[Any]]] = {
         "max_inflight": st.integers(1, 1000),
         "max_keepalive": st.integers(1, 65535),
         "keepalive_grace": st.floats(min_value=1.0, max_value=100.0),
+        "max_subscriptions": st.integers(1, 10**6),
+        "max_queued_messages": st.integers(1, 10**6),
+        "max_queued_bytes": st.integers(1, 2**40),
+        "max_retained_per_client": st.integers(1, 10**6),
+        "max_retained_bytes_per_client": st.integers(1, 2**40),
+        "max_retained_bytes": st.integers(1, 2**40),
+        "shutdown_drain_timeout": st.floats(min_value=0.0, max_value=3600.0),
     },
     "trust": {
         "reload_interval": st.floats(min_value=0.01, max_value=3600),
