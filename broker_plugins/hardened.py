@@ -403,7 +403,12 @@ class JitpProtocolHandler(BrokerProtocolHandler):
                             session, self, f"unexpected packet type {header.packet_type} [MQTT-4.8.0-1]"
                         )
                     break
-                packet = await packet_class(header).from_stream(reader, fixed_header=header)
+                try:
+                    packet = await packet_class(header).from_stream(reader, fixed_header=header)
+                except (MQTTError, ValueError, UnicodeDecodeError) as exc:  # e.g. '+' in a PUBLISH topic
+                    if self.broker is not None:
+                        await self.broker.protocol_violation(session, self, f"malformed packet: {exc}")
+                    break
                 await handle(packet)
                 if header.packet_type == DISCONNECT:
                     break
