@@ -10,6 +10,8 @@ a lean MQTT 3.1.1 client. The Python API::
     report = await run_storm(target, fleet, concurrency=200, service=ServiceCreds.from_pki(pki_dir),
                              registry_path=data_dir / "registry.db")
     print(report.table()); assert report.ok
+    # QoS 1 telemetry, every acknowledged message cross-checked at the service subscriber:
+    report = await run_telemetry(target, fleet, service=ServiceCreds.from_pki(pki_dir), n=1000, messages=20)
 """
 
 from device_sim.backoff import Backoff
@@ -33,8 +35,9 @@ from device_sim.report import (
     RegionResult,
     RegistryCheck,
     Report,
+    TelemetryCheck,
 )
-from device_sim.scenarios import run_chaos, run_hold, run_ramp, run_reconnect, run_storm
+from device_sim.scenarios import run_chaos, run_hold, run_ramp, run_reconnect, run_storm, run_telemetry
 
 __all__ = [
     "Backoff",
@@ -52,6 +55,7 @@ __all__ = [
     "Report",
     "ServiceCreds",
     "Target",
+    "TelemetryCheck",
     "create_fleet",
     "create_region_fleet",
     "parse_regions",
@@ -60,4 +64,5 @@ __all__ = [
     "run_ramp",
     "run_reconnect",
     "run_storm",
+    "run_telemetry",
 ]

@@ -1,4 +1,5 @@
-"""Cross-checks beyond CONNACKs: the service event subscriber and the local registry."""
+"""Cross-checks beyond CONNACKs: the service subscriber (provisioned events and telemetry) and the
+local registry."""
 
 from __future__ import annotations
 
@@ -13,14 +14,29 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeAlias
 
 from device_sim.backoff import Backoff
 from device_sim.fleet import ServiceCreds, Target, client_context
 from device_sim.mqtt import ConnectFailed, Message, MqttClient
-from device_sim.report import EventCheck, RegionEvents, RegistryCheck
+from device_sim.report import EventCheck, RegionEvents, RegistryCheck, TelemetryCheck
 
 EVENTS_FILTER = "$jitp/events/provisioned/+"
 _PREFIX = "$jitp/events/provisioned/"
+#: Where a device publishes telemetry (inside its own namespace, ``devices/<id>/#``).
+TELEMETRY_FILTER = "devices/+/telemetry"
+
+#: One telemetry message of a run: (device id, sequence number from 1).
+MessageKey: TypeAlias = tuple[str, int]
+
+
+def telemetry_topic(device_id: str) -> str:
+    return f"devices/{device_id}/telemetry"
+
+
+def telemetry_payload(run_id: str, device_id: str, seq: int) -> bytes:
+    """A payload unique to (run, device, seq), so the subscriber counts loss and duplicates exactly."""
+    return json.dumps({"run": run_id, "device": device_id, "seq": seq}, separators=(",", ":")).encode()
 
 
 @dataclass(frozen=True)
@@ -37,13 +53,28 @@ class EventWatcher:
 
     Reconnects with back-off if its connection drops; the persistent session keeps what was
     published meanwhile. Events that occurred before ``since`` (a persistent session's backlog
-    from earlier runs) are counted as stale and otherwise ignored.
+    from earlier runs) are counted as stale and otherwise ignored. It connects under the service
+    certificate's CN (or the explicit ``client_id`` of ``creds``).
+
+    With ``telemetry`` it also subscribes :data:`TELEMETRY_FILTER` at QoS 1 (on the same
+    connection: a second one under the same client id would take the first over) and hands those
+    messages to the tally; :meth:`stop` unsubscribes it again, so the persistent session does not
+    keep queueing device telemetry between runs.
     """
 
-    def __init__(self, target: Target, creds: ServiceCreds, *, since: datetime) -> None:
+    def __init__(
+        self,
+        target: Target,
+        creds: ServiceCreds,
+        *,
+        since: datetime,
+        telemetry: TelemetryTally | None = None,
+    ) -> None:
         self.target = target
         self.creds = creds
+        self.client_id = creds.mqtt_client_id
         self.since = since
+        self.telemetry = telemetry
         self.events: list[SeenEvent] = []
         self.stale = 0
         self.malformed = 0
@@ -63,17 +94,20 @@ class EventWatcher:
             t.host,
             t.port,
             ssl_context=self._ctx,
-            client_id=self.creds.client_id,
+            client_id=self.client_id,
             server_hostname=t.server_hostname,
             keepalive=60,
             clean=False,
             time_limit=t.connect_timeout,
             on_message=self._on_message,
         )
-        codes = await client.subscribe([(EVENTS_FILTER, 1)])
-        if codes != [1]:
+        filters = [(EVENTS_FILTER, 1)]
+        if self.telemetry is not None:
+            filters.append((TELEMETRY_FILTER, 1))
+        codes = await client.subscribe(filters)
+        if codes != [1] * len(filters):
             await client.disconnect()
-            raise ConnectFailed("subscribe_refused", f"SUBACK {codes} for {EVENTS_FILTER}")
+            raise ConnectFailed("subscribe_refused", f"SUBACK {codes} for {[f for f, _ in filters]}")
         return client
 
     async def _supervise(self) -> None:
@@ -100,6 +134,8 @@ class EventWatcher:
 
     def _on_message(self, _client: MqttClient, msg: Message) -> None:
         if not msg.topic.startswith(_PREFIX):
+            if self.telemetry is not None:
+                self.telemetry.on_message(msg)
             return
         try:
             doc = json.loads(msg.payload)
@@ -155,6 +191,9 @@ class EventWatcher:
             with contextlib.suppress(BaseException):
                 await self._task
         if self._client is not None:
+            if self.telemetry is not None and self._client.is_open:
+                with contextlib.suppress(ConnectFailed):
+                    await self._client.unsubscribe([TELEMETRY_FILTER], time_limit=5.0)
             await self._client.disconnect()
 
     def check(
@@ -216,6 +255,129 @@ class EventWatcher:
             region_mismatches=tuple(mismatches),
             by_region={r: t.freeze() for r, t in tallies.items()},
         )
+
+
+class TelemetryTally:
+    """What the service subscriber received of one run's telemetry, by (device, seq).
+
+    Messages on :data:`TELEMETRY_FILTER` that are not this run's (another run, a persistent
+    session's backlog, real devices) are counted as foreign and otherwise ignored. One that carries
+    this run's id on another device's topic is counted as misrouted.
+    """
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self.received: Counter[MessageKey] = Counter()
+        self.foreign = 0
+        self.misrouted = 0
+        self._changed = asyncio.Event()
+
+    def on_message(self, msg: Message) -> None:
+        try:
+            doc = json.loads(msg.payload)
+            run, device, seq = doc["run"], doc["device"], doc["seq"]
+        except (ValueError, KeyError, TypeError):
+            self.foreign += 1
+            return
+        if run != self.run_id:
+            self.foreign += 1
+            return
+        if not isinstance(device, str) or not isinstance(seq, int) or msg.topic != telemetry_topic(device):
+            self.misrouted += 1
+        else:
+            self.received[(device, seq)] += 1
+        self._changed.set()
+
+    async def wait_for(self, keys: Collection[MessageKey], *, time_limit: float) -> bool:
+        """Wait until every message in ``keys`` was received at least once (or the timeout)."""
+        deadline = time.monotonic() + time_limit
+        missing = set(keys)
+        while True:
+            missing = {k for k in missing if k not in self.received}
+            if not missing:
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), min(remaining, 0.5))
+
+    async def settle(self, quiet: float = 0.2, *, time_limit: float = 2.0) -> None:
+        """Wait until nothing arrived for ``quiet`` seconds (late duplicates), at most ``time_limit``."""
+        deadline = time.monotonic() + time_limit
+        while time.monotonic() < deadline:
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(
+                    self._changed.wait(), min(quiet, max(0.0, deadline - time.monotonic()))
+                )
+            except TimeoutError:
+                return
+
+    def check(
+        self,
+        *,
+        sent: Collection[MessageKey],
+        acked: Collection[MessageKey],
+        devices: int,
+        messages: int,
+        publish_failures: Mapping[str, int] | None = None,
+        publish_seconds: float = 0.0,
+        delivery_seconds: float = 0.0,
+    ) -> TelemetryCheck:
+        return cross_check_telemetry(
+            sent=sent,
+            acked=acked,
+            received=self.received,
+            devices=devices,
+            messages=messages,
+            publish_failures=publish_failures,
+            foreign=self.foreign,
+            misrouted=self.misrouted,
+            publish_seconds=publish_seconds,
+            delivery_seconds=delivery_seconds,
+        )
+
+
+def cross_check_telemetry(
+    *,
+    sent: Collection[MessageKey],
+    acked: Collection[MessageKey],
+    received: Mapping[MessageKey, int],
+    devices: int,
+    messages: int,
+    publish_failures: Mapping[str, int] | None = None,
+    foreign: int = 0,
+    misrouted: int = 0,
+    publish_seconds: float = 0.0,
+    delivery_seconds: float = 0.0,
+) -> TelemetryCheck:
+    """Compare what the devices sent and had acknowledged with what the subscriber received.
+
+    ``received`` maps each message to how often it was delivered. Lost: acknowledged, never
+    received. Duplicated: delivered more than once. Unknown: received but never sent.
+    """
+    sent_set = set(sent)
+    acked_set = set(acked)
+    got = {k for k, n in received.items() if n > 0}
+    return TelemetryCheck(
+        devices=devices,
+        messages_per_device=messages,
+        sent=len(sent_set),
+        acked=len(acked_set),
+        received=len(got & sent_set),
+        deliveries=sum(n for k, n in received.items() if k in sent_set),
+        lost=tuple(sorted(acked_set - got)),
+        duplicated=tuple(sorted(k for k, n in received.items() if n > 1)),
+        unacked_received=len((got & sent_set) - acked_set),
+        unknown=tuple(sorted(got - sent_set)),
+        misrouted=misrouted,
+        foreign=foreign,
+        publish_failures=dict(publish_failures or {}),
+        publish_seconds=publish_seconds,
+        delivery_seconds=delivery_seconds,
+    )
 
 
 @dataclass

@@ -20,9 +20,16 @@ from device_sim.fleet import (
     raise_fd_limit,
 )
 from device_sim.report import Report, write_histogram
-from device_sim.scenarios import run_chaos, run_hold, run_ramp, run_reconnect, run_storm
+from device_sim.scenarios import run_chaos, run_hold, run_ramp, run_reconnect, run_storm, run_telemetry
 
-SCENARIOS = ("storm", "ramp", "reconnect", "hold", "chaos")
+SCENARIOS = ("storm", "ramp", "reconnect", "hold", "telemetry", "chaos")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,8 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--port", type=int, default=8883)
         p.add_argument("--ca", required=True, type=Path, help="CA bundle that verifies the broker (root CA)")
         p.add_argument("--server-name", help="TLS server name to verify (default: --host)")
-        p.add_argument("--service-cert", type=Path, help="service identity counting provisioned events")
-        p.add_argument("--service-key", type=Path)
+        p.add_argument(
+            "--service-cert",
+            type=Path,
+            required=name == "telemetry",
+            help="service identity counting provisioned events"
+            + (" and receiving the telemetry" if name == "telemetry" else ""),
+        )
+        p.add_argument("--service-key", type=Path, required=name == "telemetry")
+        p.add_argument(
+            "--service-client-id",
+            help="the service's MQTT client id (default: the subject CN of --service-cert, "
+            "which is what jitp requires)",
+        )
         p.add_argument("--data-dir", type=Path, help="the broker's local data dir: cross-check its registry")
         p.add_argument("--broker-pid", type=int, help="local broker process: report its CPU and RSS")
         p.add_argument(
@@ -101,6 +119,26 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("-c", "--concurrency", type=int, help="optional cap on connects in flight")
         else:
             p.add_argument("-c", "--concurrency", type=int, default=100, help="connects in flight at most")
+        if name == "telemetry":
+            p.add_argument(
+                "-m",
+                "--messages",
+                type=_positive_int,
+                default=20,
+                help="QoS 1 messages per device (default: 20)",
+            )
+            p.add_argument(
+                "--inflight",
+                type=_positive_int,
+                default=20,
+                help="PUBACKs a device awaits at most at once (default: 20)",
+            )
+            p.add_argument(
+                "--delivery-timeout",
+                type=float,
+                default=30.0,
+                help="seconds to wait for every acknowledged message to arrive (default: 30)",
+            )
         if name == "hold":
             p.add_argument("--seconds", type=float, required=True)
             p.add_argument("--keepalive", type=int, default=30)
@@ -113,16 +151,25 @@ _HELP = {
     "ramp": "devices join at --rate per second",
     "reconnect": "an already provisioned fleet rejoins: expects 0 new provisioned events",
     "hold": "connect N and keep them connected (pings, telemetry); broker memory per connection",
+    "telemetry": "N devices publish -m QoS 1 messages each and disconnect at once; the service "
+    "subscriber must receive every acknowledged one",
     "chaos": "bad identities (expired, unknown CA, id mismatch, unsafe ids): each must be refused",
 }
 
 
 def _service(args: argparse.Namespace) -> ServiceCreds | None:
     if args.service_cert is None and args.service_key is None:
+        if args.service_client_id is not None:
+            raise SystemExit("jitp-sim: --service-client-id goes with --service-cert and --service-key")
         return None
     if args.service_cert is None or args.service_key is None:
         raise SystemExit("jitp-sim: --service-cert and --service-key go together")
-    return ServiceCreds(cert=args.service_cert, key=args.service_key)
+    creds = ServiceCreds(cert=args.service_cert, key=args.service_key, client_id=args.service_client_id)
+    try:
+        creds.mqtt_client_id  # noqa: B018 - read the CN now: a bad certificate is a usage error
+    except ValueError as exc:
+        raise SystemExit(f"jitp-sim: --service-cert: {exc}") from None
+    return creds
 
 
 async def _run(args: argparse.Namespace) -> Report:
@@ -165,6 +212,21 @@ async def _run(args: argparse.Namespace) -> Report:
         )
     if args.command == "reconnect":
         return await run_reconnect(target, fleet, n=args.n, concurrency=args.concurrency, **common)
+    if args.command == "telemetry":
+        assert service is not None  # required by the parser
+        del common["service"]
+        return await run_telemetry(
+            target,
+            fleet,
+            service=service,
+            n=args.n,
+            messages=args.messages,
+            inflight=args.inflight,
+            concurrency=args.concurrency,
+            delivery_timeout=args.delivery_timeout,
+            event_timeout=args.event_timeout,
+            **common,
+        )
     n = args.n if args.n is not None else len(fleet)
     return await run_hold(
         target,

@@ -161,15 +161,13 @@ def main() -> int:
         wait_port(port, proc)
         print(f"broker pid {proc.pid}, log in {WORK / 'broker.log'}")
 
-        step("4. a service subscriber (ingest-service, persistent session) listens on $jitp/events/#")
-        events: list[dict[str, object]] = []
-        svc = mqtt_client(
-            "ingest-service",
-            layout.root_cert,
-            layout.service_client_cert,
-            layout.service_client_key,
-            clean=False,
+        service = ServiceCreds.from_pki(layout.dir)
+        step(
+            f"4. a service subscriber ({service.mqtt_client_id}, the CN of its certificate; persistent "
+            "session) listens on $jitp/events/#"
         )
+        events: list[dict[str, object]] = []
+        svc = mqtt_client(service.mqtt_client_id, layout.root_cert, service.cert, service.key, clean=False)
         svc.on_message = lambda c, u, m: events.append(json.loads(m.payload))
         svc.connect("127.0.0.1", port)
         svc.subscribe("$jitp/events/#", qos=1)
@@ -219,7 +217,7 @@ def main() -> int:
                 target,
                 fleet,
                 concurrency=200,
-                service=ServiceCreds.from_pki(layout.dir),
+                service=service,
                 registry_path=WORK / "data" / "registry.db",
                 progress=True,
             )

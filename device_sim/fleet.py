@@ -24,8 +24,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
 
 import certs
 
@@ -375,16 +377,46 @@ def create_region_fleet(
 
 @dataclass(frozen=True)
 class ServiceCreds:
-    """A service identity (service CA) allowed to subscribe ``$jitp/events/#``."""
+    """A service identity (service CA) allowed to subscribe ``$jitp/events/#`` and telemetry.
+
+    A jitp broker accepts a service only under the client id its certificate names (the subject
+    CN), so that is the default; ``client_id`` overrides it (for brokers with other rules).
+    """
 
     cert: Path
     key: Path
-    client_id: str = certs.SERVICE_CLIENT_CN
+    client_id: str | None = None  # what the service sends as MQTT client id (default: the cert's CN)
+
+    @property
+    def mqtt_client_id(self) -> str:
+        """``client_id`` if given, else the subject CN of the certificate (read from ``cert``)."""
+        return self.client_id if self.client_id is not None else certificate_cn(self.cert)
 
     @classmethod
     def from_pki(cls, pki_dir: Path) -> ServiceCreds:
         layout = certs.PkiLayout(Path(pki_dir))
         return cls(cert=layout.service_client_cert, key=layout.service_client_key)
+
+
+def certificate_cn(cert_path: Path) -> str:
+    """The subject CN of the first certificate (the leaf) of a PEM file.
+
+    Raises FileNotFoundError for a missing file and ValueError when the file holds no PEM
+    certificate or the subject has no CN or several (the identity would be ambiguous).
+    """
+    data = Path(cert_path).read_bytes()
+    try:
+        leaf = x509.load_pem_x509_certificates(data)[0]
+    except ValueError as exc:
+        raise ValueError(f"{cert_path}: no PEM certificate ({exc})") from None
+    cns = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(cns) != 1:
+        raise ValueError(
+            f"{cert_path}: the certificate subject has {len(cns) or 'no'} common name(s) (CN); "
+            "give the client id explicitly"
+        )
+    value = cns[0].value
+    return value if isinstance(value, str) else value.decode("utf-8", "replace")
 
 
 @dataclass(frozen=True)

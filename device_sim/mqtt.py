@@ -1,7 +1,7 @@
 """A lean MQTT 3.1.1 client on asyncio streams + ssl: just what a simulated device needs.
 
-CONNECT/CONNACK, PINGREQ/PINGRESP, PUBLISH QoS 0/1 (both directions), SUBSCRIBE/SUBACK and
-DISCONNECT. One reader task per connection dispatches incoming packets; no reconnect logic
+CONNECT/CONNACK, PINGREQ/PINGRESP, PUBLISH QoS 0/1 (both directions), SUBSCRIBE/SUBACK,
+UNSUBSCRIBE/UNSUBACK and DISCONNECT. One reader task per connection dispatches incoming packets; no reconnect logic
 (scenarios own retries, see :mod:`device_sim.backoff`).
 
 Failures surface as :class:`ConnectFailed` with a short, stable ``reason`` string:
@@ -22,7 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 CONNECT, CONNACK, PUBLISH, PUBACK = 1, 2, 3, 4
-SUBSCRIBE, SUBACK, PINGREQ, PINGRESP, DISCONNECT = 8, 9, 12, 13, 14
+SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK = 8, 9, 10, 11
+PINGREQ, PINGRESP, DISCONNECT = 12, 13, 14
 
 CONNACK_ACCEPTED = 0
 CONNACK_SERVER_UNAVAILABLE = 3
@@ -87,6 +88,11 @@ def publish_packet(
 def subscribe_packet(packet_id: int, filters: list[tuple[str, int]]) -> bytes:
     body = struct.pack("!H", packet_id) + b"".join(_str(f) + bytes([q]) for f, q in filters)
     return _packet(SUBSCRIBE, 0x02, body)
+
+
+def unsubscribe_packet(packet_id: int, filters: list[str]) -> bytes:
+    body = struct.pack("!H", packet_id) + b"".join(_str(f) for f in filters)
+    return _packet(UNSUBSCRIBE, 0x02, body)
 
 
 PINGREQ_PACKET = bytes([PINGREQ << 4, 0])
@@ -283,6 +289,18 @@ class MqttClient:
             self._acks.pop(packet_id, None)
         return list(fut.result())
 
+    async def unsubscribe(self, filters: list[str], *, time_limit: float = 30.0) -> None:
+        """Unsubscribe; returns once the UNSUBACK arrived."""
+        self._check_open()
+        packet_id = self._packet_id()
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._acks[packet_id] = fut
+        self.writer.write(unsubscribe_packet(packet_id, filters))
+        try:
+            await self._await(fut, time_limit)  # type: ignore[arg-type]
+        finally:
+            self._acks.pop(packet_id, None)
+
     async def ping(self, *, time_limit: float = 30.0) -> float:
         """PINGREQ; returns the round trip time in seconds."""
         self._check_open()
@@ -335,7 +353,7 @@ class MqttClient:
                                 topic, payload, qos, bool(flags & 1), bool(flags & 8), time.perf_counter()
                             ),
                         )
-                elif kind in (PUBACK, SUBACK) and len(body) >= 2:
+                elif kind in (PUBACK, SUBACK, UNSUBACK) and len(body) >= 2:
                     (packet_id,) = struct.unpack_from("!H", body, 0)
                     fut = self._acks.get(packet_id)
                     if fut is not None and not fut.done():

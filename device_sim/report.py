@@ -108,6 +108,38 @@ class HoldStats:
 
 
 @dataclass(frozen=True)
+class TelemetryCheck:
+    """QoS 1 telemetry the run's devices published, cross-checked with what the service received.
+
+    Messages are (device id, seq) pairs. A PUBACK hands a message to the broker, so every
+    acknowledged message must reach the subscriber: ``lost`` fails the run, and so do messages
+    received that were never sent (``unknown``) or on another device's topic (``misrouted``),
+    and devices whose batch broke off (``publish_failures``). Duplicates (QoS 1 is at least once)
+    and messages received without a PUBACK are reported, not failures.
+    """
+
+    devices: int  # devices that joined and published
+    messages_per_device: int
+    sent: int  # PUBLISH packets written
+    acked: int  # of those, acknowledged with a PUBACK
+    received: int  # distinct sent messages the subscriber received at least once
+    deliveries: int  # every delivery of a sent message, duplicates included
+    lost: tuple[tuple[str, int], ...]  # acknowledged but never received
+    duplicated: tuple[tuple[str, int], ...]  # received more than once
+    unacked_received: int  # received although the publisher never got the PUBACK (allowed)
+    unknown: tuple[tuple[str, int], ...]  # this run's tag, but never sent
+    misrouted: int  # this run's tag on another device's topic
+    foreign: int  # not this run's (other runs, a persistent session's backlog, other publishers)
+    publish_failures: Mapping[str, int] = field(default_factory=dict)  # devices cut short, by reason
+    publish_seconds: float = 0.0  # first connect -> last device disconnected
+    delivery_seconds: float = 0.0  # last device disconnected -> every acknowledged message received
+
+    @property
+    def ok(self) -> bool:
+        return not (self.lost or self.unknown or self.misrouted or self.publish_failures)
+
+
+@dataclass(frozen=True)
 class ChaosResult:
     name: str
     device_id: str
@@ -176,6 +208,7 @@ class Report:
     broker: BrokerUsage | None = None
     hold: HoldStats | None = None
     chaos: tuple[ChaosResult, ...] = ()
+    telemetry: TelemetryCheck | None = None
     notes: tuple[str, ...] = field(default=())  # informational
     issues: tuple[str, ...] = field(default=())  # further failures found by the scenario
 
@@ -277,6 +310,8 @@ class Report:
                     f"{len(r.region_mismatches)} device(s) recorded with the wrong region, "
                     f"e.g. {'; '.join(r.region_mismatches[:3])}"
                 )
+        if self.telemetry is not None:
+            out += _telemetry_problems(self.telemetry)
         out += list(self.issues)
         if self.hold is not None and not self.hold.ok:
             h = self.hold
@@ -350,6 +385,28 @@ class Report:
                     f"({h.publish_failures} failed){mem}",
                 )
             )
+        if self.telemetry is not None:
+            tm = self.telemetry
+            rate = tm.acked / tm.publish_seconds if tm.publish_seconds > 0 else 0.0
+            rows.append(
+                (
+                    "telemetry",
+                    f"{tm.devices} devices x {tm.messages_per_device} QoS 1   sent {tm.sent}  acked {tm.acked}  "
+                    f"received {tm.received}  lost {len(tm.lost)}  duplicated {len(tm.duplicated)}  "
+                    f"received-unacked {tm.unacked_received}",
+                )
+            )
+            waited = (
+                f"gave up waiting for the lost ones after {tm.delivery_seconds:.2f} s"
+                if tm.lost
+                else f"all acked received {tm.delivery_seconds:.2f} s after the last disconnect"
+            )
+            rows.append(
+                (
+                    "",
+                    f"{rate:.0f} acked msgs/s over {tm.publish_seconds:.2f} s; {waited}   foreign {tm.foreign}",
+                )
+            )
         if self.broker is not None:
             b = self.broker
             per_join = self.cpu_ms_per_join
@@ -415,6 +472,7 @@ class Report:
             "broker": _json_or_none(self.broker),
             "cpu_ms_per_join": self.cpu_ms_per_join,
             "hold": None,
+            "telemetry": _json_or_none(self.telemetry),
             "chaos": [dict(asdict(c), ok=c.ok) for c in self.chaos],
             "notes": list(self.notes),
             "issues": list(self.issues),
@@ -432,6 +490,29 @@ class Report:
 
     def write_json(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=2, default=str) + "\n")
+
+
+def _telemetry_problems(t: TelemetryCheck) -> list[str]:
+    out: list[str] = []
+    if t.lost:
+        devices = len({d for d, _ in t.lost})
+        out.append(
+            f"{len(t.lost)} acknowledged telemetry message(s) of {devices} device(s) never arrived, "
+            f"e.g. {_keys(t.lost)}"
+        )
+    if t.unknown:
+        out.append(
+            f"{len(t.unknown)} telemetry message(s) received that were never sent, e.g. {_keys(t.unknown)}"
+        )
+    if t.misrouted:
+        out.append(f"{t.misrouted} telemetry message(s) received on another device's topic")
+    if t.publish_failures:
+        out.append(f"telemetry: devices that could not publish every message: {_counts(t.publish_failures)}")
+    return out
+
+
+def _keys(keys: Sequence[tuple[str, int]], limit: int = 5) -> str:
+    return ", ".join(f"{d}#{seq}" for d, seq in keys[:limit])
 
 
 def _json_or_none(value: Any) -> Any:

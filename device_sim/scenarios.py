@@ -1,4 +1,4 @@
-"""Scenarios: storm, ramp, reconnect, hold and chaos, each against any mTLS MQTT endpoint.
+"""Scenarios: storm, ramp, reconnect, hold, telemetry and chaos, each against any mTLS MQTT endpoint.
 
 Every scenario builds the devices' TLS contexts first (not timed), optionally starts a service
 subscriber counting provisioned events, samples the broker process, runs, then cross-checks
@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import random
+import secrets
 import ssl
 import sys
 import tempfile
@@ -24,11 +25,26 @@ from typing import TextIO
 
 import certs
 from device_sim.backoff import Backoff
-from device_sim.checks import EventWatcher, RegistrySnapshot
+from device_sim.checks import (
+    EventWatcher,
+    MessageKey,
+    RegistrySnapshot,
+    TelemetryTally,
+    telemetry_payload,
+    telemetry_topic,
+)
 from device_sim.fleet import DeviceCreds, Fleet, ServiceCreds, Target, client_context, raise_fd_limit
 from device_sim.mqtt import TRANSIENT_REASONS, ConnectFailed, MqttClient
 from device_sim.procstat import ProcSample, try_sample
-from device_sim.report import OK, BrokerUsage, ChaosResult, HoldStats, JoinOutcome, Report
+from device_sim.report import (
+    OK,
+    BrokerUsage,
+    ChaosResult,
+    HoldStats,
+    JoinOutcome,
+    Report,
+    TelemetryCheck,
+)
 
 DEFAULT_BACKOFF = Backoff()
 
@@ -106,6 +122,7 @@ class _Run:
         seed: int | None,
         progress: bool,
         keepalive: int = 60,
+        telemetry: TelemetryTally | None = None,
     ) -> None:
         if concurrency is not None and concurrency < 1:
             raise ValueError("concurrency must be >= 1")
@@ -118,6 +135,7 @@ class _Run:
         self.backoff = backoff
         self.rng = random.Random(seed)
         self.keepalive = keepalive
+        self.telemetry = telemetry
         self.progress = Progress(scenario, len(self.devices), enabled=progress)
         self.sem = asyncio.Semaphore(concurrency) if concurrency else None
         self.plans: list[_Plan] = []
@@ -139,7 +157,7 @@ class _Run:
         self.prepare_seconds = time.perf_counter() - t0
         self.since = datetime.now(UTC)
         if self.service is not None:
-            self.watcher = EventWatcher(self.target, self.service, since=self.since)
+            self.watcher = EventWatcher(self.target, self.service, since=self.since, telemetry=self.telemetry)
             await self.watcher.start()
         self.before = try_sample(self.target.broker_pid)
         self.rss_peak = self.before.rss_bytes if self.before else 0
@@ -215,6 +233,7 @@ class _Run:
         issues: Sequence[str] = (),
         refused_ids: Sequence[str] = (),
         chaos: Sequence[ChaosResult] = (),
+        telemetry: TelemetryCheck | None = None,
         duration: float | None = None,
     ) -> Report:
         """Cross-check events and the registry, sample the broker, and build the report.
@@ -293,6 +312,7 @@ class _Run:
             broker=broker,
             hold=hold,
             chaos=tuple(chaos),
+            telemetry=telemetry,
             notes=tuple(notes),
             issues=tuple(issues),
         )
@@ -628,6 +648,169 @@ async def _hold_loop(
                 counters.ping_failures += 1
             else:
                 counters.publish_failures += 1
+
+
+# -- telemetry --------------------------------------------------------------------------------
+async def run_telemetry(
+    target: Target,
+    fleet: Fleet,
+    *,
+    service: ServiceCreds,
+    n: int | None = None,
+    messages: int = 20,
+    inflight: int = 20,
+    concurrency: int = 100,
+    registry_path: Path | None = None,
+    backoff: Backoff = DEFAULT_BACKOFF,
+    seed: int | None = None,
+    delivery_timeout: float = 30.0,
+    event_timeout: float = 30.0,
+    progress: bool = False,
+    expect_new: bool | None = None,
+) -> Report:
+    """``n`` devices each publish ``messages`` QoS 1 messages, then disconnect at once; the service
+    subscriber must receive every message the broker acknowledged.
+
+    The service client (persistent session) subscribes ``devices/+/telemetry`` at QoS 1 before the
+    first device connects. Each device joins (a first join provisions it, a rejoin does not;
+    ``expect_new`` as in :func:`run_hold`), publishes seq 1..``messages`` on
+    ``devices/<id>/telemetry`` with at most ``inflight`` PUBACKs outstanding, and sends DISCONNECT
+    and closes right after its last PUBACK. Payloads name the run, the device and the seq, so loss
+    and duplicates are exact. The run then waits until every acknowledged message has arrived, or
+    ``delivery_timeout`` seconds. See :class:`~device_sim.report.TelemetryCheck` for what fails it.
+    """
+    if messages < 1:
+        raise ValueError("messages must be >= 1")
+    if inflight < 1:
+        raise ValueError("inflight must be >= 1")
+    tally = TelemetryTally(secrets.token_hex(8))
+    run = _Run(
+        "telemetry",
+        target,
+        fleet.take(n),
+        concurrency=concurrency,
+        service=service,
+        registry_path=registry_path,
+        backoff=backoff,
+        seed=seed,
+        progress=progress,
+        telemetry=tally,
+    )
+    await run.prepare()
+    sent: set[MessageKey] = set()
+    acked: set[MessageKey] = set()
+    failures: Counter[str] = Counter()
+    open_clients: set[MqttClient] = set()
+    publishers = 0
+    sampler: asyncio.Task[None] | None = None
+
+    async def device(i: int, plan: _Plan) -> JoinOutcome:
+        nonlocal publishers
+        outcome, client = await run.join(i, plan, keep=True)
+        if client is None:
+            return outcome
+        open_clients.add(client)
+        publishers += 1
+        try:
+            failure = await _publish_batch(
+                client,
+                plan.device_id,
+                tally.run_id,
+                messages=messages,
+                inflight=inflight,
+                time_limit=target.connect_timeout,
+                sent=sent,
+                acked=acked,
+            )
+        finally:
+            await client.disconnect()  # right after the last PUBACK: the pattern of issue 18
+            open_clients.discard(client)
+        if failure is not None:
+            failures[failure] += 1
+        return outcome
+
+    try:
+        run.start_clock()
+        run.progress.phase = "publishing"
+        sampler = asyncio.create_task(_broker_sampler(run))
+        run.outcomes = list(await asyncio.gather(*(device(i, p) for i, p in enumerate(run.plans))))
+        publish_seconds = time.perf_counter() - run.started
+        run.progress.phase = f"waiting for {len(acked)} acknowledged messages"
+        t0 = time.perf_counter()
+        await tally.wait_for(acked, time_limit=delivery_timeout)
+        delivery_seconds = time.perf_counter() - t0
+        await tally.settle()  # late duplicates; returns after a short quiet spell
+    except BaseException:
+        await asyncio.gather(*(c.abort() for c in open_clients), return_exceptions=True)
+        await run.abort_watcher()
+        raise
+    finally:
+        if sampler is not None:
+            sampler.cancel()
+    check = tally.check(
+        sent=sent,
+        acked=acked,
+        devices=publishers,
+        messages=messages,
+        publish_failures=failures,
+        publish_seconds=publish_seconds,
+        delivery_seconds=delivery_seconds,
+    )
+    return await run.finish(
+        expect_new=expect_new, event_timeout=event_timeout, telemetry=check, duration=publish_seconds
+    )
+
+
+async def _publish_batch(
+    client: MqttClient,
+    device_id: str,
+    run_id: str,
+    *,
+    messages: int,
+    inflight: int,
+    time_limit: float,
+    sent: set[MessageKey],
+    acked: set[MessageKey],
+) -> str | None:
+    """Publish seq 1..``messages`` at QoS 1 in order, at most ``inflight`` awaiting their PUBACK.
+
+    Records each message in ``sent`` as its PUBLISH is written and in ``acked`` on its PUBACK.
+    Returns None if every message was acknowledged, else why the batch broke off.
+    """
+    topic = telemetry_topic(device_id)
+    window = asyncio.Semaphore(inflight)
+    failures: list[str] = []
+
+    async def one(seq: int) -> None:
+        try:
+            if failures or not client.is_open:
+                return
+            sent.add((device_id, seq))  # publish() writes before its first await
+            await client.publish(
+                topic, telemetry_payload(run_id, device_id, seq), qos=1, time_limit=time_limit
+            )
+            acked.add((device_id, seq))
+        except ConnectFailed as exc:
+            failures.append(exc.reason)
+        finally:
+            window.release()
+
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        for seq in range(1, messages + 1):
+            await window.acquire()
+            tasks.append(asyncio.create_task(one(seq)))  # tasks start in order: PUBLISHes go out in seq order
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        raise
+    if failures:
+        return failures[0]
+    if not all((device_id, seq) in acked for seq in range(1, messages + 1)):
+        failure = client.closed.result() if client.closed.done() else None
+        return failure.reason if failure is not None else "closed"
+    return None
 
 
 # -- chaos ------------------------------------------------------------------------------------
