@@ -24,7 +24,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
 
@@ -73,16 +73,46 @@ class Admission:
     reprovisioned: bool = False
 
 
-MAX_COALESCED_CAUSES = 10_000  # distinct refusal causes held open at once (bounded memory)
+MAX_COALESCED_CAUSES = 10_000  # distinct causes (refusals, coalesced events) held open at once
+MAX_COALESCED_HOSTS = 64  # distinct peer hosts counted per open window (bounded memory)
+# Audited events whose repeats coalesce like refusals: a cloned certificate's two copies taking a
+# session from each other many times a second would otherwise write an entry per takeover.
+COALESCED_EVENTS = frozenset({"session-takeover"})
+
+CoalesceKey = tuple[str, str, str]  # (action, reason, cause: a certificate, device or peer host)
 
 
 @dataclass
 class _Coalesced:
-    draft: AuditDraft  # the entry written for the first refusal of the window
+    draft: AuditDraft  # the entry written for the first occurrence of the window
     window_start: datetime
     last_at: datetime
     last_peer: str | None
-    count: int = 0  # refusals since the first one
+    count: int = 0  # occurrences since the first one
+    last_details: Mapping[str, str] | None = None  # the last occurrence's, for events
+    hosts: set[str] = field(default_factory=set)  # distinct peer hosts, the first one's included
+
+    def summary(self) -> AuditDraft | None:
+        """The counted entry for the repeats of this window, or None if there were none."""
+        if self.count == 0:
+            return None
+        details = {
+            **dict(self.draft.details),
+            **dict(self.last_details or {}),
+            "coalesced": "true",
+            "count": str(self.count),
+            "first_at": self.window_start.isoformat(),
+            "last_at": self.last_at.isoformat(),
+            "peer_hosts": str(len(self.hosts)),
+        }
+        return dataclasses.replace(
+            self.draft, at=self.last_at, peer=self.last_peer, details=MappingProxyType(details)
+        )
+
+    def note_host(self, peer: str | None) -> None:
+        host = _host(peer)
+        if host is not None and len(self.hosts) < MAX_COALESCED_HOSTS:
+            self.hosts.add(host)
 
 
 def _host(peer: str | None) -> str | None:
@@ -126,7 +156,7 @@ class ProvisioningService:
         self.cache = RecordCache(admission.cache_size, admission.cache_ttl, clock=monotonic)
         self._provisioning: set[asyncio.Task[ProvisionOutcome]] = set()
         self.coalesce_window = coalesce_window
-        self._refusals: dict[tuple[str, str], _Coalesced] = {}
+        self._refusals: dict[CoalesceKey, _Coalesced] = {}  # open windows, refusals and events
         self.stale_crl = stale_crl
         self.clock = clock
         self.default_region = default_region
@@ -439,54 +469,64 @@ class ProvisioningService:
         at = at or self.clock()
         # Same cause: same reason and the same certificate (or, without one, the same detail -- e.g.
         # an erased certificate's tombstone -- or the same peer host).
-        key = (exc.reason, exc.fingerprint or exc.detail or _host(peer) or "-")
-        if self.coalesce_window > 0:
-            pending = self._refusals.get(key)
-            if pending is not None and (at - pending.window_start).total_seconds() < self.coalesce_window:
-                pending.count += 1
-                pending.last_at, pending.last_peer = at, peer
-                log.debug("refused again from %s: %s (coalesced)", peer, exc.reason)
-                return
+        key = ("refused", exc.reason, exc.fingerprint or exc.detail or _host(peer) or "-")
+        if self._count_repeat(key, at=at, peer=peer):
+            log.debug("refused again from %s: %s (coalesced)", peer, exc.reason)
+            return
         draft = await self._refusal_draft(exc, peer=peer, at=at, client_id=client_id)
-        if self.coalesce_window > 0:
-            if len(self._refusals) >= MAX_COALESCED_CAUSES:
-                await self.flush_refusals(force=True)
-            self._refusals[key] = _Coalesced(draft=draft, window_start=at, last_at=at, last_peer=peer)
         try:
-            await self.registry.append_audit([draft])
+            await self._write_first(key, draft)
         except errors.ProvisioningError as audit_exc:  # never let auditing hide the refusal itself
             log.error("could not audit a refusal: %s", audit_exc)
 
+    def _count_repeat(
+        self, key: CoalesceKey, *, at: datetime, peer: str | None, details: Mapping[str, str] | None = None
+    ) -> bool:
+        """Count a repeat into the open window of its cause; False when it opens a new one (no
+        coalescing, no window, or the window closed)."""
+        if self.coalesce_window <= 0:
+            return False
+        pending = self._refusals.get(key)
+        if pending is None or (at - pending.window_start).total_seconds() >= self.coalesce_window:
+            return False
+        pending.count += 1
+        pending.last_at, pending.last_peer = at, peer
+        if details is not None:
+            pending.last_details = details
+        pending.note_host(peer)
+        return True
+
+    async def _write_first(self, key: CoalesceKey, draft: AuditDraft) -> None:
+        """Write the first entry of a window (at once: an operator sees it immediately) and open the
+        window. A closed window of the same cause that was not flushed yet writes its counted entry
+        first. Windows change only before the one await, so concurrent callers never lose a count."""
+        drafts = [draft]
+        if self.coalesce_window > 0:
+            closing = [w for w in (self._refusals.pop(key, None),) if w is not None]
+            if len(self._refusals) >= MAX_COALESCED_CAUSES:  # bounded memory: close every window now
+                closing += self._refusals.values()
+                self._refusals.clear()
+            drafts = [d for d in (w.summary() for w in closing) if d is not None] + drafts
+            window = _Coalesced(draft=draft, window_start=draft.at, last_at=draft.at, last_peer=draft.peer)
+            window.note_host(draft.peer)
+            self._refusals[key] = window
+        await self.registry.append_audit(drafts)
+
     async def flush_refusals(self, *, force: bool = False) -> int:
-        """Write one counted entry per cause whose window closed (all of them with ``force``)."""
+        """Write one counted entry per cause -- refusals and :data:`COALESCED_EVENTS` alike -- whose
+        window closed (all of them with ``force``). Returns how many occurrences they count."""
         now = self.clock()
         due = [
             k
             for k, p in self._refusals.items()
             if force or (now - p.window_start).total_seconds() >= self.coalesce_window
         ]
-        drafts = []
-        for key in due:
-            p = self._refusals.pop(key)
-            if p.count == 0:
-                continue
-            details = {
-                **dict(p.draft.details),
-                "coalesced": "true",
-                "count": str(p.count),
-                "first_at": p.window_start.isoformat(),
-                "last_at": p.last_at.isoformat(),
-            }
-            drafts.append(
-                dataclasses.replace(
-                    p.draft, at=p.last_at, peer=p.last_peer, details=MappingProxyType(details)
-                )
-            )
+        drafts = [d for d in (self._refusals.pop(k).summary() for k in due) if d is not None]
         if drafts:
             try:
                 await self.registry.append_audit(drafts)
             except errors.ProvisioningError as audit_exc:
-                log.error("could not audit %d coalesced refusal(s): %s", len(drafts), audit_exc)
+                log.error("could not audit %d coalesced entries: %s", len(drafts), audit_exc)
         return sum(int(d.details["count"]) for d in drafts)
 
     async def _refusal_draft(
@@ -526,17 +566,25 @@ class ProvisioningService:
         peer: str | None = None,
         reason: str | None = None,
         details: dict[str, str] | None = None,
-    ) -> None:
-        await self.registry.append_audit(
-            [
-                AuditDraft(
-                    at=self.clock(),
-                    action=action,
-                    actor="broker",
-                    device_id=device_id,
-                    peer=peer,
-                    reason=reason,
-                    details=MappingProxyType(details or {}),
-                )
-            ]
+    ) -> bool:
+        """Audit an event the broker saw. The first of a :data:`COALESCED_EVENTS` action (per action,
+        reason and device) is written at once; repeats within ``coalesce_window`` are counted into one
+        entry written when the window closes, like refusals. True if an entry was written now."""
+        at = self.clock()
+        draft = AuditDraft(
+            at=at,
+            action=action,
+            actor="broker",
+            device_id=device_id,
+            peer=peer,
+            reason=reason,
+            details=MappingProxyType(details or {}),
         )
+        if action not in COALESCED_EVENTS:
+            await self.registry.append_audit([draft])
+            return True
+        key = (action, reason or "", device_id or _host(peer) or "-")
+        if self._count_repeat(key, at=at, peer=peer, details=draft.details):
+            return False
+        await self._write_first(key, draft)
+        return True

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -279,6 +279,7 @@ class TrustStore:
     _by_id: dict[str, TrustAnchor] = field(default_factory=dict, compare=False, repr=False)
     _store: Store | None = field(default=None, compare=False, repr=False)
     _disabled: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+    _disabled_anchors: tuple[TrustAnchor, ...] = field(default=(), compare=False, repr=False)
     _revoked: dict[str, frozenset[int]] = field(default_factory=dict, compare=False, repr=False)
     _crl_next_update: dict[str, datetime | None] = field(default_factory=dict, compare=False, repr=False)
     stale_crl: str = "keep"
@@ -311,6 +312,7 @@ class TrustStore:
             _by_id=by_id,
             _store=store,
             _disabled=disabled,
+            _disabled_anchors=tuple(a for a in anchors if a.ca_id in disabled),
             _revoked=revoked,
             _crl_next_update=next_update,
             stale_crl=stale_crl,
@@ -393,6 +395,82 @@ class TrustStore:
                     leaf=leaf, leaf_der=chain_der[0], fingerprint=fp, anchor=anchor, chain=chain
                 )
         raise errors.UntrustedChain("the chain ends at no registered CA", fingerprint=fp)  # pragma: no cover
+
+    def explain_missing_issuer(self, chain_der: Sequence[bytes]) -> str | None:
+        """Why the chain a client sent (leaf first, as sent) reaches no registered CA, for the audit
+        trail of a handshake OpenSSL refused with only "unable to get local issuer certificate".
+
+        Follows the sent certificates by issuer name from the leaf. None when that is not the cause
+        (the chain does reach an enabled CA, the leaf is self-signed, or the input is unreadable).
+        It cannot tell a missing intermediate from an unknown CA when the client sent only its own
+        certificate (the broker never sees the certificate that was not sent), and says so.
+        """
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_ATTRIBUTE_LENGTH_WARNING, category=UserWarning)
+            try:
+                return self._explain_missing_issuer(chain_der)
+            except ValueError:
+                return None
+
+    def _explain_missing_issuer(self, chain_der: Sequence[bytes]) -> str | None:
+        sent = [x509.load_der_x509_certificate(d) for d in chain_der[: MAX_CHAIN_DEPTH + 2]]
+        if not sent:
+            return None
+        enabled = [a.certificate for a in self.anchors]
+        disabled = [a.certificate for a in self._disabled_anchors]
+        leaf, path = sent[0], [sent[0]]
+        while True:
+            cert = path[-1]
+            named = [ca for ca in enabled if ca.subject == cert.issuer]
+            if any(_directly_issued(cert, ca) for ca in named):
+                return None  # it does reach an enabled CA: the refusal has another cause
+            if any(_directly_issued(cert, ca) for ca in disabled if ca.subject == cert.issuer):
+                return f"the issuer {_dn(cert.issuer)} is a registered CA, but it is disabled"
+            if named:
+                return f"the issuer is named {_dn(cert.issuer)}, like a registered CA, but that CA did not sign it"
+            if cert.issuer == cert.subject:
+                break  # a self-signed top
+            issuer = next((c for c in sent[1:] if c.subject == cert.issuer and c not in path), None)
+            if issuer is None or len(path) > MAX_CHAIN_DEPTH:
+                break
+            path.append(issuer)
+        top = path[-1]
+        if top is leaf and leaf.issuer == leaf.subject:
+            return None  # a self-signed client certificate: OpenSSL's own message says so
+        if len(sent) == 1:
+            return (
+                "chain incomplete (no intermediate sent), or an unknown CA: the client sent only its own "
+                f"certificate, and its issuer {_dn(leaf.issuer)} is not a registered CA"
+            )
+        if top is leaf:
+            return (
+                f"chain incomplete: the client sent {len(sent) - 1} more certificate(s), none of them "
+                f"its issuer {_dn(leaf.issuer)}, which is not a registered CA"
+            )
+        if top.issuer == top.subject:
+            return f"unknown CA: the chain the client sent ends at the root {_dn(top.subject)}, which is not registered"
+        return (
+            f"unknown CA, or chain incomplete: the chain the client sent ends at {_dn(top.subject)}, "
+            f"whose issuer {_dn(top.issuer)} is not a registered CA"
+        )
+
+
+def _directly_issued(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (InvalidSignature, ValueError, TypeError):  # not its signature, name, or kind of key
+        return False
+    return True
+
+
+def _dn(name: x509.Name) -> str:
+    """A distinguished name from a client's certificate, quoted for a log line: printable, bounded."""
+    try:
+        text = name.rfc4514_string()
+    except ValueError:
+        return "(an undecodable name)"
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return repr(text if len(text) <= 160 else text[:157] + "...")
 
 
 def parse_crl(data: bytes, anchor: TrustAnchor, *, now: datetime) -> x509.CertificateRevocationList:
