@@ -122,6 +122,7 @@ from jitp.routing import (
     RetainVerdict,
     SubscriptionTree,
 )
+from jitp.trust import Role
 
 if TYPE_CHECKING:
     from broker_plugins.server import JitpServer
@@ -138,7 +139,8 @@ PEER = "jitp.peer"  # Session.attributes key: the PeerCredentials it was admitte
 JITP_DEVICE_TOPICS = "$jitp/devices/"  # devices publish their status here (W10)
 JITP_ADMIN_TOPICS = "$jitp/admin/"  # backend principals send admin API requests here (W10)
 MAX_PENDING_REQUESTS = 16  # SUBSCRIBE/UNSUBSCRIBE read ahead of their SUBACK/UNSUBACK, per client
-CLOSED_BY_OPERATOR = "jitp.closed"  # Session.attributes key: why the broker closed it (no will then)
+CLOSED_BY_OPERATOR = "jitp.closed"  # Session.attributes key: an operator decision closed it (no will)
+CLOSED_BY_BROKER = "jitp.closing"  # Session.attributes key: a limit is closing it (once)
 
 
 class AmqttIncompatible(RuntimeError):
@@ -296,7 +298,8 @@ class LimitedReader(StreamReaderAdapter):
         if n < 0 or n > self.max_packet_size:
             raise PacketTooLarge(f"packet larger than {self.max_packet_size} bytes")
         if self.idle_timeout is not None and (self._body_left or self._length is not None):
-            data = await asyncio.wait_for(super().read(n), self.idle_timeout)
+            async with asyncio.timeout(self.idle_timeout):
+                data = await super().read(n)
         else:
             data = await super().read(n)
         self._track(data)
@@ -390,7 +393,8 @@ class JitpProtocolHandler(BrokerProtocolHandler):
         try:
             while True:
                 try:
-                    header = await asyncio.wait_for(MQTTFixedHeader.from_stream(reader), keepalive)
+                    async with asyncio.timeout(keepalive):  # no task per read, unlike wait_for
+                        header = await MQTTFixedHeader.from_stream(reader)
                 except TimeoutError:
                     self.handle_read_timeout()
                     break
@@ -489,8 +493,10 @@ class JitpProtocolHandler(BrokerProtocolHandler):
         if isinstance(session, JitpSession) and session.delivery.acknowledge(packet_id):
             if self.broker is not None:
                 self.broker.delivery_progress.set()
-            return
-        await super().handle_puback(puback)
+        else:  # a duplicate, or for a message resent on a later connection: harmless [MQTT-4.3.2]
+            log.debug(
+                "%s acknowledged unknown packet id %d", session.client_id if session else "?", packet_id
+            )
 
     # -- W12, W16: a PUBLISH is checked and routed before its PUBACK -----------------------------
     async def handle_publish(self, publish_packet: PublishPacket) -> None:
@@ -559,11 +565,17 @@ class JitpBroker(Broker):
         cfg = server.config
         self.limits = limits = cfg.limits
         self.listener_config = cfg.listener
-        JitpSession.queue_limits = QueueLimits(
+        self.device_queue_limits = QueueLimits(
             max_messages=limits.max_queued_messages,
             max_bytes=limits.max_queued_bytes,
             max_inflight=limits.max_inflight,
         )
+        self.service_queue_limits = QueueLimits(
+            max_messages=limits.service_max_queued_messages,
+            max_bytes=limits.service_max_queued_bytes,
+            max_inflight=limits.max_inflight,
+        )
+        JitpSession.queue_limits = self.device_queue_limits
         # W12: a topic tree (client id -> QoS per filter) instead of amqtt's scanned dict.
         self.subscription_tree: SubscriptionTree[str] = SubscriptionTree()
         # W15: retained messages with quotas; amqtt's name for them is kept for BrokerContext.
@@ -734,6 +746,13 @@ class JitpBroker(Broker):
             return
 
         session = await self._attach_session(session)
+        session.attributes.pop(CLOSED_BY_BROKER, None)
+        session.attributes.pop(CLOSED_BY_OPERATOR, None)
+        if isinstance(session, JitpSession):
+            role = getattr(session.attributes.get(ADMISSION), "role", Role.DEVICE)
+            session.delivery.limits = (
+                self.device_queue_limits if role is Role.DEVICE else self.service_queue_limits
+            )
         self._apply_keepalive(session)
         if isinstance(reader, LimitedReader):
             reader.idle_timeout = float(session.keep_alive)
@@ -784,19 +803,21 @@ class JitpBroker(Broker):
             same_cert = getattr(old_adm, "fingerprint", None) == getattr(new_adm, "fingerprint", None)
             old_peer = f"{old_session.remote_address}:{old_session.remote_port}"
             new_peer = f"{incoming.remote_address}:{incoming.remote_port}"
-            log.warning(
-                "session takeover for %s: %s replaces %s (same certificate: %s); possible cloned certificate",
-                client_id,
-                new_peer,
-                old_peer,
-                same_cert,
-            )
-            await self.jitp.service.record_event(
+            written = await self.jitp.service.record_event(
                 "session-takeover",
                 device_id=client_id,
                 peer=new_peer,
                 reason="duplicate_client_id",
                 details={"previous_peer": old_peer, "same_certificate": str(same_cert).lower()},
+            )
+            # Repeats within the audit's coalescing window (a cloned certificate's ping-pong) are
+            # counted there; the log says it once per window too.
+            (log.warning if written else log.debug)(
+                "session takeover for %s: %s replaces %s (same certificate: %s); possible cloned certificate",
+                client_id,
+                new_peer,
+                old_peer,
+                same_cert,
             )
             if isinstance(old_handler, JitpProtocolHandler):
                 old_handler.stop_sender()  # its unacknowledged messages stay queued for the new connection
@@ -969,8 +990,12 @@ class JitpBroker(Broker):
         if offer is Offer.QUEUED:
             return True
         if offer is Offer.OVERFLOW and connected:
-            self._report(target, errors.QueueFull, "QoS 1 queue full: the client does not read; disconnected")
-            self.spawn(self.disconnect_client(target.client_id or "", reason="queue_full"), "jitp-queue-full")
+            if CLOSED_BY_BROKER not in target.attributes:  # once, however many messages overflow
+                target.attributes[CLOSED_BY_BROKER] = "queue_full"
+                self._report(
+                    target, errors.QueueFull, "QoS 1 queue full: the client does not keep up; disconnected"
+                )
+                self.spawn(self._close_overflowing(target), "jitp-queue-full")
         else:
             self._report(target, errors.QueueFull, f"{len(target.delivery)} messages queued: dropped")
         return False
@@ -1013,6 +1038,12 @@ class JitpBroker(Broker):
             ),
             "jitp-audit-limit",
         )
+
+    async def _close_overflowing(self, session: JitpSession) -> None:
+        found = self._sessions.get(session.client_id or "")
+        if found is not None and found[0] is session and session.transitions.is_connected():
+            log.warning("closing the connection of %s: queue_full", session.client_id)
+            await self.close_connection(session, found[1])
 
     async def protocol_violation(self, session: Session, handler: BrokerProtocolHandler, what: str) -> None:
         """A packet the specification says closes the connection: audited, then closed."""

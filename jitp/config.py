@@ -61,6 +61,10 @@ class LimitsConfig:
     max_subscriptions: int = 100  # topic filters per client; more get SUBACK 0x80
     max_queued_messages: int = 1000  # outgoing messages per session (queued + unacknowledged)
     max_queued_bytes: int = 16 * 1024 * 1024  # outgoing bytes per session (topic + payload)
+    # The same bounds for backend principals (an ingest service takes every device's telemetry:
+    # a burst of a whole fleet must fit while it catches up).
+    service_max_queued_messages: int = 100_000
+    service_max_queued_bytes: int = 256 * 1024 * 1024
     max_retained_per_client: int = 100  # retained messages one client may own
     max_retained_bytes_per_client: int = 1024 * 1024  # payload bytes one client may retain
     max_retained_bytes: int = 256 * 1024 * 1024  # all retained payloads in the broker
@@ -75,6 +79,8 @@ class LimitsConfig:
             "max_subscriptions",
             "max_queued_messages",
             "max_queued_bytes",
+            "service_max_queued_messages",
+            "service_max_queued_bytes",
             "max_retained_per_client",
             "max_retained_bytes_per_client",
             "max_retained_bytes",

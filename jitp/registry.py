@@ -346,6 +346,9 @@ def plan_status_change(
     return StatusChange(record=dataclasses.replace(record, status=target), changed=True, event=event), draft
 
 
+_PEER_DETAILS = ("previous_peer",)  # details holding a peer address, sealed like the entry's peer
+
+
 def pseudonymize(draft: AuditDraft, keys: dict[str, bytes]) -> AuditDraft:
     """An audit entry's stored form: nothing personal about a device in clear (see jitp.privacy)."""
     if not draft.device_id:
@@ -355,6 +358,9 @@ def pseudonymize(draft: AuditDraft, keys: dict[str, bytes]) -> AuditDraft:
     details = {k: privacy.scrub(str(v), *secrets) for k, v in draft.details.items()}
     if "previous_fingerprint" in details:  # a superseded certificate is the device's too
         details["previous_fingerprint"] = privacy.cert_ref(key, str(draft.details["previous_fingerprint"]))
+    for name in _PEER_DETAILS:  # another connection's address is as personal as the entry's peer
+        if details.get(name):
+            details[name] = privacy.seal(key, str(draft.details[name]))
     return dataclasses.replace(
         draft,
         device_id=privacy.device_ref(key, draft.device_id),
@@ -437,7 +443,14 @@ def resolve_entries(
             continue
         device_id, key = found
         peer = privacy.unseal(key, e.draft.peer) if e.draft.peer else None
-        out.append(dataclasses.replace(e, draft=dataclasses.replace(e.draft, device_id=device_id, peer=peer)))
+        details = dict(e.draft.details)
+        for name in _PEER_DETAILS:
+            if details.get(name):
+                details[name] = privacy.unseal(key, details[name]) or details[name]
+        resolved = dataclasses.replace(
+            e.draft, device_id=device_id, peer=peer, details=MappingProxyType(details)
+        )
+        out.append(dataclasses.replace(e, draft=resolved))
     return out
 
 

@@ -285,3 +285,33 @@ def test_graceful_stop_delivers_what_was_acknowledged(tmp_path: Path, pki: Pki) 
     finally:
         if not stopped:
             b.stop()
+
+
+def test_a_service_absorbs_a_burst_far_beyond_the_device_queue_bound(tmp_path: Path, pki: Pki) -> None:
+    """Queue bounds are per role: a device's is small (it only gets commands), a backend principal's
+    holds a fleet's burst while it catches up (limits.service_max_queued_messages)."""
+    from jitp.trust import Role
+    from tests.helpers import test_config
+
+    b = BrokerThread(test_config(tmp_path, pki, limits={"max_queued_messages": 10})).start()
+    try:
+        b.register_ca(pki.manufacturer.cert)
+        b.register_ca(pki.service_ca.cert, role=Role.SERVICE)
+        sub = subscriber(b, pki, "svc-burst", "devices/#")
+        devices = [pki.device(f"qos1-burst-{i}") for i in range(5)]
+        batches = {d.name: [f"{d.name}-m{i}".encode() for i in range(300)] for d in devices}
+        threads = [
+            threading.Thread(target=publish_batch_and_disconnect, args=(b, pki, d, batches[d.name]))
+            for d in devices
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        expected = sorted(p for batch in batches.values() for p in batch)
+        assert wait(lambda: len(sub.messages) >= len(expected))
+        assert sorted(payloads(sub)) == expected
+        assert "queue_full" not in [e.draft.reason for e in b.audit()]
+        sub.close()
+    finally:
+        b.stop()

@@ -661,6 +661,10 @@ def test_w7_same_certificate_takes_over_the_session_and_is_audited(
     takeovers = [e.draft for e in broker.audit() if e.draft.action == "session-takeover"]
     assert [d.device_id for d in takeovers] == [dev]
     assert takeovers[0].details["same_certificate"] == "true"
+    assert takeovers[0].details["previous_peer"].startswith("127.0.0.1:")
+    # Stored, both peer addresses are sealed under the device's data key (encryption at rest).
+    [stored] = [e.draft for e in broker.raw_audit() if e.draft.action == "session-takeover"]
+    assert "127.0.0.1" not in (stored.peer or "") + stored.details["previous_peer"]
 
 
 def test_w7_another_certificate_cannot_take_over(

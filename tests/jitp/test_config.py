@@ -386,6 +386,8 @@ VALID: dict[str, dict[str, st.SearchStrategy[Any]]] = {
         "max_subscriptions": st.integers(1, 10**6),
         "max_queued_messages": st.integers(1, 10**6),
         "max_queued_bytes": st.integers(1, 2**40),
+        "service_max_queued_messages": st.integers(1, 10**7),
+        "service_max_queued_bytes": st.integers(1, 2**40),
         "max_retained_per_client": st.integers(1, 10**6),
         "max_retained_bytes_per_client": st.integers(1, 2**40),
         "max_retained_bytes": st.integers(1, 2**40),
