@@ -14,19 +14,31 @@ Sources (``from:``): ``subject.CN`` (also O, OU, L, ST, C, serialNumber, or a do
 ``san.dns``, ``san.uri``, ``san.email``, ``san.ip``, ``serial``, ``fingerprint``, ``ext:OID``.
 Certificate values are untrusted: the id always passes :func:`jitp.identity.check_device_id`,
 and every value substituted into a topic pattern must be a safe topic level too.
+
+Matching runs on the broker's only event loop, so it must be cheap whatever a template or a
+certificate says: id patterns are compiled with RE2 (linear time, no backtracking; patterns RE2
+cannot compile, such as backreferences and lookaround, are refused at load), and a certificate
+value longer than :data:`MAX_MATCH_CHARS` is never matched. Template files are untrusted input for
+the loader too: at most :data:`MAX_TEMPLATE_BYTES`, UTF-8, nested at most
+:data:`MAX_TEMPLATE_DEPTH` levels, and without YAML anchors or aliases (an alias "bomb" would
+otherwise expand to gigabytes).
 """
 
 from __future__ import annotations
 
 import enum
+import os
 import re
+import stat
 import string
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+import re2  # type: ignore[import-untyped]  # google-re2 ships no type information; IdPattern wraps it
 import yaml
 from cryptography import x509
 from cryptography.x509.oid import NameOID
@@ -53,6 +65,11 @@ _SAN_TYPES: dict[str, type[x509.GeneralName]] = {
 }
 _OID_RE = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
 MAX_VALUE_CHARS = 256
+# A certificate value longer than this is never matched against an id pattern (refused as unsafe_id).
+MAX_MATCH_CHARS = 256
+# Template files: size read, nesting depth of YAML collections.
+MAX_TEMPLATE_BYTES = 64 * 1024
+MAX_TEMPLATE_DEPTH = 16
 
 
 class ReprovisionPolicy(enum.StrEnum):
@@ -130,10 +147,51 @@ def _der_string(raw: bytes) -> str:
     return raw.decode("utf-8", "replace")
 
 
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # a bad pattern becomes a ConfigError, not a line on stderr
+
+
+@dataclass(frozen=True)
+class IdPattern:
+    """A device-id pattern compiled with RE2: matching time is linear in the input, whatever the pattern.
+
+    RE2 syntax, not Python's: no backreferences, lookaround or possessive quantifiers (ValueError), and
+    ``\\d``, ``\\w``, ``\\s``, ``\\b`` are ASCII-only. Two patterns are equal when their text is (a
+    template reload compares templates to find what changed).
+    """
+
+    pattern: str
+    groupindex: Mapping[str, int] = field(init=False, repr=False, compare=False)
+    _compiled: Any = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        try:
+            compiled = re2.compile(self.pattern, _RE2_OPTIONS)
+        except re2.error as exc:
+            problem = exc.args[0] if exc.args else exc
+            raise ValueError(
+                problem.decode("utf-8", "replace") if isinstance(problem, bytes) else str(problem)
+            ) from None
+        except UnicodeEncodeError:
+            raise ValueError("the pattern is not valid Unicode text") from None
+        object.__setattr__(self, "_compiled", compiled)
+        object.__setattr__(self, "groupindex", MappingProxyType(dict(compiled.groupindex)))
+
+    def fullmatch(self, text: str) -> dict[str, str] | None:
+        """The named groups (a group that took no part as "") if all of ``text`` matches, else None."""
+        try:
+            m = self._compiled.fullmatch(text)
+        except UnicodeEncodeError:  # a lone surrogate: not text a certificate field decodes to
+            return None
+        if m is None:
+            return None
+        return {str(k): str(v or "") for k, v in m.groupdict().items()}
+
+
 @dataclass(frozen=True)
 class IdRule:
     source: Source = Source("subject.CN")
-    regex: re.Pattern[str] | None = None
+    regex: IdPattern | None = None
     format: str | None = None
 
     def render(self, verified: VerifiedChain) -> str:
@@ -152,11 +210,20 @@ class IdRule:
         groups: dict[str, str] = {"value": value}
         if self.regex is not None:
             for candidate in values:
-                m = self.regex.fullmatch(candidate)
-                if m:
-                    groups = {"value": candidate, **{k: v or "" for k, v in m.groupdict().items()}}
+                if len(candidate) > MAX_MATCH_CHARS:
+                    continue  # never matched: the work per CONNECT stays small and predictable
+                found = self.regex.fullmatch(candidate)
+                if found is not None:
+                    groups = {"value": candidate, **found}
                     break
             else:
+                if len(value) > MAX_MATCH_CHARS:
+                    raise errors.UnsafeIdentity(
+                        f"{self.source.expr} is longer than {MAX_MATCH_CHARS} characters and is not "
+                        "matched against the template's id pattern",
+                        fingerprint=verified.fingerprint,
+                        detail=repr(value)[:80],
+                    )
                 raise errors.UnsafeIdentity(
                     f"{self.source.expr} does not match the template's id pattern {self.regex.pattern!r}",
                     fingerprint=verified.fingerprint,
@@ -314,6 +381,66 @@ DEFAULT_TEMPLATE = EnrollmentTemplate(name="default")
 
 
 # -- loading --------------------------------------------------------------------------------
+class _YamlRefused(Exception):
+    """The composer met something templates do not allow (an anchor or alias, too deep a nesting)."""
+
+    def __init__(self, problem: str, mark: yaml.Mark) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.mark = mark
+
+
+class _TemplateLoader(yaml.SafeLoader):
+    """SafeLoader whose composer refuses anchors and aliases and bounds nesting.
+
+    Refusing at the first anchor, before any alias is resolved, means a "billion laughs" file costs
+    no more than reading it. Templates lose nothing: each value can be written out.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        event: Any = self.peek_event()  # type: ignore[no-untyped-call]  # untyped in types-PyYAML
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _YamlRefused(
+                "YAML anchors and aliases are not allowed in templates (write each value out)",
+                event.start_mark,
+            )
+        if self._depth >= MAX_TEMPLATE_DEPTH:
+            raise _YamlRefused(f"nested deeper than {MAX_TEMPLATE_DEPTH} levels", event.start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _read_template(path: Path) -> str:
+    """The file's text: a regular file of at most MAX_TEMPLATE_BYTES, UTF-8. Never blocks on a FIFO."""
+    where = str(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise errors.ConfigError(f"cannot read template: {exc.strerror}", where=where) from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise errors.ConfigError("cannot read template: not a regular file", where=where)
+        try:
+            data = f.read(MAX_TEMPLATE_BYTES + 1)
+        except OSError as exc:
+            raise errors.ConfigError(f"cannot read template: {exc.strerror}", where=where) from None
+    if len(data) > MAX_TEMPLATE_BYTES:
+        raise errors.ConfigError(
+            f"template is larger than {MAX_TEMPLATE_BYTES // 1024} KiB; refusing to read it", where=where
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise errors.ConfigError(f"cannot read template: not UTF-8 ({exc.reason})", where=where) from None
+
+
 def _err(where: str, node: yaml.Node | None, key: str, message: str) -> errors.ConfigError:
     line = f":{node.start_mark.line + 1}" if node is not None else ""
     return errors.ConfigError(message, where=f"{where}{line}", key=key)
@@ -332,7 +459,16 @@ def _mapping(node: yaml.Node, where: str, key: str, allowed: set[str]) -> dict[s
             )
         if name in out:
             raise _err(where, k, f"{key}.{name}".lstrip("."), "duplicate key")
-        out[name] = (v, loader.construct_object(v, deep=True))
+        try:
+            out[name] = (v, loader.construct_object(v, deep=True))
+        except yaml.YAMLError as exc:  # e.g. an unknown tag ("!foo x") or a bad !!binary
+            problem = getattr(exc, "problem", None) or str(exc)
+            raise _err(where, v, f"{key}.{name}".lstrip("."), f"invalid value: {problem}") from None
+        except (ValueError, KeyError, AttributeError, TypeError, OverflowError) as exc:
+            # PyYAML's own constructors on a bad explicitly tagged scalar ("!!int abc", "!!bool maybe",
+            # "!!timestamp x"), or an integer of more than 4300 digits.
+            problem = str(exc) if isinstance(exc, ValueError) else f"not a valid {v.tag.rsplit(':', 1)[-1]}"
+            raise _err(where, v, f"{key}.{name}".lstrip("."), f"invalid value: {problem}") from None
     return out
 
 
@@ -364,12 +500,11 @@ def _check_pattern(pattern: str, where: str, node: yaml.Node, key: str, attribut
 
 def load_template(path: Path) -> EnrollmentTemplate:
     where = str(path)
+    text = _read_template(path)
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise errors.ConfigError(f"cannot read template: {exc.strerror}", where=where) from None
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_TemplateLoader)
+    except _YamlRefused as exc:
+        raise errors.ConfigError(exc.problem, where=f"{where}:{exc.mark.line + 1}") from None
     except yaml.YAMLError as exc:
         raise errors.ConfigError(f"invalid YAML: {exc}", where=where) from None
     if root is None or (isinstance(root, yaml.ScalarNode) and root.tag.endswith(":null")):
@@ -480,13 +615,20 @@ def _source(item: tuple[yaml.Node, Any] | None, where: str, key: str) -> Source 
         raise _err(where, item[0], key, str(exc)) from None
 
 
-def _regex(item: tuple[yaml.Node, Any] | None, where: str, key: str) -> re.Pattern[str] | None:
+def _regex(item: tuple[yaml.Node, Any] | None, where: str, key: str) -> IdPattern | None:
     if item is None:
         return None
     try:
-        return re.compile(str(item[1]))
-    except re.error as exc:
-        raise _err(where, item[0], key, f"bad regular expression: {exc}") from None
+        return IdPattern(str(item[1]))
+    except ValueError as exc:
+        raise _err(
+            where,
+            item[0],
+            key,
+            f"bad regular expression: {exc}; id patterns must use RE2 syntax (linear-time matching: "
+            "no backreferences, lookaround or possessive quantifiers; see "
+            "https://github.com/google/re2/wiki/Syntax)",
+        ) from None
 
 
 def _patterns(

@@ -286,3 +286,74 @@ def test_template_change_and_reload_publishes_config_changed(tmp_path: Path, pki
         svc.close()
     finally:
         b.stop()
+
+
+# -- issue 12, findings 7 and 8: hostile templates and certificates ---------------------------------------
+def _long_cn(value: str) -> x509.Name:
+    """A subject whose CN may exceed X.509's 64-character upper bound (a certificate may still carry it)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, value, _validate=False)])
+
+
+def test_a_backtracking_id_pattern_cannot_stall_the_broker(tmp_path: Path, pki: Pki) -> None:
+    """Finding 7 as reported: '^(a+)+$' and a hostile CN over real mutual TLS. Under Python's re, the first
+    CONNECT froze every connection (8.9 s at 33 characters, doubling per character; this CN has 61), so
+    nothing below would complete before pytest-timeout. With RE2 it is an ordinary refusal."""
+    tdir = tmp_path / "templates"
+    tdir.mkdir()
+    (tdir / "greedy.yaml").write_text("device_id:\n  regex: '^(a+)+$'\n")
+    b = BrokerThread(test_config(tmp_path, pki, templates_dir=tdir)).start()
+    try:
+        b.register_ca(pki.manufacturer.cert, template="greedy")
+        hostile = connect(b.port, pki, pki.identity(meter_subject("a" * 60 + "!")), client_id="hostile")
+        hostile.close()
+        assert hostile.rc == 5, hostile.error
+        # An over-long value is refused without being matched at all (MAX_MATCH_CHARS = 256).
+        huge = connect(b.port, pki, pki.identity(_long_cn("a" * 300)), client_id="huge")
+        huge.close()
+        assert huge.rc == 5, huge.error
+        good = connect(b.port, pki, pki.identity(meter_subject("aaaa")), client_id="aaaa")
+        good.close()
+        assert good.rc == 0, good.error
+        refusals = [e.draft for e in b.audit() if e.draft.action == "refused"]
+        assert [r.reason for r in refusals] == ["unsafe_id", "unsafe_id"]
+        assert "does not match the template's id pattern" in refusals[0].details["message"]
+        assert "longer than 256 characters" in refusals[1].details["message"]
+        assert [d.device_id for d in b.devices()] == ["aaaa"]
+    finally:
+        b.stop()
+
+
+def _alias_bomb() -> str:
+    lines = ["region:", '  - &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, 9):
+        lines.append(f"  - &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]")
+    return "\n".join([*lines, "name: *l8", ""])
+
+
+def test_templates_list_reports_an_alias_bomb_in_one_line(tmp_path: Path) -> None:
+    """Finding 8 as reported: `jitp templates list` over a templates dir holding a "billion laughs" ended in
+    a MemoryError traceback after tens of seconds. Now: exit 2 and one line naming the file."""
+    import subprocess
+    import sys
+
+    tdir = tmp_path / "templates"
+    tdir.mkdir()
+    (tdir / "bomb.yaml").write_text(_alias_bomb())
+    cfg = tmp_path / "jitp.yaml"
+    cfg.write_text(f"templates_dir: {tdir}\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "jitp.cli", "templates", "list", "--config", str(cfg)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and out.stdout == ""
+    [line] = out.stderr.splitlines()
+    assert line.startswith(f"jitp: error: {tdir / 'bomb.yaml'}:2: ")
+    assert "aliases are not allowed in templates" in line

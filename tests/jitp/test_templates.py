@@ -732,3 +732,273 @@ def test_absent_attribute_used_in_a_pattern_gives_no_access(ns_templates: list[E
 def test_sample_topics_helper() -> None:
     assert list(sample_topics("a/+/b/#")) == ["a/x/b/x/y/z", "a/cmd/b/cmd/y/z", "a/w/b"]
     assert re.fullmatch(r"[a-z/]+", next(sample_topics("devices/d/#")))
+
+
+# -- untrusted patterns and files (issue 12, findings 7 and 8) ---------------------------------------------
+# Id patterns run on the broker's only event loop, once per CONNECT, on certificate values. Under Python's
+# backtracking `re`, '^(a+)+$' with a 33-character CN froze the broker for 8.9 s, doubling per character.
+CATASTROPHIC = "device_id:\n  regex: '^(a+)+$'\n"
+
+
+def test_a_catastrophic_pattern_matches_a_10000_character_input(tmp_path: Path) -> None:
+    # No timing here: with a backtracking engine the non-matching call below never returns, and the test
+    # fails under pytest-timeout. RE2 answers both in time linear in the input.
+    t = load_template(write(tmp_path, "t", CATASTROPHIC))
+    regex = t.id_rule.regex
+    assert regex is not None and regex.pattern == "^(a+)+$"
+    assert regex.fullmatch("a" * 9_999 + "!") is None
+    assert regex.fullmatch("!" + "a" * 9_999) is None
+    assert regex.fullmatch("a" * 10_000) == {}  # a match: the named groups (none here)
+    from jitp.templates import IdPattern
+
+    assert isinstance(regex, IdPattern)
+
+
+def test_a_catastrophic_pattern_refuses_a_hostile_cn(tmp_path: Path) -> None:
+    t = load_template(write(tmp_path, "t", CATASTROPHIC))
+    hostile = chain_for(pkitools.leaf(pkitools.name((NameOID.COMMON_NAME, "a" * 200 + "!"))))
+    with pytest.raises(errors.UnsafeIdentity, match="does not match the template's id pattern") as info:
+        t.render(hostile, default_region="default")
+    assert info.value.reason == "unsafe_id"
+    assert t.render(pkitools.verified_device("aaaa"), default_region="default").device_id == "aaaa"
+
+
+def test_values_longer_than_the_match_limit_are_never_matched(tmp_path: Path) -> None:
+    from jitp.templates import MAX_MATCH_CHARS
+
+    assert MAX_MATCH_CHARS == 256  # the README documents this number
+    body = "device_id:\n  regex: '^(?P<pad>0*)(?P<id>[a-z]{1,8})$'\n"
+    t = load_template(write(tmp_path, "t", body))
+    at_limit = "0" * (MAX_MATCH_CHARS - 8) + "abcdefgh"
+    ident = t.render(
+        chain_for(pkitools.leaf(pkitools.name((NameOID.COMMON_NAME, at_limit)))), default_region="d"
+    )
+    assert ident.device_id == "abcdefgh"
+    for long in ("0" + at_limit, "0" * 10_000 + "abcdefgh"):
+        chain = chain_for(pkitools.leaf(pkitools.name((NameOID.COMMON_NAME, long))))
+        with pytest.raises(errors.UnsafeIdentity, match=f"longer than {MAX_MATCH_CHARS} characters") as info:
+            t.render(chain, default_region="d")
+        assert info.value.reason == "unsafe_id"
+    # Several values (SANs): an over-long one is skipped, never matched; a later one may still fit.
+    uri_t = load_template(
+        write(tmp_path, "u", "device_id:\n  from: san.uri\n  regex: '^urn:dev:(?P<id>[0-9]+)$'\n")
+    )
+    san = x509.SubjectAlternativeName(
+        [x509.UniformResourceIdentifier("urn:dev:" + "1" * 300), x509.UniformResourceIdentifier("urn:dev:42")]
+    )
+    cert = pkitools.leaf(pkitools.name((NameOID.COMMON_NAME, "x")), extra_extensions=(san,))
+    assert uri_t.render(chain_for(cert), default_region="d").device_id == "42"
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        r"^(?P<a>[a-z])\1$",  # backreference
+        "^(?P<a>[a-z])(?P=a)$",  # named backreference
+        "^(?=dev-)(?P<id>.+)$",  # lookahead
+        "^(?P<id>.+)(?<!-test)$",  # lookbehind
+        "^(?P<id>a++)$",  # possessive quantifier (Python 3.11 accepts it)
+    ],
+)
+def test_patterns_re2_cannot_compile_are_refused_at_load(tmp_path: Path, pattern: str) -> None:
+    re.compile(pattern)  # valid for Python's re: only the linear-time engine refuses it
+    body = f"name: t\ndevice_id:\n  regex: '{pattern}'  # <-\n"
+    path = write(tmp_path, "t", body)
+    with pytest.raises(errors.ConfigError) as info:
+        load_template(path)
+    exc = info.value
+    assert exc.key == "device_id.regex" and exc.where == f"{path}:3"
+    assert "bad regular expression" in exc.problem and "RE2 syntax" in exc.problem
+    assert "\n" not in str(exc)
+
+
+def test_named_groups_and_equality_of_re2_patterns(tmp_path: Path) -> None:
+    from jitp.templates import IdPattern
+
+    t = load_template(SMART_METER)
+    assert t.id_rule.regex is not None and dict(t.id_rule.regex.groupindex) == {"serial": 1}
+    assert t.id_rule.regex.fullmatch("SM-00a1b2c3") == {"serial": "00a1b2c3"}
+    assert t.id_rule.regex.fullmatch("SM-00a1b2c3x") is None  # fullmatch, not match
+    optional = IdPattern("^(?:(?P<a>x)-)?(?P<b>[a-z]+)$")
+    assert optional.fullmatch("abc") == {"a": "", "b": "abc"}  # a group that took no part renders as ""
+    # A template reload re-renders devices whose template changed: equal text must compare equal.
+    assert IdPattern("^a$") == IdPattern("^a$") and hash(IdPattern("^a$")) == hash(IdPattern("^a$"))
+    assert IdPattern("^a$") != IdPattern("^b$")
+    assert load_template(SMART_METER) == load_template(SMART_METER)
+
+
+# Patterns in the syntax Python's re and RE2 share. Named groups are never repeated, so the two engines'
+# (identical, leftmost-first) submatch rules can be compared exactly.
+RE_ATOM = st.sampled_from(["a", "b", "0", "-", ".", "[ab]", "[a-c]", "[^a]", r"\d", "[0-9a-f]"])
+RE_QUANT = st.sampled_from(["", "", "*", "+", "?", "{2}", "{1,3}", "*?", "+?", "??"])
+RE_SEQ = st.lists(st.tuples(RE_ATOM, RE_QUANT).map("".join), min_size=1, max_size=4).map("".join)
+RE_ALT = st.lists(RE_SEQ, min_size=1, max_size=3).map("|".join)
+
+
+@st.composite
+def shared_patterns(draw: st.DrawFn) -> str:
+    parts = []
+    for i in range(draw(st.integers(1, 3))):
+        body = draw(RE_ALT)
+        if draw(st.booleans()):
+            parts.append(f"(?P<g{i}>{body})")
+        else:
+            parts.append(f"(?:{body}){draw(RE_QUANT)}")
+    pattern = "".join(parts)
+    return f"^{pattern}$" if draw(st.booleans()) else pattern
+
+
+@settings(max_examples=300, deadline=None)
+@given(pattern=shared_patterns(), texts=st.lists(st.text(st.sampled_from("ab0c-f"), max_size=10), max_size=5))
+@example(pattern="^(?P<g0>a|ab)(?P<g1>b?)$", texts=["ab", "abb", "a"])
+@example(pattern="(?P<g0>a*?)(?P<g1>a*)", texts=["aaa", ""])
+def test_re2_and_re_agree_on_fullmatch_and_groups(pattern: str, texts: list[str]) -> None:
+    from jitp.templates import IdPattern
+
+    compiled = IdPattern(pattern)
+    reference = re.compile(pattern)
+    assert dict(compiled.groupindex) == dict(reference.groupindex)
+    for text in texts:
+        expected = reference.fullmatch(text)
+        got = compiled.fullmatch(text)
+        event("match" if expected else "no match")
+        assert (got is None) == (expected is None), (pattern, text)
+        if expected is not None:
+            assert got == {k: v or "" for k, v in expected.groupdict().items()}, (pattern, text)
+
+
+# A "billion laughs": nine levels of nine aliases, 9**9 strings once expanded (the issue measured 3 GB and
+# 38 s per reload with the old loader, and a MemoryError traceback from `jitp templates list`).
+def alias_bomb(levels: int = 9) -> str:
+    lines = ["region:", '  - &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, levels):
+        lines.append(f"  - &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]")
+    lines.append(f"name: *l{levels - 1}")
+    return "\n".join(lines) + "\n"
+
+
+def test_a_yaml_alias_bomb_is_refused_before_anything_is_expanded(tmp_path: Path) -> None:
+    import tracemalloc
+
+    path = write(tmp_path, "bomb", alias_bomb())
+    tracemalloc.start()
+    try:
+        with pytest.raises(errors.ConfigError) as info:
+            load_template(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 1024 * 1024, f"loading the bomb allocated {peak} bytes"
+    exc = info.value
+    assert "aliases are not allowed in templates" in exc.problem
+    assert exc.where == f"{path}:2"  # the first anchor
+    assert str(exc).startswith(str(path)) and "\n" not in str(exc)
+    with pytest.raises(errors.ConfigError, match="aliases are not allowed"):
+        TemplateSet.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "namespace:\n  publish: &p ['d/{device_id}/#']  # <-\n  subscribe: *p\n",
+        "profile:\n  hints: {a: &k x, b: *k}  # <-\n",
+        "device_id:\n  from: subject.CN\nattributes:\n  a: !!str &x v  # <-\n",
+    ],
+    ids=["alias-of-a-list", "alias-in-a-flow-mapping", "anchor-alone"],
+)
+def test_anchors_and_aliases_are_refused_even_when_harmless(tmp_path: Path, body: str) -> None:
+    path = write(tmp_path, "t", body)
+    with pytest.raises(errors.ConfigError, match="aliases are not allowed") as info:
+        load_template(path)
+    if "# <-" in body:
+        assert info.value.where == f"{path}:{marked_line(body)}"
+
+
+def test_template_files_are_bounded_regular_utf8_files(tmp_path: Path) -> None:
+    import os
+
+    from jitp.templates import MAX_TEMPLATE_BYTES, MAX_TEMPLATE_DEPTH
+
+    assert MAX_TEMPLATE_BYTES == 64 * 1024 and MAX_TEMPLATE_DEPTH == 16  # the README documents these
+    head = "version: 1\n"
+    fits = write(tmp_path, "fits", head + "#" * (MAX_TEMPLATE_BYTES - len(head) - 1) + "\n")
+    assert fits.stat().st_size == MAX_TEMPLATE_BYTES
+    assert load_template(fits).name == "fits"
+    big = write(tmp_path, "big", head + "#" * (MAX_TEMPLATE_BYTES - len(head)) + "\n")
+    with pytest.raises(errors.ConfigError, match="larger than 64 KiB") as info:
+        load_template(big)
+    assert info.value.where == str(big)
+    zero = tmp_path / "zero.yaml"
+    zero.symlink_to("/dev/zero")  # endless input: refused without reading it
+    with pytest.raises(errors.ConfigError, match="not a regular file"):
+        load_template(zero)
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)  # no writer: opening it must not block the broker
+    with pytest.raises(errors.ConfigError, match="not a regular file"):
+        load_template(fifo)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"region: caf\xe9\n")
+    with pytest.raises(errors.ConfigError, match="not UTF-8"):
+        load_template(latin)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("profile:\n  hints: " + "[" * 5000 + "]" * 5000 + "  # <-\n", "nested deeper than 16 levels"),
+        ("name: !foo x  # <-\n", "invalid value"),
+        ("name: !!binary 'a'  # <-\n", "invalid value"),
+        ("version: !!int abc  # <-\n", "invalid value"),
+        ("attributes:\n  a: {from: subject.O, required: !!bool maybe}  # <-\n", "invalid value"),
+        ("region: !!timestamp 2001-13-45  # <-\n", "invalid value"),
+        ("version: " + "9" * 5000 + "  # <-\n", "invalid value"),
+    ],
+    ids=["deep-nesting", "unknown-tag", "bad-binary", "bad-int", "bad-bool", "bad-timestamp", "huge-int"],
+)
+def test_hostile_yaml_is_a_config_error_not_a_crash(tmp_path: Path, body: str, message: str) -> None:
+    path = write(tmp_path, "t", body)
+    with pytest.raises(errors.ConfigError, match=message) as info:
+        load_template(path)
+    assert info.value.where == f"{path}:{marked_line(body)}"
+    assert "\n" not in str(info.value)
+
+
+YAML_SOUP = st.text(st.sampled_from("ab0:-[]{}&*!|>'\"#,?%@ \n\t.~"), max_size=120)
+KEYS = [
+    "name",
+    "version",
+    "device_id",
+    "from",
+    "regex",
+    "format",
+    "attributes",
+    "namespace",
+    "publish",
+    "profile",
+    "hints",
+    "keepalive",
+    "min",
+    "required",
+    "value",
+    "region",
+    "reprovision",
+    "!!int",
+    "&a",
+    "*a",
+]
+
+
+@FAST
+@given(
+    soup=YAML_SOUP,
+    words=st.lists(st.sampled_from(KEYS) | YAML_SOUP, max_size=12),
+)
+def test_any_file_content_loads_or_is_a_config_error(
+    tmp_path_factory: pytest.TempPathFactory, soup: str, words: list[str]
+) -> None:
+    directory = tmp_path_factory.mktemp("soup", numbered=True)
+    for stem, body in (("soup", soup), ("words", " ".join(words)), ("lines", "\n".join(words))):
+        try:
+            load_template(write(directory, stem, body))
+        except errors.ConfigError as exc:
+            assert exc.where is not None and exc.where.startswith(str(directory))
