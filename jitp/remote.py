@@ -21,6 +21,7 @@ from cryptography.x509.oid import NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 
 from jitp import errors
+from jitp.certfiles import MAX_CERT_FILE, read_capped
 
 _ERRORS: dict[str, type[errors.ProvisioningError]] = {
     "not_found": errors.NotFound,
@@ -36,8 +37,13 @@ def remote_call(
     host, _, port = broker.rpartition(":")
     if not host or not port.isdigit():
         raise errors.InvalidRequest(f"--broker must be HOST:PORT, not {broker!r}")
+    # Each file is read with the CLI's cap first: a wrong path (/dev/zero) is refused at once, before
+    # OpenSSL reads it without one.
+    leaf_pem = read_capped(cert, MAX_CERT_FILE, "a certificate file")
+    read_capped(key, MAX_CERT_FILE, "a key file")
+    read_capped(ca, MAX_CERT_FILE, "a certificate file")
     try:
-        leaf = x509.load_pem_x509_certificates(cert.read_bytes())[0]
+        leaf = x509.load_pem_x509_certificates(leaf_pem)[0]
         context = ssl.create_default_context(cafile=str(ca))
         context.load_cert_chain(str(cert), str(key))
     except (OSError, ValueError, ssl.SSLError) as exc:

@@ -65,6 +65,18 @@ def test_an_endless_file_is_refused_at_once(tmp_path: Path, args: tuple[str, ...
     assert "/dev/zero is larger than " + limit in line, line
 
 
+@pytest.mark.parametrize("option", ["--cert", "--key", "--ca"])
+def test_remote_mode_reads_its_own_certificate_with_the_cap(tmp_path: Path, option: str) -> None:
+    """`jitp --broker ... --cert /dev/zero`: the client certificate (and key, and broker CA) were read
+    without a cap; now they are refused at once, before any connection."""
+    for name in ("x.pem", "x.key", "ca.pem"):  # the other two files are read (small) before it
+        (tmp_path / name).write_text("small\n")
+    remote = list(REMOTE)
+    remote[remote.index(option) + 1] = "/dev/zero"
+    line = one_line_error(jitp(*remote, "devices", "list", cwd=tmp_path))
+    assert "/dev/zero is larger than 1 MiB" in line, line
+
+
 def test_a_certificate_padded_past_the_cap_is_refused(tmp_path: Path, pki: Pki) -> None:
     """A valid CA certificate followed by 2 MiB of text: it was registered; now the file is refused
     before it is parsed, and nothing is registered."""
