@@ -1,19 +1,19 @@
-"""Assembles the jitp broker: registry, provisioning service, TLS and the hardened amqtt broker."""
+"""Assembles a jitp node: registry, provisioning service, TLS, listener, broker and event publisher."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import signal
 import time
 from collections.abc import Callable
-from typing import Any
 
-from broker_plugins.acl import namespace_of
 from broker_plugins.admin import AdminApi
-from broker_plugins.hardened import JitpBroker, check_amqtt_internals, lean_tls_read_buffer
+from broker_plugins.broker import JitpBroker
+from broker_plugins.compat import check_amqtt_internals, lean_tls_read_buffer
+from broker_plugins.listener import Listener
+from broker_plugins.publisher import OutboxPublisher
 from broker_plugins.tls import TlsContextHolder
 from jitp import errors
 from jitp.config import Config, host_port
@@ -30,18 +30,6 @@ STALE_CRL_REPORT_INTERVAL = 300.0  # seconds between repeated errors about a CRL
 CLOSING_EVENTS = ("revoked", "disabled", "deprovisioned", "erased")
 NAMESPACE_EVENTS = ("quarantined", "enabled", "allowed", "config-changed")
 
-PLUGINS = {
-    "broker_plugins.auth.JitpAuthPlugin": {},
-    "broker_plugins.acl.JitpTopicPlugin": {},
-    "broker_plugins.events.JitpEventsPlugin": {},
-}
-
-
-def broker_config() -> dict[str, Any]:
-    # The listener is "external": jitp accepts sockets and runs TLS itself (hardened.W1).
-    return {"listeners": {"default": {"type": "external"}}, "plugins": dict(PLUGINS)}
-
-
 class JitpServer:
     """One jitp broker node. ``async with JitpServer(config) as server: ...`` or :func:`serve`."""
 
@@ -51,6 +39,8 @@ class JitpServer:
         self._clock = clock
         self.port: int | None = None
         self._broker: JitpBroker | None = None
+        self._listener: Listener | None = None
+        self._publisher: OutboxPublisher | None = None
         self._service: ProvisioningService | None = None
         self._tls: TlsContextHolder | None = None
         self._templates_version = 0
@@ -60,6 +50,12 @@ class JitpServer:
         if self._broker is None:
             raise RuntimeError("the server is not started")
         return self._broker
+
+    @property
+    def listener(self) -> Listener:
+        if self._listener is None:
+            raise RuntimeError("the server is not started")
+        return self._listener
 
     @property
     def service(self) -> ProvisioningService:
@@ -104,12 +100,24 @@ class JitpServer:
             self._service.on_trust_change(self._trust_changed)
             await self._service.refresh_trust(force=True)
             self.admin = AdminApi(self)
-            self._broker = JitpBroker(self, broker_config())
+            self._broker = JitpBroker(cfg, service=self._service, admin=self.admin.handle)
             await self._broker.start()
+            self._publisher = OutboxPublisher(cfg, self._service, self._broker, on_event=self.enforce)
+            await self._publisher.start()
+            tls = self._tls
+            self._listener = Listener(
+                listener,
+                cfg.limits,
+                tls_context=lambda: tls.context,
+                on_connection=self._broker.connection,
+                record_refusal=self._service.record_refusal,
+            )
             try:
-                self.port = await self._broker.start_listener(host, port)
+                self.port = await self._listener.start(host, port)
             except OSError as exc:
+                await self._publisher.stop()
                 await self._broker.shutdown()
+                self._broker = self._publisher = None
                 raise errors.ConfigError(
                     f"cannot listen on {host}:{port}: {exc.strerror}", key="listener.bind"
                 ) from None
@@ -120,6 +128,17 @@ class JitpServer:
         log.info("jitp broker listening on %s:%d (mutual TLS)", host, self.port)
 
     async def stop(self) -> None:
+        """Stop accepting, stop publishing events, deliver what was acknowledged, then close."""
+        if self._listener is not None:
+            await self._listener.close()
+        if self._publisher is not None:
+            await self._publisher.stop()
+            self._publisher = None
+        if self._broker is not None:
+            await self._broker.drain()
+        if self._listener is not None:
+            await self._listener.abort_all()
+            self._listener = None
         if self._broker is not None:
             await self._broker.shutdown()
             self._broker = None
@@ -155,10 +174,8 @@ class JitpServer:
             log.info("cleared %d retained message(s) of %s", cleared, device_id)
         if event.type in NAMESPACE_EVENTS and broker.live_session(device_id) is not None:
             record = await self.service.registry.get_device(device_id)
-            for client_id, admission, _ in broker.live_admissions():
-                if client_id == device_id and record is not None:
-                    updated = dataclasses.replace(admission, record=record)
-                    broker.set_namespace(device_id, namespace_of(updated), updated)
+            if record is not None:
+                broker.update_device(record)
 
     def _trust_changed(self, trust: TrustStore) -> None:
         if self._broker is not None:
@@ -167,14 +184,12 @@ class JitpServer:
     async def _recheck_sessions(self) -> None:
         """After a trust change (CA disabled, CRL imported), close sessions whose chain no longer verifies."""
         now = self.service.clock()
-        for client_id, admission, peer in self.broker.live_admissions():
-            if peer is None:
-                continue
+        for client_id, state in self.broker.live_clients():
             try:
-                self.service.trust.verify(peer.chain_der, now=now)
+                self.service.trust.verify(state.peer.chain_der, now=now)
             except errors.Refused as exc:
                 await self.broker.disconnect_client(client_id, reason=f"{exc.reason}: {exc.message}")
-                is_device = admission.record is not None
+                is_device = state.device_id is not None
                 await self.service.record_event(
                     "session-closed",
                     device_id=client_id if is_device else None,

@@ -14,6 +14,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from jitp.records import DeviceRecord, DeviceStatus
+from jitp.trust import Role
+
 
 class Access(enum.StrEnum):
     PUBLISH = "publish"
@@ -132,3 +135,18 @@ def principal_namespace(role: str, client_id: str) -> Namespace:
     if role == "service":
         return Namespace(publish=admin.publish, subscribe=(*SERVICE_NAMESPACE.subscribe, *admin.subscribe))
     return admin
+
+
+def namespace_for(role: Role, client_id: str, record: DeviceRecord | None) -> Namespace:
+    """The namespace an admitted client gets: a principal's by its role; a device's from its record
+    (its template's namespace, or the default; quarantined: status and configuration only)."""
+    if role is not Role.DEVICE:
+        return principal_namespace(str(role), client_id)
+    if record is None:
+        return NOBODY
+    if record.status == DeviceStatus.QUARANTINED:
+        return quarantine_namespace(record.device_id)
+    ns = record.config.get("namespace")
+    if isinstance(ns, dict):
+        return Namespace(publish=tuple(ns.get("publish", ())), subscribe=tuple(ns.get("subscribe", ())))
+    return device_namespace(record.device_id)

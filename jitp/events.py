@@ -46,6 +46,33 @@ def event_topic(event_type: str, device_id: str) -> str:
     return f"{EVENTS_PREFIX}/{event_type}/{device_id}"
 
 
+CONFIG_EVENTS = ("provisioned", "reprovisioned", "config-changed")  # events that carry a configuration
+_CONFIG_KEYS = ("device_id", "region", "attributes", "template", "template_version", "namespace", "profile")
+
+
+def config_topic(device_id: str) -> str:
+    """Where a device reads its effective configuration (retained; only that device may read it)."""
+    return f"$jitp/devices/{device_id}/config"
+
+
+def config_payload(doc: dict[str, Any]) -> bytes:
+    """The retained configuration document: the configuration keys of an event or a record."""
+    return json.dumps({k: doc.get(k) for k in _CONFIG_KEYS}, sort_keys=True, separators=(",", ":")).encode()
+
+
+def record_config_payload(record: DeviceRecord) -> bytes:
+    return config_payload(
+        {
+            "device_id": record.device_id,
+            "region": record.region,
+            "attributes": dict(record.attributes),
+            "template": record.template,
+            "template_version": record.template_version,
+            **dict(record.config),
+        }
+    )
+
+
 @dataclass(frozen=True)
 class ProvisioningEvent:
     event_id: str

@@ -1,6 +1,6 @@
 """Stock amqtt 0.12.1 in a background thread, for the hardening regression tests.
 
-Each weakness in :mod:`broker_plugins.hardened` is shown by running the same attack against an
+Each weakness in :mod:`broker_plugins.compat` is shown by running the same attack against an
 unmodified ``amqtt.broker.Broker`` (this module) and against the jitp broker. The two tiny plugins
 below give stock amqtt the same policy jitp enforces, so any difference is the broker's, not the
 policy's:

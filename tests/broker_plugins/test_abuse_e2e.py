@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from broker_plugins.hardened import JitpSession
+from broker_plugins.session import JitpSession
 from jitp.records import Command
 from jitp.trust import Role
 from tests.helpers import BrokerThread, Conn, Pki, connect, test_config
@@ -153,7 +153,7 @@ def test_the_will_is_checked_again_when_published(
     assert recv_exact(sock, 4) == b"\x20\x02\x00\x00"
     broker.call(broker.server.service.apply(Command.QUARANTINE, device.name, actor="test"))
     assert wait(
-        lambda: session_of(broker, device.name).attributes["jitp.namespace"].publish[0].startswith("$")
+        lambda: session_of(broker, device.name).client.namespace.publish[0].startswith("$")  # type: ignore[union-attr]
     )
     sock.close()
     assert wait(lambda: "will_not_allowed" in refusal_reasons(broker))

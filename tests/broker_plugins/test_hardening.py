@@ -1,4 +1,4 @@
-"""Issue "Broker hardening": regression tests for the amqtt 0.12.1 weaknesses (W1-W7 in hardened.py).
+"""Issue "Broker hardening": regression tests for the amqtt 0.12.1 weaknesses (W1-W7, see broker_plugins/compat.py).
 
 Each attack runs twice, over real sockets and real TLS: against stock amqtt 0.12.1
 (:mod:`tests.broker_plugins.stock_amqtt`, given the same policy as jitp through two tiny plugins),
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import ssl
@@ -19,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from broker_plugins.hardened import NAMESPACE
+from broker_plugins.session import JitpSession
 from jitp.acl import Access
 from jitp.trust import Role
 from tests.broker_plugins.stock_amqtt import ACL, AUTH_CN, StockBroker, tls_listener
@@ -319,7 +320,7 @@ def test_w3_jitp_never_enters_refused_clients_in_the_session_table(
     assert broker.session_count() == baseline + 1
     ok.close()
     assert ok.wait_for(lambda: broker.session_count() == baseline)
-    assert ok.wait_for(lambda: broker.server.broker.open_connections == 0)
+    assert ok.wait_for(lambda: broker.server.listener.open_connections == 0)
 
 
 # == W4: retained messages skip the topic ACL ===========================================================
@@ -414,9 +415,9 @@ def test_w4_jitp_checks_the_acl_for_each_retained_message(
 
     async def narrow() -> None:
         session = broker.server.broker.sessions[dev][0]
-        session.attributes[NAMESPACE] = _NarrowReceive(
-            session.attributes[NAMESPACE], f"devices/{dev}/cmd/private/"
-        )
+        assert isinstance(session, JitpSession) and session.client is not None
+        narrowed = _NarrowReceive(session.client.namespace, f"devices/{dev}/cmd/private/")
+        session.client = dataclasses.replace(session.client, namespace=narrowed)  # type: ignore[arg-type]
 
     broker.call(narrow())
     retain = broker.server.broker.retain_message
@@ -557,7 +558,7 @@ def test_w6_jitp_closes_a_socket_that_never_starts_tls(
     broker = jitp(listener={"handshake_timeout": 0.5})
     sock = track(tcp_connect(broker.port))
     assert closed_within(sock, CLOSE_DEADLINE)
-    assert broker.call(_wait_until(lambda: broker.server.broker.open_connections == 0))
+    assert broker.call(_wait_until(lambda: broker.server.listener.open_connections == 0))
 
 
 def test_w6_jitp_closes_a_tls_socket_that_never_sends_connect(
@@ -566,7 +567,7 @@ def test_w6_jitp_closes_a_tls_socket_that_never_sends_connect(
     broker = jitp(listener={"connect_timeout": 0.5})
     sock = track(tls_connect(broker.port, pki, pki.device("w6-idle")))
     assert closed_within(sock, CLOSE_DEADLINE)
-    assert broker.call(_wait_until(lambda: broker.server.broker.open_connections == 0))
+    assert broker.call(_wait_until(lambda: broker.server.listener.open_connections == 0))
     assert broker.session_count() == 0
 
 
@@ -708,7 +709,7 @@ def test_soak_refused_and_idle_connections_leave_no_sessions_or_fds(
     warm = connect(broker.port, pki, pki.device("soak-warm"))
     assert warm.rc == CONNACK_ACCEPTED, warm.error
     warm.close()
-    assert broker.call(_wait_until(lambda: jb.open_connections == 0 and broker.session_count() == 0))
+    assert broker.call(_wait_until(lambda: broker.server.listener.open_connections == 0 and broker.session_count() == 0))
     base_sessions = broker.session_count()
     base_fds = _open_fds()
 
@@ -720,7 +721,7 @@ def test_soak_refused_and_idle_connections_leave_no_sessions_or_fds(
     closed = run_bounded([_idle_until_closed(broker.port, 15) for _ in range(SOAK_IDLE)], concurrency=1000)
     assert closed.count(True) == SOAK_IDLE
 
-    assert broker.call(_wait_until(lambda: jb.open_connections == 0, within=10)), jb.open_connections
+    assert broker.call(_wait_until(lambda: broker.server.listener.open_connections == 0, within=10)), broker.server.listener.open_connections
     deadline = time.monotonic() + 10
     while _open_fds() > base_fds + 10 and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -22,9 +22,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
 
 import certs
-from broker_plugins.events import config_topic
-from broker_plugins.hardened import NAMESPACE
+from broker_plugins.session import JitpSession
 from jitp.acl import quarantine_namespace
+from jitp.events import config_topic
 from jitp.trust import Role
 from tests.helpers import BrokerThread, Conn, Identity, Pki, connect, test_config
 
@@ -111,7 +111,9 @@ def watcher(broker: BrokerThread, pki: Pki, name: str, *filters: str) -> Conn:
 def namespace_of_session(broker: BrokerThread, client_id: str) -> Any:
     async def go() -> Any:
         found = broker.server.broker.live_session(client_id)
-        return None if found is None else found[0].attributes.get(NAMESPACE)
+        if found is None or not isinstance(found[0], JitpSession) or found[0].client is None:
+            return None
+        return found[0].client.namespace
 
     return broker.call(go())
 

@@ -1,4 +1,4 @@
-"""Each named workaround in broker_plugins/hardened.py that is not an attack regression (those are in
+"""Each named workaround (listed in broker_plugins/compat.py) that is not an attack regression (those are in
 test_hardening.py): why it exists, and that it behaves like what it replaces."""
 
 from __future__ import annotations
@@ -13,16 +13,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transitions import MachineError
 
-from broker_plugins import hardened
-from broker_plugins.hardened import JitpSession, LeanSessionState
+from broker_plugins import compat
+from broker_plugins.compat import LeanSessionState
+from broker_plugins.session import JitpSession
 from tests.helpers import BrokerThread, Pki, client_context, connect
 
 
 def test_amqtt_version_pin_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
-    hardened.check_amqtt_internals()  # the installed amqtt is the pinned one
-    monkeypatch.setattr(hardened, "AMQTT_VERSION", "0.0.1")
-    with pytest.raises(hardened.AmqttIncompatible, match=r"0\.0\.1"):
-        hardened.check_amqtt_internals()
+    compat.check_amqtt_internals()  # the installed amqtt is the pinned one
+    monkeypatch.setattr(compat, "AMQTT_VERSION", "0.0.1")
+    with pytest.raises(compat.AmqttIncompatible, match=r"0\.0\.1"):
+        compat.check_amqtt_internals()
 
 
 @settings(max_examples=200, deadline=None)
@@ -59,7 +60,7 @@ def test_w11_broker_sessions_are_lean(broker: BrokerThread, pki: Pki) -> None:
 def test_w9_tls_read_buffer(broker: BrokerThread, pki: Pki) -> None:
     """asyncio allocates a 256 KiB read buffer per TLS connection; jitp uses one TLS record, 17 KiB."""
     assert sslproto.SSLProtocol.max_size == broker.config.listener.tls_read_buffer == 17 * 1024
-    previous = hardened.lean_tls_read_buffer(256 * 1024)
+    previous = compat.lean_tls_read_buffer(256 * 1024)
     try:
         assert previous == 17 * 1024
 
@@ -72,7 +73,7 @@ def test_w9_tls_read_buffer(broker: BrokerThread, pki: Pki) -> None:
 
         assert asyncio.run(buffer_of_a_new_connection()) == 256 * 1024  # the stock size, per connection
     finally:
-        hardened.lean_tls_read_buffer(17 * 1024)
+        compat.lean_tls_read_buffer(17 * 1024)
 
 
 def test_peer_chain_is_the_verified_chain(broker: BrokerThread, pki: Pki) -> None:
@@ -81,9 +82,9 @@ def test_peer_chain_is_the_verified_chain(broker: BrokerThread, pki: Pki) -> Non
     try:
         assert conn.rc == 0
         session, _ = broker.server.broker.sessions["chain-1"]
-        chain = hardened.peer_chain_der(session.ssl_object)
+        chain = compat.peer_chain_der(session.ssl_object)
         assert chain[0] == dev.cert.public_bytes(Encoding.DER)
         assert len(chain) >= 2  # leaf + the manufacturer CA it was verified against
     finally:
         conn.close()
-    assert hardened.peer_chain_der(None) == ()
+    assert compat.peer_chain_der(None) == ()

@@ -38,7 +38,7 @@ class FakeClock:
 
 
 async def _takeover(service: ProvisioningService, device: str, peer: str, previous: str) -> bool:
-    """What the broker's W7 takeover path records (broker_plugins/hardened.py)."""
+    """What the broker's W7 takeover path records (broker_plugins/broker.py)."""
     return await service.record_event(
         "session-takeover",
         device_id=device,

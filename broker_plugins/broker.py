@@ -1,0 +1,639 @@
+"""The jitp broker: amqtt's session and packet machinery, with jitp's connection path and routing.
+
+A connection arrives from the :class:`~broker_plugins.listener.Listener` (TLS done). The broker
+reads CONNECT, asks the provisioning service to admit the peer (W2: before any session state is
+touched), checks the will (W14), takes over or reuses a session (W7), and then routes every
+message through its topic tree (W12) into bounded per-session queues (W13), retained messages
+under quotas (W15). It calls the service and nothing above it: the server assembles it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from amqtt.adapters import WriterAdapter
+from amqtt.broker import Broker
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.mqtt.connack import NOT_AUTHORIZED, SERVER_UNAVAILABLE, ConnackPacket
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.session import Session
+
+from broker_plugins import enforcement
+from broker_plugins.compat import check_amqtt_internals, peer_chain_der, use_lean_sessions
+from broker_plugins.framing import AbortableWriter, LimitedReader
+from broker_plugins.handler import JitpProtocolHandler
+from broker_plugins.session import ClientState, JitpSession
+from jitp import errors
+from jitp.acl import Access, valid_filter
+from jitp.config import Config
+from jitp.events import config_topic, record_config_payload
+from jitp.records import DeviceRecord
+from jitp.routing import (
+    Offer,
+    Outgoing,
+    QueueLimits,
+    RetainedLimits,
+    RetainedStore,
+    RetainVerdict,
+    SubscriptionTree,
+)
+from jitp.service import Admission, PeerCredentials, ProvisioningService
+from jitp.trust import Role
+
+log = logging.getLogger("jitp.broker")
+
+JITP_DEVICE_TOPICS = "$jitp/devices/"  # devices publish their status here (W10)
+JITP_ADMIN_TOPICS = "$jitp/admin/"  # backend principals send admin API requests here (W10)
+SUBACK_FAILURE = 0x80
+
+AdminHandler = Callable[[Admission, str, bytes], Awaitable[None]]
+
+
+class JitpBroker(Broker):
+    """amqtt's broker with jitp's connection path (W2-W4, W7) and routing (W12-W15)."""
+
+    def __init__(self, config: Config, *, service: ProvisioningService, admin: AdminHandler) -> None:
+        check_amqtt_internals()
+        use_lean_sessions(JitpSession)
+        # The listener is "external" (jitp's own, W1) and there are no amqtt plugins: the broker
+        # calls the provisioning service itself.
+        super().__init__({"listeners": {"default": {"type": "external"}}, "plugins": {}})
+        self.service = service
+        self.admin = admin
+        self.limits = limits = config.limits
+        self.listener_config = config.listener
+        self.connected_clients = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.device_queue_limits = QueueLimits(
+            max_messages=limits.max_queued_messages,
+            max_bytes=limits.max_queued_bytes,
+            max_inflight=limits.max_inflight,
+        )
+        self.service_queue_limits = QueueLimits(
+            max_messages=limits.service_max_queued_messages,
+            max_bytes=limits.service_max_queued_bytes,
+            max_inflight=limits.max_inflight,
+        )
+        JitpSession.queue_limits = self.device_queue_limits
+        # W12: a topic tree (client id -> QoS per filter) instead of amqtt's scanned dict.
+        self.subscription_tree: SubscriptionTree[str] = SubscriptionTree()
+        # W15: retained messages with quotas; amqtt's name for them is kept for its own code.
+        self.retained = RetainedStore(
+            RetainedLimits(
+                max_per_owner=limits.max_retained_per_client,
+                max_bytes_per_owner=limits.max_retained_bytes_per_client,
+                max_total_bytes=limits.max_retained_bytes,
+            )
+        )
+        self._retained_messages = self.retained.messages  # type: ignore[assignment]
+        self.draining = False
+        self._progress = asyncio.Event()  # set when a queue shrinks or a client leaves
+        self._reported: dict[tuple[str, str], float] = {}  # (client id, reason) -> when last audited
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    async def shutdown(self) -> None:
+        self.draining = True
+        for task in list(self._tasks):
+            task.cancel()
+        await super().shutdown()
+
+    def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def delivered(self) -> None:
+        self._progress.set()
+
+    def _undelivered(self, *, connected: bool) -> int:
+        return sum(
+            len(s.delivery)
+            for s, _ in self._sessions.values()
+            if isinstance(s, JitpSession) and s.transitions.is_connected() == connected
+        )
+
+    async def drain(self) -> None:
+        """A graceful stop: no new PUBLISH is acknowledged, and what was acknowledged is delivered to
+        connected subscribers (for up to ``limits.shutdown_drain_timeout``). Queues of offline
+        persistent sessions live in memory and end with the process: how many were left is logged."""
+        self.draining = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.limits.shutdown_drain_timeout):
+                while self._undelivered(connected=True):
+                    self._progress.clear()
+                    await self._progress.wait()
+        left, offline = self._undelivered(connected=True), self._undelivered(connected=False)
+        if left or offline:
+            log.warning(
+                "stopping with %d message(s) undelivered to connected clients and %d queued for "
+                "offline persistent sessions",
+                left,
+                offline,
+            )
+
+    # -- W2, W3, W6, W7: the connection path -------------------------------------------------
+    async def connection(self, reader: LimitedReader, writer: AbortableWriter) -> None:
+        """One TLS connection, from CONNECT to the end of its session's connection."""
+        try:
+            handler, session = await asyncio.wait_for(
+                JitpProtocolHandler.init_from_connect(reader, writer, self.plugins_manager),
+                timeout=self.listener_config.connect_timeout,
+            )
+        except (
+            TimeoutError,
+            AMQTTError,
+            MQTTError,
+            NoDataError,
+            asyncio.IncompleteReadError,
+            ConnectionError,
+            ValueError,
+        ) as exc:
+            log.debug("no valid CONNECT: %r", exc)
+            await _close(writer)
+            return
+        assert isinstance(handler, JitpProtocolHandler) and isinstance(session, JitpSession)
+        if self.connected_clients >= self.listener_config.max_connections:
+            log.warning(
+                "refusing %s: %d clients connected (max_connections)",
+                session.client_id,
+                self.connected_clients,
+            )
+            await self._refuse(writer, SERVER_UNAVAILABLE)
+            return
+
+        # W2: admit before any session state is touched. The service audits its refusals.
+        peer = PeerCredentials(
+            chain_der=peer_chain_der(session.ssl_object),
+            client_id=session.client_id or "",
+            address=session.peer_address,
+        )
+        try:
+            admission = await self.service.admit(peer)
+        except errors.ProvisioningError as exc:
+            code = SERVER_UNAVAILABLE if isinstance(exc, errors.Unavailable) else NOT_AUTHORIZED
+            await self._refuse(writer, code)  # W3: never entered the session table
+            return
+        session.admit(ClientState.of(admission, peer))
+        session.is_anonymous = False
+
+        refusal = enforcement.check_will(session)
+        if refusal is not None:
+            await self.service.record_refusal(refusal, peer=session.peer_address, client_id=session.client_id)
+            await self._refuse(writer, NOT_AUTHORIZED)
+            return
+
+        session = await self._attach_session(session)
+        session.closing, session.closed_by_operator = False, None
+        session.delivery.limits = (
+            self.device_queue_limits if admission.role is Role.DEVICE else self.service_queue_limits
+        )
+        session.keep_alive = enforcement.keepalive(  # type: ignore[assignment]
+            session.keep_alive, limits=self.limits, profile=session.client.profile if session.client else None
+        )
+        reader.idle_timeout = writer.write_timeout = float(session.keep_alive)
+        session.transitions.connect()
+        handler.attach(session, reader, writer)
+        handler.broker = self
+        self._sessions[session.client_id] = (session, handler)
+        self.connected_clients += 1
+        try:
+            await handler.mqtt_connack_authorize(True)
+            await handler.start()  # W13: also starts the sender, which resends what was unacknowledged
+            self._ensure_config(admission)
+            for topic_filter, qos in list(session.filters.items()):
+                await self._publish_retained_messages_for_subscription((topic_filter, qos), session)
+            await self._client_message_loop(session, handler)
+        finally:
+            self.connected_clients -= 1
+            with contextlib.suppress(Exception):
+                await handler.stop()
+            current = self._sessions.get(session.client_id or "")
+            if current is not None and current[1] is handler:  # not taken over by a newer connection
+                if session.transitions.is_connected():
+                    session.transitions.disconnect()
+                if session.clean_session:
+                    # W3: a clean session ends with its network connection [MQTT-3.1.2-6].
+                    await self._delete_session(session.client_id or "")
+
+    async def _refuse(self, writer: WriterAdapter, code: int) -> None:
+        with contextlib.suppress(Exception):
+            await ConnackPacket.build(0, code).to_stream(writer)
+        await _close(writer)
+
+    def _ensure_config(self, admission: Admission) -> None:
+        """Re-retain a device's configuration if the broker lost it (retained messages live in memory).
+        A new (or renewed) device gets its configuration with its event, from the publisher."""
+        record = admission.record
+        if record is None or admission.created or admission.reprovisioned:
+            return
+        topic = config_topic(record.device_id)
+        if topic not in self.retained:
+            payload = record_config_payload(record)
+            self.retain_own(topic, payload, 1)
+            self.route(topic, payload, 1)
+
+    async def _attach_session(self, incoming: JitpSession) -> JitpSession:
+        """W7 takeover and session reuse, for an admitted client only."""
+        client_id = incoming.client_id or ""
+        existing = self._sessions.get(client_id)
+        if existing is None:
+            incoming.parent = 0
+            return incoming
+        old_session, old_handler = existing
+        assert isinstance(old_session, JitpSession)
+        if old_session.transitions.is_connected():
+            await self._take_over(old_session, old_handler, incoming)
+        if incoming.clean_session:
+            await self._delete_session(client_id)
+            incoming.parent = 0
+            return incoming
+        # Persistent session: keep subscriptions and queued messages, take the new connection's settings.
+        for name in (
+            "will_flag",
+            "will_message",
+            "will_topic",
+            "will_qos",
+            "will_retain",
+            "keep_alive",
+            "username",
+            "password",
+            "remote_address",
+            "remote_port",
+            "ssl_object",
+        ):
+            setattr(old_session, name, getattr(incoming, name))
+        assert incoming.client is not None
+        old_session.admit(incoming.client)
+        old_session.parent = 1
+        return old_session
+
+    async def _take_over(
+        self, old_session: JitpSession, old_handler: BrokerProtocolHandler, incoming: JitpSession
+    ) -> None:
+        """A second connection of an admitted client closes the first; audited (coalesced), as it is
+        the signature of a cloned certificate."""
+        client_id = incoming.client_id or ""
+        old_fp = old_session.client.fingerprint if old_session.client else None
+        same_cert = old_fp == (incoming.client.fingerprint if incoming.client else None)
+        old_peer, new_peer = old_session.peer_address, incoming.peer_address
+        written = await self.service.record_event(
+            "session-takeover",
+            device_id=client_id,
+            peer=new_peer,
+            reason="duplicate_client_id",
+            details={"previous_peer": old_peer, "same_certificate": str(same_cert).lower()},
+        )
+        # Repeats within the audit's coalescing window (a cloned certificate's ping-pong) are
+        # counted there; the log says it once per window too.
+        (log.warning if written else log.debug)(
+            "session takeover for %s: %s replaces %s (same certificate: %s); possible cloned certificate",
+            client_id,
+            new_peer,
+            old_peer,
+            same_cert,
+        )
+        if isinstance(old_handler, JitpProtocolHandler):
+            old_handler.stop_sender()  # its unacknowledged messages stay queued for the new connection
+        await old_handler.handle_connection_closed()
+        if isinstance(old_handler.writer, AbortableWriter):
+            old_handler.writer.abort()
+        for _ in range(100):  # let the old connection's loop finish its disconnect
+            if not old_session.transitions.is_connected():
+                break
+            await asyncio.sleep(0.01)
+        if old_session.transitions.is_connected():
+            old_session.transitions.disconnect()
+
+    # -- W14: the Last Will, published like a PUBLISH ----------------------------------------------
+    async def _handle_disconnect(
+        self, client_session: Session, handler: BrokerProtocolHandler, disconnect_waiter: asyncio.Future[Any]
+    ) -> None:
+        """The will goes through :meth:`receive` (ACL now, profile, quotas), unless the client said
+        DISCONNECT or the broker closed it for a lifecycle decision (revoked, disabled...)."""
+        result = disconnect_waiter.result()
+        if (
+            isinstance(client_session, JitpSession)
+            and client_session.will_flag
+            and result is None
+            and client_session.closed_by_operator is None
+            and client_session.will_topic
+        ):
+            await self.receive(
+                client_session,
+                client_session.will_topic,
+                bytes(client_session.will_message or b""),
+                client_session.will_qos or 0,
+                bool(client_session.will_retain),
+                will=True,
+            )
+        await self._stop_handler(handler)
+        client_session.transitions.disconnect()
+
+    # -- W12: one inbound path for PUBLISH and Will, routed through the topic tree ---------------
+    async def receive(
+        self, session: JitpSession, topic: str, data: bytes, qos: int, retain: bool, *, will: bool = False
+    ) -> bool:
+        """Check and route one message from ``session``. False: close the connection."""
+        if self.draining and not will:
+            return False  # not acknowledged: the client sends it again to the next broker
+        what = "will" if will else "message"
+        profile = session.client.profile if session.client is not None else None
+        if profile is not None:
+            if len(data) > profile.max_message_size:
+                log.warning(
+                    "%s sent a %d-byte %s, over its profile's max_message_size %d: %s",
+                    session.client_id,
+                    len(data),
+                    what,
+                    profile.max_message_size,
+                    "dropped" if will else "disconnecting",
+                )
+                return False
+            if not will and session.rate is not None and not session.rate.take():
+                log.info("%s is over its message rate; message on %s dropped", session.client_id, topic)
+                return True
+            qos = min(qos, profile.max_qos)  # W8: max_qos also caps what the device publishes
+        if topic.startswith(JITP_ADMIN_TOPICS) and not will:
+            return await self._admin_request(session, topic, data)
+        if topic.startswith("$") and not topic.startswith(JITP_DEVICE_TOPICS):
+            if will:
+                return True  # refused at CONNECT already; the ACL would refuse it anyway
+            log.warning("[MQTT-4.7.2-1] %s published to %s: closing the connection", session.client_id, topic)
+            return False
+        if not session.allows(Access.PUBLISH, topic):
+            # W10 too: a device publishes under $ only to its own status topic.
+            log.info("%s may not publish to %s; %s dropped", session.client_id, topic, what)
+            if will:
+                self._report(session, errors.WillNotAllowed, f"will on {topic!r} refused at publication")
+            return True
+        self.route(topic, data, qos)
+        if retain:
+            self._retain(session, topic, data, qos)
+        return True
+
+    def route(self, topic: str, data: bytes, qos: int) -> int:
+        """Queue ``data`` for every session subscribed to ``topic`` and allowed to receive it.
+
+        Synchronous: when it returns, every matching subscription has the message, so a PUBACK
+        sent afterwards is a promise kept whatever the publisher does next."""
+        routed = 0
+        for client_id, sub_qos in self.subscription_tree.match(topic).items():
+            entry = self._sessions.get(client_id)
+            if entry is None:
+                continue
+            target = entry[0]
+            if isinstance(target, JitpSession) and target.allows(Access.RECEIVE, topic):
+                routed += self._enqueue(target, Outgoing(topic, data, min(qos, sub_qos), retain=False))
+        return routed
+
+    def _enqueue(self, target: JitpSession, message: Outgoing) -> bool:
+        connected = target.transitions.is_connected()
+        if not connected and (target.clean_session or message.qos == 0):
+            return False  # offline: only persistent sessions keep QoS 1 messages [MQTT-3.1.2-5]
+        offer = target.delivery.offer(message)
+        if offer is Offer.QUEUED:
+            return True
+        if offer is Offer.OVERFLOW and connected:
+            if not target.closing:  # once, however many messages overflow
+                target.closing = True
+                self._report(target, errors.QueueFull, "QoS 1 queue full: the client does not keep up; disconnected")
+                self.spawn(self._close_overflowing(target), "jitp-queue-full")
+        else:
+            self._report(target, errors.QueueFull, f"{len(target.delivery)} messages queued: dropped")
+        return False
+
+    def _retain(self, session: JitpSession, topic: str, data: bytes, qos: int) -> None:
+        verdict = self.retained.put(topic, data, qos, owner=session.client_id)
+        if verdict in (RetainVerdict.STORED, RetainVerdict.CLEARED):
+            return
+        count, nbytes = self.retained.owner_usage(session.client_id or "")
+        self._report(
+            session,
+            errors.RetainedQuota,
+            f"retained message on {topic!r} refused ({verdict.value}): the client retains "
+            f"{count} message(s), {nbytes} bytes; the broker {self.retained.total_bytes} bytes",
+        )
+
+    def _report(self, session: JitpSession, kind: type[errors.Refused], message: str) -> None:
+        """Log and audit a limit a connected client hit; the audit coalesces repeats (and this
+        reports one cause of one client at most once a second, so a flood costs no task per message)."""
+        client_id = session.client_id or "?"
+        now = time.monotonic()
+        key = (client_id, kind.reason)
+        if now - self._reported.get(key, -1e9) < 1.0:
+            return
+        if len(self._reported) > 10_000:
+            self._reported.clear()
+        self._reported[key] = now
+        log.warning("%s: %s (%s)", client_id, message, kind.reason)
+        state = session.client
+        device_id = state.device_id if state is not None else None
+        refusal = kind(
+            message,
+            device_id=device_id,
+            fingerprint=state.fingerprint if state is not None else None,
+            detail=None if device_id is not None else client_id[:80],
+        )
+        self.spawn(
+            self.service.record_refusal(refusal, peer=session.peer_address, client_id=client_id),
+            "jitp-audit-limit",
+        )
+
+    async def _close_overflowing(self, session: JitpSession) -> None:
+        found = self._sessions.get(session.client_id or "")
+        if found is not None and found[0] is session and session.transitions.is_connected():
+            log.warning("closing the connection of %s: queue_full", session.client_id)
+            await self.close_connection(session, found[1])
+
+    async def protocol_violation(self, session: JitpSession, handler: BrokerProtocolHandler, what: str) -> None:
+        """A packet the specification says closes the connection: audited, then closed."""
+        self._report(session, errors.ProtocolViolation, what)
+        await self.close_connection(session, handler)
+
+    async def close_connection(self, session: JitpSession, handler: BrokerProtocolHandler) -> None:
+        await handler.handle_connection_closed()
+        if isinstance(handler.writer, AbortableWriter):
+            handler.writer.abort()
+
+    async def _handle_message_delivery(
+        self, client_session: Session, handler: BrokerProtocolHandler, wait_deliver: asyncio.Future[Any]
+    ) -> bool:
+        """Only QoS 2 messages come this way (amqtt's PUBREC/PUBREL flow); QoS 0 and 1 are routed
+        by :meth:`JitpProtocolHandler.handle_publish` before their PUBACK."""
+        message = wait_deliver.result()
+        if message is None or not message.topic or not isinstance(client_session, JitpSession):
+            return True
+        retain = bool(message.publish_packet is not None and message.publish_packet.retain_flag)
+        return await self.receive(client_session, message.topic, bytes(message.data or b""), 2, retain)
+
+    async def _admin_request(self, session: JitpSession, topic: str, data: bytes) -> bool:
+        """W10: a request to the admin API ($jitp/admin/<command>) goes to the API, never to
+        other subscribers; the topic ACL decides who may send one at all."""
+        if session.client is None or not session.allows(Access.PUBLISH, topic):
+            log.info("%s may not use the admin API (%s)", session.client_id, topic)
+            return True
+        self.spawn(self.admin(session.client.admission, topic, data), "jitp-admin")
+        return True
+
+    # amqtt's own publishing entry points (internal broadcasts)
+    async def _broadcast_message(
+        self,
+        session: Session | None,
+        topic: str | None,
+        data: bytes | bytearray | None,
+        force_qos: int | None = None,
+    ) -> None:
+        if topic:
+            self.route(topic, bytes(data or b""), 1 if force_qos is None else force_qos)
+
+    async def retain_message(
+        self,
+        source_session: Session | None,
+        topic_name: str | None,
+        data: bytes | bytearray | None,
+        qos: int | None = None,
+    ) -> None:
+        if topic_name is None:
+            return
+        if isinstance(source_session, JitpSession):
+            self._retain(source_session, topic_name, bytes(data or b""), qos or 0)
+        else:
+            self.retain_own(topic_name, bytes(data or b""), qos or 0)
+
+    def retain_own(self, topic: str, data: bytes, qos: int) -> None:
+        """Retain a message of the broker's own (a device's configuration): never refused."""
+        self.retained.put(topic, data, qos, owner=None)
+
+    async def _publish_session_retained_messages(self, session: Session) -> None:
+        """W13: queued messages live in the session's delivery queue and go out as they were
+        published, with RETAIN=0 [MQTT-3.3.1-9]; amqtt's replay (with RETAIN=1) is not used."""
+
+    # -- W12 subscriptions, W8 profile, limits ----------------------------------------------------
+    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        topic_filter, qos = subscription
+        if not isinstance(session, JitpSession):
+            return SUBACK_FAILURE
+        if not valid_filter(topic_filter) or not session.allows(Access.SUBSCRIBE, topic_filter):
+            return SUBACK_FAILURE
+        profile = session.client.profile if session.client is not None else None
+        if profile is not None:
+            qos = min(qos, profile.max_qos)
+        if topic_filter not in session.filters and len(session.filters) >= self.limits.max_subscriptions:
+            self._report(
+                session,
+                errors.SubscriptionLimit,
+                f"subscription to {topic_filter!r} refused: {len(session.filters)} filters (limits.max_subscriptions)",
+            )
+            return SUBACK_FAILURE
+        session.filters[topic_filter] = qos
+        self.subscription_tree.subscribe(topic_filter, session.client_id or "", qos)
+        return qos
+
+    async def _handle_subscription(
+        self, client_session: Session, handler: BrokerProtocolHandler, subscribe_waiter: asyncio.Future[Any]
+    ) -> None:
+        request = subscribe_waiter.result()
+        codes = [await self.add_subscription(sub, client_session) for sub in request.topics]
+        await handler.mqtt_acknowledge_subscription(request.packet_id, codes)
+        for (topic_filter, _), code in zip(request.topics, codes, strict=True):
+            if code != SUBACK_FAILURE:
+                await self._publish_retained_messages_for_subscription((topic_filter, code), client_session)
+
+    def _del_subscription(self, a_filter: str, session: Session) -> int:
+        if isinstance(session, JitpSession):
+            session.filters.pop(a_filter, None)
+        return int(self.subscription_tree.unsubscribe(a_filter, session.client_id or ""))
+
+    async def _del_all_subscriptions(self, session: Session) -> None:
+        if isinstance(session, JitpSession):
+            for topic_filter in list(session.filters):
+                self._del_subscription(topic_filter, session)
+
+    async def _delete_session(self, client_id: str) -> None:
+        session = self._sessions.pop(client_id, (None, None))[0]
+        if session is None:
+            return
+        await self._del_all_subscriptions(session)
+        session.clear_queues()
+        if isinstance(session, JitpSession):
+            session.delivery.clear()
+
+    @property
+    def subscriptions(self) -> dict[str, list[tuple[Session, int]]]:
+        """amqtt's view (filter -> [(session, QoS)]), built from the topic tree."""
+        view: dict[str, list[tuple[Session, int]]] = {}
+        for topic_filter, client_id, qos in self.subscription_tree.entries():
+            entry = self._sessions.get(client_id)
+            if entry is not None:
+                view.setdefault(topic_filter, []).append((entry[0], qos))
+        return view
+
+    # -- W4: retained messages obey the topic ACL ----------------------------------------------
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Session
+    ) -> None:
+        if not isinstance(session, JitpSession):
+            return
+        topic_filter, qos = subscription
+        for retained in self.retained.match(topic_filter):
+            if session.allows(Access.RECEIVE, retained.topic):
+                self._enqueue(session, Outgoing(retained.topic, retained.data, min(qos, retained.qos), retain=True))
+
+    # -- operator actions on live sessions -----------------------------------------------------
+    def live_session(self, client_id: str) -> tuple[Session, BrokerProtocolHandler] | None:
+        found = self._sessions.get(client_id)
+        if found is None or not found[0].transitions.is_connected():
+            return None
+        return found
+
+    async def disconnect_client(self, client_id: str, *, reason: str) -> bool:
+        """Close a client's connection now, for an operator decision (no will). True if connected."""
+        found = self.live_session(client_id)
+        if found is None:
+            return False
+        session, handler = found
+        if isinstance(session, JitpSession):
+            session.closed_by_operator = reason
+        log.warning("closing the session of %s: %s", client_id, reason)
+        await handler.handle_connection_closed()
+        if isinstance(handler.writer, AbortableWriter):
+            handler.writer.abort()
+        return True
+
+    def update_device(self, record: DeviceRecord) -> bool:
+        """Apply a device's new record (quarantine, enable, new configuration) to its live session."""
+        found = self.live_session(record.device_id)
+        if found is None or not isinstance(found[0], JitpSession) or found[0].client is None:
+            return False
+        found[0].admit(found[0].client.with_record(record))
+        return True
+
+    def clear_retained(self, *, owner: str | None = None, prefix: str | None = None) -> int:
+        """Clear the retained messages ``owner`` retained, and those under topic ``prefix``."""
+        doomed = set(self.retained.owned_by(owner)) if owner is not None else set()
+        if prefix is not None:
+            doomed.update(t for t in self.retained.messages if t.startswith(prefix))
+        for topic in doomed:
+            self.retained.remove(topic)
+        return len(doomed)
+
+    def live_clients(self) -> list[tuple[str, ClientState]]:
+        """(client id, state) of every connected, admitted client."""
+        return [
+            (client_id, session.client)
+            for client_id, (session, _) in list(self._sessions.items())
+            if isinstance(session, JitpSession) and session.client is not None and session.transitions.is_connected()
+        ]
+
+
+async def _close(writer: WriterAdapter) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(writer.close(), 1)
+    if isinstance(writer, AbortableWriter):
+        writer.abort()

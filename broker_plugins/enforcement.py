@@ -1,0 +1,50 @@
+"""What the broker enforces on an admitted client at CONNECT: keep-alive (W5, W8) and the will (W14).
+
+Per-message enforcement (profile size, rate and QoS; the ACL; quotas) is in
+:meth:`broker_plugins.broker.JitpBroker.receive`, the one inbound path.
+"""
+
+from __future__ import annotations
+
+from broker_plugins.session import JitpSession
+from jitp import errors
+from jitp.acl import Access
+from jitp.config import LimitsConfig
+from jitp.templates import Profile
+
+
+def keepalive(requested: int, *, limits: LimitsConfig, profile: Profile | None) -> float:
+    """W5/W8: the keep-alive clamped to the limits and profile (0, none, gets the ceiling), times
+    ``keepalive_grace``: silence that long closes the connection."""
+    ceiling = limits.max_keepalive
+    floor = 0
+    if profile is not None:
+        ceiling = min(ceiling, profile.keepalive_max)
+        floor = profile.keepalive_min
+    if requested <= 0 or requested > ceiling:
+        requested = ceiling
+    return max(requested, floor) * limits.keepalive_grace
+
+
+def check_will(session: JitpSession) -> errors.Refused | None:
+    """W14 at CONNECT: a will must be a topic the client may publish to (its own status topic is).
+    Such a CONNECT is refused (CONNACK 5, audited ``will_not_allowed``) rather than admitted with
+    its will dropped: the device learns at once that its configuration is wrong."""
+    if not session.will_flag:
+        return None
+    topic = session.will_topic or ""
+    state = session.client
+    device_id = state.device_id if state is not None else None
+    fingerprint = state.fingerprint if state is not None else None
+    if (session.will_qos or 0) > 2:
+        return errors.ProtocolViolation(
+            "CONNECT with will QoS 3 [MQTT-3.1.2-14]", device_id=device_id, fingerprint=fingerprint
+        )
+    if "+" in topic or "#" in topic or not session.allows(Access.PUBLISH, topic):
+        return errors.WillNotAllowed(
+            "the Last Will's topic is outside the client's publish namespace",
+            device_id=device_id,
+            fingerprint=fingerprint,
+            detail=repr(topic)[:120],
+        )
+    return None

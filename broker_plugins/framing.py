@@ -1,0 +1,99 @@
+"""MQTT framing over asyncio streams: a per-packet size limit, keep-alive inside a packet, bounded writes.
+
+W6: :class:`LimitedReader` refuses a packet over ``max_packet_size`` before reading its body.
+W16: it also bounds, by the keep-alive period, how long the rest of a started packet may take.
+W17: :class:`AbortableWriter` fails a write that cannot drain within the keep-alive period (a
+client that stops reading) instead of waiting forever, and can always be aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
+from amqtt.errors import AMQTTError
+
+
+class PacketTooLarge(AMQTTError):
+    """Not an MQTTError: amqtt's reader loop discards those and keeps reading the payload as packets."""
+
+
+class LimitedReader(StreamReaderAdapter):
+    """W6: refuses a packet whose remaining length exceeds ``max_packet_size``, before reading its body.
+
+    It follows MQTT framing over the byte stream (a type byte, remaining-length bytes, then the
+    body), so the limit is per packet, however amqtt splits its reads.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, *, max_packet_size: int) -> None:
+        super().__init__(reader)
+        self.max_packet_size = max_packet_size
+        self._body_left = 0  # bytes of the current packet's body not read yet
+        self._length: int | None = None  # remaining length being decoded; None: next byte is a packet type
+        self._shift = 0
+        # W16: seconds the rest of a packet may take once its first byte came (the keep-alive
+        # period); amqtt's reader loop times out only the wait for a packet's first byte.
+        self.idle_timeout: float | None = None
+
+    async def read(self, n: int = -1) -> bytes:
+        if n < 0 or n > self.max_packet_size:
+            raise PacketTooLarge(f"packet larger than {self.max_packet_size} bytes")
+        if self.idle_timeout is not None and (self._body_left or self._length is not None):
+            async with asyncio.timeout(self.idle_timeout):
+                data = await super().read(n)
+        else:
+            data = await super().read(n)
+        self._track(data)
+        return data
+
+    def _track(self, data: bytes) -> None:
+        i = 0
+        while i < len(data):
+            if self._body_left:
+                take = min(self._body_left, len(data) - i)
+                self._body_left -= take
+                i += take
+            elif self._length is None:  # the first byte of a fixed header
+                self._length, self._shift = 0, 0
+                i += 1
+            else:  # a remaining-length byte
+                byte = data[i]
+                i += 1
+                self._length += (byte & 0x7F) << self._shift
+                self._shift += 7
+                if not byte & 0x80:
+                    length, self._length = self._length, None
+                    if length > self.max_packet_size:
+                        raise PacketTooLarge(f"packet of {length} bytes, over {self.max_packet_size}")
+                    self._body_left = length
+
+
+class AbortableWriter(StreamWriterAdapter):
+    """W17: a write that cannot drain within ``write_timeout`` (a client that stops reading) fails
+    instead of waiting forever, and closing never waits more than a second for such a client."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        super().__init__(writer)
+        self.stream = writer
+        self.write_timeout: float | None = None
+
+    async def drain(self) -> None:
+        if self.is_closed:
+            return
+        async with asyncio.timeout(self.write_timeout):
+            await self.stream.drain()
+
+    async def close(self) -> None:
+        if self.is_closed:
+            return
+        try:
+            async with asyncio.timeout(1.0):
+                await super().close()
+        except (TimeoutError, OSError):
+            self.abort()
+
+    def abort(self) -> None:
+        self.is_closed = True
+        transport = self.stream.transport
+        if transport is not None:
+            transport.abort()

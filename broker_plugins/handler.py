@@ -1,0 +1,248 @@
+"""The protocol handler of one connection: reads packets in order, writes one session's queue.
+
+W12: a PUBLISH is checked and routed (through :class:`Inbound`, the broker) *before* its PUBACK.
+W13: one sender task per connection writes the session's bounded :class:`~jitp.routing.DeliveryQueue`.
+W16: malformed packets close the connection. W17: packets are handled in order in the reader task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from amqtt.errors import MQTTError
+from amqtt.mqtt import packet_class
+from amqtt.mqtt.packet import (
+    DISCONNECT,
+    PINGREQ,
+    PUBACK,
+    PUBCOMP,
+    PUBLISH,
+    PUBREC,
+    PUBREL,
+    SUBSCRIBE,
+    UNSUBSCRIBE,
+    MQTTFixedHeader,
+)
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.puback import PubackPacket
+from amqtt.mqtt.publish import PublishPacket
+from amqtt.mqtt.subscribe import SubscribePacket
+
+from broker_plugins.framing import AbortableWriter
+from broker_plugins.session import JitpSession
+from jitp.routing import DeliveryQueue
+
+log = logging.getLogger("jitp.broker")
+
+MAX_PENDING_REQUESTS = 16  # SUBSCRIBE/UNSUBSCRIBE read ahead of their SUBACK/UNSUBACK, per client
+
+
+class Inbound(Protocol):
+    """What the handler hands to the broker (implemented by :class:`~broker_plugins.broker.JitpBroker`)."""
+
+    async def receive(self, session: JitpSession, topic: str, data: bytes, qos: int, retain: bool) -> bool:
+        """Check and route a message; False: close the connection."""
+
+    async def protocol_violation(self, session: JitpSession, handler: BrokerProtocolHandler, what: str) -> None:
+        """Audit a malformed packet and close the connection."""
+
+    async def close_connection(self, session: JitpSession, handler: BrokerProtocolHandler) -> None: ...
+
+    def delivered(self) -> None:
+        """A queue shrank (a graceful stop waits for that)."""
+
+
+class JitpProtocolHandler(BrokerProtocolHandler):
+    """W5 keep-alive, W12 inline routing of PUBLISH, W13 one sender per connection, W16 strict
+    packets, W17 one reader handling packets in order."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.broker: Inbound | None = None
+        self._wake = asyncio.Event()
+        self._sender: asyncio.Task[None] | None = None
+        self._qos2: set[asyncio.Task[None]] = set()
+        # W17: the reader waits (TCP backpressure) rather than queueing requests without bound.
+        self._pending_subscriptions = asyncio.Queue(maxsize=MAX_PENDING_REQUESTS)
+        self._pending_unsubscriptions = asyncio.Queue(maxsize=MAX_PENDING_REQUESTS)
+
+    async def _reader_loop(self) -> None:
+        """W17: packets are handled one after another in this task, in order. amqtt starts a task
+        per packet and never waits for them: a client that does not read its PUBACKs grows the broker
+        without bound, and a drop of the connection cancels packets already read."""
+        session, reader = self.session, self.reader
+        assert isinstance(session, JitpSession) and reader is not None and self._reader_ready is not None
+        keepalive = float(session.keep_alive) or None
+        handlers: dict[int, Callable[[Any], Awaitable[None]]] = {
+            PUBLISH: self.handle_publish,
+            PUBACK: self.handle_puback,
+            PUBREC: self.handle_pubrec,
+            PUBREL: self.handle_pubrel,
+            PUBCOMP: self.handle_pubcomp,
+            SUBSCRIBE: self.handle_subscribe,
+            UNSUBSCRIBE: self.handle_unsubscribe,
+            PINGREQ: self.handle_pingreq,
+            DISCONNECT: self.handle_disconnect,
+        }
+        self._reader_ready.set()
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(keepalive):  # no task per read, unlike wait_for
+                        header = await MQTTFixedHeader.from_stream(reader)
+                except TimeoutError:
+                    self.handle_read_timeout()
+                    break
+                if not header:
+                    break
+                handle = handlers.get(header.packet_type)
+                if handle is None:  # CONNECT again, a server-only packet, or a reserved type
+                    if self.broker is not None:
+                        await self.broker.protocol_violation(
+                            session, self, f"unexpected packet type {header.packet_type} [MQTT-4.8.0-1]"
+                        )
+                    break
+                try:
+                    packet = await packet_class(header).from_stream(reader, fixed_header=header)
+                except (MQTTError, ValueError, UnicodeDecodeError) as exc:  # e.g. '+' in a PUBLISH topic
+                    if self.broker is not None:
+                        await self.broker.protocol_violation(session, self, f"malformed packet: {exc}")
+                    break
+                await handle(packet)
+                if header.packet_type == DISCONNECT:
+                    break
+        except asyncio.CancelledError:
+            pass
+        except TimeoutError:
+            self.handle_read_timeout()
+        except Exception as exc:  # malformed packet, reset, TLS error: the connection ends
+            log.debug("connection of %s ends: %r", session.client_id, exc)
+        for task in self._qos2:
+            task.cancel()
+        await self.handle_connection_closed()
+        self._reader_stopped.set()
+        await self.stop()
+
+    def handle_read_timeout(self) -> None:
+        session = self.session
+        log.info(
+            "keep-alive expired for %s: no packet for %.1f s, disconnecting",
+            session.client_id if session else "?",
+            session.keep_alive if session else 0,
+        )
+        if isinstance(self.writer, AbortableWriter):
+            self.writer.abort()
+
+    # -- W13: the session's delivery queue, written by one task ------------------------------
+    async def start(self) -> None:
+        await super().start()
+        session = self.session
+        assert isinstance(session, JitpSession)
+        session.delivery.notify = self._wake.set
+        self._sender = asyncio.create_task(self._send_loop(session.delivery), name="jitp-sender")
+
+    def stop_sender(self) -> None:
+        """Stop writing; unacknowledged QoS 1 messages go back to the queue (resent on reconnect)."""
+        if self._sender is not None:
+            self._sender.cancel()
+            self._sender = None
+        session = self.session
+        if isinstance(session, JitpSession) and session.delivery.notify == self._wake.set:
+            session.delivery.notify = None
+            session.delivery.connection_lost()
+
+    async def stop(self) -> None:
+        self.stop_sender()
+        await super().stop()
+        if self.broker is not None:
+            self.broker.delivered()
+
+    async def _send_loop(self, queue: DeliveryQueue) -> None:
+        try:
+            while True:
+                message = queue.next_to_send()
+                if message is None:
+                    self._wake.clear()
+                    message = queue.next_to_send()
+                    if message is None:
+                        await self._wake.wait()
+                        continue
+                packet = PublishPacket.build(
+                    message.topic, message.data, message.packet_id, message.dup, message.qos, message.retain
+                )
+                async with self._write_lock:
+                    assert self.writer is not None
+                    await packet.to_stream(self.writer)
+                if not message.qos and self.broker is not None:
+                    self.broker.delivered()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the connection is gone; the reader notices and ends the session
+            log.debug("sender of %s stopped: %r", self.session.client_id if self.session else "?", exc)
+            if isinstance(self.writer, AbortableWriter):
+                self.writer.abort()
+
+    async def handle_puback(self, puback: PubackPacket) -> None:
+        session = self.session
+        packet_id = puback.packet_id
+        if isinstance(session, JitpSession) and session.delivery.acknowledge(packet_id):
+            if self.broker is not None:
+                self.broker.delivered()
+        else:  # a duplicate, or for a message resent on a later connection: harmless [MQTT-4.3.2]
+            log.debug(
+                "%s acknowledged unknown packet id %d", session.client_id if session else "?", packet_id
+            )
+
+    # -- W12, W16: a PUBLISH is checked and routed before its PUBACK -----------------------------
+    async def handle_publish(self, publish_packet: PublishPacket) -> None:
+        session, broker = self.session, self.broker
+        if not isinstance(session, JitpSession) or broker is None:
+            return
+        header = publish_packet.variable_header
+        topic = header.topic_name if header is not None else None
+        qos = publish_packet.qos or 0
+        packet_id = header.packet_id if header is not None else None
+        violation = None
+        if qos > 2:
+            violation = "PUBLISH with QoS 3 [MQTT-3.3.1-4]"
+        elif qos and not packet_id:
+            violation = "PUBLISH with QoS > 0 and packet id 0 [MQTT-2.3.1-1]"
+        elif not topic:
+            violation = "PUBLISH with an empty topic [MQTT-4.7.3-1]"
+        elif "+" in topic or "#" in topic:
+            violation = "PUBLISH to a topic with a wildcard [MQTT-3.3.2-2]"
+        if violation is not None:
+            await broker.protocol_violation(session, self, violation)
+            return
+        assert topic is not None
+        if qos == 2:  # amqtt's QoS 2 flow (PUBREC, then wait for PUBREL) ends in the message loop
+            if len(self._qos2) >= JitpSession.queue_limits.max_inflight:
+                await broker.protocol_violation(session, self, "too many QoS 2 messages in flight")
+                return
+            task = asyncio.create_task(super().handle_publish(publish_packet))
+            self._qos2.add(task)
+            task.add_done_callback(self._qos2.discard)
+            return
+        data = bytes(publish_packet.data or b"")
+        if not await broker.receive(session, topic, data, qos, bool(publish_packet.retain_flag)):
+            await broker.close_connection(session, self)
+            return
+        if qos == 1:
+            assert packet_id is not None
+            await self._send_packet(PubackPacket.build(packet_id))
+
+    async def handle_subscribe(self, subscribe: SubscribePacket) -> None:
+        session, broker = self.session, self.broker
+        topics = subscribe.payload.topics if subscribe.payload is not None else []
+        violation = None
+        if not topics:
+            violation = "SUBSCRIBE with no topic filter [MQTT-3.8.3-3]"
+        elif any(not 0 <= qos <= 2 for _, qos in topics):
+            violation = "SUBSCRIBE with QoS 3 [MQTT-3-8.3-4]"
+        if violation is not None and isinstance(session, JitpSession) and broker is not None:
+            await broker.protocol_violation(session, self, violation)
+            return
+        await super().handle_subscribe(subscribe)
