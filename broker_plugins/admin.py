@@ -13,6 +13,10 @@ allowed or denied, gets exactly one audit entry with the caller's identity and o
 answer is always audited ``allowed: false``. A request over :data:`MAX_REQUEST_BYTES` or nested
 deeper than :data:`MAX_REQUEST_DEPTH` is refused (``invalid_request``) before it is parsed.
 Devices never reach ``$jitp/admin/#``.
+
+The commands, the roles that may run them, their arguments and what they do are
+:data:`jitp.operations.OPERATIONS`, the same table the CLI runs locally and remotely: this module is
+only the MQTT transport (limits, parsing, the role check, one reply and one audit entry).
 """
 
 from __future__ import annotations
@@ -20,49 +24,20 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from cryptography import x509
-
 from jitp import errors
 from jitp.audit import AuditDraft
-from jitp.records import Command
+from jitp.operations import OPERATIONS, Context
 from jitp.service import Admission
-from jitp.templates import TemplateSet
-from jitp.trust import Role, TrustAnchor
+from jitp.trust import Role
 
 if TYPE_CHECKING:
     from broker_plugins.server import JitpServer
 
 log = logging.getLogger("jitp.admin")
-
-READ = frozenset({Role.SERVICE, Role.AUDITOR, Role.OPERATOR, Role.ADMIN})
-AUDIT = frozenset({Role.AUDITOR, Role.ADMIN})
-MANAGE = frozenset({Role.OPERATOR, Role.ADMIN})
-CA_READ = frozenset({Role.AUDITOR, Role.OPERATOR, Role.ADMIN})
-KEYS = frozenset({Role.ADMIN})
-
-# command -> roles allowed. Key management is the admin's alone; rotation itself needs the key file
-# and runs locally (`jitp keys rotate`).
-PERMISSIONS: dict[str, frozenset[Role]] = {
-    "devices.list": READ,
-    "devices.show": READ,
-    **{f"devices.{c}": MANAGE for c in Command},
-    "devices.erase": MANAGE,
-    "ca.list": CA_READ,
-    "ca.register": MANAGE,
-    "ca.disable": MANAGE,
-    "ca.enable": MANAGE,
-    "templates.reload": MANAGE,
-    "audit.export": AUDIT,
-    "keys.status": KEYS,
-}
-
-Handler = Callable[[dict[str, Any], str], Awaitable[Any]]
 
 # Request limits, checked before the JSON parser runs (a 100,000-deep ``[[[...`` would otherwise
 # raise RecursionError inside it). A real request nests 3 levels and, with a PEM CA certificate in
@@ -211,16 +186,22 @@ class AdminApi:
             reply_to = replies + (correlation or "reply")
         head: dict[str, Any] = {"correlation_id": correlation}
         args = request.get("args") or {}
-        allowed_roles = PERMISSIONS.get(command)
-        if allowed_roles is None:
+        operation = OPERATIONS.get(command)
+        if operation is None:
             return _Outcome.invalid(reply_to, head, f"unknown command {command[:80]!r}", allowed=False)
         if not isinstance(args, dict):
             return _Outcome.invalid(reply_to, head, "args must be a JSON object", allowed=False)
-        if admission.role not in allowed_roles:
+        if not operation.allows(admission.role):
             return _Outcome.denied(reply_to, head, f"role {admission.role} may not run {command}")
-        actor = f"{admission.role}:{client_id}"
+        context = Context(
+            self.server.service,
+            actor=f"{admission.role}:{client_id}",
+            role=admission.role,
+            templates_dir=self.server.config.templates_dir,
+            node=True,
+        )
         try:
-            result = await self._run(command, args, actor, admission.role)
+            result = operation.encode(await operation.run(context, operation.decode(args)))
         except errors.Forbidden as exc:  # e.g. an operator asking for an administrative CA role
             return _Outcome.denied(reply_to, head, exc.message)
         except errors.ProvisioningError as exc:
@@ -232,91 +213,6 @@ class AdminApi:
             log.exception("admin API: %s %s failed", client_id, command)
             return _Outcome.failed(reply_to, head)
         return _Outcome(reply_to, head | {"ok": True, "result": result}, allowed=True, reason=None)
-
-    async def _run(self, command: str, args: dict[str, Any], actor: str, role: Role) -> Any:
-        service = self.server.service
-        registry = service.registry
-        if command == "devices.list":
-            return [r.to_json() for r in await registry.list_devices()]
-        if command == "devices.show":
-            record = await registry.get_device(str(args["device_id"]))
-            if record is None:
-                raise errors.NotFound(f"no device with id {args['device_id']!r}")
-            return record.to_json()
-        if command.startswith("devices.") and command != "devices.erase":
-            change = await service.apply(
-                Command(command.removeprefix("devices.")),
-                str(args["device_id"]),
-                actor=actor,
-                reason=args.get("reason"),
-            )
-            return {
-                "device_id": change.record.device_id,
-                "status": str(change.record.status),
-                "changed": change.changed,
-            }
-        if command == "devices.erase":
-            erasure = await service.erase(
-                device_id=str(args["device_id"]), actor=actor, reason=args.get("reason")
-            )
-            return {"device_id": erasure.device_id}
-        if command == "ca.list":
-            return [a.to_json() for a in await registry.anchors()]
-        if command == "ca.register":
-            requested = Role(args.get("role", "device"))
-            if role is not Role.ADMIN and requested not in (Role.DEVICE, Role.SERVICE):
-                # An operator registering an admin CA could issue itself an admin certificate.
-                raise errors.Forbidden(f"only an admin may register a CA with role {requested}")
-            cert = x509.load_pem_x509_certificate(str(args["cert_pem"]).encode())
-            anchor = TrustAnchor.from_certificate(
-                cert,
-                role=Role(args.get("role", "device")),
-                region=args.get("region"),
-                template=args.get("template"),
-                registered_at=service.clock(),
-                now=service.clock(),
-            )
-            if anchor.template:
-                service.templates.get(anchor.template)
-            stored = await registry.register_anchor(
-                anchor,
-                audit=_draft(
-                    service.clock(), "ca-registered", actor, ca_id=anchor.ca_id, role=str(anchor.role)
-                ),
-            )
-            await service.refresh_trust()
-            return {"ca_id": stored.ca_id}
-        if command in ("ca.disable", "ca.enable"):
-            enabled = command == "ca.enable"
-            anchor = await registry.set_anchor_enabled(
-                str(args["ca_id"]),
-                enabled,
-                audit=_draft(
-                    service.clock(),
-                    "ca-enabled" if enabled else "ca-disabled",
-                    actor,
-                    ca_id=str(args["ca_id"]),
-                ),
-            )
-            await service.refresh_trust()
-            return {"ca_id": anchor.ca_id, "enabled": enabled}
-        if command == "templates.reload":
-            events = await service.reload_templates(
-                TemplateSet.load(self.server.config.templates_dir), actor=actor
-            )
-            return {"changed": len(events)}
-        if command == "audit.export":
-            since, until = _when(args.get("since")), _when(args.get("until"))
-            entries = [
-                e
-                for e in await registry.audit_entries()
-                if (since is None or e.draft.at >= since) and (until is None or e.draft.at < until)
-            ]
-            return [e.to_json() for e in await registry.resolve_audit(entries)]
-        if command == "keys.status":
-            status = await registry.keyring_status()
-            return {"primary": status.primary, "wrapped": dict(status.wrapped), "pending": status.pending}
-        raise errors.InvalidRequest(f"unknown command {command!r}")  # pragma: no cover
 
     async def _reply(self, topic: str, document: dict[str, Any]) -> None:
         data = json.dumps(document, sort_keys=True, default=str).encode()
@@ -351,14 +247,3 @@ class AdminApi:
 
 def _error(reason: str, message: str) -> dict[str, str]:
     return {"reason": reason, "message": message}
-
-
-def _draft(at: datetime, action: str, actor: str, **details: str) -> AuditDraft:
-    return AuditDraft(at=at, action=action, actor=actor, details=MappingProxyType(details))
-
-
-def _when(value: object) -> datetime | None:
-    if value is None:
-        return None
-    parsed = datetime.fromisoformat(str(value))
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
