@@ -200,7 +200,7 @@ class JitpBroker(Broker):
         session.transitions.connect()
         handler.attach(session, reader, writer)
         handler.broker = self
-        self._sessions[session.client_id] = (session, handler)
+        self._sessions[session.client_id or ""] = (session, handler)
         self.connected_clients += 1
         try:
             await handler.mqtt_connack_authorize(True)
@@ -402,7 +402,9 @@ class JitpBroker(Broker):
         if offer is Offer.OVERFLOW and connected:
             if not target.closing:  # once, however many messages overflow
                 target.closing = True
-                self._report(target, errors.QueueFull, "QoS 1 queue full: the client does not keep up; disconnected")
+                self._report(
+                    target, errors.QueueFull, "QoS 1 queue full: the client does not keep up; disconnected"
+                )
                 self.spawn(self._close_overflowing(target), "jitp-queue-full")
         else:
             self._report(target, errors.QueueFull, f"{len(target.delivery)} messages queued: dropped")
@@ -451,7 +453,9 @@ class JitpBroker(Broker):
             log.warning("closing the connection of %s: queue_full", session.client_id)
             await self.close_connection(session, found[1])
 
-    async def protocol_violation(self, session: JitpSession, handler: BrokerProtocolHandler, what: str) -> None:
+    async def protocol_violation(
+        self, session: JitpSession, handler: BrokerProtocolHandler, what: str
+    ) -> None:
         """A packet the specification says closes the connection: audited, then closed."""
         self._report(session, errors.ProtocolViolation, what)
         await self.close_connection(session, handler)
@@ -583,7 +587,9 @@ class JitpBroker(Broker):
         topic_filter, qos = subscription
         for retained in self.retained.match(topic_filter):
             if session.allows(Access.RECEIVE, retained.topic):
-                self._enqueue(session, Outgoing(retained.topic, retained.data, min(qos, retained.qos), retain=True))
+                self._enqueue(
+                    session, Outgoing(retained.topic, retained.data, min(qos, retained.qos), retain=True)
+                )
 
     # -- operator actions on live sessions -----------------------------------------------------
     def live_session(self, client_id: str) -> tuple[Session, BrokerProtocolHandler] | None:
@@ -628,7 +634,9 @@ class JitpBroker(Broker):
         return [
             (client_id, session.client)
             for client_id, (session, _) in list(self._sessions.items())
-            if isinstance(session, JitpSession) and session.client is not None and session.transitions.is_connected()
+            if isinstance(session, JitpSession)
+            and session.client is not None
+            and session.transitions.is_connected()
         ]
 
 

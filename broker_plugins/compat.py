@@ -207,4 +207,4 @@ def use_lean_sessions(session_class: type[Session]) -> None:
 
     if getattr(broker_handler, "Session", None) not in (Session, session_class):
         raise AmqttIncompatible("amqtt.mqtt.protocol.broker_handler.Session moved; re-check W11")
-    broker_handler.Session = session_class  # type: ignore[misc]
+    broker_handler.Session = session_class  # type: ignore[attr-defined]

@@ -46,7 +46,9 @@ class Inbound(Protocol):
     async def receive(self, session: JitpSession, topic: str, data: bytes, qos: int, retain: bool) -> bool:
         """Check and route a message; False: close the connection."""
 
-    async def protocol_violation(self, session: JitpSession, handler: BrokerProtocolHandler, what: str) -> None:
+    async def protocol_violation(
+        self, session: JitpSession, handler: BrokerProtocolHandler, what: str
+    ) -> None:
         """Audit a malformed packet and close the connection."""
 
     async def close_connection(self, session: JitpSession, handler: BrokerProtocolHandler) -> None: ...

@@ -97,7 +97,9 @@ class Listener:
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
-                await writer.start_tls(self._tls_context(), ssl_handshake_timeout=self.config.handshake_timeout)
+                await writer.start_tls(
+                    self._tls_context(), ssl_handshake_timeout=self.config.handshake_timeout
+                )
             except (TimeoutError, ssl.SSLError, OSError, EOFError) as exc:
                 await self._handshake_failed(exc, address)
                 writer.transport.abort()

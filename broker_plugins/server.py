@@ -30,6 +30,7 @@ STALE_CRL_REPORT_INTERVAL = 300.0  # seconds between repeated errors about a CRL
 CLOSING_EVENTS = ("revoked", "disabled", "deprovisioned", "erased")
 NAMESPACE_EVENTS = ("quarantined", "enabled", "allowed", "config-changed")
 
+
 class JitpServer:
     """One jitp broker node. ``async with JitpServer(config) as server: ...`` or :func:`serve`."""
 

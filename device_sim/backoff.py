@@ -19,7 +19,7 @@ class Backoff:
             raise ValueError("backoff needs base > 0, cap > 0 and attempts >= 1")
 
     def ceiling(self, retry: int) -> float:
-        return min(self.cap, self.base * 2 ** min(retry, 62))
+        return float(min(self.cap, self.base * 2.0 ** min(retry, 62)))
 
     def delay(self, retry: int, rng: random.Random) -> float:
         """Seconds to wait before retry number ``retry`` (0 for the first retry)."""

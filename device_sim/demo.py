@@ -21,6 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
 
 import certs
 from device_sim import ServiceCreds, Target, create_fleet, run_storm
@@ -62,7 +64,7 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> 
 
 def mqtt_client(client_id: str, ca: Path, cert: Path, key: Path, *, clean: bool = True) -> mqtt.Client:
     client = mqtt.Client(
-        mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean, protocol=mqtt.MQTTv311
+        CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean, protocol=mqtt.MQTTv311
     )
     ctx = ssl.create_default_context(cafile=str(ca))
     ctx.load_cert_chain(str(cert), str(key))
@@ -76,7 +78,7 @@ def join(device: certs.DeviceFiles, ca: Path, port: int) -> str:
     connected = threading.Event()
     client = mqtt_client(device.device_id, ca, device.cert_path, device.key_path)
 
-    def on_connect(c: mqtt.Client, u: object, f: object, rc: mqtt.ReasonCode, p: object) -> None:
+    def on_connect(c: mqtt.Client, u: object, f: object, rc: ReasonCode, p: object) -> None:
         result["rc"] = rc.getName()
         connected.set()
 

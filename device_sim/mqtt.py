@@ -20,6 +20,7 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 CONNECT, CONNACK, PUBLISH, PUBACK = 1, 2, 3, 4
 SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK = 8, 9, 10, 11
@@ -250,9 +251,8 @@ class MqttClient:
             raise self.closed.result() or ConnectFailed("closed")
 
     async def _await(self, fut: asyncio.Future[object], time_limit: float) -> None:
-        done, _ = await asyncio.wait(
-            {fut, self.closed}, timeout=time_limit, return_when=asyncio.FIRST_COMPLETED
-        )
+        waiters: set[asyncio.Future[Any]] = {fut, self.closed}
+        done, _ = await asyncio.wait(waiters, timeout=time_limit, return_when=asyncio.FIRST_COMPLETED)
         if fut in done:
             fut.result()
             return

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import certs
 from device_sim.backoff import Backoff
@@ -620,7 +620,8 @@ async def _hold_loop(
     topic = f"devices/{device_id}/telemetry"
     while True:
         wake = min(next_ping, next_pub)
-        await asyncio.wait({stop, client.closed}, timeout=max(0.0, wake - time.monotonic()))
+        waiters: set[asyncio.Future[Any]] = {stop, client.closed}
+        await asyncio.wait(waiters, timeout=max(0.0, wake - time.monotonic()))
         if stop.done():
             return
         if client.closed.done():
