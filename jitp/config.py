@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from jitp import yamlfiles
 from jitp.errors import ConfigError
 from jitp.keys import default_keys_dir
 
@@ -329,6 +330,10 @@ class Config:
         return self.keys.keyring if self.keys.keyring is not None else self.keys_dir / "keyring.db"
 
 
+MAX_CONFIG_BYTES = 1024 * 1024  # the config file is read whole; larger is refused
+MAX_CONFIG_DEPTH = 16  # nesting levels (the deepest setting is 3)
+
+
 def host_port(bind: str) -> tuple[str, int]:
     host, sep, port = bind.rpartition(":")
     # isascii: str.isdigit() accepts e.g. "¹", which int() then rejects with a ValueError.
@@ -391,10 +396,9 @@ def _convert(tp: Any, node: yaml.Node, where: str, key: str) -> Any:
     if node.tag == _NULL_TAG:
         raise ConfigError(f"expected {getattr(tp, '__name__', tp)}, got no value", where=at, key=key)
     try:
-        resolved = yaml.SafeLoader("").construct_object(node)
-    except yaml.YAMLError as exc:  # e.g. an unknown tag ("!foo 3") or a bad !!binary
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"invalid value {value!r}: {problem}", where=at, key=key) from None
+        resolved = yamlfiles.construct_scalar(node)
+    except ValueError as exc:  # an unknown tag ("!foo 3"), "!!int abc", a bad !!binary, ...
+        raise ConfigError(f"invalid value {value[:80]!r}: {exc}", where=at, key=key) from None
     try:
         if tp is bool:
             if not isinstance(resolved, bool):
@@ -459,18 +463,8 @@ def load_config(path: Path | None = None, *, text: str | None = None) -> Config:
     if text is None:
         if path is None:
             return Config()
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"cannot read config: {exc.strerror}", where=where) from None
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"cannot read config: not UTF-8 ({exc.reason})", where=where) from None
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f"{where}:{mark.line + 1}" if mark is not None else where
-        raise ConfigError(f"invalid YAML: {exc}", where=at) from None
+        text = yamlfiles.read_text(path, max_bytes=MAX_CONFIG_BYTES, what="config")
+    node = yamlfiles.compose(text, where=where, max_depth=MAX_CONFIG_DEPTH, what="the config file")
     if node is None or _is_null(node):  # empty, comments only, "---" or "~"
         return Config()
     return _build(Config, node, where)

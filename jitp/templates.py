@@ -27,9 +27,7 @@ otherwise expand to gigabytes).
 from __future__ import annotations
 
 import enum
-import os
 import re
-import stat
 import string
 import warnings
 from collections.abc import Mapping
@@ -43,10 +41,11 @@ import yaml
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from jitp import errors
+from jitp import errors, yamlfiles
 from jitp.acl import Namespace, status_topic, valid_filter
 from jitp.identity import DeviceIdentity, check_device_id, id_problem
 from jitp.trust import VerifiedChain
+from jitp.yamlfiles import construct_scalar
 
 _SUBJECT_OIDS = {
     "CN": NameOID.COMMON_NAME,
@@ -381,66 +380,6 @@ DEFAULT_TEMPLATE = EnrollmentTemplate(name="default")
 
 
 # -- loading --------------------------------------------------------------------------------
-class _YamlRefused(Exception):
-    """The composer met something templates do not allow (an anchor or alias, too deep a nesting)."""
-
-    def __init__(self, problem: str, mark: yaml.Mark) -> None:
-        super().__init__(problem)
-        self.problem = problem
-        self.mark = mark
-
-
-class _TemplateLoader(yaml.SafeLoader):
-    """SafeLoader whose composer refuses anchors and aliases and bounds nesting.
-
-    Refusing at the first anchor, before any alias is resolved, means a "billion laughs" file costs
-    no more than reading it. Templates lose nothing: each value can be written out.
-    """
-
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self._depth = 0
-
-    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
-        event: Any = self.peek_event()  # type: ignore[no-untyped-call]  # untyped in types-PyYAML
-        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-            raise _YamlRefused(
-                "YAML anchors and aliases are not allowed in templates (write each value out)",
-                event.start_mark,
-            )
-        if self._depth >= MAX_TEMPLATE_DEPTH:
-            raise _YamlRefused(f"nested deeper than {MAX_TEMPLATE_DEPTH} levels", event.start_mark)
-        self._depth += 1
-        try:
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-
-
-def _read_template(path: Path) -> str:
-    """The file's text: a regular file of at most MAX_TEMPLATE_BYTES, UTF-8. Never blocks on a FIFO."""
-    where = str(path)
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise errors.ConfigError(f"cannot read template: {exc.strerror}", where=where) from None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise errors.ConfigError("cannot read template: not a regular file", where=where)
-        try:
-            data = f.read(MAX_TEMPLATE_BYTES + 1)
-        except OSError as exc:
-            raise errors.ConfigError(f"cannot read template: {exc.strerror}", where=where) from None
-    if len(data) > MAX_TEMPLATE_BYTES:
-        raise errors.ConfigError(
-            f"template is larger than {MAX_TEMPLATE_BYTES // 1024} KiB; refusing to read it", where=where
-        )
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise errors.ConfigError(f"cannot read template: not UTF-8 ({exc.reason})", where=where) from None
-
-
 def _err(where: str, node: yaml.Node | None, key: str, message: str) -> errors.ConfigError:
     line = f":{node.start_mark.line + 1}" if node is not None else ""
     return errors.ConfigError(message, where=f"{where}{line}", key=key)
@@ -450,7 +389,6 @@ def _mapping(node: yaml.Node, where: str, key: str, allowed: set[str]) -> dict[s
     if not isinstance(node, yaml.MappingNode):
         raise _err(where, node, key, "expected a mapping")
     out: dict[str, tuple[yaml.Node, Any]] = {}
-    loader = yaml.SafeLoader("")
     for k, v in node.value:
         name = str(k.value)
         if name not in allowed:
@@ -460,15 +398,9 @@ def _mapping(node: yaml.Node, where: str, key: str, allowed: set[str]) -> dict[s
         if name in out:
             raise _err(where, k, f"{key}.{name}".lstrip("."), "duplicate key")
         try:
-            out[name] = (v, loader.construct_object(v, deep=True))
-        except yaml.YAMLError as exc:  # e.g. an unknown tag ("!foo x") or a bad !!binary
-            problem = getattr(exc, "problem", None) or str(exc)
-            raise _err(where, v, f"{key}.{name}".lstrip("."), f"invalid value: {problem}") from None
-        except (ValueError, KeyError, AttributeError, TypeError, OverflowError) as exc:
-            # PyYAML's own constructors on a bad explicitly tagged scalar ("!!int abc", "!!bool maybe",
-            # "!!timestamp x"), or an integer of more than 4300 digits.
-            problem = str(exc) if isinstance(exc, ValueError) else f"not a valid {v.tag.rsplit(':', 1)[-1]}"
-            raise _err(where, v, f"{key}.{name}".lstrip("."), f"invalid value: {problem}") from None
+            out[name] = (v, construct_scalar(v))
+        except ValueError as exc:
+            raise _err(where, v, f"{key}.{name}".lstrip("."), f"invalid value: {exc}") from None
     return out
 
 
@@ -500,13 +432,8 @@ def _check_pattern(pattern: str, where: str, node: yaml.Node, key: str, attribut
 
 def load_template(path: Path) -> EnrollmentTemplate:
     where = str(path)
-    text = _read_template(path)
-    try:
-        root = yaml.compose(text, Loader=_TemplateLoader)
-    except _YamlRefused as exc:
-        raise errors.ConfigError(exc.problem, where=f"{where}:{exc.mark.line + 1}") from None
-    except yaml.YAMLError as exc:
-        raise errors.ConfigError(f"invalid YAML: {exc}", where=where) from None
+    text = yamlfiles.read_text(path, max_bytes=MAX_TEMPLATE_BYTES, what="template")
+    root = yamlfiles.compose(text, where=where, max_depth=MAX_TEMPLATE_DEPTH, what="templates")
     if root is None or (isinstance(root, yaml.ScalarNode) and root.tag.endswith(":null")):
         raise errors.ConfigError("empty template", where=where)
     top = _mapping(

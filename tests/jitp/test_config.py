@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -280,13 +281,59 @@ def test_good_bind(bind: str, expected: tuple[str, int]) -> None:
         ("log_level: info\n---\nlog_level: debug\n", 2),
         ("log_level: 'unterminated\n", 2),
         ("limits:\n\tmax_inflight: 1\n", 2),
-        ("data_dir: *nowhere\n", 1),
     ],
 )
 def test_invalid_yaml(text: str, line: int) -> None:
     exc = error(text)
     assert "invalid YAML" in str(exc)
     assert exc.where == f"<config>:{line}"
+    assert "\n" not in str(exc)
+
+
+BOMB = "a: &a ['x','x','x','x','x','x','x','x','x']\n" + "".join(
+    f"{c}: &{c} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]\n"
+    for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "message", "line"),
+    [
+        (BOMB, "aliases are not allowed in the config file", 1),
+        ("data_dir: *nowhere\n", "aliases are not allowed", 1),
+        ("roles: " + "[" * 5000 + "]" * 5000 + "\n", "nested deeper than 16 levels", 1),
+        ("limits:\n  max_inflight: !!int abc\n", "invalid value 'abc'", 2),
+        ("listener:\n  reuse_port: !!bool maybe\n", "invalid value 'maybe'", 2),
+        ("limits:\n  max_inflight: " + "9" * 5000 + "\n", "invalid value", 2),
+        ("default_region: !!timestamp 2001-13-45\n", "invalid value", 1),
+    ],
+    ids=[
+        "alias-bomb",
+        "unknown-alias",
+        "deep-nesting",
+        "bad-int-tag",
+        "bad-bool-tag",
+        "huge-int",
+        "bad-timestamp",
+    ],
+)
+def test_hostile_yaml_is_a_config_error_not_a_crash(text: str, message: str, line: int) -> None:
+    exc = error(text)
+    assert message in str(exc)
+    assert exc.where == f"<config>:{line}"
+
+
+def test_config_files_are_bounded_regular_files(tmp_path: Path) -> None:
+    big = tmp_path / "big.yaml"
+    big.write_text("# padding\n" * 200_000)
+    with pytest.raises(ConfigError, match="larger than 1024 KiB"):
+        load_config(big)
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_config(fifo)  # never blocks waiting for a writer
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_config(Path("/dev/zero"))
 
 
 def test_missing_file(tmp_path: Path) -> None:

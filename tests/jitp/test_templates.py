@@ -291,7 +291,8 @@ def test_invalid_yaml_is_an_error(tmp_path: Path, body: str) -> None:
     path = write(tmp_path, "t", body)
     with pytest.raises(errors.ConfigError, match="invalid YAML") as info:
         load_template(path)
-    assert info.value.where == str(path)
+    assert info.value.where.startswith(f"{path}:")  # with the line
+    assert "\n" not in str(info.value)
 
 
 def test_top_level_must_be_a_mapping_and_file_must_exist(tmp_path: Path) -> None:
