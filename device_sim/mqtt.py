@@ -54,7 +54,8 @@ class Message:
 
 
 # -- encoding -------------------------------------------------------------------------------
-def _varint(n: int) -> bytes:
+def encode_varint(n: int) -> bytes:
+    """MQTT's variable byte integer (the remaining length)."""
     out = bytearray()
     while True:
         byte, n = n % 128, n // 128
@@ -63,37 +64,39 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def _str(s: str) -> bytes:
+def encode_str(s: str) -> bytes:
+    """An MQTT UTF-8 string: two length bytes, then the bytes."""
     data = s.encode("utf-8")
     return struct.pack("!H", len(data)) + data
 
 
-def _packet(kind: int, flags: int, body: bytes) -> bytes:
-    return bytes([(kind << 4) | flags]) + _varint(len(body)) + body
+def frame(kind: int, flags: int, body: bytes) -> bytes:
+    """A whole packet: fixed header (type, flags, remaining length) and body."""
+    return bytes([(kind << 4) | flags]) + encode_varint(len(body)) + body
 
 
 def connect_packet(client_id: str, *, keepalive: int, clean: bool) -> bytes:
     flags = 0x02 if clean else 0x00
-    return _packet(
-        CONNECT, 0, _str("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive) + _str(client_id)
+    return frame(
+        CONNECT, 0, encode_str("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive) + encode_str(client_id)
     )
 
 
 def publish_packet(
     topic: str, payload: bytes, *, qos: int, packet_id: int = 0, retain: bool = False
 ) -> bytes:
-    body = _str(topic) + (struct.pack("!H", packet_id) if qos else b"") + payload
-    return _packet(PUBLISH, (qos << 1) | int(retain), body)
+    body = encode_str(topic) + (struct.pack("!H", packet_id) if qos else b"") + payload
+    return frame(PUBLISH, (qos << 1) | int(retain), body)
 
 
 def subscribe_packet(packet_id: int, filters: list[tuple[str, int]]) -> bytes:
-    body = struct.pack("!H", packet_id) + b"".join(_str(f) + bytes([q]) for f, q in filters)
-    return _packet(SUBSCRIBE, 0x02, body)
+    body = struct.pack("!H", packet_id) + b"".join(encode_str(f) + bytes([q]) for f, q in filters)
+    return frame(SUBSCRIBE, 0x02, body)
 
 
 def unsubscribe_packet(packet_id: int, filters: list[str]) -> bytes:
-    body = struct.pack("!H", packet_id) + b"".join(_str(f) for f in filters)
-    return _packet(UNSUBSCRIBE, 0x02, body)
+    body = struct.pack("!H", packet_id) + b"".join(encode_str(f) for f in filters)
+    return frame(UNSUBSCRIBE, 0x02, body)
 
 
 PINGREQ_PACKET = bytes([PINGREQ << 4, 0])
@@ -101,7 +104,7 @@ DISCONNECT_PACKET = bytes([DISCONNECT << 4, 0])
 
 
 def puback_packet(packet_id: int) -> bytes:
-    return _packet(PUBACK, 0, struct.pack("!H", packet_id))
+    return frame(PUBACK, 0, struct.pack("!H", packet_id))
 
 
 async def read_packet(reader: asyncio.StreamReader) -> tuple[int, int, bytes]:

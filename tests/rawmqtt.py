@@ -6,23 +6,11 @@ import socket
 import ssl
 import time
 
+from device_sim.mqtt import encode_str as _utf8
+from device_sim.mqtt import encode_varint as _remaining_length
 from tests.helpers import Identity, Pki, client_context
 
 HOST = "127.0.0.1"
-
-
-def _remaining_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _utf8(s: str) -> bytes:
-    raw = s.encode()
-    return len(raw).to_bytes(2, "big") + raw
 
 
 def connect_packet(client_id: str, *, keepalive: int, clean: bool = True) -> bytes:

@@ -43,19 +43,6 @@ def wait(predicate: Callable[[], Any], timeout: float = DEADLINE) -> bool:
 
 
 @pytest.fixture
-def clients() -> Iterator[Callable[[Conn], Conn]]:
-    opened: list[Conn] = []
-
-    def track(conn: Conn) -> Conn:
-        opened.append(conn)
-        return conn
-
-    yield track
-    for conn in opened:
-        conn.close()
-
-
-@pytest.fixture
 def make(tmp_path: Path, pki: Pki) -> Iterator[Callable[..., BrokerThread]]:
     started: list[BrokerThread] = []
 

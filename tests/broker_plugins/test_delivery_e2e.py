@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,19 +31,6 @@ def wait(predicate: Callable[[], Any], timeout: float = DEADLINE) -> bool:
             return True
         time.sleep(0.02)
     return bool(predicate())
-
-
-@pytest.fixture
-def clients() -> Iterator[Callable[[Conn], Conn]]:
-    opened: list[Conn] = []
-
-    def track(conn: Conn) -> Conn:
-        opened.append(conn)
-        return conn
-
-    yield track
-    for conn in opened:
-        conn.close()
 
 
 def subscriber(broker: BrokerThread, pki: Pki, name: str, topic: str, *, clean: bool = True) -> Conn:
