@@ -3,6 +3,11 @@
 Local mode works directly on the registry: the data dir's SQLite registry, or the PostgreSQL
 one that ``registry:`` in the config or ``--registry DSN`` names. Whoever can run it can change
 anything: it is root-equivalent, and its actions are audited as ``local-admin:<user>@<host>``.
+
+The commands shared with the admin API (``devices``, ``ca list/register/enable/disable``,
+``templates reload``, ``audit export``, ``keys status``) are :data:`jitp.operations.OPERATIONS`:
+here each has only its spelling (a :class:`Verb`: arguments, typed args, output). With ``--broker``
+the same typed args go to a broker's admin API instead (:mod:`jitp.remote`).
 """
 
 from __future__ import annotations
@@ -18,36 +23,41 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+import typing
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from jitp import errors
-from jitp.audit import AuditDraft, verify_chain
+from jitp.audit import verify_chain
+from jitp.certfiles import MAX_CERT_FILE, MAX_CRL_FILE
+from jitp.certfiles import load_ca_cert as _load_ca_cert
+from jitp.certfiles import load_leaf as _load_leaf
+from jitp.certfiles import read_capped as _read_capped
 from jitp.config import DEFAULT_CONFIG, Config, load_config, replace
 from jitp.keys import MasterKeyProvider
+from jitp.operations import (
+    LIFECYCLE_SUMMARY,
+    OPERATIONS,
+    Context,
+    EraseArgs,
+    Operation,
+    TemplatesReloaded,
+    encode_args,
+)
 from jitp.records import Command, DeviceRecord
-from jitp.registry import Registry
+from jitp.registry import Erasure, KeyringStatus, Registry, StatusChange
 from jitp.registry_factory import master_keys, open_registry
 from jitp.service import ProvisioningService
 from jitp.templates import TemplateSet
 from jitp.trust import Role, TrustAnchor, TrustStore, fingerprint_der
 
 Handler = Callable[[argparse.Namespace], int]
-
-LIFECYCLE_HELP = {
-    Command.REVOKE: "refuse the device from now on; a live session is closed within seconds",
-    Command.DISABLE: "block the device temporarily (enable lifts it)",
-    Command.ENABLE: "lift disable or quarantine",
-    Command.QUARANTINE: "admit the device only to report status and read its config",
-    Command.DEPROVISION: "retire the device: session closed, retained messages cleared, refused until allow",
-    Command.ALLOW: "readmit a deprovisioned or revoked device",
-}
 
 
 def _now() -> datetime:
@@ -83,8 +93,9 @@ def _run(
     fn: Callable[[Registry], Awaitable[int]],
     *,
     keys: MasterKeyProvider | None = None,
+    config: Config | None = None,
 ) -> int:
-    config = _config(args)
+    config = config or _config(args)
 
     async def go() -> int:
         registry = await open_registry(config, batch_window=0, keys=keys)
@@ -94,10 +105,6 @@ def _run(
             await registry.close()
 
     return asyncio.run(go())
-
-
-def _draft(action: str, **details: str) -> AuditDraft:
-    return AuditDraft(at=_now(), action=action, actor=_actor(), details=MappingProxyType(details))
 
 
 def _print_json(value: Any) -> None:
@@ -143,165 +150,185 @@ def cmd_pki_issue(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- ca -----------------------------------------------------------------------------------
-MAX_CERT_FILE = 1024 * 1024  # bytes; a certificate (chain) file is a few KiB
-MAX_CRL_FILE = 16 * 1024 * 1024  # bytes; a CRL of ~400,000 revoked serials
+# -- the operations shared with the admin API -------------------------------------------------
+@dataclass(frozen=True)
+class Verb:
+    """How the command line spells an operation of :data:`jitp.operations.OPERATIONS`.
+
+    Without overrides a verb has one argument per field of the operation's arguments (a required
+    field positional, the others ``--field``), and prints the result as JSON: an operation added to
+    the table is a command here at once. The overrides keep the established spelling and output.
+    """
+
+    op: Operation[Any, Any]
+    help: str | None = None
+    arguments: Callable[[argparse.ArgumentParser], None] | None = None  # the verb's own arguments
+    args: Callable[[argparse.Namespace], Any] | None = None  # typed args; files are read here
+    show: Callable[[Any, argparse.Namespace], int] | None = None  # prints a local (typed) result
+    show_remote: Callable[[Any, argparse.Namespace], int] | None = None  # prints the admin API's JSON
+    json_flag: bool = False  # a --json option (the remote output is always JSON)
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        if self.arguments is not None:
+            self.arguments(parser)
+        else:
+            _field_arguments(parser, self.op.args)
+        if self.json_flag:
+            parser.add_argument("--json", action="store_true")
+
+    def make_args(self, ns: argparse.Namespace) -> Any:
+        if self.args is not None:
+            return self.args(ns)
+        return self.op.decode({f.name: getattr(ns, f.name, None) for f in dataclasses.fields(self.op.args)})
+
+    def print_local(self, result: Any, ns: argparse.Namespace) -> int:
+        if self.show is not None:
+            return self.show(result, ns)
+        return _show_json(self.op.encode(result), ns)
+
+    def print_remote(self, result: Any, ns: argparse.Namespace) -> int:
+        return (self.show_remote or _show_json)(result, ns)
 
 
-def _read_capped(path: Path, cap: int, what: str) -> bytes:
-    """At most ``cap`` bytes of ``path``: reads ``cap + 1`` and refuses more (``/dev/zero`` at once)."""
-    try:
-        with path.open("rb") as f:
-            data = f.read(cap + 1)
-    except OSError as exc:
-        raise errors.InvalidRequest(f"cannot read {path}: {exc.strerror}") from None
-    if len(data) > cap:
-        raise errors.InvalidRequest(
-            f"{path} is larger than {_size(cap)}, the limit for {what}; is it the right file?"
-        )
-    return data
+def _field_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if typing.get_origin(hint) is not None:  # X | None
+            (hint,) = (a for a in typing.get_args(hint) if a is not type(None))
+        choices = [r.value for r in Role] if hint is Role else None
+        if hint is bool:
+            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, action="store_true")
+        elif f.default is dataclasses.MISSING:
+            parser.add_argument(f.name, choices=choices)
+        else:
+            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, choices=choices)
 
 
-def _load_certs(path: Path) -> list[x509.Certificate]:
-    """Every certificate in a PEM file, or the one in a DER file (read with a size cap)."""
-    data = _read_capped(path, MAX_CERT_FILE, "a certificate file")
-    try:
-        return x509.load_pem_x509_certificates(data)
-    except ValueError:
-        try:
-            return [x509.load_der_x509_certificate(data)]
-        except ValueError:
-            raise errors.InvalidRequest(f"{path} holds no PEM or DER certificate") from None
+def _show_json(result: Any, ns: argparse.Namespace) -> int:
+    _print_json(result)
+    return 0
 
 
-def _load_ca_cert(path: Path) -> x509.Certificate:
-    """The one certificate in ``path``. A bundle is refused rather than cut to its first
-    certificate: which of them was meant cannot be guessed, and registering only one is silent."""
-    found = _load_certs(path)
-    if len(found) > 1:
-        raise errors.InvalidRequest(
-            f"{path} holds {len(found)} certificates; put each CA certificate in a file of its own "
-            "and register each separately"
-        )
-    return found[0]
-
-
-def _load_leaf(path: Path) -> x509.Certificate:
-    """The leaf of a chain file (leaf first, then its CAs, as TLS sends it). Several leaves are
-    refused: erasing only the first of them would be silent."""
-    leaf, *rest = _load_certs(path)
-    leaves = 1 + sum(not _is_ca(c) for c in rest)
-    if leaves > 1:
-        raise errors.InvalidRequest(
-            f"{path} holds {leaves} end-entity certificates; give one device's certificate "
-            "(its chain may follow it) and erase each device separately"
-        )
-    return leaf
-
-
-def _is_ca(cert: x509.Certificate) -> bool:
-    try:
-        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
-    except (x509.ExtensionNotFound, ValueError):
-        return False
-
-
-def _size(n: int) -> str:
-    return f"{n // (1024 * 1024)} MiB" if n % (1024 * 1024) == 0 else f"{n} bytes"
-
-
-def cmd_ca_register(args: argparse.Namespace) -> int:
-    cert = _load_ca_cert(Path(args.cert))
-    if args.template:
-        TemplateSet.load(_config(args).templates_dir).get(args.template)  # an unknown name fails here
-    anchor = TrustAnchor.from_certificate(
-        cert,
-        role=Role(args.role),
-        region=args.region,
-        template=args.template,
-        registered_at=_now(),
-        now=_now(),
-    )
+def _local(ns: argparse.Namespace) -> int:
+    """Run a verb's operation in-process on the registry, as the local admin."""
+    verb: Verb = ns.verb
+    call_args = verb.make_args(ns)  # files read and arguments checked before the registry is opened
+    config = _config(ns)
 
     async def go(registry: Registry) -> int:
-        stored = await registry.register_anchor(
-            anchor,
-            audit=_draft(
-                "ca-registered",
-                ca_id=anchor.ca_id,
-                role=str(anchor.role),
-                subject=anchor.subject,
-                region=anchor.region or "",
-                template=anchor.template or "",
-            ),
+        context = Context(
+            ProvisioningService(registry),
+            actor=_actor(),
+            role=Role.ADMIN,  # local mode is root-equivalent
+            templates_dir=config.templates_dir,
         )
-        print(stored.ca_id)
-        return 0
+        return verb.print_local(await verb.op.run(context, call_args), ns)
 
-    return _run(args, go)
-
-
-def cmd_ca_list(args: argparse.Namespace) -> int:
-    async def go(registry: Registry) -> int:
-        anchors = await registry.anchors()
-        if args.json:
-            _print_json([a.to_json() for a in anchors])
-            return 0
-        if not anchors:
-            print("no CA registered")
-        for a in anchors:
-            state = "enabled " if a.enabled else "disabled"
-            print(f"{a.ca_id}  {state}  {a.role:7}  region={a.region or '-':10}  {a.subject}")
-        return 0
-
-    return _run(args, go)
+    return _run(ns, go, config=config)
 
 
-def cmd_ca_enable(args: argparse.Namespace, enabled: bool) -> int:
-    async def go(registry: Registry) -> int:
-        anchor = await registry.set_anchor_enabled(
-            args.ca_id, enabled, audit=_draft("ca-enabled" if enabled else "ca-disabled", ca_id=args.ca_id)
-        )
-        print(f"{anchor.ca_id} {'enabled' if enabled else 'disabled'}")
-        return 0
-
-    return _run(args, go)
-
-
-# -- devices ------------------------------------------------------------------------------
 def _device_line(r: DeviceRecord) -> str:
     seen = r.last_seen.isoformat(timespec="seconds") if r.last_seen else "-"
     return f"{r.device_id:24} {r.status:13} region={r.region:10} last_seen={seen}"
 
 
-def cmd_devices_list(args: argparse.Namespace) -> int:
-    async def go(registry: Registry) -> int:
-        records = await registry.list_devices()
-        if args.json:
-            _print_json([r.to_json() for r in records])
-        else:
-            for r in records:
-                print(_device_line(r))
-            print(f"{len(records)} device(s)")
+def _show_devices(records: list[DeviceRecord], ns: argparse.Namespace) -> int:
+    if ns.json:
+        _print_json([r.to_json() for r in records])
+    else:
+        for r in records:
+            print(_device_line(r))
+        print(f"{len(records)} device(s)")
+    return 0
+
+
+def _show_device(record: DeviceRecord, ns: argparse.Namespace) -> int:
+    doc = record.to_json()
+    if ns.json:
+        _print_json(doc)
+    else:
+        for key, value in doc.items():
+            print(f"{key:17} {value}")
+    return 0
+
+
+def _show_change(change: StatusChange, ns: argparse.Namespace) -> int:
+    state = "now" if change.changed else "already"
+    print(f"{change.record.device_id}: {state} {change.record.status}")
+    return 0
+
+
+def _show_change_json(result: Any, ns: argparse.Namespace) -> int:
+    print(f"{result['device_id']}: {'now' if result['changed'] else 'already'} {result['status']}")
+    return 0
+
+
+def _erase_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("device_id", nargs="?")
+    p.add_argument("--cert", help="erase the device holding this certificate (PEM)")
+    p.add_argument("--reason")
+
+
+def _erase_args(ns: argparse.Namespace) -> EraseArgs:
+    if (ns.device_id is None) == (ns.cert is None):
+        raise errors.InvalidRequest("give a device id or --cert FILE (not both)")
+    fingerprint = None
+    if ns.cert:
+        cert = _load_leaf(Path(ns.cert))  # a device's chain file will do: its leaf comes first
+        fingerprint = fingerprint_der(cert.public_bytes(serialization.Encoding.DER))
+    return EraseArgs(device_id=ns.device_id, fingerprint=fingerprint, reason=ns.reason)
+
+
+def _show_erasure(erasure: Erasure, ns: argparse.Namespace) -> int:
+    if erasure.already_erased:
+        print("already erased: the certificate's device was erased before (its tombstone remains)")
+    else:
+        print(f"{erasure.device_id}: erased (only a tombstone remains; the certificate stays refused)")
+    return 0
+
+
+def _ca_register_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("cert")
+    p.add_argument("--role", choices=[r.value for r in Role], default="device")
+    p.add_argument("--region")
+    p.add_argument("--template")
+
+
+def _ca_register_args(ns: argparse.Namespace) -> Any:
+    pem = _load_ca_cert(Path(ns.cert)).public_bytes(serialization.Encoding.PEM).decode()
+    raw = {"cert_pem": pem, "role": ns.role, "region": ns.region, "template": ns.template}
+    return OPERATIONS["ca.register"].decode(raw)
+
+
+def _show_ca_id(anchor: TrustAnchor, ns: argparse.Namespace) -> int:
+    print(anchor.ca_id)
+    return 0
+
+
+def _show_anchors(anchors: list[TrustAnchor], ns: argparse.Namespace) -> int:
+    if ns.json:
+        _print_json([a.to_json() for a in anchors])
         return 0
+    if not anchors:
+        print("no CA registered")
+    for a in anchors:
+        state = "enabled " if a.enabled else "disabled"
+        print(f"{a.ca_id}  {state}  {a.role:7}  region={a.region or '-':10}  {a.subject}")
+    return 0
 
-    return _run(args, go)
+
+def _show_anchor_state(anchor: TrustAnchor, ns: argparse.Namespace) -> int:
+    print(f"{anchor.ca_id} {'enabled' if anchor.enabled else 'disabled'}")
+    return 0
 
 
-def cmd_devices_show(args: argparse.Namespace) -> int:
-    async def go(registry: Registry) -> int:
-        record = await registry.get_device(args.device_id)
-        if record is None:
-            raise errors.NotFound(f"no device with id {args.device_id!r}")
-        doc = record.to_json()
-        if args.json:
-            _print_json(doc)
-        else:
-            for key, value in doc.items():
-                print(f"{key:17} {value}")
-        return 0
-
-    return _run(args, go)
+def _show_reload(reloaded: TemplatesReloaded, ns: argparse.Namespace) -> int:
+    print(
+        f"templates reloaded: {', '.join(reloaded.templates)}; "
+        f"{reloaded.changed} device configuration(s) changed"
+    )
+    return 0
 
 
 # -- audit --------------------------------------------------------------------------------
@@ -342,96 +369,44 @@ AUDIT_FIELDS = (
 )
 
 
-def _when(value: str | None) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise errors.InvalidRequest(f"not an ISO-8601 time: {value!r} (e.g. 2026-11-28T05:00:00Z)") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+def _audit_export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--since", help="ISO-8601 time, inclusive")
+    p.add_argument("--until", help="ISO-8601 time, exclusive")
+    p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    p.add_argument("--pseudonymous", action="store_true", help="as stored: do not resolve device references")
 
 
-def _write_entries(entries: Sequence[Any], fmt: str, writer: Any = None) -> None:
-    for entry in entries:
-        doc = entry.to_json()
+def _write_docs(docs: Sequence[dict[str, Any]], fmt: str, writer: Any = None) -> None:
+    for doc in docs:
         if fmt == "csv":
-            doc["details"] = json.dumps(doc["details"], sort_keys=True)
-            writer.writerow([doc[f] for f in AUDIT_FIELDS])
+            writer.writerow(
+                [json.dumps(doc[f], sort_keys=True) if f == "details" else doc[f] for f in AUDIT_FIELDS]
+            )
         else:
             print(json.dumps(doc, sort_keys=True), flush=True)
 
 
-def cmd_audit_export(args: argparse.Namespace) -> int:
-    since, until = _when(args.since), _when(args.until)
-
-    async def go(registry: Registry) -> int:
-        entries = [
-            e
-            for e in await registry.audit_entries()
-            if (since is None or e.draft.at >= since) and (until is None or e.draft.at < until)
-        ]
-        if not args.pseudonymous:
-            entries = await registry.resolve_audit(entries)
-        writer = None
-        if args.format == "csv":
-            writer = csv.writer(sys.stdout)
-            writer.writerow(AUDIT_FIELDS)
-        _write_entries(entries, args.format, writer)
-        return 0
-
-    return _run(args, go)
+def _show_audit_docs(docs: Sequence[dict[str, Any]], ns: argparse.Namespace) -> int:
+    writer = None
+    if ns.format == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(AUDIT_FIELDS)
+    _write_docs(docs, ns.format, writer)
+    return 0
 
 
 def cmd_audit_tail(args: argparse.Namespace) -> int:
     async def go(registry: Registry) -> int:
         entries = await registry.audit_entries()
         shown = entries[-args.lines :] if args.lines else []
-        _write_entries(await registry.resolve_audit(shown), "jsonl")
+        _write_docs([e.to_json() for e in await registry.resolve_audit(shown)], "jsonl")
         last = entries[-1].seq if entries else 0
         while args.follow:
             await asyncio.sleep(1.0)
             fresh = [e for e in await registry.audit_entries() if e.seq > last]
             if fresh:
-                _write_entries(await registry.resolve_audit(fresh), "jsonl")
+                _write_docs([e.to_json() for e in await registry.resolve_audit(fresh)], "jsonl")
                 last = fresh[-1].seq
-        return 0
-
-    return _run(args, go)
-
-
-# -- device lifecycle -----------------------------------------------------------------------
-def cmd_devices_lifecycle(args: argparse.Namespace, command: Command) -> int:
-    async def go(registry: Registry) -> int:
-        service = ProvisioningService(registry)
-        change = await service.apply(command, args.device_id, actor=_actor(), reason=args.reason)
-        state = "now" if change.changed else "already"
-        print(f"{args.device_id}: {state} {change.record.status}")
-        return 0
-
-    return _run(args, go)
-
-
-def cmd_devices_erase(args: argparse.Namespace) -> int:
-    if (args.device_id is None) == (args.cert is None):
-        raise errors.InvalidRequest("give a device id or --cert FILE (not both)")
-    fingerprint = None
-    if args.cert:
-        cert = _load_leaf(Path(args.cert))  # a device's chain file will do: its leaf comes first
-        fingerprint = fingerprint_der(cert.public_bytes(serialization.Encoding.DER))
-
-    async def go(registry: Registry) -> int:
-        service = ProvisioningService(registry)
-        erasure = await service.erase(
-            device_id=args.device_id,
-            fingerprint=fingerprint,
-            actor=_actor(),
-            reason=args.reason,
-        )
-        if erasure.already_erased:
-            print("already erased: the certificate's device was erased before (its tombstone remains)")
-        else:
-            print(f"{erasure.device_id}: erased (only a tombstone remains; the certificate stays refused)")
         return 0
 
     return _run(args, go)
@@ -462,24 +437,6 @@ def cmd_templates_list(args: argparse.Namespace) -> int:
         t = templates.get(name)
         print(f"{t.name:20} v{t.version:<4} reprovision={t.reprovision}  publish={', '.join(t.publish)}")
     return 0
-
-
-def cmd_templates_reload(args: argparse.Namespace) -> int:
-    """Re-render the configuration of devices whose template changed; running brokers follow within seconds."""
-    templates = TemplateSet.load(
-        _config(args).templates_dir
-    )  # a broken template fails here, changing nothing
-
-    async def go(registry: Registry) -> int:
-        service = ProvisioningService(registry)
-        events = await service.reload_templates(templates, actor=_actor())
-        await registry.bump_templates_version()  # running brokers load the new templates too
-        print(
-            f"templates reloaded: {', '.join(templates.names())}; {len(events)} device configuration(s) changed"
-        )
-        return 0
-
-    return _run(args, go)
 
 
 def cmd_templates_test(args: argparse.Namespace) -> int:
@@ -584,24 +541,6 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_keys_status(args: argparse.Namespace) -> int:
-    config = _config(args)
-    keys = master_keys(config)
-
-    async def body(registry: Registry) -> int:
-        status = await registry.keyring_status()
-        print(f"source   {keys.source}")
-        print(f"holds    {', '.join(keys.kids())}")
-        print(f"primary  {status.primary}  (the registry's: new data keys are wrapped under it)")
-        for kid, count in sorted(status.wrapped.items()):
-            print(f"  {kid}  {count} key(s){'' if kid == status.primary else '  <- to re-wrap'}")
-        if status.pending:
-            print(f"rotation unfinished: {status.pending} key(s) to re-wrap; run `jitp keys rotate`")
-        return 0
-
-    return _run(args, body, keys=keys)
-
-
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
     from jitp.keyrotation import rotate_keys
     from jitp.keys import FileKeyProvider
@@ -646,8 +585,82 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
     return _run(args, body, keys=keys)
 
 
+def _show_keys_status(status: KeyringStatus, ns: argparse.Namespace) -> int:
+    keys = master_keys(_config(ns))  # what this machine holds (the registry was opened with them)
+    print(f"source   {keys.source}")
+    print(f"holds    {', '.join(keys.kids())}")
+    print(f"primary  {status.primary}  (the registry's: new data keys are wrapped under it)")
+    for kid, count in sorted(status.wrapped.items()):
+        print(f"  {kid}  {count} key(s){'' if kid == status.primary else '  <- to re-wrap'}")
+    if status.pending:
+        print(f"rotation unfinished: {status.pending} key(s) to re-wrap; run `jitp keys rotate`")
+    return 0
+
+
+# -- the verbs of the operations ---------------------------------------------------------
+def _verbs(table: Mapping[str, Operation[Any, Any]]) -> dict[str, Verb]:
+    """A verb for every operation in ``table``: the established spellings, else the default one."""
+    custom = [
+        Verb(table["devices.list"], show=_show_devices, json_flag=True),
+        Verb(table["devices.show"], show=_show_device, json_flag=True),
+        *(
+            Verb(
+                table[f"devices.{c}"],
+                help=LIFECYCLE_SUMMARY[c],
+                show=_show_change,
+                show_remote=_show_change_json,
+            )
+            for c in Command
+        ),
+        Verb(
+            table["devices.erase"],
+            help="GDPR Art. 17: remove the device's data, keep a tombstone",
+            arguments=_erase_arguments,
+            args=_erase_args,
+            show=_show_erasure,
+        ),
+        Verb(
+            table["ca.register"],
+            help="register a CA certificate; prints its id",
+            arguments=_ca_register_arguments,
+            args=_ca_register_args,
+            show=_show_ca_id,
+        ),
+        Verb(table["ca.list"], help="list registered CAs", show=_show_anchors, json_flag=True),
+        *(
+            Verb(
+                table[f"ca.{name}"],
+                help=f"{name} a CA (applies to running brokers within seconds)",
+                show=_show_anchor_state,
+            )
+            for name in ("disable", "enable")
+        ),
+        Verb(
+            table["templates.reload"],
+            help="re-render device configs after a template change (publishes config-changed)",
+            show=_show_reload,
+        ),
+        Verb(
+            table["audit.export"],
+            help="entries as JSON lines or CSV, device references resolved",
+            arguments=_audit_export_arguments,
+            show=lambda entries, ns: _show_audit_docs([e.to_json() for e in entries], ns),
+            show_remote=_show_audit_docs,
+        ),
+        Verb(
+            table["keys.status"],
+            help="which master keys wrap the registry's data keys",
+            show=_show_keys_status,
+        ),
+    ]
+    verbs = {v.op.name: v for v in custom if v.op.name in table}
+    return {name: verbs.get(name) or Verb(op, help=op.summary) for name, op in table.items()}
+
+
 # -- parser -------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(operations: Mapping[str, Operation[Any, Any]] | None = None) -> argparse.ArgumentParser:
+    """The command line. Every operation (of :data:`OPERATIONS`) is a command: ``jitp <group> <verb>``."""
+    verbs = _verbs(OPERATIONS if operations is None else operations)
     parser = argparse.ArgumentParser(
         prog="jitp", description="Zero-touch just-in-time MQTT device provisioning."
     )
@@ -659,6 +672,11 @@ def build_parser() -> argparse.ArgumentParser:
     remote_top.add_argument("--key", dest="top_key", help="its private key")
     remote_top.add_argument("--ca", dest="top_ca", help="CA that signed the broker's certificate")
     sub = parser.add_subparsers(dest="command", required=True)
+    groups: dict[str, Any] = {}
+
+    def group(name: str, help: str) -> Any:
+        groups[name] = sub.add_parser(name, help=help).add_subparsers(dest=f"{name}_command", required=True)
+        return groups[name]
 
     def data_opts(p: argparse.ArgumentParser) -> None:
         p.add_argument(
@@ -678,7 +696,18 @@ def build_parser() -> argparse.ArgumentParser:
             help="use the PostgreSQL registry at this postgresql:// DSN (overrides the config)",
         )
 
-    pki = sub.add_parser("pki", help="development PKI").add_subparsers(dest="pki_command", required=True)
+    def verb(name: str) -> None:
+        """The command of operation ``name``, in its group (at this place in the help)."""
+        v = verbs.pop(name, None)
+        if v is None:
+            return  # not in this table
+        kw = {"help": v.help} if v.help is not None else {}
+        p = groups[v.op.group].add_parser(v.op.verb, **kw)
+        v.add_arguments(p)
+        data_opts(p)
+        p.set_defaults(handler=_local, verb=v)
+
+    pki = group("pki", "development PKI")
     p = pki.add_parser("init", help="create root, manufacturer, service CAs and broker/service certificates")
     p.add_argument("--dir", required=True)
     p.add_argument("--key-type", choices=("ec", "rsa"), default="ec")
@@ -693,24 +722,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-type", choices=("ec", "rsa"), default="ec")
     p.set_defaults(handler=cmd_pki_issue)
 
-    ca = sub.add_parser("ca", help="trust anchors").add_subparsers(dest="ca_command", required=True)
-    p = ca.add_parser("register", help="register a CA certificate; prints its id")
-    p.add_argument("cert")
-    p.add_argument("--role", choices=[r.value for r in Role], default="device")
-    p.add_argument("--region")
-    p.add_argument("--template")
-    data_opts(p)
-    p.set_defaults(handler=cmd_ca_register)
-    p = ca.add_parser("list", help="list registered CAs")
-    p.add_argument("--json", action="store_true")
-    data_opts(p)
-    p.set_defaults(handler=cmd_ca_list)
-    for name, enabled in (("disable", False), ("enable", True)):
-        p = ca.add_parser(name, help=f"{name} a CA (applies to running brokers within seconds)")
-        p.add_argument("ca_id")
-        data_opts(p)
-        p.set_defaults(handler=lambda a, e=enabled: cmd_ca_enable(a, e))
-
+    ca = group("ca", "trust anchors")
+    for name in ("register", "list", "disable", "enable"):
+        verb(f"ca.{name}")
     p = ca.add_parser(
         "crl", help="import a CRL for a registered CA (applies to running brokers within seconds)"
     )
@@ -719,60 +733,26 @@ def build_parser() -> argparse.ArgumentParser:
     data_opts(p)
     p.set_defaults(handler=cmd_ca_crl)
 
-    dev = sub.add_parser("devices", help="device records").add_subparsers(
-        dest="devices_command", required=True
-    )
-    p = dev.add_parser("list")
-    p.add_argument("--json", action="store_true")
-    data_opts(p)
-    p.set_defaults(handler=cmd_devices_list)
-    p = dev.add_parser("show")
-    p.add_argument("device_id")
-    p.add_argument("--json", action="store_true")
-    data_opts(p)
-    p.set_defaults(handler=cmd_devices_show)
+    group("devices", "device records")
+    for name in ("list", "show", *Command, "erase"):
+        verb(f"devices.{name}")
 
-    for command in Command:
-        p = dev.add_parser(str(command), help=LIFECYCLE_HELP[command])
-        p.add_argument("device_id")
-        p.add_argument("--reason")
-        data_opts(p)
-        p.set_defaults(handler=lambda a, c=command: cmd_devices_lifecycle(a, c))
-    p = dev.add_parser("erase", help="GDPR Art. 17: remove the device's data, keep a tombstone")
-    p.add_argument("device_id", nargs="?")
-    p.add_argument("--cert", help="erase the device holding this certificate (PEM)")
-    p.add_argument("--reason")
-    data_opts(p)
-    p.set_defaults(handler=cmd_devices_erase)
-
-    aud = sub.add_parser("audit", help="the audit trail").add_subparsers(dest="audit_command", required=True)
+    aud = group("audit", "the audit trail")
     p = aud.add_parser("verify", help="check the hash chain; exit 1 if tampered")
     data_opts(p)
     p.set_defaults(handler=cmd_audit_verify)
-    p = aud.add_parser("export", help="entries as JSON lines or CSV, device references resolved")
-    p.add_argument("--since", help="ISO-8601 time, inclusive")
-    p.add_argument("--until", help="ISO-8601 time, exclusive")
-    p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
-    p.add_argument("--pseudonymous", action="store_true", help="as stored: do not resolve device references")
-    data_opts(p)
-    p.set_defaults(handler=cmd_audit_export)
+    verb("audit.export")
     p = aud.add_parser("tail", help="the newest entries; -f follows new ones")
     p.add_argument("-n", "--lines", type=int, default=10)
     p.add_argument("-f", "--follow", action="store_true")
     data_opts(p)
     p.set_defaults(handler=cmd_audit_tail)
 
-    tpl = sub.add_parser("templates", help="enrollment templates").add_subparsers(
-        dest="templates_command", required=True
-    )
+    tpl = group("templates", "enrollment templates")
     p = tpl.add_parser("list", help="templates in templates_dir")
     data_opts(p)
     p.set_defaults(handler=cmd_templates_list)
-    p = tpl.add_parser(
-        "reload", help="re-render device configs after a template change (publishes config-changed)"
-    )
-    data_opts(p)
-    p.set_defaults(handler=cmd_templates_reload)
+    verb("templates.reload")
     p = tpl.add_parser("test", help="dry run: what a certificate would become, or why it is refused")
     p.add_argument("name")
     p.add_argument("--cert", required=True, help="device certificate chain (PEM, leaf first)")
@@ -781,18 +761,14 @@ def build_parser() -> argparse.ArgumentParser:
     data_opts(p)
     p.set_defaults(handler=cmd_templates_test)
 
-    keys = sub.add_parser("keys", help="master keys (encryption at rest)").add_subparsers(
-        dest="keys_command", required=True
-    )
+    keys = group("keys", "master keys (encryption at rest)")
     p = keys.add_parser("init", help="create the master key file (mode 0600); never overwrites one")
     data_opts(p)
     p.add_argument("--key-file", help="where (default: keys.file, or <data_dir>-keys/master.key)")
     p.set_defaults(handler=cmd_keys_init)
     p = keys.add_parser("generate", help="print a new master key (for $JITP_MASTER_KEY or a KMS)")
     p.set_defaults(handler=cmd_keys_generate)
-    p = keys.add_parser("status", help="which master keys wrap the registry's data keys")
-    data_opts(p)
-    p.set_defaults(handler=cmd_keys_status)
+    verb("keys.status")
     p = keys.add_parser("rotate", help="re-wrap every data key under a new master key (online, resumable)")
     data_opts(p)
     p.add_argument("--batch", type=int, default=500, help="keys re-wrapped per transaction")
@@ -812,38 +788,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-key")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     p.set_defaults(handler=cmd_serve)
+
+    for v in list(verbs.values()):  # operations without a place above: in their group, or a new one
+        if v.op.group not in groups:
+            group(v.op.group, f"{v.op.group} (admin API operations)")
+        verb(v.op.name)
     return parser
 
 
 def _remote(args: argparse.Namespace) -> int:
-    """--broker: the same commands through the broker's admin API (role-checked and audited there)."""
+    """--broker: the same operation through the broker's admin API (role-checked and audited there)."""
     from jitp.remote import remote_call
 
-    group = args.command
-    sub = getattr(args, f"{group}_command", None)
-    device_args = {"device_id": getattr(args, "device_id", None), "reason": getattr(args, "reason", None)}
-    if group == "devices" and sub in [str(c) for c in Command] + ["erase"]:
-        if sub == "erase" and getattr(args, "cert", None):
-            raise errors.InvalidRequest("erase --cert is local only; give the device id with --broker")
-        command, call_args = f"devices.{sub}", device_args
-    elif group == "devices" and sub in ("list", "show"):
-        command, call_args = f"devices.{sub}", {"device_id": getattr(args, "device_id", None)}
-    elif group == "ca" and sub == "list":
-        command, call_args = "ca.list", {}
-    elif group == "ca" and sub in ("disable", "enable"):
-        command, call_args = f"ca.{sub}", {"ca_id": args.ca_id}
-    elif group == "ca" and sub == "register":
-        pem = _load_ca_cert(Path(args.cert)).public_bytes(serialization.Encoding.PEM).decode()
-        command, call_args = (
-            "ca.register",
-            {"cert_pem": pem, "role": args.role, "region": args.region, "template": args.template},
-        )
-    elif group == "templates" and sub == "reload":
-        command, call_args = "templates.reload", {}
-    elif group == "audit" and sub == "export" and args.format == "jsonl":
-        command, call_args = "audit.export", {"since": args.since, "until": args.until}
-    else:
+    verb: Verb | None = getattr(args, "verb", None)
+    if verb is None:
+        group = args.command
+        sub = getattr(args, f"{group}_command", None)
         raise errors.InvalidRequest(f"'jitp {group} {sub}' is not available with --broker; run it locally")
+    call_args = verb.make_args(args)  # files are read (with their caps) before anything is sent
     if not (args.client_cert and args.client_key and args.client_ca):
         raise errors.InvalidRequest(
             "--broker needs your certificate, its key and the broker's CA: "
@@ -854,17 +816,10 @@ def _remote(args: argparse.Namespace) -> int:
         cert=Path(args.client_cert),
         key=Path(args.client_key),
         ca=Path(args.client_ca),
-        command=command,
-        args={k: v for k, v in call_args.items() if v is not None},
+        command=verb.op.name,
+        args=encode_args(call_args),
     )
-    if command == "audit.export":
-        for entry in result:
-            print(json.dumps(entry, sort_keys=True))
-    elif getattr(args, "json", False) or not isinstance(result, dict) or "status" not in result:
-        _print_json(result)
-    else:
-        print(f"{result['device_id']}: {'now' if result['changed'] else 'already'} {result['status']}")
-    return 0
+    return verb.print_remote(result, args)
 
 
 _REMOTE_OPTIONS = (
