@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import subprocess
 import sys
@@ -100,3 +102,32 @@ def test_remote_options_before_the_command(broker: BrokerThread, pki: Pki) -> No
         cwd=root,
     )
     assert alone.returncode == 2 and "give --broker HOST:PORT too" in alone.stderr
+
+
+def test_remote_mode_runs_every_operation_of_the_table(broker: BrokerThread, pki: Pki) -> None:
+    """Remote mode follows jitp.operations: what the local CLI can do with a shared command, it can
+    do through the broker (these three answered "not available with --broker" before)."""
+    admins = certs.make_ca("remote admins CA", key=certs.generate_key(), issuer=pki.root)
+    broker.register_ca(admins.cert, role=Role.ADMIN)
+    adm = pki.identity("ada", issuer=admins)
+    device = pki.device("remote-erased")
+    dev = connect(broker.port, pki, device)
+    dev.close()
+    assert dev.rc == 0
+
+    erased = remote(broker, pki, adm, "devices", "erase", "--cert", str(device.cert_path))
+    assert erased.returncode == 0, erased.stderr
+    assert json.loads(erased.stdout) == {"device_id": "remote-erased"}
+    assert broker.devices() == []
+    [entry] = [e.draft for e in broker.audit() if e.draft.action == "erased"]
+    assert entry.actor == "admin:ada"
+
+    status = remote(broker, pki, adm, "keys", "status")
+    assert status.returncode == 0, status.stderr
+    assert set(json.loads(status.stdout)) == {"primary", "wrapped", "pending"}
+
+    table = remote(broker, pki, adm, "audit", "export", "--format", "csv")
+    assert table.returncode == 0, table.stderr
+    rows = list(csv.reader(io.StringIO(table.stdout)))
+    assert rows[0][:4] == ["seq", "at", "action", "actor"]
+    assert "erased" in {r[2] for r in rows[1:]}
