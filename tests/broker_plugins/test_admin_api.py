@@ -362,9 +362,11 @@ def prepare(env: Env, command: str) -> Case:
 
         return Case({"ca_id": ca_id}, check)
     if command == "templates.reload":
+        version = b.call(b.registry().templates_version())
 
         def check(result: Any) -> None:
-            pass  # ok true is the contract; the result's shape is not specified
+            assert result == {"changed": 0}  # the templates on disk are those the broker holds
+            assert b.call(b.registry().templates_version()) > version  # so the other nodes reload too
 
         return Case({}, check)
     if command == "audit.export":
