@@ -17,7 +17,9 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import secrets
+import sqlite3
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -30,7 +32,7 @@ import pytest
 
 from jitp import errors, pg_registry
 from jitp.audit import AuditDraft, AuditEntry, verify_chain
-from jitp.config import Config, PostgresConfig, SQLiteConfig
+from jitp.config import Config, PostgresConfig, SQLiteConfig, default_keyring_schema
 from jitp.identity import DeviceIdentity
 from jitp.keys import EnvKeyProvider
 from jitp.pg_registry import PostgresRegistry, drop_schema, redact
@@ -116,6 +118,27 @@ class Backend:
             max_batch=max_batch,
             batch_window=batch_window_ms / 1000,
         )
+
+    async def tamper(self, sql: str, *args: Any) -> None:
+        """Change the registry's storage behind its back (``keyring.<table>``: the keyring's)."""
+        if self.name == "sqlite":
+            config = self.config()
+            db = sqlite3.connect(config.registry_path)
+            try:
+                db.execute("ATTACH DATABASE ? AS keyring", (str(config.keyring_path),))
+                db.execute(sql, args)
+                db.commit()
+            finally:
+                db.close()
+            return
+        numbers = itertools.count(1)
+        sql = re.sub(r"\?", lambda _: f"${next(numbers)}", sql)
+        sql = sql.replace("keyring.", f'"{default_keyring_schema(self.schema)}".')
+        conn = await asyncpg.connect(self.dsn, server_settings={"search_path": self.schema or "public"})
+        try:
+            await conn.execute(sql, *args)
+        finally:
+            await conn.close()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -502,6 +525,31 @@ def test_events_of_two_instances_are_shared(backend: Backend) -> None:
             await b.close()
 
     asyncio.run(body())
+
+
+def test_undecryptable_events_at_the_head_of_the_outbox_do_not_stall_it(backend: Backend) -> None:
+    """Full batches of outbox rows that cannot be read at the head of the outbox, then a readable
+    one: the readable one is returned (the unreadable ones are skipped before the LIMIT), so a
+    publisher polling batch by batch moves on. Unreadable: rows whose data key is gone (the registry
+    restored from a copy older than their devices' erasure), then payloads altered at rest."""
+    batch = 2
+    shredded, altered = ["ghost-1", "ghost-2"], ["ghost-3", "ghost-4"]
+
+    async def body(registry: Registry) -> None:
+        for ghost in shredded + altered:
+            await registry.provision(identity(ghost), at=T0, peer=None)
+        await backend.tamper("DELETE FROM keyring.data_keys WHERE device_id IN (?, ?)", *shredded)
+        await backend.tamper(
+            "UPDATE outbox SET payload = ? WHERE device_id IN (?, ?)", b"\x01" + bytes(40), *altered
+        )
+        good = await registry.provision(identity("alive"), at=T0, peer=None)
+        assert good.event is not None
+        assert await registry.pending_events(limit=batch) == [good.event]
+        assert await registry.events_after(0, limit=batch) == [(await registry.outbox_head(), good.event)]
+        await registry.mark_delivered([good.event.event_id], at=T0)
+        assert await registry.pending_events(limit=batch) == []
+
+    run(backend, body)
 
 
 # -- audit ------------------------------------------------------------------------------------

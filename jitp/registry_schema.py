@@ -1,0 +1,148 @@
+"""The registry's tables, written once for every backend.
+
+Each migration is a template: a backend fills in its column types (:class:`ColumnTypes`), and the
+statements only its engine needs (:attr:`ColumnTypes.rename_keys`). Migrations are applied in
+order and recorded in ``schema_migrations``; a registry whose schema is newer than this code is
+refused. The keyring (wrapped data keys, see :mod:`jitp.envelope`) is not migrated: its few tables
+are created if absent by each backend, where it keeps them (another file, another schema).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from jitp.audit import GENESIS_HASH
+
+
+@dataclass(frozen=True)
+class ColumnTypes:
+    blob: str  # DER, sealed values
+    time: str  # timestamps
+    bigint: str
+    flag: str  # a boolean column, with its default (true)
+    serial: str  # the outbox's ever-growing primary key
+    rename_keys: str = ""  # statements freeing the names of the primary keys of migration 3's tables
+
+
+_TEMPLATES: tuple[str, ...] = (
+    # 1: the foundation. Columns of `audit` hold the stored (pseudonymous) form: see jitp.privacy.
+    # The audit head row exists from the start: appending locks it (one chain across nodes).
+    """
+    CREATE TABLE anchors (
+        ca_id TEXT PRIMARY KEY,
+        cert_der {blob} NOT NULL,
+        role TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        region TEXT,
+        template TEXT,
+        enabled {flag},
+        registered_at {time} NOT NULL
+    );
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value {bigint} NOT NULL);
+    INSERT INTO meta (key, value) VALUES ('trust_version', 1);
+    INSERT INTO meta (key, value) VALUES ('templates_version', 1);
+    CREATE TABLE meta_text (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    INSERT INTO meta_text (key, value) VALUES ('audit_head', '0:{genesis}');
+    CREATE TABLE devices (
+        device_id TEXT PRIMARY KEY,
+        status TEXT NOT NULL,
+        cert_fingerprint TEXT NOT NULL,
+        ca_id TEXT NOT NULL,
+        region TEXT NOT NULL,
+        serial TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        not_after {time} NOT NULL,
+        provisioned_at {time} NOT NULL,
+        last_seen {time},
+        attributes TEXT NOT NULL DEFAULT '{{}}',
+        template TEXT,
+        template_version INTEGER,
+        config TEXT NOT NULL DEFAULT '{{}}'
+    );
+    CREATE INDEX devices_fingerprint ON devices (cert_fingerprint);
+    CREATE TABLE cert_history (
+        device_id TEXT NOT NULL,
+        cert_fingerprint TEXT NOT NULL,
+        superseded_at {time} NOT NULL,
+        PRIMARY KEY (device_id, cert_fingerprint)
+    );
+    CREATE TABLE device_keys (device_id TEXT PRIMARY KEY, ref_key {blob} NOT NULL);
+    CREATE TABLE tombstones (ref TEXT PRIMARY KEY, erased_at {time} NOT NULL);
+    CREATE TABLE crls (
+        ca_id TEXT PRIMARY KEY,
+        der {blob} NOT NULL,
+        this_update {time} NOT NULL,
+        next_update {time},
+        imported_at {time} NOT NULL
+    );
+    CREATE TABLE outbox (
+        seq {serial},
+        event_id TEXT NOT NULL UNIQUE,
+        type TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        occurred_at {time} NOT NULL,
+        payload {blob} NOT NULL,
+        delivered_at {time}
+    );
+    CREATE INDEX outbox_pending ON outbox (seq) WHERE delivered_at IS NULL;
+    CREATE INDEX outbox_device ON outbox (device_id);
+    CREATE UNIQUE INDEX outbox_one_provisioned ON outbox (device_id) WHERE type = 'provisioned';
+    CREATE TABLE audit (
+        seq {bigint} PRIMARY KEY,
+        at {time} NOT NULL,
+        action TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        device_id TEXT,
+        fingerprint TEXT,
+        reason TEXT,
+        peer TEXT,
+        details TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL
+    );
+    """,
+    # 2: event sinks (jitp.nats_sink): each sink's progress through the outbox, by seq.
+    """
+    CREATE TABLE sink_cursors (name TEXT PRIMARY KEY, seq {bigint} NOT NULL);
+    CREATE INDEX outbox_erased_unscrubbed ON outbox (seq) WHERE type = 'erased' AND device_id <> '';
+    """,
+    # 3: encryption at rest (jitp.envelope). Identifying fields move into `sealed`, the certificate
+    # fingerprint is only kept as a blind index, and the audit keys move to the keyring. The old
+    # tables are renamed; the registry moves their rows once it holds the keys (RegistryCore.
+    # _seal_legacy), then drops them.
+    """
+    ALTER TABLE devices RENAME TO devices_v2;
+    ALTER TABLE cert_history RENAME TO cert_history_v2;
+    ALTER TABLE device_keys RENAME TO device_keys_v2;
+    {rename_keys}
+    DROP INDEX devices_fingerprint;
+    CREATE TABLE devices (
+        device_id TEXT PRIMARY KEY,
+        status TEXT NOT NULL,
+        ca_id TEXT NOT NULL,
+        region TEXT NOT NULL,
+        not_after {time} NOT NULL,
+        provisioned_at {time} NOT NULL,
+        last_seen {time},
+        template TEXT,
+        template_version INTEGER,
+        fp_index TEXT NOT NULL,
+        sealed {blob} NOT NULL
+    );
+    CREATE INDEX devices_fp_index ON devices (fp_index);
+    CREATE TABLE cert_history (
+        device_id TEXT NOT NULL,
+        fp_index TEXT NOT NULL,
+        sealed_fp {blob} NOT NULL,
+        superseded_at {time} NOT NULL,
+        PRIMARY KEY (device_id, fp_index)
+    );
+    """,
+)
+
+
+def migrations(types: ColumnTypes) -> tuple[str, ...]:
+    """The migrations in a backend's column types (``MIGRATIONS[n - 1]`` makes version ``n``)."""
+    values = {name: getattr(types, name) for name in ColumnTypes.__dataclass_fields__}
+    values["genesis"] = GENESIS_HASH
+    return tuple(template.format(**values) for template in _TEMPLATES)
