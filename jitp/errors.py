@@ -297,4 +297,3 @@ REFUSAL_REASONS: tuple[str, ...] = tuple(
         ProtocolViolation,
     )
 )
-
