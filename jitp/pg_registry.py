@@ -1,24 +1,17 @@
-"""The shared registry: PostgreSQL through asyncpg, below :class:`~jitp.registry_core.RegistryCore`,
-for several broker nodes (several pools) on one database.
+"""The shared registry: PostgreSQL through asyncpg, for several broker nodes (several pools) on one
+database: the :class:`~jitp.registry_core.Storage` below :class:`~jitp.registry_core.RegistryCore`.
 
-The core's SQL runs as it is written (``?`` numbered ``$1..$n``, lists bound as arrays for
-``= ANY``); its ``FOR UPDATE``/``FOR SHARE`` are real row locks, so provisioning relies on
-constraints and row locks, not on locks held by the application (see the core for how a lost
-insert is decided again). Transactions run at READ COMMITTED; deadlocks and serialization failures
-are retried. Opening transactions (migrations, the keyring's pairing, sealing old rows) are
-serialised across nodes by advisory locks, always registry first, then keyring.
+The core's SQL runs as written, ``?`` numbered ``$1..$n`` and lists bound as arrays. Its ``FOR
+UPDATE``/``FOR SHARE`` are row locks: provisioning relies on constraints and row locks, not on locks
+held by the application. Transactions run at READ COMMITTED; deadlocks and serialization failures
+are retried; opening transactions are serialised across nodes by advisory locks (registry first).
 
-Device data is sealed at rest (:mod:`jitp.envelope`). The data keys, wrapped by the master key
-(:mod:`jitp.keys`), live in the *keyring*: tables ``meta``, ``data_keys`` and ``registry_keys`` in
-a schema of their own (``<schema>_keyring`` by default). Being in the same database, a key is
-written and destroyed in the same transaction as the rows it protects. Being in another schema, a
-backup of the registry (``pg_dump -n <schema>``) carries no key material: erasing a device deletes
-its wrapped data key (crypto-shredding), so nothing about it can be decrypted from any copy of the
-registry schema, old backups included. (Back the keyring up apart, like the master key, and keep
-its backups short-lived.)
-
-Timestamps are ``timestamptz``, DER and sealed values ``bytea``; audit details are JSON text,
-exactly as SQLite stores them (what the audit hashes cover must read back byte-identical).
+The keyring is a schema of its own (``<schema>_keyring`` by default): in the same database, so a key
+is written and destroyed in the transaction of the rows it protects; in another schema, so a backup
+of the registry (``pg_dump -n <schema>``) carries no key material and erasing a device's wrapped key
+(crypto-shredding) reaches every copy of it. Back the keyring up apart, like the master key, with
+short retention. Timestamps are ``timestamptz``, DER and sealed values ``bytea``; audit details are
+JSON text, as SQLite stores them (what the audit hashes cover must read back byte-identical).
 """
 
 from __future__ import annotations
@@ -40,34 +33,19 @@ from jitp.registry_schema import ColumnTypes, migrations
 
 T = TypeVar("T")
 
-TYPES = ColumnTypes(
-    blob="BYTEA",
-    time="TIMESTAMPTZ",
-    bigint="BIGINT",
-    flag="BOOLEAN NOT NULL DEFAULT TRUE",
-    serial="BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
-    rename_keys=" ".join(
-        f"ALTER TABLE {t}_v2 RENAME CONSTRAINT {t}_pkey TO {t}_v2_pkey;"
-        for t in ("devices", "cert_history", "device_keys")
-    ),
-)
+_V2 = ("devices", "cert_history", "device_keys")  # migration 3 frees their primary keys' names
+_RENAME = " ".join(f"ALTER TABLE {t}_v2 RENAME CONSTRAINT {t}_pkey TO {t}_v2_pkey;" for t in _V2)
+_IDENTITY = "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"
+TYPES = ColumnTypes("BYTEA", "TIMESTAMPTZ", "BIGINT", "BOOLEAN NOT NULL DEFAULT TRUE", _IDENTITY, _RENAME)
 MIGRATIONS = migrations(TYPES)
 
+_X = asyncpg.exceptions
 # Worth retrying the whole transaction: another node's transaction got in the way.
-_TRANSIENT: tuple[type[BaseException], ...] = (
-    asyncpg.exceptions.DeadlockDetectedError,
-    asyncpg.exceptions.SerializationError,
-)
+_TRANSIENT: tuple[type[BaseException], ...] = (_X.DeadlockDetectedError, _X.SerializationError)
 # The server is gone or refuses connections: the registry is unavailable, not the request bad.
-_CONNECTION: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.exceptions.ConnectionDoesNotExistError,
-    asyncpg.exceptions.PostgresConnectionError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.exceptions.InsufficientResourcesError,
-)
+_CONNECTION: tuple[type[BaseException], ...] = (OSError, TimeoutError, _X.ConnectionDoesNotExistError)
+_CONNECTION += (_X.PostgresConnectionError, _X.CannotConnectNowError, _X.OperatorInterventionError)
+_CONNECTION += (_X.InsufficientResourcesError,)
 _PLACEHOLDER = re.compile(r"\?")
 _KEYRING = re.compile(r"\bkeyring\.")
 
@@ -143,15 +121,15 @@ class PostgresStorage:
     failures: tuple[type[Exception], ...] = (asyncpg.PostgresError, asyncpg.exceptions.DataError)
 
     def __init__(
-        self, dsn: str, *, schema: str | None, keyring_schema: str, pool_size: int, connect_timeout: float
+        self, dsn: str, schema: str | None, keyring_schema: str, *, pool_size: int, timeout: float
     ) -> None:
         self.dsn, self.schema, self.keyring_schema = dsn, schema, keyring_schema
         self.where, self.keyring = redact(dsn), f"(schema {keyring_schema})"
         self._ks = _quote_ident(keyring_schema)
         own = () if schema is None else (f"CREATE SCHEMA IF NOT EXISTS {_quote_ident(schema)}",)
         self.setup = (*own, *_keyring_ddl(self._ks))
-        self._pool_size = pool_size
-        self._connect_timeout = connect_timeout
+        self._locks = (f"jitp-migrations:{schema or ''}", f"jitp-keyring:{keyring_schema}")
+        self._pool_size, self._connect_timeout = pool_size, timeout
         self._pool: asyncpg.Pool | None = None
         self._sql: dict[str, str] = {}
 
@@ -167,12 +145,12 @@ class PostgresStorage:
                 timeout=self._connect_timeout,
                 server_settings=settings,
             )
-        except (ValueError, asyncpg.exceptions.ClientConfigurationError) as exc:
+        except (ValueError, _X.ClientConfigurationError) as exc:
             raise errors.ConfigError(f"invalid PostgreSQL DSN: {exc}", key="registry") from None
         except (
-            asyncpg.exceptions.InvalidAuthorizationSpecificationError,
-            asyncpg.exceptions.InvalidPasswordError,
-            asyncpg.exceptions.InvalidCatalogNameError,
+            _X.InvalidAuthorizationSpecificationError,
+            _X.InvalidPasswordError,
+            _X.InvalidCatalogNameError,
         ) as exc:
             raise errors.RegistryUnavailable(
                 f"cannot use the PostgreSQL registry at {self.where}: {exc}"
@@ -212,11 +190,8 @@ class PostgresStorage:
             try:
                 async with self._conn() as conn, conn.transaction():
                     if exclusive:  # several nodes may start at once: one migrates, the others find it done
-                        for name in (
-                            f"jitp-migrations:{self.schema or ''}",
-                            f"jitp-keyring:{self.keyring_schema}",
-                        ):
-                            await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1::text))", name)
+                        for lock in self._locks:
+                            await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1::text))", lock)
                     return await body(_Tx(conn, self._sql, self._ks))
             except _TRANSIENT:
                 if attempt == RETRIES - 1:
@@ -257,13 +232,7 @@ class PostgresRegistry(RegistryCore):
         if pool_size < 1:
             raise errors.ConfigError("must be >= 1", key="postgres.pool_size")
         self.dsn, self.schema, self.keyring_schema = dsn, schema, keyring_schema
-        storage = PostgresStorage(
-            dsn,
-            schema=schema,
-            keyring_schema=keyring_schema,
-            pool_size=pool_size,
-            connect_timeout=connect_timeout,
-        )
+        storage = PostgresStorage(dsn, schema, keyring_schema, pool_size=pool_size, timeout=connect_timeout)
         super().__init__(storage, keys, max_batch=max_batch, batch_window=batch_window)
 
     def __repr__(self) -> str:

@@ -1,31 +1,25 @@
 """The registry, written once over a small storage port.
 
-:class:`RegistryCore` is the :class:`~jitp.registry.Registry`: the group-commit writer and the
+:class:`RegistryCore` is the :class:`~jitp.registry.Registry`: the group-commit writer and its
 batch decisions (:func:`~jitp.registry.decide`), sealing at rest (:mod:`jitp.envelope`),
-pseudonymous audit entries and their hash chain, the erasure plan, the keyring's pairing and key
-rotation, the upgrade of a registry written before encryption at rest. A backend implements only
-:class:`Storage` and :class:`Tx`: connections and transactions, locking, array binding, where the
-keyring lives and whether it commits with the registry, and its SQL dialect. The SQL here is
-written once in the dialect :class:`Tx` documents; a backend translates it.
+pseudonymous audit entries and their hash chain, the erasure plan, the keyring's pairing, key
+rotation, and the upgrade of a registry written before encryption at rest. A backend implements
+only :class:`Storage` and :class:`Tx` (connections, transactions, locking, array binding, where
+the keyring lives, its SQL dialect); the SQL here is written once, in the dialect :class:`Tx` names.
 
-What keeps provisioning race-free, on any backend: current records are read locked (``FOR
-UPDATE``: PostgreSQL row locks; SQLite's writer holds the whole database from ``BEGIN
-IMMEDIATE``), and a new device is inserted with ``ON CONFLICT DO NOTHING``. A device another node
-created meanwhile (its insert won) is read again, locked, and its requests are decided again
-against that node's record. The unique index ``outbox_one_provisioned`` guarantees a single
-``provisioned`` event per device whatever happens.
-
-The audit trail is one hash chain across nodes: every append locks the ``audit_head`` row of
-``meta_text``, takes seq and previous hash from it, inserts and moves the head, in the writing
-transaction. That lock is the last one a transaction takes (held to its commit), and outbox events
-are inserted under it too, so outbox seq order is commit order (``events_after`` relies on it).
+Provisioning stays race-free on any backend: current records are read locked (``FOR UPDATE``:
+PostgreSQL's row locks; SQLite's writer holds the whole database), and a new device is inserted
+``ON CONFLICT DO NOTHING``. When another node's insert won meanwhile, that node's record is read,
+locked, and the requests are decided again against it. The unique index ``outbox_one_provisioned``
+keeps a single ``provisioned`` event per device whatever happens. The audit trail is one hash chain
+across nodes: an append locks the ``audit_head`` row, the last lock a transaction takes (held to its
+commit); outbox events are inserted under it too, so outbox seq order is commit order.
 
 Where the keyring commits apart from the registry (:attr:`Storage.keyring_apart`: SQLite, another
-file), a data key is committed *before* the first row it protects (a crash may leave an unused
-key, never an unreadable record) and an erasure runs in three steps: the key is marked
-``erasing``, the rows go, then the key (again at the next open if a crash came first). Nothing new
-is sealed under a key marked so. Where it commits with the registry (PostgreSQL, another schema),
-keys are made and destroyed in the transaction of the rows they protect.
+file), a data key is committed *before* the first row it protects (a crash may leave an unused key,
+never an unreadable record), and an erasure takes three steps: mark the key ``erasing`` (nothing new
+is sealed under it), delete the rows, delete the key (again at the next open after a crash).
+Elsewhere (PostgreSQL, another schema) keys are made and destroyed with the rows they protect.
 """
 
 # ruff: noqa: S608  (only constant SQL fragments are interpolated; values are always bound)
@@ -68,21 +62,21 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Row = Sequence[Any]
-RETRIES = 5  # transactions another node's got in the way of; provisioning decisions against a lost insert
+RETRIES = 5  # of a transaction another node's got in the way of; of decisions against a lost insert
 
 
 # -- the port ---------------------------------------------------------------------------------
 class Tx(Protocol):
-    """A connection inside a transaction (or a read), in the registry's SQL: ``?`` placeholders;
-    ``col = ANY(?)`` with a list of values; keyring tables named ``keyring.<table>``; a trailing
-    ``FOR UPDATE [OF t] [SKIP LOCKED]`` or ``FOR SHARE`` where the backend has row locks (a backend
-    without drops it: its transactions hold the whole database); values are str, int, bool, bytes,
-    datetime or None. Timestamps read back as datetime or ISO-8601 text (see :func:`timestamp`)."""
+    """A connection in a transaction (or a read), speaking the registry's SQL: ``?`` placeholders;
+    ``col = ANY(?)`` with a list; the keyring's tables as ``keyring.<table>``; a trailing ``FOR
+    UPDATE [OF t] [SKIP LOCKED]`` or ``FOR SHARE`` (a backend without row locks drops it: its
+    transactions hold the whole database). Values: str, int, bool, bytes, datetime, None; timestamps
+    read back as datetime or ISO-8601 text (:func:`timestamp`)."""
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]: ...
 
     async def execute(self, sql: str, *args: Any) -> int:
-        """The number of rows changed."""
+        """How many rows it changed."""
         ...
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None: ...
@@ -95,13 +89,13 @@ class Storage(Protocol):
 
     where: str  # the registry, for messages (a path, a DSN without its password)
     keyring: str  # the keyring, for messages
-    keyring_apart: bool  # True: the keyring commits apart from the registry (see the module doc)
-    types: ColumnTypes  # the column types of its migrations
+    keyring_apart: bool  # the keyring commits apart from the registry (see the module's doc)
+    types: ColumnTypes  # of its tables (jitp.registry_schema)
     setup: tuple[str, ...]  # idempotent statements run before the migrations (schemas, the keyring)
     failures: tuple[type[Exception], ...]  # errors that fail a request (bad data), not the registry
 
     async def open(self) -> None:
-        """Connect. :class:`~jitp.errors.RegistryUnavailable` (or ConfigError) when it cannot."""
+        """Connect (RegistryUnavailable, or ConfigError for a bad address, when it cannot)."""
         ...
 
     async def close(self) -> None: ...
@@ -111,47 +105,45 @@ class Storage(Protocol):
         ...
 
     async def write(self, body: Callable[[Tx], Awaitable[T]], *, exclusive: bool = False) -> T:
-        """``body`` in one transaction, serialised with the writers it could race (run again if
-        another node's transaction got in the way). ``exclusive``: also with every other node's
-        exclusive transactions (opening: migrations, the keyring's pairing, sealing old rows)."""
+        """``body`` in one transaction, serialised with the writers it could race (again when
+        another node's transaction got in the way). ``exclusive``: with every node's exclusive
+        transactions too (opening: migrations, the keyring's pairing, sealing old rows)."""
         ...
 
     async def checkpoint(self) -> bool:
-        """Make what was deleted leave the database's logs too (erasures); True when complete."""
+        """Make what was deleted leave the database's logs too; True when complete."""
         ...
 
 
-# -- SQL, in the dialect of Tx ------------------------------------------------------------------
-_DEVICE_COLUMNS = (
-    "device_id, status, ca_id, region, not_after, provisioned_at, last_seen, template, template_version, "
-    "fp_index, sealed"
-)
-_INSERT_DEVICE = (
-    f"INSERT INTO devices ({_DEVICE_COLUMNS}) VALUES ({', '.join('?' * 11)}) ON CONFLICT DO NOTHING"
-)
+# -- SQL, in the dialect of Tx; rows by column name ------------------------------------------
+# What a device row holds in clear (then fp_index, the certificate's blind index, and the rest sealed).
+_CLEAR: tuple[str, ...] = ("device_id", "status", "ca_id", "region", "not_after", "provisioned_at")
+_CLEAR += ("last_seen", "template", "template_version")
+_INSERT_DEVICE = f"INSERT INTO devices ({', '.join(_CLEAR)}, fp_index, sealed) VALUES ({', '.join('?' * 11)})"
 _UPDATE_DEVICE = (
-    "UPDATE devices SET status = ?, ca_id = ?, region = ?, not_after = ?, provisioned_at = ?, last_seen = ?, "
-    "template = ?, template_version = ?, fp_index = ?, sealed = ? WHERE device_id = ?"
+    f"UPDATE devices SET {' = ?, '.join((*_CLEAR[1:], 'fp_index', 'sealed'))} = ? WHERE device_id = ?"
 )
 # A device row with its wrapped data key (NULL: the key is gone, the row can no longer be read).
 _DEVICES = (
-    "SELECT d.device_id, d.status, d.ca_id, d.region, d.not_after, d.provisioned_at, d.last_seen, d.template, "
-    "d.template_version, d.sealed, k.kid, k.wrapped FROM devices d LEFT JOIN keyring.data_keys k "
-    "ON k.device_id = d.device_id"
+    f"SELECT {', '.join('d.' + c for c in _CLEAR)}, d.sealed, k.kid, k.wrapped "
+    "FROM devices d LEFT JOIN keyring.data_keys k ON k.device_id = d.device_id"
 )
-# Events whose data key is gone (rows of an erased device, from a copy of the registry older than the
-# erasure) cannot be read: left out here already, before any LIMIT, so that they cannot hide the rest.
+# Events whose data key is gone (an erased device's rows, from a registry copy older than the
+# erasure) cannot be read: left out here already, before any LIMIT, so they cannot hide the rest.
 _EVENTS = (
     "SELECT o.seq, o.event_id, o.type, o.device_id, o.occurred_at, o.payload, k.kid, k.wrapped FROM outbox o "
     "LEFT JOIN keyring.data_keys k ON k.device_id = o.device_id WHERE (k.device_id IS NOT NULL OR o.type = 'erased')"
 )
-_INSERT_HISTORY = (
-    "INSERT INTO cert_history (device_id, fp_index, sealed_fp, superseded_at) VALUES (?, ?, ?, ?) "
-    "ON CONFLICT DO NOTHING"
-)
-_ANCHOR_COLUMNS = "ca_id, cert_der, role, subject, region, template, enabled, registered_at"
+_INSERT_EVENT = "INSERT INTO outbox (event_id, type, device_id, occurred_at, payload) VALUES (?, ?, ?, ?, ?)"
+_HISTORY = "INSERT INTO cert_history (device_id, fp_index, sealed_fp, superseded_at) VALUES (?, ?, ?, ?)"
+_ANCHOR = ("ca_id", "cert_der", "role", "subject", "region", "template", "enabled", "registered_at")
+_DRAFT = ("at", "action", "actor", "device_id", "fingerprint", "reason", "peer", "details")
+_AUDIT = f"seq, {', '.join(_DRAFT)}, prev_hash, hash"
+_LEGACY: tuple[str, ...] = ("device_id", "status", "cert_fingerprint", "ca_id", "region", "serial")
+_LEGACY += ("subject", "not_after", "provisioned_at", "last_seen", "attributes", "template")
+_LEGACY += ("template_version", "config")  # a device row of schema 2, all in clear
 _DATA_KEYS = "SELECT device_id, kid, wrapped FROM keyring.data_keys WHERE device_id = ANY(?)"
-_INSERT_DATA_KEY = (
+_INSERT_KEY = (
     "INSERT INTO keyring.data_keys (device_id, kid, wrapped) VALUES (?, ?, ?) ON CONFLICT DO NOTHING"
 )
 _HEAD = "SELECT value FROM meta_text WHERE key = 'audit_head'"
@@ -169,42 +161,31 @@ def timestamp(value: Any) -> Any:
     return datetime.fromisoformat(value) if isinstance(value, str) else value
 
 
+def _mapping(value: str) -> MappingProxyType[str, Any]:
+    return MappingProxyType(json.loads(value))
+
+
+def _fields(names: Sequence[str], row: Iterable[Any], **convert: Callable[[Any], Any]) -> dict[str, Any]:
+    """``row`` by column name, each value through its converter, if it has one."""
+    return {n: convert[n](v) if n in convert else v for n, v in zip(names, row, strict=True)}
+
+
+def _rendered(record: DeviceRecord) -> dict[str, Any]:
+    """What a template renders of a device record."""
+    return {name: getattr(record, name) for name in ("attributes", "template_version", "config")}
+
+
+def _audit_row(e: AuditEntry) -> tuple[Any, ...]:
+    details = json.dumps(dict(e.draft.details), sort_keys=True)
+    return (e.seq, *(getattr(e.draft, n) for n in _DRAFT[:-1]), details, e.prev_hash, e.hash)
+
+
+_TIMES = dict.fromkeys(("not_after", "provisioned_at", "last_seen"), timestamp)
+
+
 async def _value(tx: Tx, sql: str, *args: Any) -> Any:
     rows = await tx.fetch(sql, *args)
     return rows[0][0] if rows else None
-
-
-def _anchor(row: Row) -> TrustAnchor:
-    return TrustAnchor(
-        ca_id=row[0],
-        cert_der=bytes(row[1]),
-        role=Role(row[2]),
-        subject=row[3],
-        region=row[4],
-        template=row[5],
-        enabled=bool(row[6]),
-        registered_at=timestamp(row[7]),
-    )
-
-
-def _legacy_record(row: Row) -> DeviceRecord:
-    """A device row of schema version 2 (everything in clear)."""
-    return DeviceRecord(
-        device_id=row[0],
-        status=DeviceStatus(row[1]),
-        cert_fingerprint=row[2],
-        ca_id=row[3],
-        region=row[4],
-        serial=row[5],
-        subject=row[6],
-        not_after=timestamp(row[7]),
-        provisioned_at=timestamp(row[8]),
-        last_seen=timestamp(row[9]),
-        attributes=MappingProxyType(json.loads(row[10])),
-        template=row[11],
-        template_version=row[12],
-        config=MappingProxyType(json.loads(row[13])),
-    )
 
 
 # -- the group-commit writer's requests ---------------------------------------------------------
@@ -265,11 +246,8 @@ class RegistryCore:
         batch_window: float = 0.002,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
-        self._store = storage
-        self._keys = keys
-        self._max_batch = max_batch
-        self._batch_window = batch_window
-        self._clock = clock
+        self._store, self._keys, self._clock = storage, keys, clock
+        self._max_batch, self._batch_window = max_batch, batch_window
         self._queue: asyncio.Queue[_Op] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self._touches: dict[str, datetime] = {}
@@ -324,21 +302,20 @@ class RegistryCore:
             raise errors.RegistryUnavailable(f"registry read failed: {exc}") from None
 
     async def checkpoint(self) -> bool:
-        """Fold erased pages and destroyed keys out of the database's logs (SQLite's WAL)."""
+        """Fold erased pages and destroyed keys out of the database's logs (SQLite's WALs)."""
         return await self._store.checkpoint()
 
     async def schema_version(self) -> int:
-        rows = await self._fetch("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
-        return int(rows[0][0])
+        return int((await self._fetch("SELECT COALESCE(MAX(version), 0) FROM schema_migrations"))[0][0])
 
     async def _migrate(self, tx: Tx) -> None:
         """Apply the migrations the database lacks, in order, each recorded in ``schema_migrations``;
         then open the keyring, in the same transaction: a keyring refused is not left created."""
         for statement in self._store.setup:
             await tx.execute(statement)
+        time = self._store.types.time
         await tx.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations "
-            f"(version INTEGER PRIMARY KEY, applied_at {self._store.types.time})"
+            f"CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at {time})"
         )
         current = int(await _value(tx, "SELECT COALESCE(MAX(version), 0) FROM schema_migrations"))
         steps = migrations(self._store.types)
@@ -348,9 +325,8 @@ class RegistryCore:
                 where=self._store.where,
             )
         for version in range(current + 1, len(steps) + 1):
-            for statement in steps[version - 1].split(";"):
-                if statement.strip():
-                    await tx.execute(statement)
+            for statement in filter(str.strip, steps[version - 1].split(";")):
+                await tx.execute(statement)
             await tx.execute(
                 "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)", version, self._clock()
             )
@@ -388,9 +364,7 @@ class RegistryCore:
         salt = privacy.new_key().hex()  # a random per-registry salt for tombstones, made once
         await tx.execute("INSERT INTO meta_text (key, value) VALUES ('salt', ?) ON CONFLICT DO NOTHING", salt)
         self._salt = bytes.fromhex(str(await _value(tx, "SELECT value FROM meta_text WHERE key = 'salt'")))
-        if (
-            self._store.keyring_apart
-        ):  # finish erasures a crash interrupted: their rows are gone, so go their keys
+        if self._store.keyring_apart:  # erasures a crash interrupted: their rows are gone, so go their keys
             await tx.execute(
                 "DELETE FROM keyring.data_keys WHERE erasing = 1 AND device_id NOT IN (SELECT device_id FROM devices)"
             )
@@ -398,16 +372,11 @@ class RegistryCore:
     async def _registry_key(self, tx: Tx, name: str) -> bytes:
         """Registry key ``name`` of the keyring, made if absent (whichever node is first)."""
         query = "SELECT kid, wrapped FROM keyring.registry_keys WHERE name = ?"
-        rows = await tx.fetch(query, name)
-        if not rows:
+        if not (rows := await tx.fetch(query, name)):
             primary = await self._primary(tx)
             wrapped = envelope.wrap_registry_key(self._keys, primary, name, envelope.new_data_key())
-            await tx.execute(
-                "INSERT INTO keyring.registry_keys (name, kid, wrapped) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
-                name,
-                primary,
-                wrapped,
-            )
+            insert = "INSERT INTO keyring.registry_keys (name, kid, wrapped) VALUES (?, ?, ?) ON CONFLICT DO NOTHING"
+            await tx.execute(insert, name, primary, wrapped)
             rows = await tx.fetch(query, name)
         return envelope.unwrap_registry_key(self._keys, str(rows[0][0]), name, bytes(rows[0][1]))
 
@@ -422,27 +391,24 @@ class RegistryCore:
             str(d): envelope.unwrap_data_key(self._keys, str(kid), str(d), bytes(w)) for d, kid, w in rows
         }
 
+    def _wrap_new(self, primary: str, ids: Iterable[str]) -> list[tuple[str, str, bytes]]:
+        """New data keys for ``ids``, wrapped under ``primary``, as keyring rows."""
+        return [
+            (i, primary, envelope.wrap_data_key(self._keys, primary, i, envelope.new_data_key())) for i in ids
+        ]
+
     async def _data_keys(
         self, tx: Tx, ids: Iterable[str], *, create: bool, live_only: bool = False
     ) -> dict[str, bytes]:
         """The data keys of ``ids``, unwrapped; with ``create``, made (under the primary) for those
         without one, or read back where another node made one first. ``live_only``: not the key of
         a device being erased (nothing new may be sealed under a key about to be destroyed)."""
-        wanted = sorted(set(ids))
-        if not wanted:
+        if not (wanted := sorted(set(ids))):
             return {}
         live = " AND erasing = 0" if live_only and self._store.keyring_apart else ""
         keys = self._unwrap(await tx.fetch(_DATA_KEYS + live, wanted))
-        missing = [i for i in wanted if i not in keys]
-        if missing and create:
-            primary = await self._primary(tx)
-            await tx.executemany(
-                _INSERT_DATA_KEY,
-                [
-                    (i, primary, envelope.wrap_data_key(self._keys, primary, i, envelope.new_data_key()))
-                    for i in missing
-                ],
-            )
+        if create and (missing := [i for i in wanted if i not in keys]):
+            await tx.executemany(_INSERT_KEY, self._wrap_new(await self._primary(tx), missing))
             keys.update(self._unwrap(await tx.fetch(_DATA_KEYS, missing)))
         return keys
 
@@ -474,14 +440,10 @@ class RegistryCore:
                 create,
             )
             await self._drop_orphans(tx, [r[0] for r in shredded])
-            primary = await self._primary(tx)
             await tx.executemany(
                 "INSERT INTO keyring.data_keys (device_id, kid, wrapped, erasing) VALUES (?, ?, ?, 0) "
                 "ON CONFLICT (device_id) DO UPDATE SET kid = excluded.kid, wrapped = excluded.wrapped, erasing = 0",
-                [
-                    (d, primary, envelope.wrap_data_key(self._keys, primary, d, envelope.new_data_key()))
-                    for d in create
-                ],
+                self._wrap_new(await self._primary(tx), create),
             )
 
         await self._write(body)
@@ -490,80 +452,53 @@ class RegistryCore:
     def _open_device(self, row: Row) -> tuple[DeviceRecord, bytes] | None:
         """A ``_DEVICES`` row opened, with its data key; None when the key is gone (shredded: the
         row comes from a copy of the registry older than the device's erasure)."""
-        if row[10] is None:
-            # Not named: the id is all that is left of an erased device.
+        *clear, sealed, kid, wrapped = row
+        if kid is None:  # not named: the id is all that is left of an erased device
             log.warning(
                 "a device row has no data key (erased; a registry copy older than its erasure?): ignored"
             )
             return None
-        device_id = str(row[0])
-        key = envelope.unwrap_data_key(self._keys, str(row[10]), device_id, bytes(row[11]))
-        record = envelope.open_record(
-            key,
-            bytes(row[9]),
-            device_id=device_id,
-            status=row[1],
-            ca_id=row[2],
-            region=row[3],
-            not_after=timestamp(row[4]),
-            provisioned_at=timestamp(row[5]),
-            last_seen=timestamp(row[6]),
-            template=row[7],
-            template_version=row[8],
-        )
-        return record, key
+        key = envelope.unwrap_data_key(self._keys, kid, str(clear[0]), bytes(wrapped))
+        return envelope.open_record(key, bytes(sealed), **_fields(_CLEAR, clear, **_TIMES)), key
 
     def _opened(self, rows: Iterable[Row]) -> list[tuple[DeviceRecord, bytes]]:
         return [opened for row in rows if (opened := self._open_device(row)) is not None]
 
     def _device_row(self, record: DeviceRecord, key: bytes) -> tuple[Any, ...]:
-        return (
-            record.device_id,
-            str(record.status),
-            record.ca_id,
-            record.region,
-            record.not_after,
-            record.provisioned_at,
-            record.last_seen,
-            record.template,
-            record.template_version,
-            envelope.fingerprint_index(self._index_key, record.cert_fingerprint),
-            envelope.seal_record(key, record),
-        )
+        index = envelope.fingerprint_index(self._index_key, record.cert_fingerprint)
+        return (*(getattr(record, name) for name in _CLEAR), index, envelope.seal_record(key, record))
 
     def _history_row(self, device_id: str, fingerprint: str, at: Any, key: bytes) -> tuple[Any, ...]:
-        return (
-            device_id,
-            envelope.fingerprint_index(self._index_key, fingerprint),
-            envelope.seal_fingerprint(key, device_id, fingerprint),
-            at,
+        index = envelope.fingerprint_index(self._index_key, fingerprint)
+        return (device_id, index, envelope.seal_fingerprint(key, device_id, fingerprint), at)
+
+    @staticmethod
+    def _event_row(e: ProvisioningEvent, keys: dict[str, bytes]) -> tuple[Any, ...]:
+        """An outbox row, its payload sealed under the device's key (an erasure's event, whose key is
+        destroyed, names only the id and region, both in clear anyway)."""
+        sealed = (
+            e.payload
+            if e.type == "erased"
+            else envelope.seal_payload(keys[e.device_id], e.device_id, e.payload)
         )
+        return (e.event_id, e.type, e.device_id, e.occurred_at, sealed)
 
     def _open_events(self, rows: Iterable[Row]) -> list[tuple[int, ProvisioningEvent]]:
         """``_EVENTS`` rows, payloads opened (each device's key unwrapped once); those that do not
         open are left out."""
         keys: dict[str, bytes | None] = {}
         out = []
-        for seq, event_id, type_, device_id, occurred_at, payload, kid, wrapped in rows:
-            stored = bytes(payload)
-            if stored[:1] == envelope.SEALED_VERSION and device_id not in keys:
+        for seq, event_id, type_, device_id, at, payload, kid, wrapped in rows:
+            if bytes(payload)[:1] == envelope.SEALED_VERSION and device_id not in keys:
                 keys[device_id] = (
-                    envelope.unwrap_data_key(self._keys, kid, device_id, bytes(wrapped))
-                    if kid is not None
-                    else None
+                    None if kid is None else self._unwrap([(device_id, kid, wrapped)])[device_id]
                 )
             try:
-                opened = envelope.open_payload(keys.get(device_id), device_id, stored)
+                opened = envelope.open_payload(keys.get(device_id), device_id, bytes(payload))
             except errors.RegistryUnavailable as exc:
                 log.warning("outbox event %s left out: %s", event_id, exc)
                 continue
-            event = ProvisioningEvent(
-                event_id=event_id,
-                type=type_,
-                device_id=device_id,
-                occurred_at=timestamp(occurred_at),
-                payload=opened,
-            )
+            event = ProvisioningEvent(event_id, type_, device_id, occurred_at=timestamp(at), payload=opened)
             out.append((int(seq), event))
         return out
 
@@ -580,9 +515,8 @@ class RegistryCore:
         await self._drop_orphans(tx, sorted({str(r[0]) for r in rows} - set(existing)))
         superseded: set[tuple[str, str]] = set()
         if history and existing:
-            rows = await tx.fetch(
-                "SELECT device_id, sealed_fp FROM cert_history WHERE device_id = ANY(?)", sorted(existing)
-            )
+            query = "SELECT device_id, sealed_fp FROM cert_history WHERE device_id = ANY(?)"
+            rows = await tx.fetch(query, sorted(existing))
             superseded = {(d, envelope.open_fingerprint(existing[d][1], d, bytes(s))) for d, s in rows}
         return existing, superseded
 
@@ -595,99 +529,57 @@ class RegistryCore:
 
     @staticmethod
     async def _drop_orphans(tx: Tx, ids: Sequence[str]) -> None:
-        if ids:
-            await tx.execute("DELETE FROM cert_history WHERE device_id = ANY(?)", ids)
-            await tx.execute("DELETE FROM outbox WHERE device_id = ANY(?) AND type <> 'erased'", ids)
-            await tx.execute("DELETE FROM devices WHERE device_id = ANY(?)", ids)
+        for where in (
+            ("cert_history WHERE", "outbox WHERE type <> 'erased' AND", "devices WHERE") if ids else ()
+        ):
+            await tx.execute(f"DELETE FROM {where} device_id = ANY(?)", ids)
 
     @staticmethod
     async def _tombstoned(tx: Tx, refs: Iterable[str]) -> set[str]:
         wanted = sorted(set(refs))
-        return (
-            {r[0] for r in await tx.fetch("SELECT ref FROM tombstones WHERE ref = ANY(?)", wanted)}
-            if wanted
-            else set()
-        )
+        rows = await tx.fetch("SELECT ref FROM tombstones WHERE ref = ANY(?)", wanted) if wanted else []
+        return {r[0] for r in rows}
 
-    async def _touch(self, tx: Tx, touches: dict[str, datetime]) -> None:
+    @staticmethod
+    async def _touch(tx: Tx, touches: dict[str, datetime]) -> None:
         """Reconnect times; last_seen never goes back (two nodes may write them out of order)."""
         await tx.executemany(
             "UPDATE devices SET last_seen = ? WHERE device_id = ? AND (last_seen IS NULL OR last_seen < ?)",
             [(at, device_id, at) for device_id, at in sorted(touches.items())],
         )
 
-    async def _pseudonymize(
-        self, tx: Tx, drafts: Sequence[AuditDraft], known: dict[str, bytes]
-    ) -> list[AuditDraft]:
-        """Drafts in their stored form: nothing personal about a device in clear (jitp.privacy).
-
-        An entry about a device uses its data key (made if absent: a refusal can name a device that
-        was never provisioned); one about no device is sealed under the registry's audit key."""
-        ids = {d.device_id for d in drafts if d.device_id}
-        keys = {i: known[i] for i in ids if i in known}
-        keys.update(await self._data_keys(tx, ids - set(keys), create=True))
-        return [pseudonymize(d, keys) if d.device_id else seal_anonymous(d, self._audit_key) for d in drafts]
-
     async def _log(
         self,
         tx: Tx,
         events: Sequence[ProvisioningEvent],
         drafts: Sequence[AuditDraft],
-        keys: dict[str, bytes] | None = None,
+        keys: dict[str, bytes],
     ) -> None:
-        """Write outbox events (payloads sealed under their device's key in ``keys``; an erasure's
-        event, whose key is destroyed, names only the id and region, both in clear anyway) and audit
-        entries, chained. Drafts are pseudonymised first: making a key takes a lock (the primary
-        kid's) that must come before the audit head's, the last lock, held to the commit."""
-        keys = keys or {}
-        stored = await self._pseudonymize(tx, drafts, keys)
+        """Write outbox events (sealed under their device's key in ``keys``) and audit entries,
+        chained, in their stored form: nothing personal about a device in clear (jitp.privacy). An
+        entry about a device uses its data key (made if absent: a refusal can name a device never
+        provisioned), one about no device the registry's audit key. Keys come first: making one
+        takes a lock (the primary kid's) that must come before the audit head's."""
+        ids = {d.device_id for d in drafts if d.device_id}
+        keys = {**keys, **await self._data_keys(tx, ids - set(keys), create=True)}
+        stored = [
+            pseudonymize(d, keys) if d.device_id else seal_anonymous(d, self._audit_key) for d in drafts
+        ]
         if not events and not stored:
             return
-        # Chain from the recorded head, not the last row: if someone removed the newest entries, the
-        # next entry keeps the gap visible instead of papering over it.
+        # Chained from the recorded head, not the last row: if someone removed the newest entries,
+        # the next entry keeps the gap visible instead of papering over it.
         head = str(await _value(tx, _HEAD + " FOR UPDATE") or f"0:{GENESIS_HASH}")
-        await tx.executemany(
-            "INSERT INTO outbox (event_id, type, device_id, occurred_at, payload) VALUES (?, ?, ?, ?, ?)",
-            [
-                (
-                    e.event_id,
-                    e.type,
-                    e.device_id,
-                    e.occurred_at,
-                    e.payload
-                    if e.type == "erased"
-                    else envelope.seal_payload(keys[e.device_id], e.device_id, e.payload),
-                )
-                for e in events
-            ],
-        )
+        await tx.executemany(_INSERT_EVENT, [self._event_row(e, keys) for e in events])
         if not stored:
             return
         seq, _, prev = head.partition(":")
         entries = chain(stored, start_seq=int(seq) + 1, prev_hash=prev)
         await tx.executemany(
-            "INSERT INTO audit (seq, at, action, actor, device_id, fingerprint, reason, peer, details, prev_hash, "
-            "hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    e.seq,
-                    e.draft.at,
-                    e.draft.action,
-                    e.draft.actor,
-                    e.draft.device_id,
-                    e.draft.fingerprint,
-                    e.draft.reason,
-                    e.draft.peer,
-                    json.dumps(dict(e.draft.details), sort_keys=True),
-                    e.prev_hash,
-                    e.hash,
-                )
-                for e in entries
-            ],
+            f"INSERT INTO audit ({_AUDIT}) VALUES ({', '.join('?' * 11)})", map(_audit_row, entries)
         )
         await tx.execute(
-            "INSERT INTO meta_text (key, value) VALUES ('audit_head', ?) "
-            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            "INSERT INTO meta_text (key, value) VALUES ('audit_head', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             f"{entries[-1].seq}:{entries[-1].hash}",
         )
 
@@ -710,31 +602,24 @@ class RegistryCore:
             for row in await tx.fetch(ids_sql):
                 keys.setdefault(str(row[0]), envelope.new_data_key())
             primary = await self._primary(tx)
+            wrap = envelope.wrap_data_key
             await tx.executemany(
-                _INSERT_DATA_KEY,
-                [
-                    (d, primary, envelope.wrap_data_key(self._keys, primary, d, k))
-                    for d, k in sorted(keys.items())
-                ],
+                _INSERT_KEY, [(d, primary, wrap(self._keys, primary, d, k)) for d, k in keys.items()]
             )
             return True
 
         async def rows(tx: Tx) -> None:
-            if not await tx.has_table("devices_v2"):
-                return
             keys = await self._data_keys(tx, [str(r[0]) for r in await tx.fetch(ids_sql)], create=False)
+            legacy = await tx.fetch(f"SELECT {', '.join(_LEGACY)} FROM devices_v2")
             devices = [
-                _legacy_record(r)
-                for r in await tx.fetch(
-                    "SELECT device_id, status, cert_fingerprint, ca_id, region, serial, subject, not_after, "
-                    "provisioned_at, last_seen, attributes, template, template_version, config FROM devices_v2"
+                DeviceRecord(
+                    **_fields(_LEGACY, r, status=DeviceStatus, **_TIMES, attributes=_mapping, config=_mapping)
                 )
+                for r in legacy
             ]
             await tx.executemany(_INSERT_DEVICE, [self._device_row(r, keys[r.device_id]) for r in devices])
             history = await tx.fetch("SELECT device_id, cert_fingerprint, superseded_at FROM cert_history_v2")
-            await tx.executemany(
-                _INSERT_HISTORY, [self._history_row(d, fp, at, keys[d]) for d, fp, at in history]
-            )
+            await tx.executemany(_HISTORY, [self._history_row(d, fp, at, keys[d]) for d, fp, at in history])
             events = await tx.fetch("SELECT seq, device_id, payload FROM outbox WHERE type <> 'erased'")
             await tx.executemany(
                 "UPDATE outbox SET payload = ? WHERE seq = ?",
@@ -747,54 +632,55 @@ class RegistryCore:
             for table in ("devices_v2", "cert_history_v2", "device_keys_v2"):
                 await tx.execute(f"DROP TABLE {table}")
             log.info(
-                "registry data sealed: %d device(s), %d superseded certificate(s), %d event(s)",
-                len(devices),
-                len(history),
-                len(events),
+                "registry data sealed: %d device(s), %d superseded certificate(s)", len(devices), len(history)
             )
 
-        if await self._write(keys_first, exclusive=True):
-            await self._write(rows, exclusive=True)
+        if await self._write(keys_first, exclusive=True):  # and then only (another node may have sealed)
+            await self._write(lambda tx: self._if_table(tx, "devices_v2", rows), exclusive=True)
             await self.checkpoint()
+
+    @staticmethod
+    async def _if_table(tx: Tx, name: str, body: Callable[[Tx], Awaitable[None]]) -> None:
+        if await tx.has_table(name):
+            await body(tx)
 
     # -- trust anchors -------------------------------------------------------------------
     async def register_anchor(self, anchor: TrustAnchor, *, audit: AuditDraft) -> TrustAnchor:
+        stored = dataclasses.replace(anchor, enabled=True, registered_at=anchor.registered_at or audit.at)
+
         async def body(tx: Tx) -> TrustAnchor:
             rows = await tx.fetch(
-                f"INSERT INTO anchors ({_ANCHOR_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (ca_id) "
+                f"INSERT INTO anchors ({', '.join(_ANCHOR)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (ca_id) "
                 "DO UPDATE SET role = excluded.role, region = excluded.region, template = excluded.template, "
-                f"enabled = excluded.enabled RETURNING {_ANCHOR_COLUMNS}",
-                anchor.ca_id,
-                anchor.cert_der,
-                str(anchor.role),
-                anchor.subject,
-                anchor.region,
-                anchor.template,
-                True,
-                anchor.registered_at or audit.at,
+                f"enabled = excluded.enabled RETURNING {', '.join(_ANCHOR)}",
+                *(getattr(stored, name) for name in _ANCHOR),
             )
             await self._bump(tx, "trust_version")
-            await self._log(tx, [], [audit])
-            return _anchor(rows[0])
+            await self._log(tx, [], [audit], {})
+            return self._anchor(rows[0])
 
         return await self._write(body)
 
     async def set_anchor_enabled(self, ca_id: str, enabled: bool, *, audit: AuditDraft) -> TrustAnchor:
         async def body(tx: Tx) -> TrustAnchor:
-            rows = await tx.fetch(
-                f"UPDATE anchors SET enabled = ? WHERE ca_id = ? RETURNING {_ANCHOR_COLUMNS}", enabled, ca_id
-            )
-            if not rows:
+            update = f"UPDATE anchors SET enabled = ? WHERE ca_id = ? RETURNING {', '.join(_ANCHOR)}"
+            if not (rows := await tx.fetch(update, enabled, ca_id)):
                 raise errors.NotFound(f"no CA with id {ca_id!r} is registered", ca_id=ca_id)
             await self._bump(tx, "trust_version")
-            await self._log(tx, [], [audit])
-            return _anchor(rows[0])
+            await self._log(tx, [], [audit], {})
+            return self._anchor(rows[0])
 
         return await self._write(body)
 
     async def anchors(self) -> list[TrustAnchor]:
-        rows = await self._fetch(f"SELECT {_ANCHOR_COLUMNS} FROM anchors ORDER BY registered_at, ca_id")
-        return [_anchor(r) for r in rows]
+        rows = await self._fetch(f"SELECT {', '.join(_ANCHOR)} FROM anchors ORDER BY registered_at, ca_id")
+        return [self._anchor(r) for r in rows]
+
+    @staticmethod
+    def _anchor(row: Row) -> TrustAnchor:
+        return TrustAnchor(
+            **_fields(_ANCHOR, row, cert_der=bytes, role=Role, enabled=bool, registered_at=timestamp)
+        )
 
     @staticmethod
     async def _bump(tx: Tx, key: str) -> None:
@@ -850,7 +736,7 @@ class RegistryCore:
             change, draft = plan_status_change(record, command, at=at, actor=actor, reason=reason)
             if change.event is not None:
                 await tx.execute(
-                    "UPDATE devices SET status = ? WHERE device_id = ?", str(change.record.status), device_id
+                    "UPDATE devices SET status = ? WHERE device_id = ?", change.record.status, device_id
                 )
             await self._log(tx, [change.event] if change.event else [], [draft], {device_id: key})
             return change
@@ -870,20 +756,17 @@ class RegistryCore:
 
         The device's data key goes too (crypto-shredding): whatever copy of the registry still
         holds its sealed rows, old backups included, can no longer decrypt them, and its audit
-        entries can no longer be linked to it. Where the keyring commits apart, in three steps, so
-        that a crash anywhere leaves no unreadable live device and no forgotten key: mark the key,
-        delete the rows, delete the marked key (again at the next open if a crash came first)."""
+        entries can no longer be linked to it. Where the keyring commits apart, in three steps (see
+        the module's doc), so that a crash anywhere leaves no unreadable device and no forgotten key."""
         if device_id is None:
             if fingerprint is None:
                 raise errors.InvalidRequest("erase needs a device id or a certificate")
-            known = await self.find_by_fingerprint(fingerprint)
-            if known is None:
+            if (known := await self.find_by_fingerprint(fingerprint)) is None:
                 if await self.is_erased(fingerprint):
                     return Erasure(device_id=None, already_erased=True)
                 raise errors.NotFound("no device holds this certificate")
             device_id = known.device_id
-        target = device_id
-        apart = self._store.keyring_apart
+        target, apart = device_id, self._store.keyring_apart
         if apart:
             await self._write(
                 lambda tx: tx.execute("UPDATE keyring.data_keys SET erasing = 1 WHERE device_id = ?", target)
@@ -892,38 +775,33 @@ class RegistryCore:
         async def body(tx: Tx) -> ProvisioningEvent:
             record, key = await self._lock_record(tx, target)
             if fingerprint is not None and record.cert_fingerprint != fingerprint:
-                # Another node reprovisioned the device between the lookup and the lock.
-                raise errors.NotFound("no device holds this certificate")
+                raise errors.NotFound("no device holds this certificate")  # reprovisioned meanwhile
             rows = await tx.fetch("SELECT sealed_fp FROM cert_history WHERE device_id = ?", target)
-            fingerprints = {
-                record.cert_fingerprint,
-                *(envelope.open_fingerprint(key, target, bytes(r[0])) for r in rows),
-            }
+            old = {envelope.open_fingerprint(key, target, bytes(r[0])) for r in rows}
             await tx.executemany(
                 "INSERT INTO tombstones (ref, erased_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
-                [(privacy.tombstone_ref(self._salt, fp), at) for fp in sorted(fingerprints)],
+                [
+                    (privacy.tombstone_ref(self._salt, fp), at)
+                    for fp in sorted({record.cert_fingerprint, *old})
+                ],
             )
             # Everything else about the device goes (SQLite's secure_delete overwrites the freed pages).
             for table in ("outbox", "cert_history", "devices", *(() if apart else ("keyring.data_keys",))):
                 await tx.execute(f"DELETE FROM {table} WHERE device_id = ?", target)
+            previous = str(record.status)
             event = lifecycle_event(
                 target,
                 type="erased",
                 event_id=new_event_id(),
                 at=at,
                 status="erased",
-                previous_status=str(record.status),
+                previous_status=previous,
                 region=record.region,
-                reason=None,
             )
+            details = MappingProxyType({"previous_status": previous})
+            fp = record.cert_fingerprint
             draft = AuditDraft(
-                at=at,
-                action="erased",
-                actor=actor,
-                device_id=target,
-                fingerprint=record.cert_fingerprint,
-                reason=reason,
-                details=MappingProxyType({"previous_status": str(record.status)}),
+                at, "erased", actor, device_id=target, fingerprint=fp, reason=reason, details=details
             )
             await self._log(tx, [event], [draft], {target: key})  # pseudonymised under the key it still has
             return event
@@ -961,30 +839,23 @@ class RegistryCore:
                 template,
             )
             current = {r.device_id: (r, key) for r, key in self._opened(rows)}
-            keys = {device_id: key for device_id, (_, key) in current.items()}
-            updates = []
-            for r in ordered:
-                if (found := current.get(r.device_id)) is not None:
-                    # Only what a template renders changes: the certificate may have rotated meanwhile.
-                    updated = dataclasses.replace(
-                        found[0],
-                        attributes=r.attributes,
-                        template_version=r.template_version,
-                        config=r.config,
-                    )
-                    updates.append((r.template_version, envelope.seal_record(found[1], updated), r.device_id))
+            # Only what a template renders changes: the certificate may have rotated meanwhile.
+            rendered = [(current[r.device_id], _rendered(r)) for r in ordered if r.device_id in current]
             await tx.executemany(
-                "UPDATE devices SET template_version = ?, sealed = ? WHERE device_id = ?", updates
+                "UPDATE devices SET template_version = ?, sealed = ? WHERE device_id = ?",
+                [
+                    (now.template_version, envelope.seal_record(key, now), now.device_id)
+                    for (record, key), change in rendered
+                    for now in [dataclasses.replace(record, **change)]
+                ],
             )
+            new = [r for r in records if r.device_id in current]
             events = [
-                provisioned_event(r, event_id=new_event_id(), at=at, type="config-changed")
-                for r in records
-                if r.device_id in keys
+                provisioned_event(r, event_id=new_event_id(), at=at, type="config-changed") for r in new
             ]
             details = MappingProxyType({"template": template, "devices": str(len(events))})
-            await self._log(
-                tx, events, [AuditDraft(at=at, action="template-changed", actor=actor, details=details)], keys
-            )
+            draft = AuditDraft(at=at, action="template-changed", actor=actor, details=details)
+            await self._log(tx, events, [draft], {d: key for d, (_, key) in current.items()})
             return events
 
         return await self._write(body)
@@ -1006,14 +877,10 @@ class RegistryCore:
                 "INSERT INTO crls (ca_id, der, this_update, next_update, imported_at) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT (ca_id) DO UPDATE SET der = excluded.der, this_update = excluded.this_update, "
                 "next_update = excluded.next_update, imported_at = excluded.imported_at",
-                ca_id,
-                der,
-                this_update,
-                next_update,
-                audit.at,
+                *(ca_id, der, this_update, next_update, audit.at),
             )
             await self._bump(tx, "trust_version")
-            await self._log(tx, [], [audit])
+            await self._log(tx, [], [audit], {})
 
         await self._write(body)
 
@@ -1027,8 +894,9 @@ class RegistryCore:
             "SELECT kid, COUNT(*) FROM (SELECT kid FROM keyring.data_keys UNION ALL "
             "SELECT kid FROM keyring.registry_keys) AS wrapped GROUP BY kid ORDER BY kid"
         )
-        counts = MappingProxyType({str(r[0]): int(r[1]) for r in rows})
-        return KeyringStatus(primary=str(primary[0][0]), wrapped=counts)
+        return KeyringStatus(
+            primary=str(primary[0][0]), wrapped=MappingProxyType({str(k): int(n) for k, n in rows})
+        )
 
     async def set_primary_key(self, kid: str, *, audit: AuditDraft) -> None:
         if kid not in self._keys.kids():
@@ -1043,66 +911,48 @@ class RegistryCore:
         async def body(tx: Tx) -> None:
             # Waits for the transactions wrapping under the old primary (they share-lock this row).
             await tx.execute("UPDATE keyring.meta SET value = ? WHERE key = 'primary_kid'", kid)
-            await self._log(tx, [], [audit])
+            await self._log(tx, [], [audit], {})
 
         await self._write(body)
 
     async def rewrap_keys(self, *, limit: int = 500) -> int:
-        async def body(tx: Tx) -> int:
-            primary = await self._primary(tx)
-            rows = await tx.fetch(
-                "SELECT device_id, kid, wrapped FROM keyring.data_keys WHERE kid <> ? ORDER BY device_id "
-                "LIMIT ? FOR UPDATE SKIP LOCKED",
-                primary,
-                limit,
-            )
-            await tx.executemany(
-                "UPDATE keyring.data_keys SET kid = ?, wrapped = ? WHERE device_id = ?",
-                [
-                    (primary, envelope.wrap_data_key(self._keys, primary, d, key), d)
-                    for d, key in self._unwrap(rows).items()
-                ],
-            )
-            named: list[Row] = []
-            if limit > len(rows):
-                named = await tx.fetch(
-                    "SELECT name, kid, wrapped FROM keyring.registry_keys WHERE kid <> ? ORDER BY name "
-                    "LIMIT ? FOR UPDATE SKIP LOCKED",
-                    primary,
-                    limit - len(rows),
-                )
-            await tx.executemany(
-                "UPDATE keyring.registry_keys SET kid = ?, wrapped = ? WHERE name = ?",
-                [
-                    (
-                        primary,
-                        envelope.wrap_registry_key(
-                            self._keys, primary, n, envelope.unwrap_registry_key(self._keys, kid, n, bytes(w))
-                        ),
-                        n,
-                    )
-                    for n, kid, w in named
-                ],
-            )
-            return len(rows) + len(named)
+        kinds = (
+            ("data_keys", "device_id", envelope.unwrap_data_key, envelope.wrap_data_key),
+            ("registry_keys", "name", envelope.unwrap_registry_key, envelope.wrap_registry_key),
+        )
 
-        done = await self._write(body)
-        if done == 0:
+        async def body(tx: Tx) -> int:
+            primary, done = await self._primary(tx), 0
+            for table, name, unwrap, wrap in kinds:
+                if done >= limit:
+                    break
+                rows = await tx.fetch(
+                    f"SELECT {name}, kid, wrapped FROM keyring.{table} WHERE kid <> ? ORDER BY {name} "
+                    "LIMIT ? FOR UPDATE SKIP LOCKED",
+                    *(primary, limit - done),
+                )
+                await tx.executemany(
+                    f"UPDATE keyring.{table} SET kid = ?, wrapped = ? WHERE {name} = ?",
+                    [
+                        (primary, wrap(self._keys, primary, n, unwrap(self._keys, kid, n, bytes(w))), n)
+                        for n, kid, w in rows
+                    ],
+                )
+                done += len(rows)
+            return done
+
+        if (done := await self._write(body)) == 0:
             await self.checkpoint()  # the old wrapped forms leave the keyring's log
         return done
 
     # -- outbox --------------------------------------------------------------------------
-    async def _page(
-        self, where: str, *args: Any, seq: int, limit: int
-    ) -> list[tuple[int, ProvisioningEvent]]:
-        """Up to ``limit`` events after ``seq`` that open: a page of rows that do not is skipped,
-        never returned short of the events behind it (nor empty, which would stall a publisher)."""
+    async def _page(self, where: str, *, seq: int, limit: int) -> list[tuple[int, ProvisioningEvent]]:
+        """Up to ``limit`` events after ``seq`` that open: rows that do not are skipped, never
+        returned as a short (or empty) page ahead of the events behind them."""
         out: list[tuple[int, ProvisioningEvent]] = []
         while len(out) < limit:
             want = limit - len(out)
-            rows = await self._fetch(
-                f"{_EVENTS}{where} AND o.seq > ? ORDER BY o.seq LIMIT ?", *args, seq, want
-            )
+            rows = await self._fetch(f"{_EVENTS}{where} AND o.seq > ? ORDER BY o.seq LIMIT ?", seq, want)
             out += self._open_events(rows)
             if len(rows) < want:
                 break
@@ -1117,11 +967,8 @@ class RegistryCore:
             return
 
         async def body(tx: Tx) -> int:
-            await tx.execute(
-                "UPDATE outbox SET delivered_at = ? WHERE event_id = ANY(?) AND delivered_at IS NULL",
-                at,
-                sorted(set(event_ids)),
-            )
+            update = "UPDATE outbox SET delivered_at = ? WHERE event_id = ANY(?) AND delivered_at IS NULL"
+            await tx.execute(update, at, sorted(set(event_ids)))
             return await tx.execute(_SCRUB_ERASED, b"")
 
         if await self._write(body):
@@ -1144,8 +991,7 @@ class RegistryCore:
             await tx.execute(
                 "INSERT INTO sink_cursors (name, seq) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET seq = "
                 "CASE WHEN excluded.seq > sink_cursors.seq THEN excluded.seq ELSE sink_cursors.seq END",
-                name,
-                seq,
+                *(name, seq),
             )
             return await tx.execute(_SCRUB_ERASED, b"")
 
@@ -1169,35 +1015,18 @@ class RegistryCore:
         await future
 
     async def audit_entries(self) -> list[AuditEntry]:
-        rows = await self._fetch(
-            "SELECT seq, at, action, actor, device_id, fingerprint, reason, peer, details, prev_hash, hash "
-            "FROM audit ORDER BY seq"
-        )
+        rows = await self._fetch(f"SELECT {_AUDIT} FROM audit ORDER BY seq")
         return [
-            AuditEntry(
-                seq=int(r[0]),
-                draft=AuditDraft(
-                    at=timestamp(r[1]),
-                    action=r[2],
-                    actor=r[3],
-                    device_id=r[4],
-                    fingerprint=r[5],
-                    reason=r[6],
-                    peer=r[7],
-                    details=MappingProxyType(json.loads(r[8])),
-                ),
-                prev_hash=r[9],
-                hash=r[10],
-            )
-            for r in rows
+            AuditEntry(seq=int(r[0]), draft=self._draft(r[1:9]), prev_hash=r[9], hash=r[10]) for r in rows
         ]
+
+    @staticmethod
+    def _draft(row: Row) -> AuditDraft:
+        return AuditDraft(**_fields(_DRAFT, row, at=timestamp, details=_mapping))
 
     async def audit_head(self) -> tuple[int, str] | None:
         """The (seq, hash) the registry last appended, to detect removal of the newest entries."""
-        rows = await self._fetch(_HEAD)
-        if not rows:
-            return None
-        seq, _, digest = str(rows[0][0]).partition(":")
+        seq, _, digest = str(next(iter(await self._fetch(_HEAD)), ["0:"])[0]).partition(":")
         return (int(seq), digest) if int(seq) > 0 else None
 
     async def resolve_audit(self, entries: Sequence[AuditEntry]) -> list[AuditEntry]:
@@ -1255,31 +1084,25 @@ class RegistryCore:
         A registry that cannot be reached, or a master key it lacks, fails them all (CONNACK 3)."""
         touches, self._touches = self._touches, {}
         try:
-            if self._store.keyring_apart:
-                wanted: dict[str, list[str]] = {}
-                for op in batch:
-                    if isinstance(op, _Provision):
-                        wanted.setdefault(op.identity.device_id, []).append(self._tombstone(op))
-                if wanted:
-                    await self._ensure_keys(wanted)
+            wanted: dict[str, list[str]] = {}
+            for op in batch if self._store.keyring_apart else ():
+                if isinstance(op, _Provision):
+                    wanted.setdefault(op.identity.device_id, []).append(self._tombstone(op))
+            if wanted:
+                await self._ensure_keys(wanted)
             return await self._store.write(lambda tx: self._apply(tx, batch, touches))
         except errors.ProvisioningError as exc:
             self._touches = {**touches, **self._touches}
-            failed = (
-                exc
-                if isinstance(exc, errors.Unavailable)
-                else errors.RegistryUnavailable(f"registry write failed: {exc}")
-            )
-            return [failed] * len(batch)
+            unavailable = isinstance(exc, errors.Unavailable)
+            return [
+                exc if unavailable else errors.RegistryUnavailable(f"registry write failed: {exc}")
+            ] * len(batch)
         except self._store.failures as exc:
             self._touches = {**touches, **self._touches}
             if len(batch) == 1:
                 return [errors.RegistryUnavailable(f"registry write failed: {exc}")]
             log.warning("registry batch of %d failed (%s); retrying request by request", len(batch), exc)
-            out: list[_Result] = []
-            for op in batch:
-                out += await self._commit([op])
-            return out
+            return [result for op in batch for result in await self._commit([op])]
 
     def _tombstone(self, op: _Provision) -> str:
         return privacy.tombstone_ref(self._salt, op.identity.cert_fingerprint)
@@ -1334,59 +1157,48 @@ class RegistryCore:
             erased |= await self._tombstoned(
                 tx, [self._tombstone(op) for d in pending for _, op in by_device[d]]
             )
-            for device_id in pending:
-                groups[device_id] = self._decide_group(
-                    by_device[device_id], existing.get(device_id), superseded, erased
-                )
-            lost = await self._create(tx, [groups[d] for d in pending if groups[d].creates], keys)
-            if not lost:
+            for d in pending:
+                groups[d] = self._decide_group(by_device[d], existing.get(d), superseded, erased)
+            if not (
+                pending := await self._create(tx, [groups[d] for d in pending if groups[d].creates], keys)
+            ):
                 break
-            # Another node created these devices since we looked; its row is committed now (the
-            # insert waited for it). Decide again against its record, locked this time.
-            pending = lost
+            # Another node created these devices since they were read; its rows are committed now
+            # (the insert waited for them): decide again against its records, locked this time.
         else:
             raise errors.RegistryUnavailable(
                 "provisioning did not settle (devices created and erased meanwhile)"
             )
         updates = sorted(
-            (g.record for g in groups.values() if not g.creates and g.record is not None),
-            key=lambda r: r.device_id,
+            (g.record for g in groups.values() if g.record and not g.creates), key=lambda r: r.device_id
         )
-        await tx.executemany(
-            _UPDATE_DEVICE,
-            [(*row[1:], row[0]) for row in (self._device_row(r, keys[r.device_id]) for r in updates)],
-        )
-        await tx.executemany(
-            _INSERT_HISTORY,
-            [
-                self._history_row(d, fp, at, keys[d])
-                for i in sorted(groups)
-                for d, fp, at in groups[i].history
-            ],
-        )
+        rows = [self._device_row(r, keys[r.device_id]) for r in updates]
+        await tx.executemany(_UPDATE_DEVICE, [(*row[1:], row[0]) for row in rows])
+        history_rows = [self._history_row(*h, keys[h[0]]) for d in sorted(groups) for h in groups[d].history]
+        await tx.executemany(_HISTORY + " ON CONFLICT DO NOTHING", history_rows)
         return groups, keys
 
     async def _create(self, tx: Tx, groups: list[_Group], keys: dict[str, bytes]) -> list[str]:
         """Insert the new devices of ``groups`` (their keys into ``keys``); the ids whose insert
         another node's row got in the way of."""
-        if not groups:
+        ids = [g.record.device_id for g in groups if g.record]
+        if not ids:
             return []
-        ids = [g.record.device_id for g in groups if g.record is not None]
-        # A new device's data key: in this transaction (or the one another node made first, read
-        # back), or, where the keyring commits apart, the one committed before it (_ensure_keys).
+        # A new device's data key: made in this transaction (or another node's, read back), or,
+        # where the keyring commits apart, the one committed before it (_ensure_keys).
         keys.update(await self._data_keys(tx, ids, create=not self._store.keyring_apart, live_only=True))
         rows = []
         for g in groups:
-            assert g.record is not None
-            if g.record.device_id in keys:
+            if g.record and g.record.device_id in keys:
                 rows.append(self._device_row(g.record, keys[g.record.device_id]))
-            else:  # an erasure running meanwhile (CLI or another node): that join is told to come back
+            elif g.record:  # an erasure running meanwhile (CLI or another node): told to come back
                 d = g.record.device_id
                 g.fail(errors.RegistryUnavailable(f"device {d!r} is being erased; try again", device_id=d))
-        await tx.executemany(_INSERT_DEVICE, rows)
+        await tx.executemany(_INSERT_DEVICE + " ON CONFLICT DO NOTHING", rows)
+        sealed = {row[-1] for row in rows}
         written = await tx.fetch("SELECT device_id, sealed FROM devices WHERE device_id = ANY(?)", ids)
-        ours = {str(r[0]) for r in written if bytes(r[1]) in {row[10] for row in rows}}
-        return sorted(str(row[0]) for row in rows if row[0] not in ours)
+        won = {r[0] for r in written if bytes(r[1]) in sealed}
+        return sorted(row[0] for row in rows if row[0] not in won)
 
     def _decide_group(
         self,
@@ -1398,22 +1210,21 @@ class RegistryCore:
         group = _Group(current=current)
         superseded = {s for s in superseded if s[0] == current.device_id} if current else set()
         for i, op in ops:
-            ref = self._tombstone(op)
-            if ref in erased:
+            if (ref := self._tombstone(op)) in erased:
                 # Nothing that names the erased device is written again, not even in the audit trail.
                 group.results[i] = errors.DeviceErased(
                     "this certificate belonged to an erased device and stays refused", detail=ref
                 )
                 continue
-            outcome = decide(op.identity, at=op.at, policy=op.policy, current=current, superseded=superseded)
-            group.results[i] = outcome
+            outcome = group.results[i] = decide(
+                op.identity, at=op.at, policy=op.policy, current=current, superseded=superseded
+            )
             if isinstance(outcome, errors.ProvisioningError):
                 continue
             if outcome.event is None:
                 group.touches[op.identity.device_id] = op.at
                 continue
-            record, event = outcome.record, outcome.event
-            previous = current
+            record, event, previous = outcome.record, outcome.event, current
             if previous is not None:
                 group.history.append((record.device_id, previous.cert_fingerprint, op.at))
                 superseded.add((record.device_id, previous.cert_fingerprint))

@@ -28,78 +28,33 @@ _TEMPLATES: tuple[str, ...] = (
     # 1: the foundation. Columns of `audit` hold the stored (pseudonymous) form: see jitp.privacy.
     # The audit head row exists from the start: appending locks it (one chain across nodes).
     """
-    CREATE TABLE anchors (
-        ca_id TEXT PRIMARY KEY,
-        cert_der {blob} NOT NULL,
-        role TEXT NOT NULL,
-        subject TEXT NOT NULL,
-        region TEXT,
-        template TEXT,
-        enabled {flag},
-        registered_at {time} NOT NULL
-    );
+    CREATE TABLE anchors (ca_id TEXT PRIMARY KEY, cert_der {blob} NOT NULL, role TEXT NOT NULL,
+        subject TEXT NOT NULL, region TEXT, template TEXT, enabled {flag}, registered_at {time} NOT NULL);
     CREATE TABLE meta (key TEXT PRIMARY KEY, value {bigint} NOT NULL);
     INSERT INTO meta (key, value) VALUES ('trust_version', 1);
     INSERT INTO meta (key, value) VALUES ('templates_version', 1);
     CREATE TABLE meta_text (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     INSERT INTO meta_text (key, value) VALUES ('audit_head', '0:{genesis}');
-    CREATE TABLE devices (
-        device_id TEXT PRIMARY KEY,
-        status TEXT NOT NULL,
-        cert_fingerprint TEXT NOT NULL,
-        ca_id TEXT NOT NULL,
-        region TEXT NOT NULL,
-        serial TEXT NOT NULL,
-        subject TEXT NOT NULL,
-        not_after {time} NOT NULL,
-        provisioned_at {time} NOT NULL,
-        last_seen {time},
-        attributes TEXT NOT NULL DEFAULT '{{}}',
-        template TEXT,
-        template_version INTEGER,
-        config TEXT NOT NULL DEFAULT '{{}}'
-    );
+    CREATE TABLE devices (device_id TEXT PRIMARY KEY, status TEXT NOT NULL, cert_fingerprint TEXT NOT NULL,
+        ca_id TEXT NOT NULL, region TEXT NOT NULL, serial TEXT NOT NULL, subject TEXT NOT NULL,
+        not_after {time} NOT NULL, provisioned_at {time} NOT NULL, last_seen {time},
+        attributes TEXT NOT NULL DEFAULT '{{}}', template TEXT, template_version INTEGER,
+        config TEXT NOT NULL DEFAULT '{{}}');
     CREATE INDEX devices_fingerprint ON devices (cert_fingerprint);
-    CREATE TABLE cert_history (
-        device_id TEXT NOT NULL,
-        cert_fingerprint TEXT NOT NULL,
-        superseded_at {time} NOT NULL,
-        PRIMARY KEY (device_id, cert_fingerprint)
-    );
+    CREATE TABLE cert_history (device_id TEXT NOT NULL, cert_fingerprint TEXT NOT NULL,
+        superseded_at {time} NOT NULL, PRIMARY KEY (device_id, cert_fingerprint));
     CREATE TABLE device_keys (device_id TEXT PRIMARY KEY, ref_key {blob} NOT NULL);
     CREATE TABLE tombstones (ref TEXT PRIMARY KEY, erased_at {time} NOT NULL);
-    CREATE TABLE crls (
-        ca_id TEXT PRIMARY KEY,
-        der {blob} NOT NULL,
-        this_update {time} NOT NULL,
-        next_update {time},
-        imported_at {time} NOT NULL
-    );
-    CREATE TABLE outbox (
-        seq {serial},
-        event_id TEXT NOT NULL UNIQUE,
-        type TEXT NOT NULL,
-        device_id TEXT NOT NULL,
-        occurred_at {time} NOT NULL,
-        payload {blob} NOT NULL,
-        delivered_at {time}
-    );
+    CREATE TABLE crls (ca_id TEXT PRIMARY KEY, der {blob} NOT NULL, this_update {time} NOT NULL,
+        next_update {time}, imported_at {time} NOT NULL);
+    CREATE TABLE outbox (seq {serial}, event_id TEXT NOT NULL UNIQUE, type TEXT NOT NULL,
+        device_id TEXT NOT NULL, occurred_at {time} NOT NULL, payload {blob} NOT NULL, delivered_at {time});
     CREATE INDEX outbox_pending ON outbox (seq) WHERE delivered_at IS NULL;
     CREATE INDEX outbox_device ON outbox (device_id);
     CREATE UNIQUE INDEX outbox_one_provisioned ON outbox (device_id) WHERE type = 'provisioned';
-    CREATE TABLE audit (
-        seq {bigint} PRIMARY KEY,
-        at {time} NOT NULL,
-        action TEXT NOT NULL,
-        actor TEXT NOT NULL,
-        device_id TEXT,
-        fingerprint TEXT,
-        reason TEXT,
-        peer TEXT,
-        details TEXT NOT NULL,
-        prev_hash TEXT NOT NULL,
-        hash TEXT NOT NULL
-    );
+    CREATE TABLE audit (seq {bigint} PRIMARY KEY, at {time} NOT NULL, action TEXT NOT NULL,
+        actor TEXT NOT NULL, device_id TEXT, fingerprint TEXT, reason TEXT, peer TEXT, details TEXT NOT NULL,
+        prev_hash TEXT NOT NULL, hash TEXT NOT NULL);
     """,
     # 2: event sinks (jitp.nats_sink): each sink's progress through the outbox, by seq.
     """
@@ -116,27 +71,12 @@ _TEMPLATES: tuple[str, ...] = (
     ALTER TABLE device_keys RENAME TO device_keys_v2;
     {rename_keys}
     DROP INDEX devices_fingerprint;
-    CREATE TABLE devices (
-        device_id TEXT PRIMARY KEY,
-        status TEXT NOT NULL,
-        ca_id TEXT NOT NULL,
-        region TEXT NOT NULL,
-        not_after {time} NOT NULL,
-        provisioned_at {time} NOT NULL,
-        last_seen {time},
-        template TEXT,
-        template_version INTEGER,
-        fp_index TEXT NOT NULL,
-        sealed {blob} NOT NULL
-    );
+    CREATE TABLE devices (device_id TEXT PRIMARY KEY, status TEXT NOT NULL, ca_id TEXT NOT NULL,
+        region TEXT NOT NULL, not_after {time} NOT NULL, provisioned_at {time} NOT NULL, last_seen {time},
+        template TEXT, template_version INTEGER, fp_index TEXT NOT NULL, sealed {blob} NOT NULL);
     CREATE INDEX devices_fp_index ON devices (fp_index);
-    CREATE TABLE cert_history (
-        device_id TEXT NOT NULL,
-        fp_index TEXT NOT NULL,
-        sealed_fp {blob} NOT NULL,
-        superseded_at {time} NOT NULL,
-        PRIMARY KEY (device_id, fp_index)
-    );
+    CREATE TABLE cert_history (device_id TEXT NOT NULL, fp_index TEXT NOT NULL, sealed_fp {blob} NOT NULL,
+        superseded_at {time} NOT NULL, PRIMARY KEY (device_id, fp_index));
     """,
 )
 

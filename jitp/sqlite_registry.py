@@ -39,11 +39,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 TYPES = ColumnTypes(
-    blob="BLOB",
-    time="TEXT",
-    bigint="INTEGER",
-    flag="INTEGER NOT NULL DEFAULT 1",
-    serial="INTEGER PRIMARY KEY AUTOINCREMENT",
+    "BLOB", "TEXT", "INTEGER", "INTEGER NOT NULL DEFAULT 1", "INTEGER PRIMARY KEY AUTOINCREMENT"
 )
 MIGRATIONS = migrations(TYPES)
 
