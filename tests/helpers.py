@@ -6,7 +6,7 @@ import asyncio
 import ssl
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,6 +22,39 @@ from jitp.config import AuditConfig, Config, LimitsConfig, ListenerConfig, Trust
 from jitp.trust import Role, TrustAnchor
 
 T = TypeVar("T")
+
+
+# -- waiting for a condition -------------------------------------------------------------------
+# Tests never sleep to synchronise: they wait for the condition that shows the other side did its
+# work, with a bounded deadline. These two are the one way to do that (blocking and on a loop).
+def wait_until(predicate: Callable[[], object], timeout: float = 5.0, *, interval: float = 0.02) -> bool:
+    """Poll ``predicate`` until it is truthy or ``timeout`` seconds pass; True if it became truthy.
+
+    Use as ``assert wait_until(lambda: ..., timeout), "what did not happen"``.
+    """
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+async def wait_until_async(
+    predicate: Callable[[], object | Awaitable[object]], within: float = 5.0, *, interval: float = 0.02
+) -> bool:
+    """:func:`wait_until` on an event loop, which keeps running meanwhile; ``predicate`` may be async."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        value = predicate()
+        if isinstance(value, Awaitable):
+            value = await value
+        if value:
+            return True
+        if loop.time() >= deadline:
+            return False
+        await asyncio.sleep(interval)
 
 
 @dataclass(frozen=True)
@@ -203,12 +236,7 @@ class Conn:
     disconnected: threading.Event = field(default_factory=threading.Event)
 
     def wait_for(self, predicate: Any, timeout: float = 5.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return True
-            time.sleep(0.02)
-        return bool(predicate())
+        return wait_until(predicate, timeout)
 
     def subscribe(self, topic: str, qos: int = 1, timeout: float = 5.0) -> list[int]:
         done = threading.Event()

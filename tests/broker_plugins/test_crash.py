@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import pytest
 from device_sim import Fleet, Report, Target, create_fleet, run_storm
 from device_sim.backoff import NO_RETRY
 from jitp.sqlite_registry import SQLiteRegistry
-from tests.helpers import Pki, client_context
+from tests.helpers import Pki, client_context, connect, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -59,15 +58,17 @@ class Broker:
                  "--server-key", str(layout.server_key)],
                 cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()[-3000:]
+        proc = self.proc
+
+        def accepting() -> bool:
+            assert proc.poll() is None, self.log.read_text()[-3000:]
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
             except OSError:
-                time.sleep(0.05)
-        raise AssertionError("the broker did not start")
+                return False
+            return True
+
+        assert wait_until(accepting, 20, interval=0.05), "the broker did not start"
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -113,6 +114,10 @@ class Subscriber:
     def count(self) -> int:
         with self.lock:
             return len(self.seen)
+
+    def device_ids(self) -> set[str]:
+        with self.lock:
+            return {device_id for device_id, _ in self.seen}
 
     def close(self) -> None:
         self.client.loop_stop()
@@ -160,10 +165,7 @@ def test_sigkill_mid_storm_loses_no_acknowledged_join_and_keeps_event_ids(
         )
     )
     storm.start()
-    deadline = time.monotonic() + 30
-    while before.count() < KILL_AFTER and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert before.count() >= KILL_AFTER, "the storm did not get going"
+    assert wait_until(lambda: before.count() >= KILL_AFTER, 30, interval=0.005), "the storm did not get going"
     broker.kill()
     storm.join(60)
     before.close()
@@ -191,16 +193,23 @@ def test_sigkill_mid_storm_loses_no_acknowledged_join_and_keeps_event_ids(
     broker.start()
     after = Subscriber(broker.port, pki)
     try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            _, _, still = asyncio.run(_stored(registry_path))
-            if not still:
-                break
-            time.sleep(0.2)
-        assert not still, f"{len(still)} event(s) still pending after the restart"
-        time.sleep(0.3)
+        still: list[Any] = []
+
+        def delivered() -> bool:
+            still[:] = asyncio.run(_stored(registry_path))[2]
+            return not still
+
+        assert wait_until(delivered, 10, interval=0.2), (
+            f"{len(still)} event(s) still pending after the restart"
+        )
+        # Witness that every redelivery has reached the subscriber: a new device joins after them;
+        # its event is routed behind theirs, on the same connection.
+        marker = connect(broker.port, pki, pki.device("crash-marker"))
+        marker.close()
+        assert marker.rc == 0, marker.error
+        assert wait_until(lambda: "crash-marker" in after.device_ids(), 10), "no marker event"
         with after.lock:
-            redelivered = list(after.seen)
+            redelivered = [(d, eid) for d, eid in after.seen if d != "crash-marker"]
         assert all(stored_id.get(d) == eid for d, eid in redelivered)
         pending_ids = {(e.device_id, e.event_id) for e in pending if e.type == "provisioned"}
         assert set(redelivered) <= pending_ids | set(stored_id.items())

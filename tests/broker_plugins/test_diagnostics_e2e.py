@@ -6,9 +6,9 @@ only the root registered; the assertion is on the audit entry and the broker's l
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 import certs
 from broker_plugins import tls as tls_module
 from jitp.trust import TrustAnchor, TrustStore
-from tests.helpers import BrokerThread, Identity, Pki, client_context, connect, test_config
+from tests.helpers import BrokerThread, Identity, Pki, client_context, connect, test_config, wait_until
 
 INCOMPLETE = "chain incomplete (no intermediate sent)"
 
@@ -44,16 +44,14 @@ def _context(pki: Pki, ident: Identity, tls: str) -> ssl.SSLContext:
 
 
 def _refusal_messages(broker: BrokerThread, timeout: float = 5.0, count: int = 1) -> list[str]:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [
-            (e.draft.reason, e.draft.details.get("message", ""))
-            for e in broker.audit()
-            if e.draft.action == "refused"
-        ]
-        if len(found) >= count or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+    # A refused handshake is audited before its connection leaves the listener's count: once none
+    # is open, every refusal of the test is in the audit log (and no other can follow).
+    assert wait_until(lambda: broker.server.listener.open_connections == 0, timeout), "connections still open"
+    found = [
+        (e.draft.reason, e.draft.details.get("message", ""))
+        for e in broker.audit()
+        if e.draft.action == "refused"
+    ]
     assert len(found) == count, found
     assert {reason for reason, _ in found} == {"unknown_ca"}  # the stable reason code stays
     return [message for _, message in found]
@@ -124,21 +122,26 @@ def test_a_wrong_intermediate_is_named(root_only: BrokerThread, pki: Pki) -> Non
 
 # -- the capture itself: in memory, without a broker ---------------------------------------------------
 def _handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> tuple[ssl.SSLObject, BaseException | None]:
+    """Drive a handshake in memory until the server side completes (error None) or fails (its error).
+
+    A client-side failure is not what these tests are about: it propagates.
+    """
     s_in, s_out, c_in, c_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
     s = server.wrap_bio(s_in, s_out, server_side=True)
     c = client.wrap_bio(c_in, c_out, server_hostname="localhost")
     for _ in range(10):
-        for side in (c, s):
-            try:
-                side.do_handshake()
-            except ssl.SSLWantReadError:
-                pass
-            except ssl.SSLError as exc:
-                if side is s:
-                    return s, exc
-        s_in.write(c_out.read())
-        c_in.write(s_out.read())
-    return s, None
+        with contextlib.suppress(ssl.SSLWantReadError):  # the client waits for the server's next flight
+            c.do_handshake()
+        try:
+            s.do_handshake()
+        except ssl.SSLWantReadError:  # the server waits for the client's next flight: pass them on
+            s_in.write(c_out.read())
+            c_in.write(s_out.read())
+        except ssl.SSLError as exc:
+            return s, exc
+        else:
+            return s, None
+    raise AssertionError("the handshake neither completed nor failed within 10 flights")
 
 
 @pytest.mark.parametrize("tls", ["1.2", "1.3"])

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from jitp.nats_sink import SINK_NAME
-from tests.helpers import BrokerThread, Pki, connect, test_config
+from tests.helpers import BrokerThread, Pki, connect, test_config, wait_until
 from tests.jitp.test_nats_sink import Stream, nats_url, stream  # noqa: F401  (fixtures)
 
 
@@ -51,7 +50,6 @@ def test_device_joins_reach_the_stream_with_subject_and_headers(
         assert message.headers["Jitp-Device-Id"] == name
     # The sink's progress is durable, in the registry.
     last = nats_broker.call(nats_broker.registry().events_after(0))[-1][0]
-    deadline = time.monotonic() + 10
-    while nats_broker.call(nats_broker.registry().sink_cursor(SINK_NAME)) < last:
-        assert time.monotonic() < deadline, "the sink cursor did not reach the last event"
-        time.sleep(0.05)
+    assert wait_until(
+        lambda: nats_broker.call(nats_broker.registry().sink_cursor(SINK_NAME)) >= last, 10, interval=0.05
+    ), "the sink cursor did not reach the last event"

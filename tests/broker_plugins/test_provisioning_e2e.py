@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from jitp.audit import AuditDraft
 from jitp.trust import TrustAnchor
-from tests.helpers import BrokerThread, Pki, connect, test_config
+from tests.helpers import BrokerThread, Identity, Pki, connect, test_config, wait_until
 
 
 def test_first_connect_provisions_on_the_same_connection(broker: BrokerThread, pki: Pki) -> None:
@@ -58,7 +58,9 @@ def test_reconnect_is_idempotent_and_updates_last_seen(broker: BrokerThread, pki
         conn = connect(broker.port, pki, dev)
         conn.close()
         assert conn.rc == 0
-        time.sleep(0.05)
+        # The broker has seen the disconnect (a clean session leaves the table): the next connect
+        # is a reconnect, not a takeover of a session still open.
+        assert wait_until(lambda: broker.session_count() == 0), "the disconnect was not seen"
     # Reconnects of a cached record skip the registry; last_seen is written behind, with the
     # registry's next write (here: another device's join) or when it closes.
     other = connect(broker.port, pki, pki.device("thermo-2"))
@@ -107,24 +109,23 @@ def test_ca_registered_and_disabled_at_runtime(tmp_path: Path, pki: Pki) -> None
         anchor = TrustAnchor.from_certificate(pki.manufacturer.cert)
         draft = AuditDraft(at=datetime.now(UTC), action="ca-registered", actor="test")
         b.call(b.registry().register_anchor(anchor, audit=draft))
-        deadline = time.monotonic() + 5
-        rc = None
-        while time.monotonic() < deadline and rc != 0:
-            c = connect(b.port, pki, dev)
-            c.close()
-            rc = c.rc
-            time.sleep(0.2)
-        assert rc == 0, "a CA registered at runtime must apply within 5 s"
+        assert wait_until(lambda: _connack(b, pki, dev) == 0, 5, interval=0.2), (
+            "a CA registered at runtime must apply within 5 s"
+        )
         b.call(b.registry().set_anchor_enabled(anchor.ca_id, False, audit=draft))
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and rc is not None:
-            c = connect(b.port, pki, pki.device("after-disable"))
-            c.close()
-            rc = c.rc
-            time.sleep(0.2)
-        assert rc is None, "a CA disabled at runtime must stop admitting within 5 s"
+        after = pki.device("after-disable")
+        assert wait_until(lambda: _connack(b, pki, after) is None, 5, interval=0.2), (
+            "a CA disabled at runtime must stop admitting within 5 s"
+        )
     finally:
         b.stop()
+
+
+def _connack(broker: BrokerThread, pki: Pki, ident: Identity) -> int | None:
+    """One connect attempt: the CONNACK code, None if refused in the handshake."""
+    conn = connect(broker.port, pki, ident)
+    conn.close()
+    return conn.rc
 
 
 def test_devices_cannot_read_events_and_services_are_not_provisioned(broker: BrokerThread, pki: Pki) -> None:
@@ -139,7 +140,11 @@ def test_devices_cannot_read_events_and_services_are_not_provisioned(broker: Bro
         other = connect(broker.port, pki, pki.device("newcomer"))
         other.close()
         assert svc.wait_for(lambda: len(svc.messages) >= 1)
-        time.sleep(0.3)
+        # Witness: a message routed to the device after the event. Had the event been routed to
+        # the device, it would have arrived before this marker on the same connection.
+        marker = dev.client.publish("devices/nosy/cmd/marker", b"m", qos=1)
+        marker.wait_for_publish(5)
+        assert dev.wait_for(lambda: any(m.topic == "devices/nosy/cmd/marker" for m in dev.messages))
         assert not [m for m in dev.messages if m.topic.startswith("$jitp/events")]
     finally:
         dev.close()
@@ -159,7 +164,9 @@ def test_persistent_service_session_gets_events_published_while_offline(
         d = connect(broker.port, pki, pki.device(f"offline-{i}"))
         d.close()
         assert d.rc == 0
-    time.sleep(1.5)  # the outbox publisher delivers while the service is away
+    # The outbox publisher routes the events (queued for the offline session), then marks them
+    # delivered: once nothing is pending, all three wait in the service's session.
+    assert wait_until(lambda: broker.call(broker.registry().pending_events()) == []), "events still pending"
     back = connect(broker.port, pki, svc_id, clean=False)
     try:
         assert back.rc == 0
@@ -212,7 +219,13 @@ def test_subscribers_on_one_node_get_events_committed_on_another(tmp_path: Path,
 
         nodes[0].register_ca(pki.service_ca.cert, role=Role.SERVICE)
         nodes[1].call(nodes[1].server.service.refresh_trust())
-        time.sleep(1.2)  # both publishers have set their cursors
+        # Both publishers must have taken their relay cursors before the test's events: a new node
+        # starts at the present. A warm-up join puts an event in the outbox; a node cursor past it
+        # shows that node's publisher has polled (a cursor is written only by the relay).
+        warm = connect(nodes[0].port, pki, pki.device("relay-warm-up"))
+        warm.close()
+        assert warm.rc == 0
+        _wait_relayed(nodes, nodes[0].call(nodes[0].registry().outbox_head()))
         svc = connect(nodes[0].port, pki, pki.service())
         try:
             assert svc.subscribe("$jitp/events/provisioned/+") == [1]
@@ -221,11 +234,35 @@ def test_subscribers_on_one_node_get_events_committed_on_another(tmp_path: Path,
                 d.close()
                 assert d.rc == 0
             assert svc.wait_for(lambda: len(svc.messages) >= 2, timeout=6)
-            time.sleep(1.2)
-            got = sorted(json.loads(m.payload)["device_id"] for m in svc.messages)
+            # A second copy could only come from node 0's relay poll, or from its pending-event poll.
+            # Once node 0's cursor is past both events and nothing is pending, either has run; a
+            # marker joining node 0 after that reaches the subscriber behind anything they sent.
+            _wait_relayed(nodes[:1], nodes[0].call(nodes[0].registry().outbox_head()))
+            assert wait_until(lambda: nodes[0].call(nodes[0].registry().pending_events()) == [])
+            marker = connect(nodes[0].port, pki, pki.device("relay-marker"))
+            marker.close()
+            assert marker.rc == 0
+            assert svc.wait_for(lambda: _device_ids(svc.messages)[-1:] == ["relay-marker"], timeout=6)
+            got = sorted(_device_ids(svc.messages)[:-1])
             assert got == ["relay-0", "relay-1"]  # each exactly once
         finally:
             svc.close()
     finally:
         for n in nodes:
             n.stop()
+
+
+def _wait_relayed(nodes: list[BrokerThread], seq: int) -> None:
+    """Wait until each node's relay cursor (``mqtt:<node_id>``) has reached outbox seq ``seq``."""
+    for node in nodes:
+        _wait_cursor(node, f"mqtt:{node.config.node_id}", seq)
+
+
+def _wait_cursor(node: BrokerThread, name: str, seq: int) -> None:
+    assert wait_until(lambda: node.call(node.registry().sink_cursor(name)) >= seq, 6), (
+        f"{name} did not reach seq {seq}"
+    )
+
+
+def _device_ids(messages: list[Any]) -> list[str]:
+    return [json.loads(m.payload)["device_id"] for m in messages]

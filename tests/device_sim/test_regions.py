@@ -7,7 +7,6 @@ import asyncio.sslproto
 import json
 import shlex
 import stat
-import time
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,7 @@ from device_sim import (
 from device_sim.cli import main as sim_main
 from device_sim.report import EventCheck, RegionEvents
 from jitp.cli import main as jitp_main
-from tests.helpers import BrokerThread, Pki
+from tests.helpers import BrokerThread, Pki, wait_until
 
 REGIONS = {"eu-west": 10, "us-east": 10}
 
@@ -285,9 +284,10 @@ def test_cli_multi_region_fleet_operator_flow(
     for command in commands:
         assert jitp_main(shlex.split(command)[1:]) == 0
     capsys.readouterr()
-    deadline = time.monotonic() + 10  # the broker reloads its trust store from the registry
-    while len(broker.server.service.trust.anchors) < 4 and time.monotonic() < deadline:
-        time.sleep(0.1)
+    # The broker reloads its trust store from the registry: wait until it has both regional CAs.
+    assert wait_until(lambda: len(broker.server.service.trust.anchors) >= 4, 10, interval=0.1), (
+        broker.server.service.trust.anchors
+    )
     layout = pki.layout
     code = sim_main(
         [

@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,6 +34,7 @@ from jitp.nats_sink import SINK_NAME, NatsSink, device_filter, event_subject, su
 from jitp.records import Command
 from jitp.registry import Registry
 from jitp.sqlite_registry import SQLiteRegistry
+from tests.helpers import wait_until_async
 from tests.jitp.test_registry_contract import (  # noqa: F401  (fixtures)
     T0,
     Backend,
@@ -149,7 +151,7 @@ def nats_url() -> str:
     """A reachable NATS server with JetStream, or skip (fail when CI is set)."""
 
     async def quiet(exc: Exception) -> None:
-        pass
+        """Not a check: nats-py reports errors here too; the probe's exception below says what failed."""
 
     async def probe() -> None:
         nc = await asyncio.wait_for(
@@ -206,14 +208,13 @@ class Stream:
         nc = await nats.connect(self.url, allow_reconnect=False)
         try:
             js = nc.jetstream()
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + within
-            while True:
-                info = await js.stream_info(self.name)
-                if expect is None or info.state.messages >= expect or loop.time() > deadline:
-                    break
-                await asyncio.sleep(0.05)
-            total = info.state.messages
+            if expect is not None:  # (on timeout, the caller's assertions say what is missing)
+
+                async def enough() -> bool:
+                    return bool((await js.stream_info(self.name)).state.messages >= expect)
+
+                await wait_until_async(enough, within, interval=0.05)
+            total = (await js.stream_info(self.name)).state.messages
             if not total:
                 return []
             sub = await js.pull_subscribe(f"{self.prefix}.>", stream=self.name)
@@ -225,6 +226,16 @@ class Stream:
                 out += batch
             await sub.unsubscribe()
             return out
+        finally:
+            await nc.close()
+
+    async def exists(self) -> bool:
+        nc = await nats.connect(self.url, allow_reconnect=False)
+        try:
+            await nc.jetstream().stream_info(self.name)
+            return True
+        except nats.js.errors.NotFoundError:
+            return False
         finally:
             await nc.close()
 
@@ -261,12 +272,13 @@ async def sqlite(tmp: Path) -> AsyncIterator[SQLiteRegistry]:
         await registry.close()
 
 
-async def until(predicate: Callable[[], Awaitable[bool]], within: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not await predicate():
-        assert loop.time() < deadline, "timed out"
-        await asyncio.sleep(0.05)
+def paused(caplog: pytest.LogCaptureFixture, why: str = "") -> int:
+    """How many times the sink has logged a failed attempt ("NATS sink paused ..."), for ``why``."""
+    return sum(
+        1
+        for r in caplog.records
+        if r.name == "jitp.nats" and r.getMessage().startswith("NATS sink paused") and why in r.getMessage()
+    )
 
 
 async def caught_up(registry: Registry) -> bool:
@@ -286,7 +298,7 @@ def test_events_are_published_in_order_with_subject_and_headers(stream: Stream, 
             sink = NatsSink(registry, stream.config())
             await sink.start()
             try:
-                await until(lambda: caught_up(registry))
+                assert await wait_until_async(lambda: caught_up(registry), 10), "the sink did not catch up"
             finally:
                 await sink.stop()
             events = await registry.events()
@@ -316,7 +328,7 @@ def test_the_same_event_twice_is_one_stream_message(stream: Stream, tmp_path: Pa
             sink = NatsSink(registry, stream.config())
             await sink.start()
             try:
-                await until(lambda: caught_up(registry))
+                assert await wait_until_async(lambda: caught_up(registry), 10), "the sink did not catch up"
                 await asyncio.wait_for(sink.connected.wait(), 5)
                 # A crash after the publish, before the cursor moved: the same event again.
                 nc = await nats.connect(stream.url, allow_reconnect=False)
@@ -374,19 +386,22 @@ class Proxy:
         self._writers |= {writer, up_writer}
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
+            # Not a check: the test cuts the proxy on purpose (down()), which ends the copy with
+            # a reset or a closed stream.
+            with contextlib.suppress(OSError, asyncio.IncompleteReadError):
                 while data := await src.read(65536):
                     dst.write(data)
                     await dst.drain()
-            except (OSError, asyncio.IncompleteReadError):
-                pass
-            finally:
-                dst.close()
+            dst.close()
 
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
 
 
-def test_outage_events_wait_in_the_outbox_and_arrive_exactly_once(stream: Stream, tmp_path: Path) -> None:
+def test_outage_events_wait_in_the_outbox_and_arrive_exactly_once(
+    stream: Stream, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="jitp.nats")
+
     async def body() -> None:
         proxy = Proxy(stream.url)
         await proxy.up()
@@ -395,22 +410,24 @@ def test_outage_events_wait_in_the_outbox_and_arrive_exactly_once(stream: Stream
             sink = NatsSink(registry, stream.config(servers=proxy.url))
             await sink.start()
             try:
-                await until(lambda: caught_up(registry))
+                assert await wait_until_async(lambda: caught_up(registry), 10), "the sink did not catch up"
                 # NATS becomes unreachable for the sink; devices keep joining, MQTT keeps delivering.
                 await proxy.down()
-                await until(lambda: asyncio.sleep(0, not sink.connected.is_set()))
+                assert await wait_until_async(lambda: not sink.connected.is_set(), 10), "still connected"
                 await provision(registry, *(f"during-{i}" for i in range(20)))
                 await registry.erase(device_id="before-2", at=T0, actor="op")
                 sink.wake()
                 pending = await registry.pending_events(1000)
                 await registry.mark_delivered([e.event_id for e in pending], at=datetime.now(UTC))
-                await asyncio.sleep(0.5)
+                # Witness: the sink has tried again since these events were committed, and failed.
+                tried = paused(caplog)
+                assert await wait_until_async(lambda: paused(caplog) > tried, 10), "the sink did not retry"
                 assert not await caught_up(registry)
                 # Erased while the sink was behind: still whole for the sink.
                 erased = [e for _, e in await registry.events_after(0) if e.type == "erased"]
                 assert [e.device_id for e in erased] == ["before-2"]
                 await proxy.up()
-                await until(lambda: caught_up(registry), within=20)
+                assert await wait_until_async(lambda: caught_up(registry), 20), "the sink did not catch up"
             finally:
                 await sink.stop()
                 await proxy.down()
@@ -432,20 +449,24 @@ def test_outage_events_wait_in_the_outbox_and_arrive_exactly_once(stream: Stream
 
 
 def test_a_dead_server_leaves_the_cursor_alone_and_a_new_sink_catches_up(
-    stream: Stream, tmp_path: Path
+    stream: Stream, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="jitp.nats")
+
     async def body() -> None:
         async with sqlite(tmp_path) as registry:
             dead = NatsSink(registry, stream.config(servers=f"nats://127.0.0.1:{free_port()}"))
             await dead.start()
             await provision(registry, "x1", "x2", "x3")
-            await asyncio.sleep(0.5)
+            # Witness: the sink has tried since the events were committed, and failed.
+            tried = paused(caplog)
+            assert await wait_until_async(lambda: paused(caplog) > tried, 10), "the sink did not try"
             assert await registry.sink_cursor(SINK_NAME) == 0 and not dead.connected.is_set()
             await dead.stop()
             sink = NatsSink(registry, stream.config(), batch=2)  # several batches
             await sink.start()
             try:
-                await until(lambda: caught_up(registry))
+                assert await wait_until_async(lambda: caught_up(registry), 10), "the sink did not catch up"
             finally:
                 await sink.stop()
             expected = [e.event_id for e in await registry.events()]
@@ -454,14 +475,23 @@ def test_a_dead_server_leaves_the_cursor_alone_and_a_new_sink_catches_up(
     asyncio.run(body())
 
 
-def test_missing_stream_without_create_stream_pauses_the_sink(stream: Stream, tmp_path: Path) -> None:
+def test_missing_stream_without_create_stream_pauses_the_sink(
+    stream: Stream, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="jitp.nats")
+
     async def body() -> None:
         async with sqlite(tmp_path) as registry:
             await provision(registry, "y1")
             sink = NatsSink(registry, stream.config(create_stream=False))
             await sink.start()
-            await asyncio.sleep(0.5)
-            assert not sink.connected.is_set() and await registry.sink_cursor(SINK_NAME) == 0
-            await sink.stop()
+            try:
+                # Witness: the sink reached the server and found no stream.
+                missing = f"stream {stream.name} does not exist (nats.create_stream is false)"
+                assert await wait_until_async(lambda: paused(caplog, missing) > 0, 10), "the sink did not try"
+                assert not sink.connected.is_set() and await registry.sink_cursor(SINK_NAME) == 0
+                assert not await stream.exists()  # and it did not create one
+            finally:
+                await sink.stop()
 
     asyncio.run(body())
