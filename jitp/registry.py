@@ -1,6 +1,8 @@
 """The registry: where trust anchors, device records, the event outbox and the audit log live.
 
-:class:`Registry` is the Protocol every backend implements (SQLite is the embedded default).
+:class:`Registry` is the Protocol; :class:`~jitp.registry_core.RegistryCore` implements it once,
+over the storage port each backend implements (:mod:`jitp.sqlite_registry`, the embedded default;
+:mod:`jitp.pg_registry`, shared by several nodes). The rules below are pure and shared as well.
 The contract every implementation keeps:
 
 * ``provision`` is race-free "create if absent": concurrent calls for the same new device

@@ -196,6 +196,7 @@ class _Provision:
     peer: str | None
     policy: str
     future: asyncio.Future[ProvisionOutcome]
+    tombstone: str  # the certificate's tombstone ref: an erased certificate stays refused
 
 
 @dataclass(frozen=True)
@@ -708,7 +709,8 @@ class RegistryCore:
             raise ValueError(f"unknown reprovisioning policy {policy!r}")
         future: asyncio.Future[ProvisionOutcome] = asyncio.get_running_loop().create_future()
         self._check_writer()
-        self._queue.put_nowait(_Provision(identity, at, peer, policy, future))
+        ref = privacy.tombstone_ref(self._salt, identity.cert_fingerprint)
+        self._queue.put_nowait(_Provision(identity, at, peer, policy, future, ref))
         return await future
 
     async def get_device(self, device_id: str) -> DeviceRecord | None:
@@ -1087,7 +1089,7 @@ class RegistryCore:
             wanted: dict[str, list[str]] = {}
             for op in batch if self._store.keyring_apart else ():
                 if isinstance(op, _Provision):
-                    wanted.setdefault(op.identity.device_id, []).append(self._tombstone(op))
+                    wanted.setdefault(op.identity.device_id, []).append(op.tombstone)
             if wanted:
                 await self._ensure_keys(wanted)
             return await self._store.write(lambda tx: self._apply(tx, batch, touches))
@@ -1103,9 +1105,6 @@ class RegistryCore:
                 return [errors.RegistryUnavailable(f"registry write failed: {exc}")]
             log.warning("registry batch of %d failed (%s); retrying request by request", len(batch), exc)
             return [result for op in batch for result in await self._commit([op])]
-
-    def _tombstone(self, op: _Provision) -> str:
-        return privacy.tombstone_ref(self._salt, op.identity.cert_fingerprint)
 
     async def _apply(self, tx: Tx, batch: list[_Op], touches: dict[str, datetime]) -> list[_Result]:
         by_device: dict[str, list[tuple[int, _Provision]]] = {}
@@ -1154,9 +1153,7 @@ class RegistryCore:
             keys.update({d: key for d, (_, key) in fresh.items()})
             superseded |= fresh_superseded
             # After the lock: an erasure that held it has committed its tombstones by now.
-            erased |= await self._tombstoned(
-                tx, [self._tombstone(op) for d in pending for _, op in by_device[d]]
-            )
+            erased |= await self._tombstoned(tx, [op.tombstone for d in pending for _, op in by_device[d]])
             for d in pending:
                 groups[d] = self._decide_group(by_device[d], existing.get(d), superseded, erased)
             if not (
@@ -1210,7 +1207,7 @@ class RegistryCore:
         group = _Group(current=current)
         superseded = {s for s in superseded if s[0] == current.device_id} if current else set()
         for i, op in ops:
-            if (ref := self._tombstone(op)) in erased:
+            if (ref := op.tombstone) in erased:
                 # Nothing that names the erased device is written again, not even in the audit trail.
                 group.results[i] = errors.DeviceErased(
                     "this certificate belonged to an erased device and stays refused", detail=ref

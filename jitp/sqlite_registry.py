@@ -58,12 +58,16 @@ _ANY = re.compile(r"= ANY\(\?\)")
 _ROW_LOCK = re.compile(r"\s+FOR (UPDATE|SHARE)( OF \w+)?( SKIP LOCKED)?\s*$")
 
 
-def _bind(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.astimezone(UTC).isoformat()
-    if isinstance(value, list):
-        return json.dumps(value)
-    return value
+def _iso(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat()
+
+
+_BIND: dict[type, Callable[[Any], Any]] = {datetime: _iso, list: json.dumps}
+
+
+def _bind(values: Iterable[Any]) -> list[Any]:
+    """Values as SQLite stores them: timestamps as UTC ISO-8601 text, lists as JSON (for json_each)."""
+    return [_BIND[type(v)](v) if type(v) in _BIND else v for v in values]
 
 
 class _Tx:
@@ -80,15 +84,15 @@ class _Tx:
         return found
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
-        async with self._db.execute(self._translate(sql), [_bind(a) for a in args]) as cur:
+        async with self._db.execute(self._translate(sql), _bind(args)) as cur:
             return list(await cur.fetchall())
 
     async def execute(self, sql: str, *args: Any) -> int:
-        async with self._db.execute(self._translate(sql), [_bind(a) for a in args]) as cur:
+        async with self._db.execute(self._translate(sql), _bind(args)) as cur:
             return cur.rowcount
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        bound = [[_bind(v) for v in row] for row in rows]
+        bound = [_bind(row) for row in rows]
         if bound:
             await self._db.executemany(self._translate(sql), bound)
 
