@@ -339,6 +339,29 @@ def test_reconnect_last_seen_is_written_with_the_next_batch(backend: Backend) ->
     run(backend, body)
 
 
+def test_last_seen_never_goes_back(backend: Backend) -> None:
+    """Two nodes write a device's reconnect times out of order: the later time stays."""
+    late, early = T0 + timedelta(minutes=10), T0 + timedelta(minutes=5)
+
+    async def body() -> None:
+        a, b = backend.make(), backend.make()
+        await a.open()
+        await b.open()
+        try:
+            await a.provision(identity("dev-seen"), at=T0, peer=None)
+            a.note_seen("dev-seen", late)
+            await a.flush_seen()
+            b.note_seen("dev-seen", early)
+            await b.flush_seen()
+            record = await b.get_device("dev-seen")
+            assert record is not None and record.last_seen == late
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(body())
+
+
 def test_another_certificate_is_a_conflict_under_reject(backend: Backend) -> None:
     async def body(registry: Registry) -> None:
         await registry.provision(identity("dev-c"), at=T0, peer=PEER)
