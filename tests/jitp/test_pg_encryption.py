@@ -238,6 +238,26 @@ def test_rotation_rewraps_every_key_under_the_new_primary(postgres: Backend, key
     asyncio.run(body())
 
 
+def test_a_node_without_the_new_primary_answers_first_joins_unavailable(
+    postgres: Backend, keys_a: MasterKey
+) -> None:
+    """Another node made a key this node does not hold yet the primary: this node's first joins are
+    refused as unavailable (CONNACK 3, as on SQLite), its known devices still reconnect."""
+    new = MasterKey.generate()
+
+    async def body() -> None:
+        async with make(postgres, LocalKeys([keys_a])) as node:
+            await node.provision(secret_identity("known"), at=T0, peer=None)
+            async with make(postgres, LocalKeys([new, keys_a])) as operator:
+                await operator.set_primary_key(new.kid, audit=draft("key-rotation-started"))
+            with pytest.raises(errors.RegistryUnavailable, match=new.kid):
+                await asyncio.wait_for(node.provision(secret_identity("fresh"), at=T0, peer=None), 10)
+            again = await asyncio.wait_for(node.provision(secret_identity("known"), at=T0, peer=None), 10)
+            assert not again.created and await node.get_device("fresh") is None
+
+    asyncio.run(body())
+
+
 # -- crypto-shredding ------------------------------------------------------------------------------
 @pytest.fixture
 def backup_schema(postgres: Backend, pg_dsn: str) -> Iterator[str]:
