@@ -18,6 +18,7 @@ from broker_plugins.tls import TlsContextHolder
 from jitp import errors
 from jitp.config import Config, host_port
 from jitp.events import ProvisioningEvent
+from jitp.records import EventType
 from jitp.registry import Registry
 from jitp.registry_factory import make_registry
 from jitp.service import Clock, ProvisioningService, utc_now
@@ -27,8 +28,9 @@ from jitp.trust import TrustStore
 log = logging.getLogger("jitp.server")
 
 STALE_CRL_REPORT_INTERVAL = 300.0  # seconds between repeated errors about a CRL past nextUpdate
-CLOSING_EVENTS = ("revoked", "disabled", "deprovisioned", "erased")
-NAMESPACE_EVENTS = ("quarantined", "enabled", "allowed", "config-changed")
+_E = EventType
+CLOSING_EVENTS = frozenset({_E.REVOKED, _E.DISABLED, _E.DEPROVISIONED, _E.ERASED})  # close live sessions
+NAMESPACE_EVENTS = frozenset({_E.QUARANTINED, _E.ENABLED, _E.ALLOWED, _E.CONFIG_CHANGED})  # new namespace
 
 
 class JitpServer:
@@ -162,7 +164,7 @@ class JitpServer:
         broker, device_id = self.broker, event.device_id
         if not device_id:
             return
-        if event.type != "provisioned":
+        if event.type is not EventType.PROVISIONED:
             # Also changes made by other processes (the CLI): this node's cached record is stale.
             self.service.forget(device_id)
         if event.type in CLOSING_EVENTS:
@@ -170,7 +172,8 @@ class JitpServer:
         if event.type in CLOSING_EVENTS:
             # What the device itself retained goes with it; after deprovisioning or erasure also its
             # own $jitp/devices/<id>/ topics (its configuration).
-            prefix = f"$jitp/devices/{device_id}/" if event.type in ("deprovisioned", "erased") else None
+            gone = event.type in (EventType.DEPROVISIONED, EventType.ERASED)
+            prefix = f"$jitp/devices/{device_id}/" if gone else None
             cleared = broker.clear_retained(owner=device_id, prefix=prefix)
             log.info("cleared %d retained message(s) of %s", cleared, device_id)
         if event.type in NAMESPACE_EVENTS and broker.live_session(device_id) is not None:

@@ -34,19 +34,20 @@ import json
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 
-from jitp.records import DeviceRecord
+from jitp.records import DeviceRecord, EventType
 
 SCHEMA = "jitp.event/1"
 EVENTS_PREFIX = "$jitp/events"
 
 
-def event_topic(event_type: str, device_id: str) -> str:
+def event_topic(event_type: EventType, device_id: str) -> str:
     return f"{EVENTS_PREFIX}/{event_type}/{device_id}"
 
 
-CONFIG_EVENTS = ("provisioned", "reprovisioned", "config-changed")  # events that carry a configuration
+# Events that carry a configuration (re-retained on the device's config topic).
+CONFIG_EVENTS = frozenset({EventType.PROVISIONED, EventType.REPROVISIONED, EventType.CONFIG_CHANGED})
 _CONFIG_KEYS = ("device_id", "region", "attributes", "template", "template_version", "namespace", "profile")
 
 
@@ -76,7 +77,7 @@ def record_config_payload(record: DeviceRecord) -> bytes:
 @dataclass(frozen=True)
 class ProvisioningEvent:
     event_id: str
-    type: str
+    type: EventType
     device_id: str
     occurred_at: datetime
     payload: bytes  # the JSON document, fixed when the event is created
@@ -95,7 +96,12 @@ def new_event_id() -> str:
 
 
 def provisioned_event(
-    record: DeviceRecord, *, event_id: str, at: datetime, type: str = "provisioned", **extra: Any
+    record: DeviceRecord,
+    *,
+    event_id: str,
+    at: datetime,
+    type: EventType = EventType.PROVISIONED,
+    **extra: Any,
 ) -> ProvisioningEvent:
     doc: dict[str, Any] = {
         "schema": SCHEMA,
@@ -122,16 +128,10 @@ def provisioned_event(
     )
 
 
-class EventSink(Protocol):
-    """Where outbox events are delivered (the MQTT broker, NATS JetStream, a test fake)."""
-
-    async def publish(self, event: ProvisioningEvent) -> None: ...
-
-
 def lifecycle_event(
     device_id: str,
     *,
-    type: str,
+    type: EventType,
     event_id: str,
     at: datetime,
     status: str,

@@ -50,6 +50,7 @@ from nats.js.api import StreamConfig
 from jitp import errors
 from jitp.config import NatsConfig
 from jitp.events import ProvisioningEvent
+from jitp.records import EventType
 from jitp.registry import Registry
 
 log = logging.getLogger("jitp.nats")
@@ -241,7 +242,7 @@ class NatsSink:
             event_subject(prefix, event), event.payload, stream=self.config.stream, headers=headers
         )
         self.published += 1
-        if event.type == "erased" and not ack.duplicate:
+        if event.type is EventType.ERASED and not ack.duplicate:
             # Nothing else about the erased device stays in the stream (see the module docstring).
             try:
                 await js.purge_stream(

@@ -60,6 +60,29 @@ class DeviceRecord:
 
 
 # -- lifecycle ------------------------------------------------------------------------------
+class EventType(enum.StrEnum):
+    """What a provisioning event says happened (``$jitp/events/<type>/<device_id>``)."""
+
+    PROVISIONED = "provisioned"
+    REPROVISIONED = "reprovisioned"
+    CONFIG_CHANGED = "config-changed"
+    REVOKED = "revoked"
+    DISABLED = "disabled"
+    ENABLED = "enabled"
+    QUARANTINED = "quarantined"
+    DEPROVISIONED = "deprovisioned"
+    ALLOWED = "allowed"
+    ERASED = "erased"
+
+
+class ReprovisionPolicy(enum.StrEnum):
+    """What a known device id presenting a new certificate does (a template's ``reprovision``)."""
+
+    REJECT = "reject"  # a new certificate for a known id is an identity conflict
+    ROTATE = "rotate"  # keep the record and history, record the new certificate, emit reprovisioned
+    RESET = "reset"  # new record state, emit reprovisioned with reset: true
+
+
 class Command(enum.StrEnum):
     """Operator lifecycle commands (``jitp devices <command> ID``)."""
 
@@ -73,21 +96,22 @@ class Command(enum.StrEnum):
 
 # command -> (statuses it applies to, resulting status, event type)
 _S = DeviceStatus
-TRANSITIONS: dict[Command, tuple[frozenset[DeviceStatus], DeviceStatus, str]] = {
+_E = EventType
+TRANSITIONS: dict[Command, tuple[frozenset[DeviceStatus], DeviceStatus, EventType]] = {
     Command.REVOKE: (
         frozenset({_S.ACTIVE, _S.DISABLED, _S.QUARANTINED, _S.DEPROVISIONED}),
         _S.REVOKED,
-        "revoked",
+        _E.REVOKED,
     ),
-    Command.DISABLE: (frozenset({_S.ACTIVE, _S.QUARANTINED}), _S.DISABLED, "disabled"),
-    Command.ENABLE: (frozenset({_S.DISABLED, _S.QUARANTINED}), _S.ACTIVE, "enabled"),
-    Command.QUARANTINE: (frozenset({_S.ACTIVE, _S.DISABLED}), _S.QUARANTINED, "quarantined"),
+    Command.DISABLE: (frozenset({_S.ACTIVE, _S.QUARANTINED}), _S.DISABLED, _E.DISABLED),
+    Command.ENABLE: (frozenset({_S.DISABLED, _S.QUARANTINED}), _S.ACTIVE, _E.ENABLED),
+    Command.QUARANTINE: (frozenset({_S.ACTIVE, _S.DISABLED}), _S.QUARANTINED, _E.QUARANTINED),
     Command.DEPROVISION: (
         frozenset({_S.ACTIVE, _S.DISABLED, _S.QUARANTINED, _S.REVOKED}),
         _S.DEPROVISIONED,
-        "deprovisioned",
+        _E.DEPROVISIONED,
     ),
-    Command.ALLOW: (frozenset({_S.DEPROVISIONED, _S.REVOKED}), _S.ACTIVE, "allowed"),
+    Command.ALLOW: (frozenset({_S.DEPROVISIONED, _S.REVOKED}), _S.ACTIVE, _E.ALLOWED),
 }
 
 # Statuses a connecting device is admitted in (quarantined: with the quarantine namespace).
@@ -111,5 +135,5 @@ def transition(current: DeviceStatus, command: Command) -> DeviceStatus | None:
     return target
 
 
-def status_event_type(command: Command) -> str:
+def status_event_type(command: Command) -> EventType:
     return TRANSITIONS[command][2]

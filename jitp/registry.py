@@ -25,7 +25,16 @@ from jitp import errors, privacy
 from jitp.audit import AuditDraft, AuditEntry
 from jitp.events import ProvisioningEvent, lifecycle_event, new_event_id, provisioned_event
 from jitp.identity import DeviceIdentity
-from jitp.records import ADMITTED, Command, DeviceRecord, DeviceStatus, status_event_type, transition
+from jitp.records import (
+    ADMITTED,
+    Command,
+    DeviceRecord,
+    DeviceStatus,
+    EventType,
+    ReprovisionPolicy,
+    status_event_type,
+    transition,
+)
 from jitp.trust import TrustAnchor
 
 
@@ -95,7 +104,12 @@ class Registry(Protocol):
 
     # -- devices -------------------------------------------------------------------------
     async def provision(
-        self, identity: DeviceIdentity, *, at: datetime, peer: str | None, policy: str = "reject"
+        self,
+        identity: DeviceIdentity,
+        *,
+        at: datetime,
+        peer: str | None,
+        policy: ReprovisionPolicy = ReprovisionPolicy.REJECT,
     ) -> ProvisionOutcome:
         """Create the device if absent (with its event and audit entry, atomically).
 
@@ -246,7 +260,7 @@ def decide(
     identity: DeviceIdentity,
     *,
     at: datetime,
-    policy: str,
+    policy: ReprovisionPolicy,
     current: DeviceRecord | None,
     superseded: set[tuple[str, str]],
 ) -> ProvisionOutcome | errors.ProvisioningError:
@@ -280,7 +294,7 @@ def decide(
         )
     if current.cert_fingerprint == ident.cert_fingerprint:
         return ProvisionOutcome(record=current, created=False)
-    if policy == "reject":
+    if policy is ReprovisionPolicy.REJECT:
         return errors.IdentityConflict(
             f"device id {ident.device_id!r} is already provisioned with another certificate",
             device_id=ident.device_id,
@@ -293,7 +307,7 @@ def decide(
             device_id=ident.device_id,
             fingerprint=ident.cert_fingerprint,
         )
-    reset = policy == "reset"
+    reset = policy is ReprovisionPolicy.RESET
     record = (
         fresh
         if reset
@@ -303,7 +317,7 @@ def decide(
         record,
         event_id=new_event_id(),
         at=at,
-        type="reprovisioned",
+        type=EventType.REPROVISIONED,
         previous_fingerprint=current.cert_fingerprint,
         reset=reset,
     )
@@ -408,7 +422,7 @@ def provisioned_draft(
     previous: DeviceRecord | None,
     at: datetime,
     peer: str | None,
-    policy: str,
+    policy: ReprovisionPolicy,
 ) -> AuditDraft:
     """The audit entry of a provisioning decision that wrote ``record`` (a reprovisioning when
     ``previous`` is the record it replaced)."""

@@ -41,7 +41,7 @@ from jitp.audit import GENESIS_HASH, AuditDraft, AuditEntry, chain
 from jitp.events import ProvisioningEvent, lifecycle_event, new_event_id, provisioned_event
 from jitp.identity import DeviceIdentity
 from jitp.keys import MasterKeyProvider, require_kids
-from jitp.records import Command, DeviceRecord, DeviceStatus
+from jitp.records import Command, DeviceRecord, DeviceStatus, EventType, ReprovisionPolicy
 from jitp.registry import (
     Erasure,
     KeyringStatus,
@@ -194,7 +194,7 @@ class _Provision:
     identity: DeviceIdentity
     at: datetime
     peer: str | None
-    policy: str
+    policy: ReprovisionPolicy
     future: asyncio.Future[ProvisionOutcome]
     tombstone: str  # the certificate's tombstone ref: an erased certificate stays refused
 
@@ -479,7 +479,7 @@ class RegistryCore:
         destroyed, names only the id and region, both in clear anyway)."""
         sealed = (
             e.payload
-            if e.type == "erased"
+            if e.type is EventType.ERASED
             else envelope.seal_payload(keys[e.device_id], e.device_id, e.payload)
         )
         return (e.event_id, e.type, e.device_id, e.occurred_at, sealed)
@@ -499,7 +499,9 @@ class RegistryCore:
             except errors.RegistryUnavailable as exc:
                 log.warning("outbox event %s left out: %s", event_id, exc)
                 continue
-            event = ProvisioningEvent(event_id, type_, device_id, occurred_at=timestamp(at), payload=opened)
+            event = ProvisioningEvent(
+                event_id, EventType(type_), device_id, occurred_at=timestamp(at), payload=opened
+            )
             out.append((int(seq), event))
         return out
 
@@ -703,10 +705,16 @@ class RegistryCore:
 
     # -- devices -------------------------------------------------------------------------
     async def provision(
-        self, identity: DeviceIdentity, *, at: datetime, peer: str | None, policy: str = "reject"
+        self,
+        identity: DeviceIdentity,
+        *,
+        at: datetime,
+        peer: str | None,
+        policy: ReprovisionPolicy = ReprovisionPolicy.REJECT,
     ) -> ProvisionOutcome:
-        if policy not in ("reject", "rotate", "reset"):
+        if policy not in ReprovisionPolicy.__members__.values():
             raise ValueError(f"unknown reprovisioning policy {policy!r}")
+        policy = ReprovisionPolicy(policy)
         future: asyncio.Future[ProvisionOutcome] = asyncio.get_running_loop().create_future()
         self._check_writer()
         ref = privacy.tombstone_ref(self._salt, identity.cert_fingerprint)
@@ -793,7 +801,7 @@ class RegistryCore:
             previous = str(record.status)
             event = lifecycle_event(
                 target,
-                type="erased",
+                type=EventType.ERASED,
                 event_id=new_event_id(),
                 at=at,
                 status="erased",
@@ -853,7 +861,8 @@ class RegistryCore:
             )
             new = [r for r in records if r.device_id in current]
             events = [
-                provisioned_event(r, event_id=new_event_id(), at=at, type="config-changed") for r in new
+                provisioned_event(r, event_id=new_event_id(), at=at, type=EventType.CONFIG_CHANGED)
+                for r in new
             ]
             details = MappingProxyType({"template": template, "devices": str(len(events))})
             draft = AuditDraft(at=at, action="template-changed", actor=actor, details=details)
@@ -1138,7 +1147,9 @@ class RegistryCore:
     ) -> tuple[dict[str, _Group], dict[str, bytes]]:
         """Decide and write the batch's provisioning requests: the groups, and the data keys of the
         devices they write (their events and audit entries are the caller's to write)."""
-        history = any(op.policy != "reject" for ops in by_device.values() for _, op in ops)
+        history = any(
+            op.policy is not ReprovisionPolicy.REJECT for ops in by_device.values() for _, op in ops
+        )
         existing: dict[str, DeviceRecord] = {}
         keys: dict[str, bytes] = {}
         superseded: set[tuple[str, str]] = set()

@@ -37,7 +37,7 @@ from jitp.audit import AuditDraft
 from jitp.config import AdmissionConfig
 from jitp.events import ProvisioningEvent
 from jitp.identity import DEFAULT_REGION, DeviceIdentity, ServiceIdentity, derive_service
-from jitp.records import Command, DeviceRecord
+from jitp.records import Command, DeviceRecord, ReprovisionPolicy
 from jitp.registry import Erasure, ProvisionOutcome, Registry, StatusChange
 from jitp.templates import EnrollmentTemplate, TemplateSet
 from jitp.trust import Role, TrustStore, VerifiedChain, parse_crl
@@ -342,9 +342,7 @@ class ProvisioningService:
             cached = self.cache.get(identity.device_id, verified.fingerprint)
             if cached is not None:
                 return self._admit_cached(peer, cached, now)
-            outcome = await self._provision(
-                identity, at=now, peer=peer.address, policy=str(template.reprovision)
-            )
+            outcome = await self._provision(identity, at=now, peer=peer.address, policy=template.reprovision)
         except errors.Refused as exc:
             await self.record_refusal(exc, peer=peer.address, at=now, client_id=peer.client_id)
             raise
@@ -377,7 +375,7 @@ class ProvisioningService:
         )
 
     async def _provision(
-        self, identity: DeviceIdentity, *, at: datetime, peer: str | None, policy: str
+        self, identity: DeviceIdentity, *, at: datetime, peer: str | None, policy: ReprovisionPolicy
     ) -> ProvisionOutcome:
         """The registry write path, behind the rate buckets and the bounded worker pool."""
         cfg = self.admission
@@ -412,7 +410,7 @@ class ProvisioningService:
             ) from None
 
     async def _provision_in_slot(
-        self, identity: DeviceIdentity, *, at: datetime, peer: str | None, policy: str
+        self, identity: DeviceIdentity, *, at: datetime, peer: str | None, policy: ReprovisionPolicy
     ) -> ProvisionOutcome:
         try:
             outcome = await self.registry.provision(identity, at=at, peer=peer, policy=policy)

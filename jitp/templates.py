@@ -26,7 +26,6 @@ otherwise expand to gigabytes).
 
 from __future__ import annotations
 
-import enum
 import re
 import string
 import warnings
@@ -44,6 +43,7 @@ from cryptography.x509.oid import NameOID
 from jitp import errors, yamlfiles
 from jitp.acl import Namespace, status_topic, valid_filter
 from jitp.identity import DeviceIdentity, check_device_id, id_problem
+from jitp.records import ReprovisionPolicy
 from jitp.trust import VerifiedChain
 from jitp.yamlfiles import construct_scalar
 
@@ -69,12 +69,6 @@ MAX_MATCH_CHARS = 256
 # Template files: size read, nesting depth of YAML collections.
 MAX_TEMPLATE_BYTES = 64 * 1024
 MAX_TEMPLATE_DEPTH = 16
-
-
-class ReprovisionPolicy(enum.StrEnum):
-    REJECT = "reject"  # a new certificate for a known id is an identity conflict
-    ROTATE = "rotate"  # keep the record and history, record the new certificate, emit reprovisioned
-    RESET = "reset"  # new record state, emit reprovisioned with reset: true
 
 
 @dataclass(frozen=True)
