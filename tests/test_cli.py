@@ -9,13 +9,12 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from tests.helpers import Pki, connect
+from tests.helpers import Pki, connect, wait_until
 
 JITP = [sys.executable, "-m", "jitp.cli"]
 
@@ -104,14 +103,7 @@ def test_serve_provisions_then_stops_cleanly_on_sigterm(tmp_path: Path, pki: Pki
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-                time.sleep(0.1)
+        assert wait_until(lambda: _accepts(port, proc), 20, interval=0.1), "jitp serve is not listening"
         dev = pki.device("cli-dev")
         conn = connect(port, pki, dev)
         conn.close()
@@ -132,6 +124,16 @@ def test_serve_provisions_then_stops_cleanly_on_sigterm(tmp_path: Path, pki: Pki
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(20)
     assert code == 0
+
+
+def _accepts(port: int, proc: subprocess.Popen[bytes]) -> bool:
+    """True once the server accepts a TCP connection on ``port``; fails at once if it has exited."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+    except OSError:
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        return False
+    return True
 
 
 @pytest.mark.parametrize(

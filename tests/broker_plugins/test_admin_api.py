@@ -8,9 +8,10 @@ nothing. Every request is audited as ``admin-command`` with the caller's role an
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
-import time
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from broker_plugins import admin
 from jitp.audit import AuditDraft
 from jitp.records import Command, DeviceStatus
 from jitp.trust import Role
-from tests.helpers import BrokerThread, Conn, Pki, connect, test_config
+from tests.helpers import BrokerThread, Conn, Pki, connect, test_config, wait_until, wait_until_async
 
 ADMIN = "$jitp/admin"
 REPLIES = f"{ADMIN}/replies"
@@ -148,15 +149,6 @@ def env(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[Env]:
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def wait(predicate: Callable[[], Any], timeout: float = TIMEOUT) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return bool(predicate())
-
-
 def replies(client: Client) -> list[tuple[str, int, dict[str, Any]]]:
     out = []
     for m in list(client.conn.messages):
@@ -184,6 +176,30 @@ def publish(client: Client, command: str, payload: bytes | str) -> None:
         assert client.role == "device", f"{client.actor}: the request could not be published"
 
 
+def device_publish(client: Client, command: str, payload: str) -> None:
+    """A device's request: the broker acknowledges it (PUBACK) and must do nothing else with it."""
+    assert client.role == "device"
+    info = client.conn.client.publish(f"{ADMIN}/{command}", payload, qos=1)
+    info.wait_for_publish(TIMEOUT)
+    # The PUBACK follows the broker's decision on the PUBLISH: dropped, or handed to the admin API.
+    assert info.is_published(), f"{client.actor}: no PUBACK for a request to {command}"
+
+
+def admin_requests_in_flight(env: Env) -> int:
+    """How many admin requests the broker is handling: it runs each in a task named ``jitp-admin``."""
+
+    async def count() -> int:
+        return sum(1 for t in asyncio.all_tasks() if t.get_name() == "jitp-admin" and not t.done())
+
+    return env.broker.call(count())
+
+
+def settled(env: Env) -> None:
+    """Wait until no admin request is being handled: whatever the broker did with a request it has
+    acknowledged is then done (and visible in the registry and the audit)."""
+    assert wait_until(lambda: admin_requests_in_flight(env) == 0), "admin requests still in flight"
+
+
 def send(
     client: Client, command: str, args: dict[str, Any] | None = None, *, reply_to: str | None = None
 ) -> str:
@@ -201,7 +217,7 @@ def request_full(
     client: Client, command: str, args: dict[str, Any] | None = None, *, reply_to: str | None = None
 ) -> tuple[str, int, dict[str, Any]]:
     corr = send(client, command, args, reply_to=reply_to)
-    assert wait(lambda: find_reply(client, corr) is not None), (
+    assert wait_until(lambda: find_reply(client, corr) is not None), (
         f"{client.actor}: no response to {command}; got {replies(client)}"
     )
     found = find_reply(client, corr)
@@ -255,7 +271,7 @@ def new_victim(env: Env, start: Command | None = None) -> str:
     conn = connect(env.broker.port, env.pki, env.pki.device(device_id))
     conn.close()
     assert conn.rc == 0, (conn.rc, conn.error)
-    assert wait(lambda: status_of(env, device_id) == "active")
+    assert wait_until(lambda: status_of(env, device_id) == "active")
     if start is not None:
         env.broker.call(env.broker.server.service.apply(start, device_id, actor="test"))
     return device_id
@@ -408,8 +424,8 @@ def test_role_command(env: Env, role: str, command: str) -> None:
 
     if role == "device":
         # Devices cannot reach $jitp/admin/#: no response, nothing happens.
-        publish(client, command, json.dumps({"correlation_id": "dev", "args": case.args}))
-        time.sleep(0.3)
+        device_publish(client, command, json.dumps({"correlation_id": "dev", "args": case.args}))
+        settled(env)
         assert not [m.topic for m in client.conn.messages if m.topic.startswith(f"{ADMIN}/")]
         assert state(env) == before
         # If the broker audits the attempt at all, it is a denial.
@@ -429,7 +445,7 @@ def test_role_command(env: Env, role: str, command: str) -> None:
         assert state(env) == before
 
     # Audited: one admin-command entry for this request, with the caller's role and the decision.
-    assert wait(lambda: len(admin_entries(env, client.actor, command)) == audited_before + 1), (
+    assert wait_until(lambda: len(admin_entries(env, client.actor, command)) == audited_before + 1), (
         f"no admin-command audit entry for {client.actor} {command}"
     )
     entry = admin_entries(env, client.actor, command)[-1].draft
@@ -444,14 +460,16 @@ def test_unknown_command_is_invalid_request(env: Env) -> None:
     doc = request(client, "devices.teleport", {})
     assert doc["ok"] is False
     assert doc["error"]["reason"] == "invalid_request", doc
-    assert wait(lambda: admin_entries(env, client.actor, "devices.teleport")), "unknown command not audited"
+    assert wait_until(lambda: admin_entries(env, client.actor, "devices.teleport")), (
+        "unknown command not audited"
+    )
 
 
 def test_bad_json_is_invalid_request(env: Env) -> None:
     client = env.client("operator")
     seen = len(replies(client))
     publish(client, "devices.list", b"{this is not json")
-    assert wait(lambda: len(replies(client)) > seen), "no response to a malformed request"
+    assert wait_until(lambda: len(replies(client)) > seen), "no response to a malformed request"
     topic, _qos, doc = replies(client)[seen]
     assert topic.startswith(f"{REPLIES}/{client.cid}/"), topic
     assert doc["ok"] is False
@@ -488,8 +506,10 @@ def test_reply_to_outside_own_prefix_goes_to_own_prefix(env: Env) -> None:
     assert topic == f"{REPLIES}/{operator.cid}/{doc['correlation_id']}", topic
     assert qos == 1
     assert doc["ok"] is True
-    time.sleep(0.2)
-    assert len(replies(auditor)) == seen_by_auditor
+    # Witness: the auditor's own request, answered on the auditor's ordered queue. A reply of the
+    # operator's request sent there would have been queued before this one: it is the only new reply.
+    marker = request(auditor, "ca.list")
+    assert [d for _, _, d in replies(auditor)[seen_by_auditor:]] == [marker]
 
 
 def test_reply_to_own_prefix_is_honoured(env: Env) -> None:
@@ -514,12 +534,34 @@ def test_device_cannot_reach_admin_topics(env: Env) -> None:
     assert device.conn.subscribe(f"{REPLIES}/{device.cid}/#") == [SUBACK_FAILURE]
     victim = new_victim(env)
     before = state(env)
-    publish(device, "devices.revoke", json.dumps({"correlation_id": "x", "args": {"device_id": victim}}))
-    publish(env.client("device"), "devices.list", json.dumps({"correlation_id": "y", "args": {}}))
-    time.sleep(0.3)
+    device_publish(
+        device, "devices.revoke", json.dumps({"correlation_id": "x", "args": {"device_id": victim}})
+    )
+    device_publish(env.client("device"), "devices.list", json.dumps({"correlation_id": "y", "args": {}}))
+    settled(env)
     assert status_of(env, victim) == "active"
     assert state(env) == before
     assert not [m.topic for m in env.client("device").conn.messages if m.topic.startswith(f"{ADMIN}/")]
+
+
+def test_a_request_in_flight_is_seen(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The witness :func:`settled` relies on: a request being handled counts as in flight."""
+    gate = threading.Event()
+    list_devices = env.broker.registry().list_devices
+
+    async def held() -> list[Any]:
+        assert await wait_until_async(gate.is_set, TIMEOUT), "the test did not release the request"
+        return list(await list_devices())
+
+    monkeypatch.setattr(env.broker.registry(), "list_devices", held)
+    client = env.client("auditor")
+    corr = send(client, "devices.list")
+    try:
+        assert wait_until(lambda: admin_requests_in_flight(env) == 1), "a held request is not seen"
+    finally:
+        gate.set()
+    assert wait_until(lambda: find_reply(client, corr) is not None), "no reply once released"
+    settled(env)
 
 
 def test_only_an_admin_registers_a_ca_with_an_administrative_role(env: Env) -> None:
@@ -578,8 +620,8 @@ def unreadable_request(env: Env, role: str, command: str, payload: bytes) -> tup
     seen = len(error_replies(client))
     audited = len(admin_entries(env, client.actor, command))
     publish(client, command, payload)
-    assert wait(lambda: len(error_replies(client)) > seen), f"no reply to {payload[:40]!r}..."
-    assert wait(lambda: len(admin_entries(env, client.actor, command)) > audited), "not audited"
+    assert wait_until(lambda: len(error_replies(client)) > seen), f"no reply to {payload[:40]!r}..."
+    assert wait_until(lambda: len(admin_entries(env, client.actor, command)) > audited), "not audited"
     assert len(error_replies(client)) == seen + 1
     assert len(admin_entries(env, client.actor, command)) == audited + 1, "audited more than once"
     return error_replies(client)[seen], admin_entries(env, client.actor, command)[-1].draft
@@ -617,7 +659,9 @@ def test_nesting_just_over_the_limit_is_refused_and_at_it_accepted(env: Env) -> 
     client = env.client("admin")
     corr = uuid.uuid4().hex
     publish(client, "devices.show", nested(admin.MAX_REQUEST_DEPTH - 2, corr))  # at the limit
-    assert wait(lambda: find_reply(client, corr) is not None), "no reply to a request at the depth limit"
+    assert wait_until(lambda: find_reply(client, corr) is not None), (
+        "no reply to a request at the depth limit"
+    )
     found = find_reply(client, corr)
     assert found is not None
     # parsed and run: the device id (a list, stringified) is simply unknown
@@ -658,7 +702,7 @@ def test_args_not_an_object_is_invalid_request(env: Env) -> None:
     before = len(admin_entries(env, client.actor, "devices.show"))
     corr = uuid.uuid4().hex
     publish(client, "devices.show", json.dumps({"correlation_id": corr, "args": ["x"]}))
-    assert wait(lambda: find_reply(client, corr) is not None)
+    assert wait_until(lambda: find_reply(client, corr) is not None)
     found = find_reply(client, corr)
     assert found is not None
     assert found[2]["error"] == {"reason": "invalid_request", "message": "args must be a JSON object"}
@@ -675,7 +719,7 @@ def test_forbidden_escalation_is_audited_as_denied(env: Env) -> None:
         doc = request(operator, "ca.register", {"cert_pem": pem(ca), "role": role})
         assert doc["ok"] is False and doc["error"]["reason"] == "forbidden", doc
         expected = before + 1
-        assert wait(lambda n=expected: len(admin_entries(env, operator.actor, "ca.register")) == n)
+        assert wait_until(lambda n=expected: len(admin_entries(env, operator.actor, "ca.register")) == n)
         entry = admin_entries(env, operator.actor, "ca.register")[-1].draft
         assert (entry.details.get("allowed"), entry.reason) == ("false", "forbidden"), (role, entry)
         assert anchor(env, certs.fingerprint(ca.cert)) is None
@@ -716,7 +760,7 @@ def test_a_failing_command_is_answered_and_audited_once(env: Env, monkeypatch: p
     doc = request(client, "devices.list")
     assert doc["ok"] is False and doc["error"]["reason"] == "internal_error", doc
     assert "disk on fire" not in json.dumps(doc)  # details stay in the broker log
-    assert wait(lambda: len(admin_entries(env, client.actor, "devices.list")) == before + 1)
+    assert wait_until(lambda: len(admin_entries(env, client.actor, "devices.list")) == before + 1)
     entry = admin_entries(env, client.actor, "devices.list")[-1].draft
     assert (entry.details.get("allowed"), entry.reason) == ("true", "internal_error"), entry
     monkeypatch.undo()
@@ -729,7 +773,7 @@ def test_unknown_command_is_audited_once_as_denied(env: Env) -> None:
     before = len(admin_entries(env, client.actor, "devices.levitate"))
     doc = request(client, "devices.levitate", {})
     assert doc["error"]["reason"] == "invalid_request", doc
-    assert wait(lambda: len(admin_entries(env, client.actor, "devices.levitate")) == before + 1)
+    assert wait_until(lambda: len(admin_entries(env, client.actor, "devices.levitate")) == before + 1)
     entry = admin_entries(env, client.actor, "devices.levitate")[-1].draft
     assert (entry.details.get("allowed"), entry.reason) == ("false", "invalid_request"), entry
 

@@ -16,7 +16,7 @@ import certs
 from device_sim import Backoff, Fleet, Target, create_fleet, run_storm
 from jitp.config import AdmissionConfig
 from jitp.trust import Role
-from tests.helpers import BrokerThread, Pki, connect, test_config
+from tests.helpers import BrokerThread, Pki, connect, test_config, wait_until
 
 
 def _broker(tmp_path: Path, pki: Pki, **admission: Any) -> BrokerThread:
@@ -86,8 +86,10 @@ def test_a_full_queue_answers_connack_3_without_waiting(make_broker: Any, pki: P
         return asyncio.Event()
 
     release = broker.call(new_event())
+    entered = threading.Event()  # set once a join is inside the registry, holding the worker
 
     async def held(*args: Any, **kw: Any) -> Any:
+        entered.set()
         await asyncio.wait_for(release.wait(), 30)
         return await original(*args, **kw)
 
@@ -98,7 +100,7 @@ def test_a_full_queue_answers_connack_3_without_waiting(make_broker: Any, pki: P
             target=lambda: slow.append(connect(broker.port, pki, pki.device("q-1"), timeout=40).rc)
         )
         t.start()
-        time.sleep(0.5)  # q-1 takes the only worker
+        assert wait_until(entered.is_set, 10), "q-1 did not take the only worker"
         started = time.perf_counter()
         refused = connect(broker.port, pki, pki.device("q-2"))
         elapsed = time.perf_counter() - started

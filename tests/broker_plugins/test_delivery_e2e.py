@@ -13,24 +13,14 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from jitp.records import Command
-from tests.helpers import BrokerThread, Conn, Identity, Pki, connect
+from tests.helpers import BrokerThread, Conn, Identity, Pki, connect, wait_until
 from tests.rawmqtt import connect_packet, recv_exact, subscribe_packet, tls_connect
 
 DEADLINE = 30.0
-
-
-def wait(predicate: Callable[[], Any], timeout: float = DEADLINE) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return bool(predicate())
 
 
 def subscriber(broker: BrokerThread, pki: Pki, name: str, topic: str, *, clean: bool = True) -> Conn:
@@ -95,7 +85,7 @@ def test_mosquitto_pub_batch_of_20_is_delivered_whole_100_times(
         mosquitto_pub_lines(broker, pki, device, lines)
         expected += [line.encode() for line in lines]
         n = len(expected)
-        assert wait(lambda n=n: len(sub.messages) >= n), (
+        assert wait_until(lambda n=n: len(sub.messages) >= n, DEADLINE), (
             f"batch {batch}: {len(sub.messages)} of {len(expected)} delivered"
         )
     assert sorted(payloads(sub)) == sorted(expected)
@@ -117,7 +107,7 @@ def test_paho_batches_reach_clean_and_persistent_subscribers(
         expected += batch
         for sub in (clean, persistent):
             n = len(expected)
-            assert wait(lambda sub=sub, n=n: len(sub.messages) >= n), (
+            assert wait_until(lambda sub=sub, n=n: len(sub.messages) >= n, DEADLINE), (
                 f"repeat {r}: {len(sub.messages)} of {len(expected)}"
             )
     for sub in (clean, persistent):
@@ -138,7 +128,7 @@ def test_publisher_revoked_right_after_its_pubacks_loses_nothing(
     broker.call(broker.server.service.apply(Command.REVOKE, device.name, actor="test"))
     assert conn.disconnected.wait(10)
     conn.client.loop_stop()
-    assert wait(lambda: len(sub.messages) >= len(batch))
+    assert wait_until(lambda: len(sub.messages) >= len(batch), DEADLINE)
     assert sorted(payloads(sub)) == sorted(batch)
 
 
@@ -159,10 +149,10 @@ def test_a_persistent_subscriber_that_drops_unacknowledged_messages_gets_them_ag
     first = recv_exact(raw, 2)
     assert first[0] & 0xF0 == 0x30
     raw.close()
-    assert wait(lambda: broker.server.broker.live_session(svc.name) is None)
+    assert wait_until(lambda: broker.server.broker.live_session(svc.name) is None, DEADLINE)
     back = clients(connect(broker.port, pki, svc, clean=False))
     assert back.rc == 0
-    assert wait(lambda: len(back.messages) >= len(batch))
+    assert wait_until(lambda: len(back.messages) >= len(batch), DEADLINE)
     assert sorted(set(payloads(back))) == sorted(batch)
     assert all(not m.retain for m in back.messages)
 
@@ -175,12 +165,12 @@ def test_queued_messages_for_an_offline_session_arrive_with_retain_0(
     device = pki.device("qos1-offline-01")
     first = subscriber(broker, pki, svc.name, f"devices/{device.name}/#", clean=False)
     first.close()
-    assert wait(lambda: broker.server.broker.live_session(svc.name) is None)
+    assert wait_until(lambda: broker.server.broker.live_session(svc.name) is None, DEADLINE)
     batch = [f"m{i}".encode() for i in range(300)]
     publish_batch_and_disconnect(broker, pki, device, batch)
     back = clients(connect(broker.port, pki, svc, clean=False))
     assert back.rc == 0
-    assert wait(lambda: len(back.messages) >= len(batch))
+    assert wait_until(lambda: len(back.messages) >= len(batch), DEADLINE)
     assert sorted(payloads(back)) == sorted(batch)
     assert [m.retain for m in back.messages] == [False] * len(batch)
 
@@ -200,12 +190,12 @@ def test_takeover_of_a_persistent_subscriber_loses_nothing(
 
     thread = threading.Thread(target=publish)
     thread.start()
-    assert wait(lambda: len(old.messages) > 0)
+    assert wait_until(lambda: len(old.messages) > 0, DEADLINE)
     new = clients(connect(broker.port, pki, svc, clean=False))  # takes the session over mid-stream
     assert new.rc == 0
     thread.join(60)
     assert done.is_set()
-    assert wait(lambda: set(payloads(old)) | set(payloads(new)) >= set(batch))
+    assert wait_until(lambda: set(payloads(old)) | set(payloads(new)) >= set(batch), DEADLINE)
     got = set(payloads(old)) | set(payloads(new))
     assert got == set(batch)
 
@@ -246,7 +236,7 @@ def test_subscription_churn_by_another_device_loses_nothing(
         stop.set()
         thread.join(30)
     assert churned[0] > 100
-    assert wait(lambda: len(sub.messages) >= len(expected))
+    assert wait_until(lambda: len(sub.messages) >= len(expected), DEADLINE)
     assert sorted(payloads(sub)) == sorted(expected)
 
 
@@ -296,7 +286,7 @@ def test_a_service_absorbs_a_burst_far_beyond_the_device_queue_bound(tmp_path: P
         for t in threads:
             t.join(60)
         expected = sorted(p for batch in batches.values() for p in batch)
-        assert wait(lambda: len(sub.messages) >= len(expected))
+        assert wait_until(lambda: len(sub.messages) >= len(expected), DEADLINE)
         assert sorted(payloads(sub)) == expected
         assert "queue_full" not in [e.draft.reason for e in b.audit()]
         sub.close()

@@ -7,11 +7,12 @@ change from the registry (trust.reload_interval), and applies them to live sessi
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from broker_plugins.session import JitpSession
 from jitp.acl import quarantine_namespace
 from jitp.events import config_topic
 from jitp.trust import Role
-from tests.helpers import BrokerThread, Conn, Identity, Pki, connect, test_config
+from tests.helpers import BrokerThread, Conn, Identity, Pki, connect, test_config, wait_until
 
 JITP = [sys.executable, "-m", "jitp.cli"]
 DEADLINE = 6.0
@@ -50,15 +51,6 @@ def ok(proc: subprocess.CompletedProcess[str]) -> str:
     return proc.stdout
 
 
-def wait(predicate: Callable[[], Any], timeout: float = DEADLINE) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return bool(predicate())
-
-
 def received(conn: Conn, topic: str) -> list[Any]:
     return [m for m in list(conn.messages) if m.topic == topic]
 
@@ -68,7 +60,7 @@ def event_docs(conn: Conn, event_type: str, device_id: str) -> list[dict[str, An
 
 
 def wait_event(conn: Conn, event_type: str, device_id: str) -> dict[str, Any]:
-    assert wait(lambda: event_docs(conn, event_type, device_id)), (
+    assert wait_until(lambda: event_docs(conn, event_type, device_id), DEADLINE), (
         f"no {event_type} event for {device_id}; got {[m.topic for m in conn.messages]}"
     )
     return event_docs(conn, event_type, device_id)[0]
@@ -86,7 +78,7 @@ def assert_refused(broker: BrokerThread, pki: Pki, ident: Identity, reason: str,
     conn = connect(broker.port, pki, ident, client_id=ident.name)
     conn.close()
     assert conn.rc == 5, (conn.rc, conn.error)
-    assert wait(lambda: len(refusals(broker)) > before), "the refusal was not audited"
+    assert wait_until(lambda: len(refusals(broker)) > before, DEADLINE), "the refusal was not audited"
     new = refusals(broker)[before:]
     if device_id is ANY_DEVICE:
         assert reason in [r for r, _ in new], new
@@ -128,6 +120,25 @@ def retained_topics(broker: BrokerThread) -> set[str]:
 def status_of(broker: BrokerThread, device_id: str) -> str | None:
     record = broker.call(broker.registry().get_device(device_id))
     return None if record is None else str(record.status)
+
+
+def connack(broker: BrokerThread, pki: Pki, ident: Identity) -> int | None:
+    """One connect attempt: the CONNACK code (None if refused in the handshake)."""
+    conn = connect(broker.port, pki, ident)
+    conn.close()
+    return conn.rc
+
+
+RECHECK = "jitp-recheck-sessions"  # the broker's task that rechecks live sessions after a trust change
+
+
+def tasks_running(broker: BrokerThread, name: str) -> int:
+    """How many tasks named ``name`` are running on the broker's loop."""
+
+    async def count() -> int:
+        return sum(1 for t in asyncio.all_tasks() if t.get_name() == name and not t.done())
+
+    return broker.call(count())
 
 
 def close_all(*conns: Conn) -> None:
@@ -248,29 +259,35 @@ def test_quarantine_limits_namespace_and_enable_restores_it(broker: BrokerThread
     try:
         # Before: telemetry flows.
         conn.client.publish(telemetry, b"before", qos=1)
-        assert wait(lambda: received(svc, telemetry)), "telemetry of an active device did not arrive"
+        assert wait_until(lambda: received(svc, telemetry), DEADLINE), (
+            "telemetry of an active device did not arrive"
+        )
 
         assert "now quarantined" in ok(
             cli(broker, "devices", "quarantine", device_id, "--reason", "odd traffic")
         )
         wait_event(svc, "quarantined", device_id)
-        assert wait(lambda: namespace_of_session(broker, device_id) == quarantine_namespace(device_id))
+        assert wait_until(
+            lambda: namespace_of_session(broker, device_id) == quarantine_namespace(device_id), DEADLINE
+        )
         assert not conn.disconnected.is_set(), "a quarantined device stays connected"
 
         def check_quarantined(c: Conn, tag: bytes) -> None:
             svc.messages.clear()
             c.client.publish(telemetry, b"forbidden-" + tag, qos=1)
             c.client.publish(status, b"status-" + tag, qos=1)
-            assert wait(lambda: [m.payload for m in received(svc, status)] == [b"status-" + tag]), (
-                "the status report of a quarantined device did not arrive"
-            )
-            time.sleep(0.5)
+            assert wait_until(
+                lambda: [m.payload for m in received(svc, status)] == [b"status-" + tag], DEADLINE
+            ), "the status report of a quarantined device did not arrive"
+            # The status report is the witness: one connection's packets are handled in order (W17),
+            # each routed before the next is read, and svc gets both topics on one ordered queue.
+            # Had the telemetry been routed, it would have arrived before the status report.
             assert received(svc, telemetry) == [], "a quarantined device published outside its status topic"
             # It reads its configuration (retained) but nothing else.
             assert c.subscribe(f"devices/{device_id}/cmd/#") == [0x80]
             c.messages.clear()
             assert c.subscribe(config_topic(device_id)) == [1]
-            assert wait(lambda: received(c, config_topic(device_id))), (
+            assert wait_until(lambda: received(c, config_topic(device_id)), DEADLINE), (
                 "no retained config for the quarantined device"
             )
             config = json.loads(received(c, config_topic(device_id))[0].payload)
@@ -289,12 +306,13 @@ def test_quarantine_limits_namespace_and_enable_restores_it(broker: BrokerThread
         # enable restores the normal namespace, on the live session.
         assert "now active" in ok(cli(broker, "devices", "enable", device_id))
         wait_event(svc, "enabled", device_id)
-        assert wait(
-            lambda: namespace_of_session(broker, device_id) not in (None, quarantine_namespace(device_id))
+        assert wait_until(
+            lambda: namespace_of_session(broker, device_id) not in (None, quarantine_namespace(device_id)),
+            DEADLINE,
         )
         svc.messages.clear()
         conn.client.publish(telemetry, b"after", qos=1)
-        assert wait(lambda: [m.payload for m in received(svc, telemetry)] == [b"after"])
+        assert wait_until(lambda: [m.payload for m in received(svc, telemetry)] == [b"after"], DEADLINE)
         assert conn.subscribe(f"devices/{device_id}/cmd/#") == [1]
         assert not conn.disconnected.is_set()
     finally:
@@ -311,19 +329,34 @@ def test_deprovision_closes_session_clears_retained_until_allow(broker: BrokerTh
     conns = [svc, conn]
     try:
         conn.client.publish(state, b"running", qos=1, retain=True).wait_for_publish(5)
-        assert wait(lambda: {state, config_topic(device_id)} <= retained_topics(broker))
+        assert wait_until(lambda: {state, config_topic(device_id)} <= retained_topics(broker), DEADLINE)
         probe = watcher(broker, pki, "svc-deprov-probe", f"devices/{device_id}/#")
-        assert wait(lambda: received(probe, state)), "the retained state is there before deprovisioning"
+        assert wait_until(lambda: received(probe, state), DEADLINE), (
+            "the retained state is there before deprovisioning"
+        )
         probe.close()
 
         assert "now deprovisioned" in ok(cli(broker, "devices", "deprovision", device_id))
         assert conn.disconnected.wait(5), "the session was not closed within 5 s"
         wait_event(svc, "deprovisioned", device_id)
-        assert wait(lambda: not ({state, config_topic(device_id)} & retained_topics(broker)))
+        assert wait_until(lambda: not ({state, config_topic(device_id)} & retained_topics(broker)), DEADLINE)
 
-        late = watcher(broker, pki, "svc-deprov-late", f"devices/{device_id}/#", "#")
+        # Witness: another device's retained status. A new subscription gets the retained messages it
+        # matches once its SUBACK is sent, and a client's subscriptions are handled one after another:
+        # the marker, retained for the last filter, reaches the late subscriber after anything
+        # retained for the first two.
+        marker_id = "lc-deprov-marker"
+        marker = admitted(broker, pki, pki.device(marker_id))
+        conns.append(marker)
+        marker.client.publish(
+            f"$jitp/devices/{marker_id}/status", b"up", qos=1, retain=True
+        ).wait_for_publish(5)
+        assert wait_until(lambda: f"$jitp/devices/{marker_id}/status" in retained_topics(broker), DEADLINE)
+        late = watcher(
+            broker, pki, "svc-deprov-late", f"devices/{device_id}/#", "#", "$jitp/devices/+/status"
+        )
         conns.append(late)
-        time.sleep(0.5)
+        assert wait_until(lambda: received(late, f"$jitp/devices/{marker_id}/status"), DEADLINE), "no marker"
         assert [m.topic for m in late.messages if device_id in m.topic] == []
 
         assert_refused(broker, pki, dev, "device_blocked", device_id)
@@ -352,12 +385,12 @@ def test_deprovision_clears_only_the_devices_own_retained_messages(broker: Broke
     try:
         gateway.client.publish(gateways, b"child seen", qos=1, retain=True).wait_for_publish(5)
         child.client.publish(mine, b"on", qos=1, retain=True).wait_for_publish(5)
-        assert wait(lambda: {mine, gateways} <= retained_topics(broker))
+        assert wait_until(lambda: {mine, gateways} <= retained_topics(broker), DEADLINE)
 
         ok(cli(broker, "devices", "deprovision", child_id))
         assert child.disconnected.wait(5)
         wait_event(svc, "deprovisioned", child_id)
-        assert wait(lambda: mine not in retained_topics(broker))
+        assert wait_until(lambda: mine not in retained_topics(broker), DEADLINE)
         assert gateways in retained_topics(broker), "another device's retained message was cleared"
         assert config_topic(gateway_id) in retained_topics(broker)
     finally:
@@ -368,7 +401,6 @@ def test_cli_revoke_is_enforced_while_other_devices_keep_joining(broker: BrokerT
     """Events the CLI writes are found by the outbox poll; a steady stream of joins must not starve it."""
     device_id = "lc-busy-target"
     conn = admitted(broker, pki, pki.device(device_id))
-    joiners = [pki.device(f"lc-busy-{i:02d}") for i in range(40)]
     try:
         proc = subprocess.Popen(
             [*JITP, "devices", "revoke", device_id, "--data-dir", str(broker.config.data_dir)],
@@ -378,11 +410,12 @@ def test_cli_revoke_is_enforced_while_other_devices_keep_joining(broker: BrokerT
             text=True,
         )
         deadline = time.monotonic() + 5.0
-        for ident in joiners:  # a join every ~0.1 s: each hands fresh events to the publisher
-            if conn.disconnected.is_set() or time.monotonic() > deadline:
-                break
-            admitted(broker, pki, ident).close()
-            time.sleep(0.05)
+        joined = 0
+        # Joins back to back until the revoked session is closed: each hands fresh events to the
+        # publisher, which must still poll the outbox for the CLI's event.
+        while not conn.disconnected.is_set() and time.monotonic() < deadline:
+            admitted(broker, pki, pki.device(f"lc-busy-{joined:03d}")).close()
+            joined += 1
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err
         assert conn.disconnected.wait(max(0.0, deadline - time.monotonic())), (
@@ -437,7 +470,7 @@ def test_erase_by_id_and_by_cert_leaves_no_trace(brokers: Brokers, pki: Pki, tmp
         for device_id in (by_id, by_cert):
             doc = wait_event(svc, "erased", device_id)
             assert doc["status"] == "erased"
-        assert wait(lambda: not any(by_id in t for t in retained_topics(b)))
+        assert wait_until(lambda: not any(by_id in t for t in retained_topics(b)), DEADLINE)
         assert b.devices() == []
 
         assert_refused(b, pki, dev_id, "erased", None)
@@ -449,8 +482,8 @@ def test_erase_by_id_and_by_cert_leaves_no_trace(brokers: Brokers, pki: Pki, tmp
 
         assert "intact" in ok(cli(b, "audit", "verify"))
         # Let the publisher mark the erased events delivered (it scrubs them then).
-        assert wait(lambda: b.call(b.registry().pending_events()) == [])
-        assert wait(lambda: b.events(by_id) == [] and b.events(by_cert) == [])
+        assert wait_until(lambda: b.call(b.registry().pending_events()) == [], DEADLINE)
+        assert wait_until(lambda: b.events(by_id) == [] and b.events(by_cert) == [], DEADLINE)
     finally:
         close_all(*conns)
     brokers.stop(b)
@@ -481,8 +514,10 @@ def test_erasure_leaves_no_trace_on_disk_while_the_broker_keeps_running(
         ok(cli(broker, "devices", "erase", device_id))
         assert conn.disconnected.wait(5)
         wait_event(svc, "erased", device_id)
-        assert wait(lambda: broker.events(device_id) == [])  # delivered, then scrubbed from the outbox
-        wait(lambda: traces(tmp_path / "data", dev) == [])
+        # delivered, then scrubbed from the outbox
+        assert wait_until(lambda: broker.events(device_id) == [], DEADLINE)
+        data = tmp_path / "data"
+        assert wait_until(lambda: traces(data, dev) == [], DEADLINE), traces(data, dev)
         assert_no_trace(tmp_path / "data", dev)
     finally:
         close_all(conn, svc)
@@ -520,7 +555,12 @@ def test_commands_are_idempotent_and_errors_are_clear(broker: BrokerThread, pki:
         types = [e.type for e in broker.events(device_id)]
         assert types == ["provisioned", "quarantined", "disabled", "revoked", "allowed"]
         wait_event(svc, "allowed", device_id)
-        time.sleep(1.5)  # one more outbox poll: nothing else may arrive
+        # Nothing else may arrive. The outbox publisher has marked every event delivered (so its
+        # polls find nothing more to send), and a marker it publishes afterwards reaches svc on the
+        # same ordered queue behind anything it sent before.
+        assert wait_until(lambda: broker.call(broker.registry().pending_events()) == [], DEADLINE)
+        admitted(broker, pki, pki.device("lc-idem-marker")).close()
+        wait_event(svc, "provisioned", "lc-idem-marker")
         got = [m.topic for m in svc.messages if m.topic.endswith(f"/{device_id}")]
         assert got == [f"$jitp/events/{t}/{device_id}" for t in types], got
         assert "intact" in ok(cli(broker, "audit", "verify"))
@@ -529,17 +569,32 @@ def test_commands_are_idempotent_and_errors_are_clear(broker: BrokerThread, pki:
 
 
 # -- CRLs ------------------------------------------------------------------------------------------
-def test_crl_closes_listed_session_and_refuses_it(broker: BrokerThread, pki: Pki, tmp_path: Path) -> None:
+def test_crl_closes_listed_session_and_refuses_it(
+    broker: BrokerThread, pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ca_id = certs.fingerprint(pki.manufacturer.cert)
     listed, spared = pki.device("lc-crl-listed"), pki.device("lc-crl-spared")
     c_listed, c_spared = admitted(broker, pki, listed), admitted(broker, pki, spared)
     conns = [c_listed, c_spared]
+    # Which sessions the broker closes, and from which task (the recheck after a trust change).
+    closed: list[tuple[str, str]] = []
+    disconnect_client = broker.server.broker.disconnect_client
+
+    async def recording(client_id: str, *, reason: str) -> bool:
+        task = asyncio.current_task()
+        closed.append((client_id, task.get_name() if task is not None else "?"))
+        return await disconnect_client(client_id, reason=reason)
+
+    monkeypatch.setattr(broker.server.broker, "disconnect_client", recording)
     try:
         crl = write_crl(tmp_path, "good.pem", make_crl(pki.manufacturer, [listed.cert.serial_number]))
         out = ok(cli(broker, "ca", "crl", ca_id, crl))
         assert "1 revoked certificate" in out
         assert c_listed.disconnected.wait(5), "the revoked certificate's session was not closed within 5 s"
-        time.sleep(0.5)
+        # Witness: the recheck of every live session after the trust change has finished.
+        assert wait_until(lambda: tasks_running(broker, RECHECK) == 0, DEADLINE), "recheck still running"
+        assert closed == [(listed.name, RECHECK)], closed
+        assert broker.server.broker.live_session(spared.name) is not None
         assert not c_spared.disconnected.is_set(), "a certificate the CRL does not list was disconnected"
         assert_refused(broker, pki, listed, "revoked", ANY_DEVICE)
         conns.append(admitted(broker, pki, pki.device("lc-crl-newcomer")))
@@ -557,6 +612,7 @@ def test_crl_with_bad_signature_or_issuer_changes_nothing(
     conn = admitted(broker, pki, dev)
     try:
         audit_before = broker.raw_audit()
+        trust_before = broker.call(broker.registry().trust_version())
         forged = make_crl(pki.manufacturer, [dev.cert.serial_number], key=certs.generate_key("ec"))
         proc = cli(broker, "ca", "crl", ca_id, write_crl(tmp_path, "forged.pem", forged))
         assert proc.returncode == 2
@@ -579,10 +635,12 @@ def test_crl_with_bad_signature_or_issuer_changes_nothing(
         )
         assert unknown.returncode == 2 and "no CA" in unknown.stderr
 
-        time.sleep(1.5)  # a few trust reloads
-        assert not conn.disconnected.is_set()
+        # The registry is how the CLI tells the broker: nothing in it changed (no CRL, no audit
+        # entry, the same trust version), so the broker's trust reloads have nothing to apply.
+        assert broker.call(broker.registry().trust_version()) == trust_before
         assert broker.call(broker.registry().crls()) == {}
         assert broker.raw_audit() == audit_before
+        assert not conn.disconnected.is_set()
         conn.close()
         conn = admitted(broker, pki, dev)
     finally:
@@ -635,17 +693,9 @@ def test_stale_crl_refuses_the_whole_ca_when_configured(brokers: Brokers, pki: P
         # A fresh CRL lifts it.
         fresh = make_crl(pki.manufacturer, [])
         ok(cli(b, "ca", "crl", ca_id, write_crl(tmp_path, "fresh.pem", fresh)))
-        back = None
-        deadline = time.monotonic() + DEADLINE
-        while time.monotonic() < deadline:
-            attempt = connect(b.port, pki, dev)
-            if attempt.rc == 0:
-                back = attempt
-                break
-            attempt.close()
-            time.sleep(0.3)
-        assert back is not None, "a fresh CRL did not lift the refusal"
-        back.close()
+        assert wait_until(lambda: connack(b, pki, dev) == 0, DEADLINE, interval=0.3), (
+            "a fresh CRL did not lift the refusal"
+        )
     finally:
         close_all(conn, svc)
 

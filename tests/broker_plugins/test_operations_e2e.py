@@ -9,7 +9,6 @@ admin API audited fewer fields than ``jitp ca register``. Real brokers, real mTL
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ import certs
 from jitp import cli
 from jitp.audit import AuditEntry
 from jitp.trust import Role, TrustAnchor
-from tests.helpers import BrokerThread, Conn, Pki, connect, test_config
+from tests.helpers import BrokerThread, Conn, Pki, connect, test_config, wait_until
 
 TEMPLATE = """name: probe
 version: %d
@@ -30,15 +29,6 @@ attributes:
   tier: %s
 """
 TIMEOUT = 6.0
-
-
-def wait(predicate: Callable[[], Any], timeout: float = TIMEOUT) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return bool(predicate())
 
 
 class Principal:
@@ -66,7 +56,7 @@ class Principal:
                     return found
             return None
 
-        assert wait(lambda: reply() is not None), f"no reply to {command}"
+        assert wait_until(lambda: reply() is not None, TIMEOUT), f"no reply to {command}"
         answer = reply()
         assert answer is not None and answer["ok"] is True, answer
         return answer
@@ -116,7 +106,9 @@ def test_a_templates_reload_through_the_admin_api_reaches_a_second_node(tmp_path
         assert reply["result"] == {"changed": 1}  # joined-b-before's configuration, re-rendered on A
         assert a.call(a.registry().templates_version()) > version  # the other nodes are told
 
-        assert wait(lambda: b.server.service.templates.get("probe").version == 2), "node B kept v1"
+        assert wait_until(lambda: b.server.service.templates.get("probe").version == 2, TIMEOUT), (
+            "node B kept v1"
+        )
         later = provisioned(b, pki, "joined-b-after")
         assert (later.template_version, later.attributes["tier"]) == (2, "gold")
         again = b.call(b.registry().get_device("joined-b-before"))
@@ -210,7 +202,7 @@ def test_every_change_writes_the_same_audit_entry_from_the_cli_and_the_admin_api
         count = len(broker.audit())
         by_cli()
         by_api()
-        assert wait(lambda: len(new_entries(broker, count, action)) == 2)
+        assert wait_until(lambda: len(new_entries(broker, count, action)) == 2, TIMEOUT)
         one, other = new_entries(broker, count, action)
         same_entry(one, other)
 
@@ -247,7 +239,7 @@ def test_every_change_writes_the_same_audit_entry_from_the_cli_and_the_admin_api
     change_template(2)
     local(broker, config, "templates", "reload")
     # The broker follows the CLI's reload (the templates version); only then the next change.
-    assert wait(lambda: broker.server.service.templates.get("probe").version == 2)
+    assert wait_until(lambda: broker.server.service.templates.get("probe").version == 2, TIMEOUT)
     change_template(3)
     operator.request("templates.reload")
     by_cli, by_api = new_entries(broker, count, "template-changed")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import time
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +11,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from tests.helpers import BrokerThread, Pki, connect, test_config
+from tests.helpers import BrokerThread, Pki, connect, test_config, wait_until
 
 CAPS_OID = "1.3.6.1.4.1.57264.1.1"
 
@@ -152,13 +152,22 @@ def test_namespace_and_profile_are_enforced(meter_broker: BrokerThread, pki: Pki
         # Rate: 3 messages per minute; the rest are dropped.
         for i in range(6):
             a.client.publish("meters/eu-west/meter-0000000a/t", str(i).encode())
+        # The broker handles one connection's packets in order (W17) and routes a message before it
+        # reads the next packet: the SUBACK of a later SUBSCRIBE shows all six were routed or dropped.
+        assert a.subscribe("meters/eu-west/meter-0000000a/cmd/witness") == [0]
         # Publishing outside its namespace is denied (and counts against the rate, too).
         other.client.publish("devices/meter-0000000b/x", b"default namespace")
         other.client.publish("meters/eu-west/meter-0000000a/t", b"spoofed")
-        time.sleep(1.0)
-        topics = [m.topic for m in svc.messages]
-        assert topics == ["meters/eu-west/meter-0000000a/t"] * 3
-        assert [m.payload for m in svc.messages] == [b"0", b"1", b"2"]
+        # Witness: other's third message, in its namespace, on the same connection as the two
+        # denied ones and routed after a's six. Anything else would reach svc before it.
+        other.client.publish("meters/eu-west/meter-0000000b/t", b"marker")
+        assert svc.wait_for(lambda: any(m.payload == b"marker" for m in svc.messages)), "no marker"
+        assert [(m.topic, m.payload) for m in svc.messages] == [
+            ("meters/eu-west/meter-0000000a/t", b"0"),
+            ("meters/eu-west/meter-0000000a/t", b"1"),
+            ("meters/eu-west/meter-0000000a/t", b"2"),
+            ("meters/eu-west/meter-0000000b/t", b"marker"),
+        ]
         # Size: more than max_message_size (64 bytes) closes the connection.
         other.client.publish("meters/eu-west/meter-0000000b/t", b"x" * 65)
         assert other.disconnected.wait(5)
@@ -176,7 +185,9 @@ def test_reprovisioning_policies(tmp_path: Path, pki: Pki, policy: str) -> None:
         first.close()
         assert first.rc == 0
         [before] = b.devices()
-        time.sleep(0.05)
+        # The broker has seen the disconnect (a clean session leaves the table): the renewed
+        # certificate's connect is a new join, not a takeover of a session still open.
+        assert wait_until(lambda: b.session_count() == 0), "the disconnect was not seen"
         new = pki.identity(meter_subject("SM-00c0ffee", locality="Paris"))  # renewed certificate, new key
         second = connect(b.port, pki, new, client_id="meter-00c0ffee")
         second.close()
@@ -229,10 +240,23 @@ def test_ext_value_with_long_der_length(pki: Pki) -> None:
     assert _der_string(raw) == long
 
 
-def test_template_change_and_reload_publishes_config_changed(tmp_path: Path, pki: Pki) -> None:
+def _broker_reloads(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The broker's "templates reloaded" log lines: one each time it followed a templates version bump,
+    written once its reload (and any config-changed event it made) is done."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "jitp.server" and r.getMessage().startswith("templates reloaded from ")
+    ]
+
+
+def test_template_change_and_reload_publishes_config_changed(
+    tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
     import subprocess
     import sys
 
+    caplog.set_level(logging.INFO, logger="jitp.server")
     b = start(tmp_path, pki)
     try:
         svc = connect(b.port, pki, pki.service())
@@ -275,12 +299,21 @@ def test_template_change_and_reload_publishes_config_changed(tmp_path: Path, pki
         # The live session is held to the new profile: 100 bytes now pass (the old limit was 64).
         info = dev.client.publish("meters/eu-west/meter-00000abc/t", b"y" * 100, qos=1)
         info.wait_for_publish(5)
-        time.sleep(0.3)
+        # Over the limit, the broker closes the connection instead of acknowledging.
+        assert info.is_published(), "no PUBACK for 100 bytes under the new profile"
         assert not dev.disconnected.is_set()
-        # A second reload with nothing changed publishes nothing new.
+        # The broker follows the reload too (it sees the templates version bump); its own reload
+        # finds the devices already re-rendered by the CLI. Wait for it before the second reload.
+        assert wait_until(lambda: len(_broker_reloads(caplog)) == 1, 10), "the broker did not reload"
+        # A second reload with nothing changed publishes nothing new: not from the CLI (0 changed),
+        # and not from the broker's reload that follows it.
         again = reload()
         assert "0 device configuration(s) changed" in again.stdout
-        time.sleep(2.5)
+        assert wait_until(lambda: len(_broker_reloads(caplog)) == 2, 10), "the broker did not reload again"
+        assert _broker_reloads(caplog)[-1].endswith(": 0 config-changed event(s)")
+        # Every event goes through the outbox: it holds the one config-changed event, delivered.
+        assert [e.type for e in b.events("meter-00000abc")] == ["provisioned", "config-changed"]
+        assert b.call(b.registry().pending_events()) == []
         assert len(svc.messages) == 1
         dev.close()
         svc.close()
