@@ -15,7 +15,7 @@ deeper than :data:`MAX_REQUEST_DEPTH` is refused (``invalid_request``) before it
 Devices never reach ``$jitp/admin/#``.
 
 The commands, the roles that may run them, their arguments and what they do are
-:data:`jitp.operations.OPERATIONS`, the same table the CLI runs locally and remotely: this module is
+:data:`jitp.app.operations.OPERATIONS`, the same table the CLI runs locally and remotely: this module is
 only the MQTT transport (limits, parsing, the role check, one reply and one audit entry).
 """
 
@@ -29,9 +29,9 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from jitp import errors
-from jitp.audit import AuditDraft
-from jitp.operations import OPERATIONS, Context
-from jitp.service import Admission
+from jitp.app.operations import OPERATIONS, Context
+from jitp.app.service import Admission
+from jitp.domain.audit import AuditDraft
 from jitp.trust import Role
 
 if TYPE_CHECKING:

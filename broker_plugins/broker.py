@@ -29,11 +29,12 @@ from broker_plugins.framing import AbortableWriter, LimitedReader
 from broker_plugins.handler import JitpProtocolHandler
 from broker_plugins.session import ClientState, JitpSession
 from jitp import errors
-from jitp.acl import Access, valid_filter
+from jitp.app.service import Admission, PeerCredentials, ProvisioningService
 from jitp.config import Config
-from jitp.events import config_topic, record_config_payload
-from jitp.records import DeviceRecord
-from jitp.routing import (
+from jitp.domain.acl import Access, valid_filter
+from jitp.domain.events import config_topic, record_config_payload
+from jitp.domain.records import DeviceRecord
+from jitp.domain.routing import (
     Offer,
     Outgoing,
     QueueLimits,
@@ -42,7 +43,6 @@ from jitp.routing import (
     RetainVerdict,
     SubscriptionTree,
 )
-from jitp.service import Admission, PeerCredentials, ProvisioningService
 from jitp.trust import Role
 
 log = logging.getLogger("jitp.broker")

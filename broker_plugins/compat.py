@@ -51,13 +51,13 @@ W11 LEAN_SESSION_STATE    amqtt builds a ``transitions.Machine`` for every Sessi
 W12 ROUTING               amqtt matches every PUBLISH against every filter in the broker, leaves
                           unsubscribed filters behind, and iterates its subscription dict across
                           an await (a concurrent SUBSCRIBE drops the message for the rest). Here
-                          a topic tree (:class:`jitp.routing.SubscriptionTree`) routes each message
+                          a topic tree (:class:`jitp.domain.routing.SubscriptionTree`) routes each message
                           synchronously, *before* its PUBACK: an acknowledged message is already in
                           every matching session's queue, whatever the publisher does next.
 W13 DELIVERY_QUEUE        amqtt sends each outgoing message in a task of its own, without bound,
                           forgets unacknowledged QoS 1 messages when a connection drops, and
                           replays an offline session's queue with RETAIN=1. Here each session has
-                          a bounded :class:`jitp.routing.DeliveryQueue` written by one sender per
+                          a bounded :class:`jitp.domain.routing.DeliveryQueue` written by one sender per
                           connection: QoS 0 beyond the bound is dropped, QoS 1 beyond it disconnects
                           the client; unacknowledged QoS 1 messages are resent (DUP) on reconnect.
 W14 WILL_ACL              amqtt publishes and retains a will without any topic check. Here a will

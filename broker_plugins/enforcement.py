@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from broker_plugins.session import JitpSession
 from jitp import errors
-from jitp.acl import Access
 from jitp.config import LimitsConfig
-from jitp.templates import Profile
+from jitp.domain.acl import Access
+from jitp.domain.templates import Profile
 
 
 def keepalive(requested: int, *, limits: LimitsConfig, profile: Profile | None) -> float:

@@ -1,7 +1,7 @@
 """The protocol handler of one connection: reads packets in order, writes one session's queue.
 
 W12: a PUBLISH is checked and routed (through :class:`Inbound`, the broker) *before* its PUBACK.
-W13: one sender task per connection writes the session's bounded :class:`~jitp.routing.DeliveryQueue`.
+W13: one sender task per connection writes the session's bounded :class:`~jitp.domain.routing.DeliveryQueue`.
 W16: malformed packets close the connection. W17: packets are handled in order in the reader task.
 """
 
@@ -33,7 +33,7 @@ from amqtt.mqtt.subscribe import SubscribePacket
 
 from broker_plugins.framing import AbortableWriter
 from broker_plugins.session import JitpSession
-from jitp.routing import DeliveryQueue
+from jitp.domain.routing import DeliveryQueue
 
 log = logging.getLogger("jitp.broker")
 

@@ -6,7 +6,7 @@ describe. This publisher delivers them to MQTT subscribers at QoS 1 on
 then marks them delivered. After a crash, undelivered events go out with their original
 ``event_id``, so consumers can de-duplicate.
 
-With ``nats.enabled`` it also runs the NATS JetStream sink (:mod:`jitp.nats_sink`), which follows
+With ``nats.enabled`` it also runs the NATS JetStream sink (:mod:`jitp.integration.nats_sink`), which follows
 the outbox with its own cursor, independent of MQTT delivery.
 """
 
@@ -19,11 +19,11 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from jitp import errors
+from jitp.app.service import ProvisioningService
 from jitp.config import Config
-from jitp.events import CONFIG_EVENTS, ProvisioningEvent, config_payload, config_topic
-from jitp.nats_sink import NatsSink
+from jitp.domain.events import CONFIG_EVENTS, ProvisioningEvent, config_payload, config_topic
+from jitp.integration.nats_sink import NatsSink
 from jitp.registry import Registry
-from jitp.service import ProvisioningService
 
 log = logging.getLogger("jitp.events")
 

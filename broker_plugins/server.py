@@ -16,13 +16,13 @@ from broker_plugins.listener import Listener
 from broker_plugins.publisher import OutboxPublisher
 from broker_plugins.tls import TlsContextHolder
 from jitp import errors
+from jitp.app.service import Clock, ProvisioningService, utc_now
 from jitp.config import Config, host_port
-from jitp.events import ProvisioningEvent
-from jitp.records import EventType
+from jitp.domain.events import ProvisioningEvent
+from jitp.domain.records import EventType
+from jitp.domain.templates import TemplateSet
 from jitp.registry import Registry
-from jitp.registry_factory import make_registry
-from jitp.service import Clock, ProvisioningService, utc_now
-from jitp.templates import TemplateSet
+from jitp.registry.factory import make_registry
 from jitp.trust import TrustStore
 
 log = logging.getLogger("jitp.server")

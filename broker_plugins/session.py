@@ -15,12 +15,12 @@ from typing import Any
 from amqtt.session import Session
 
 from broker_plugins.compat import LeanSessionState
-from jitp.acl import NOBODY, Access, Namespace, namespace_for
-from jitp.admission import TokenBucket
-from jitp.records import DeviceRecord
-from jitp.routing import DeliveryQueue, QueueLimits
-from jitp.service import Admission, PeerCredentials
-from jitp.templates import Profile
+from jitp.app.admission import TokenBucket
+from jitp.app.service import Admission, PeerCredentials
+from jitp.domain.acl import NOBODY, Access, Namespace, namespace_for
+from jitp.domain.records import DeviceRecord
+from jitp.domain.routing import DeliveryQueue, QueueLimits
+from jitp.domain.templates import Profile
 from jitp.trust import Role
 
 

@@ -22,8 +22,8 @@ from typing import Any, TypeVar
 import yaml
 
 from jitp import yamlfiles
+from jitp.crypto.keys import default_keys_dir
 from jitp.errors import ConfigError
-from jitp.keys import default_keys_dir
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "jitp.yaml"
 
@@ -170,7 +170,7 @@ def default_keyring_schema(schema: str | None) -> str:
 
 @dataclass(frozen=True)
 class KeysConfig:
-    """Encryption at rest (jitp.keys, jitp.envelope): where the master key and the keyring live."""
+    """Encryption at rest (jitp.crypto.keys, jitp.crypto.envelope): where the master key and the keyring live."""
 
     # The master key file (made by `jitp keys init`, mode 0600). None: <data_dir>-keys/master.key,
     # beside the data directory, not inside it, so a copy of the data directory holds no key.
@@ -198,7 +198,7 @@ class AuditConfig:
 
 @dataclass(frozen=True)
 class AdmissionConfig:
-    """Admission control of first joins (the registry write path); see jitp.admission."""
+    """Admission control of first joins (the registry write path); see jitp.app.admission."""
 
     workers: int = 256  # provisioning requests in flight to the registry at once
     queue_size: int = 10000  # first joins waiting for a worker; beyond: CONNACK 3 (0: no waiting)
@@ -228,7 +228,7 @@ NATS_SCHEMES = ("nats://", "tls://", "ws://", "wss://")
 
 @dataclass(frozen=True)
 class NatsConfig:
-    """The optional NATS JetStream event sink (jitp.nats_sink): every outbox event, once."""
+    """The optional NATS JetStream event sink (jitp.integration.nats_sink): every outbox event, once."""
 
     enabled: bool = False
     servers: str = "nats://127.0.0.1:4222"  # comma-separated server URLs of one cluster
@@ -270,7 +270,7 @@ class Config:
     node_id: str | None = None
     log_level: str = "info"
     # None: the embedded SQLite registry at data_dir/registry.db. "postgresql://...": PostgreSQL,
-    # shared by several broker nodes (see jitp.pg_registry).
+    # shared by several broker nodes (see jitp.registry.postgres).
     registry: str | None = None
     listener: ListenerConfig = field(default_factory=ListenerConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)

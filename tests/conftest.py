@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from jitp.keys import DEFAULT_ENV, MasterKey
+from jitp.crypto.keys import DEFAULT_ENV, MasterKey
 from tests.helpers import BrokerThread, Pki, test_config
 
 # Device data is always encrypted at rest, so every registry needs a master key: the test session

@@ -17,8 +17,8 @@ from cryptography import x509
 
 import certs
 from broker_plugins.server import JitpServer
-from jitp.audit import AuditDraft
 from jitp.config import AuditConfig, Config, LimitsConfig, ListenerConfig, TrustConfig
+from jitp.domain.audit import AuditDraft
 from jitp.trust import Role, TrustAnchor
 
 T = TypeVar("T")

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from jitp.audit import AuditDraft, entry_hash
+from jitp.app.service import PeerCredentials, ProvisioningService
 from jitp.cli import AUDIT_FIELDS
-from jitp.records import Command
-from jitp.service import PeerCredentials, ProvisioningService
-from jitp.sqlite_registry import SQLiteRegistry
+from jitp.domain.audit import AuditDraft, entry_hash
+from jitp.domain.records import Command
+from jitp.registry.sqlite import SQLiteRegistry
 from tests.jitp import pkitools as pt
 
 JITP = [sys.executable, "-m", "jitp.cli"]

@@ -105,7 +105,7 @@ def test_remote_options_before_the_command(broker: BrokerThread, pki: Pki) -> No
 
 
 def test_remote_mode_runs_every_operation_of_the_table(broker: BrokerThread, pki: Pki) -> None:
-    """Remote mode follows jitp.operations: what the local CLI can do with a shared command, it can
+    """Remote mode follows jitp.app.operations: what the local CLI can do with a shared command, it can
     do through the broker (these three answered "not available with --broker" before)."""
     admins = certs.make_ca("remote admins CA", key=certs.generate_key(), issuer=pki.root)
     broker.register_ca(admins.cert, role=Role.ADMIN)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from jitp.keys import DEFAULT_ENV, MasterKey, parse_tokens, read_key_file
+from jitp.crypto.keys import DEFAULT_ENV, MasterKey, parse_tokens, read_key_file
 from tests.helpers import Pki
 
 JITP = [sys.executable, "-m", "jitp.cli"]

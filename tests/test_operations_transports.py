@@ -1,4 +1,4 @@
-"""The three transports over jitp.operations: an operation added to the table is a command of the
+"""The three transports over jitp.app.operations: an operation added to the table is a command of the
 local CLI, of the CLI's remote mode and of the admin API, with the same arguments and audit entry.
 
 A toy operation (``toys.ping``) is added to the table for the test; no broker: the admin API runs
@@ -17,11 +17,13 @@ from typing import Any
 import pytest
 
 from broker_plugins import admin
-from jitp import cli, operations, remote
-from jitp.audit import AuditEntry
-from jitp.operations import OPERATIONS, Audited, Context, Operation
-from jitp.service import Admission, ProvisioningService
-from jitp.sqlite_registry import SQLiteRegistry
+from jitp import cli
+from jitp.app import operations
+from jitp.app.operations import OPERATIONS, Audited, Context, Operation
+from jitp.app.service import Admission, ProvisioningService
+from jitp.cli import remote
+from jitp.domain.audit import AuditEntry
+from jitp.registry.sqlite import SQLiteRegistry
 from jitp.trust import Role
 
 PINGED = Audited("pinged", ("name", "loud", "role"))
@@ -164,7 +166,7 @@ def test_the_operations_module_never_imports_amqtt() -> None:
     import sys
 
     code = (
-        "import sys, jitp.operations, jitp.cli; assert not [m for m in sys.modules if m.startswith('amqtt')]"
+        "import sys, jitp.app.operations, jitp.cli; assert not [m for m in sys.modules if m.startswith('amqtt')]"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
     assert operations.OPERATIONS is OPERATIONS

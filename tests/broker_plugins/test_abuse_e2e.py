@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from broker_plugins.session import JitpSession
-from jitp.records import Command
+from jitp.domain.records import Command
 from jitp.trust import Role
 from tests.helpers import BrokerThread, Conn, Pki, connect, test_config, wait_until
 from tests.rawmqtt import (

@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 import certs
 from broker_plugins import admin
-from jitp.audit import AuditDraft
-from jitp.records import Command, DeviceStatus
+from jitp.domain.audit import AuditDraft
+from jitp.domain.records import Command, DeviceStatus
 from jitp.trust import Role
 from tests.helpers import BrokerThread, Conn, Pki, connect, test_config, wait_until, wait_until_async
 

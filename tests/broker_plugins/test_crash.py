@@ -24,7 +24,7 @@ import pytest
 
 from device_sim import Fleet, Report, Target, create_fleet, run_storm
 from device_sim.backoff import NO_RETRY
-from jitp.sqlite_registry import SQLiteRegistry
+from jitp.registry.sqlite import SQLiteRegistry
 from tests.helpers import Pki, client_context, connect, wait_until
 
 pytestmark = pytest.mark.slow

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from jitp.records import Command
+from jitp.domain.records import Command
 from tests.helpers import BrokerThread, Conn, Identity, Pki, connect, wait_until
 from tests.rawmqtt import connect_packet, recv_exact, subscribe_packet, tls_connect
 

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from broker_plugins.session import JitpSession
-from jitp.acl import Access
+from jitp.domain.acl import Access
 from jitp.trust import Role
 from tests.broker_plugins.stock_amqtt import ACL, AUTH_CN, StockBroker, tls_listener
 from tests.helpers import (

@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 import certs
 from broker_plugins.session import JitpSession
-from jitp.acl import quarantine_namespace
-from jitp.events import config_topic
+from jitp.domain.acl import quarantine_namespace
+from jitp.domain.events import config_topic
 from jitp.trust import Role
 from tests.helpers import BrokerThread, Conn, Identity, Pki, connect, test_config, wait_until
 

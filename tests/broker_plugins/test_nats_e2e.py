@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from jitp.nats_sink import SINK_NAME
+from jitp.integration.nats_sink import SINK_NAME
 from tests.helpers import BrokerThread, Pki, connect, test_config, wait_until
 from tests.jitp.test_nats_sink import Stream, nats_url, stream  # noqa: F401  (fixtures)
 

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 import certs
 from jitp import cli
-from jitp.audit import AuditEntry
+from jitp.domain.audit import AuditEntry
 from jitp.trust import Role, TrustAnchor
 from tests.helpers import BrokerThread, Conn, Pki, connect, test_config, wait_until
 

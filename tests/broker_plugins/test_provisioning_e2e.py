@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from jitp.audit import AuditDraft
+from jitp.domain.audit import AuditDraft
 from jitp.trust import TrustAnchor
 from tests.helpers import BrokerThread, Identity, Pki, connect, test_config, wait_until
 

@@ -8,7 +8,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from jitp.registry_factory import open_registry
+from jitp.registry.factory import open_registry
 from tests.helpers import BrokerThread, Conn, Pki, connect, test_config
 
 PING_PONGS = 20

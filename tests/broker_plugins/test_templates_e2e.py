@@ -233,7 +233,7 @@ def test_unknown_template_binding_refuses_with_reason(tmp_path: Path, pki: Pki) 
 
 
 def test_ext_value_with_long_der_length(pki: Pki) -> None:
-    from jitp.templates import _der_string
+    from jitp.domain.templates import _der_string
 
     long = "x" * 300
     raw = b"\x0c\x82" + len(long).to_bytes(2, "big") + long.encode()

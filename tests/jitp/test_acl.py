@@ -8,7 +8,7 @@ import pytest
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from jitp.acl import (
+from jitp.domain.acl import (
     NOBODY,
     SERVICE_NAMESPACE,
     Access,
@@ -17,7 +17,7 @@ from jitp.acl import (
     topic_matches,
     valid_filter,
 )
-from jitp.identity import is_safe_id
+from jitp.domain.identity import is_safe_id
 
 # -- an independent reference: MQTT 3.1.1 section 4.7 as regular expressions --------------------
 

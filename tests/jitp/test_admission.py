@@ -15,12 +15,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jitp import errors
-from jitp.admission import Gate, JoinRates, KeyedBuckets, RecordCache, TokenBucket
-from jitp.audit import AuditDraft
+from jitp.app.admission import Gate, JoinRates, KeyedBuckets, RecordCache, TokenBucket
+from jitp.app.service import PeerCredentials, ProvisioningService
 from jitp.config import AdmissionConfig, ConfigError, load_config
-from jitp.records import Command, DeviceRecord, DeviceStatus
-from jitp.service import PeerCredentials, ProvisioningService
-from jitp.sqlite_registry import SQLiteRegistry
+from jitp.domain.audit import AuditDraft
+from jitp.domain.records import Command, DeviceRecord, DeviceStatus
+from jitp.registry.sqlite import SQLiteRegistry
 from jitp.trust import TrustAnchor
 from tests.helpers import Pki, wait_until_async
 

@@ -12,7 +12,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jitp.audit import GENESIS_HASH, AuditDraft, AuditEntry, canonical, chain, entry_hash, verify_chain
+from jitp.domain.audit import GENESIS_HASH, AuditDraft, AuditEntry, canonical, chain, entry_hash, verify_chain
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

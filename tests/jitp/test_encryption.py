@@ -21,9 +21,9 @@ import pytest
 from cryptography.x509.oid import NameOID
 
 from jitp import errors
-from jitp.audit import AuditDraft, verify_chain
-from jitp.keyrotation import rotate_keys
-from jitp.keys import (
+from jitp.app.service import PeerCredentials, ProvisioningService
+from jitp.crypto.keyrotation import rotate_keys
+from jitp.crypto.keys import (
     DEFAULT_ENV,
     FileKeyProvider,
     LocalKeys,
@@ -33,9 +33,9 @@ from jitp.keys import (
     read_key_file,
     write_key_file,
 )
-from jitp.records import Command
-from jitp.service import PeerCredentials, ProvisioningService
-from jitp.sqlite_registry import MIGRATIONS, SQLiteRegistry
+from jitp.domain.audit import AuditDraft, verify_chain
+from jitp.domain.records import Command
+from jitp.registry.sqlite import MIGRATIONS, SQLiteRegistry
 from tests.jitp import pkitools as pt
 from tests.jitp.test_registry_contract import T0, draft, identity
 
@@ -392,7 +392,7 @@ def test_a_version_2_database_is_sealed_on_open_and_keeps_its_audit_links(tmp_pa
                 policy="rotate",
             )
         # Its audit key became its data key: entries written before the upgrade still resolve.
-        from jitp import privacy
+        from jitp.crypto import privacy
 
         await registry.append_audit([AuditDraft(at=T0, action="note", actor="op", device_id="old-1")])
         entries = await registry.audit_entries()

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from jitp import errors
-from jitp.acl import Access, device_namespace, topic_matches, valid_filter
-from jitp.identity import (
+from jitp.domain.acl import Access, device_namespace, topic_matches, valid_filter
+from jitp.domain.identity import (
     MAX_ID_BYTES,
     MAX_ID_CHARS,
     check_device_id,
@@ -61,7 +61,7 @@ plausible_id = st.text(
 
 
 def reference_is_safe(value: str) -> bool:
-    """The documented rule, written independently of jitp.identity."""
+    """The documented rule, written independently of jitp.domain.identity."""
     return (
         0 < len(value) <= 128
         and len(value.encode("utf-8", "surrogatepass")) <= 256

@@ -22,10 +22,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from jitp import errors
-from jitp.audit import AuditDraft, verify_chain
-from jitp.records import ADMITTED, TRANSITIONS, Command, DeviceStatus
-from jitp.service import PeerCredentials, ProvisioningService
-from jitp.sqlite_registry import SQLiteRegistry
+from jitp.app.service import PeerCredentials, ProvisioningService
+from jitp.domain.audit import AuditDraft, verify_chain
+from jitp.domain.records import ADMITTED, TRANSITIONS, Command, DeviceStatus
+from jitp.registry.sqlite import SQLiteRegistry
 from jitp.trust import fingerprint
 from tests.jitp import pkitools as pt
 

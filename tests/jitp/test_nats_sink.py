@@ -1,5 +1,5 @@
 # ruff: noqa: F811  (pytest fixtures imported from test_registry_contract)
-"""The NATS JetStream event sink (jitp.nats_sink) and the registry's sink cursors.
+"""The NATS JetStream event sink (jitp.integration.nats_sink) and the registry's sink cursors.
 
 Registry tests run on both backends (the ``backend`` fixture of test_registry_contract). NATS tests
 use a real server with JetStream (``JITP_TEST_NATS_URL``, default ``nats://127.0.0.1:4222``), each
@@ -30,10 +30,10 @@ from hypothesis import strategies as st
 from nats.aio.msg import Msg
 
 from jitp.config import NatsConfig
-from jitp.nats_sink import SINK_NAME, NatsSink, device_filter, event_subject, subject_token
-from jitp.records import Command
+from jitp.domain.records import Command
+from jitp.integration.nats_sink import SINK_NAME, NatsSink, device_filter, event_subject, subject_token
 from jitp.registry import Registry
-from jitp.sqlite_registry import SQLiteRegistry
+from jitp.registry.sqlite import SQLiteRegistry
 from tests.helpers import wait_until_async
 from tests.jitp.test_registry_contract import (  # noqa: F401  (fixtures)
     T0,

@@ -1,4 +1,4 @@
-"""The operations table (jitp.operations): permissions, typed arguments, audit entries, one implementation.
+"""The operations table (jitp.app.operations): permissions, typed arguments, audit entries, one implementation.
 
 A real SQLiteRegistry in ``tmp_path``; no broker. The transports over the table (CLI, remote mode,
 admin API) are tested in tests/test_operations_transports.py and end to end in
@@ -19,8 +19,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 import certs
 from jitp import errors
-from jitp.audit import AuditDraft, AuditEntry
-from jitp.operations import (
+from jitp.app.operations import (
     CA_REGISTERED,
     OPERATIONS,
     AuditExportArgs,
@@ -32,9 +31,10 @@ from jitp.operations import (
     decode_args,
     encode_args,
 )
-from jitp.records import Command
-from jitp.service import PeerCredentials, ProvisioningService
-from jitp.sqlite_registry import SQLiteRegistry
+from jitp.app.service import PeerCredentials, ProvisioningService
+from jitp.domain.audit import AuditDraft, AuditEntry
+from jitp.domain.records import Command
+from jitp.registry.sqlite import SQLiteRegistry
 from jitp.trust import Role
 from tests.jitp import pkitools as pt
 

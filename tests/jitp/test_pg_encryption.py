@@ -19,14 +19,16 @@ from typing import Any
 import asyncpg
 import pytest
 
-from jitp import envelope, errors, pg_registry, privacy
-from jitp.audit import GENESIS_HASH, AuditDraft, chain, verify_chain
+from jitp import errors
 from jitp.config import default_keyring_schema
-from jitp.events import lifecycle_event, new_event_id, provisioned_event
-from jitp.keys import EnvKeyProvider, LocalKeys, MasterKey, MasterKeyProvider
-from jitp.pg_registry import PostgresRegistry, drop_schema
-from jitp.records import Command, DeviceRecord, DeviceStatus
+from jitp.crypto import envelope, privacy
+from jitp.crypto.keys import EnvKeyProvider, LocalKeys, MasterKey, MasterKeyProvider
+from jitp.domain.audit import GENESIS_HASH, AuditDraft, chain, verify_chain
+from jitp.domain.events import lifecycle_event, new_event_id, provisioned_event
+from jitp.domain.records import Command, DeviceRecord, DeviceStatus
+from jitp.registry import postgres as pg_registry
 from jitp.registry import pseudonymize
+from jitp.registry.postgres import PostgresRegistry, drop_schema
 from tests.jitp.test_registry_contract import (  # noqa: F401  (fixtures)
     PEER,
     PEER_HOST,

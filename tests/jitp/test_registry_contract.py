@@ -30,16 +30,17 @@ from typing import Any, TypeVar
 import asyncpg
 import pytest
 
-from jitp import errors, pg_registry
-from jitp.audit import AuditDraft, AuditEntry, verify_chain
+from jitp import errors
 from jitp.config import Config, PostgresConfig, SQLiteConfig, default_keyring_schema
-from jitp.identity import DeviceIdentity
-from jitp.keys import EnvKeyProvider
-from jitp.pg_registry import PostgresRegistry, drop_schema, redact
-from jitp.records import Command, DeviceStatus
+from jitp.crypto.keys import EnvKeyProvider
+from jitp.domain.audit import AuditDraft, AuditEntry, verify_chain
+from jitp.domain.identity import DeviceIdentity
+from jitp.domain.records import Command, DeviceStatus
 from jitp.registry import Registry
-from jitp.registry_factory import make_registry
-from jitp.sqlite_registry import SQLiteRegistry
+from jitp.registry import postgres as pg_registry
+from jitp.registry.factory import make_registry
+from jitp.registry.postgres import PostgresRegistry, drop_schema, redact
+from jitp.registry.sqlite import SQLiteRegistry
 from tests.jitp import pkitools as pt
 
 T = TypeVar("T")
@@ -803,7 +804,7 @@ def test_templates_version_and_update_configs(backend: Backend) -> None:
 
 # -- through the service, with real certificates ------------------------------------------------
 def test_service_admits_refuses_and_erases(backend: Backend) -> None:
-    from jitp.service import PeerCredentials, ProvisioningService
+    from jitp.app.service import PeerCredentials, ProvisioningService
 
     cert = pt.leaf("svc-dev")
     peer = PeerCredentials(chain_der=tuple(pt.chain_of(cert)), client_id="svc-dev", address=PEER)

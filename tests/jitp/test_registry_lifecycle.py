@@ -18,10 +18,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from jitp import errors
-from jitp.audit import AuditDraft, AuditEntry, verify_chain
-from jitp.records import TRANSITIONS, Command, DeviceStatus, transition
-from jitp.service import PeerCredentials, ProvisioningService
-from jitp.sqlite_registry import SQLiteRegistry
+from jitp.app.service import PeerCredentials, ProvisioningService
+from jitp.domain.audit import AuditDraft, AuditEntry, verify_chain
+from jitp.domain.records import TRANSITIONS, Command, DeviceStatus, transition
+from jitp.registry.sqlite import SQLiteRegistry
 from jitp.trust import fingerprint
 from tests.jitp import pkitools as pt
 
@@ -289,7 +289,7 @@ def test_operator_reason_naming_the_device_is_pseudonymised(tmp_path: Path) -> N
     """``--reason`` is free text: an operator naturally writes the device id into it.
 
     Like every other free text about a device, it is stored with the id replaced by ``<device>``
-    (jitp.privacy), or erasure would leave the device named in clear in the audit trail.
+    (jitp.crypto.privacy), or erasure would leave the device named in clear in the audit trail.
     """
     device_id = "reason-dev-77aa"
     fp = fingerprint(cert_of(device_id))
@@ -478,8 +478,8 @@ def test_a_removed_tail_stays_visible_after_the_next_append(tmp_path) -> None:  
     import sqlite3
     from datetime import UTC, datetime
 
-    from jitp.audit import AuditDraft, verify_chain
-    from jitp.sqlite_registry import SQLiteRegistry
+    from jitp.domain.audit import AuditDraft, verify_chain
+    from jitp.registry.sqlite import SQLiteRegistry
 
     async def go() -> list[str]:
         path = tmp_path / "r.db"

@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from jitp.acl import topic_matches, valid_filter
-from jitp.routing import (
+from jitp.domain.acl import topic_matches, valid_filter
+from jitp.domain.routing import (
     DeliveryQueue,
     Offer,
     Outgoing,

@@ -18,9 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jitp import errors
-from jitp.audit import AuditDraft
-from jitp.service import ProvisioningService
-from jitp.sqlite_registry import SQLiteRegistry
+from jitp.app.service import ProvisioningService
+from jitp.domain.audit import AuditDraft
+from jitp.registry.sqlite import SQLiteRegistry
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 WINDOW = 60.0

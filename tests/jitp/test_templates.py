@@ -1,4 +1,4 @@
-"""Enrollment templates (jitp/templates.py) without a broker: loading and strict validation,
+"""Enrollment templates (jitp/domain/templates.py) without a broker: loading and strict validation,
 certificate sources, and properties of rendering and namespaces (untrusted certificate values).
 
 The broker-level behaviour (events, retained config, enforcement) is in
@@ -23,9 +23,9 @@ from hypothesis import strategies as st
 
 import certs
 from jitp import errors
-from jitp.acl import Access, Namespace, filter_within, topic_matches
-from jitp.identity import id_problem
-from jitp.templates import (
+from jitp.domain.acl import Access, Namespace, filter_within, topic_matches
+from jitp.domain.identity import id_problem
+from jitp.domain.templates import (
     DEFAULT_TEMPLATE,
     EnrollmentTemplate,
     Profile,
@@ -750,7 +750,7 @@ def test_a_catastrophic_pattern_matches_a_10000_character_input(tmp_path: Path) 
     assert regex.fullmatch("a" * 9_999 + "!") is None
     assert regex.fullmatch("!" + "a" * 9_999) is None
     assert regex.fullmatch("a" * 10_000) == {}  # a match: the named groups (none here)
-    from jitp.templates import IdPattern
+    from jitp.domain.templates import IdPattern
 
     assert isinstance(regex, IdPattern)
 
@@ -765,7 +765,7 @@ def test_a_catastrophic_pattern_refuses_a_hostile_cn(tmp_path: Path) -> None:
 
 
 def test_values_longer_than_the_match_limit_are_never_matched(tmp_path: Path) -> None:
-    from jitp.templates import MAX_MATCH_CHARS
+    from jitp.domain.templates import MAX_MATCH_CHARS
 
     assert MAX_MATCH_CHARS == 256  # the README documents this number
     body = "device_id:\n  regex: '^(?P<pad>0*)(?P<id>[a-z]{1,8})$'\n"
@@ -814,7 +814,7 @@ def test_patterns_re2_cannot_compile_are_refused_at_load(tmp_path: Path, pattern
 
 
 def test_named_groups_and_equality_of_re2_patterns(tmp_path: Path) -> None:
-    from jitp.templates import IdPattern
+    from jitp.domain.templates import IdPattern
 
     t = load_template(SMART_METER)
     assert t.id_rule.regex is not None and dict(t.id_rule.regex.groupindex) == {"serial": 1}
@@ -854,7 +854,7 @@ def shared_patterns(draw: st.DrawFn) -> str:
 @example(pattern="^(?P<g0>a|ab)(?P<g1>b?)$", texts=["ab", "abb", "a"])
 @example(pattern="(?P<g0>a*?)(?P<g1>a*)", texts=["aaa", ""])
 def test_re2_and_re_agree_on_fullmatch_and_groups(pattern: str, texts: list[str]) -> None:
-    from jitp.templates import IdPattern
+    from jitp.domain.templates import IdPattern
 
     compiled = IdPattern(pattern)
     reference = re.compile(pattern)
@@ -918,7 +918,7 @@ def test_anchors_and_aliases_are_refused_even_when_harmless(tmp_path: Path, body
 def test_template_files_are_bounded_regular_utf8_files(tmp_path: Path) -> None:
     import os
 
-    from jitp.templates import MAX_TEMPLATE_BYTES, MAX_TEMPLATE_DEPTH
+    from jitp.domain.templates import MAX_TEMPLATE_BYTES, MAX_TEMPLATE_DEPTH
 
     assert MAX_TEMPLATE_BYTES == 64 * 1024 and MAX_TEMPLATE_DEPTH == 16  # the README documents these
     head = "version: 1\n"

@@ -13,7 +13,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 import certs
 from jitp import errors
-from jitp.identity import derive_identity, derive_service
+from jitp.domain.identity import derive_identity, derive_service
 from jitp.trust import Role, TrustAnchor, TrustStore, fingerprint, fingerprint_der
 
 from .pkitools import (

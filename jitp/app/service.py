@@ -8,7 +8,7 @@ It decides, in a fixed order, whether a verified peer is admitted, and applies t
 4. registry - race-free create-if-absent; the event goes to the outbox in the same transaction
 5. audit    - one entry per decision (provisioned entries are written with the record)
 
-Admission control (jitp.admission) sits in front of step 4: a reconnect whose record is cached is
+Admission control (jitp.app.admission) sits in front of step 4: a reconnect whose record is cached is
 admitted without a registry round trip (last_seen written behind); other requests take a token
 from their CA's and region's bucket and a slot of the bounded worker pool, or get
 :class:`~jitp.errors.Overloaded` (CONNACK 3) at once. Unavailable outcomes are audited ("refused").
@@ -32,14 +32,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from jitp import errors
-from jitp.admission import Gate, JoinRates, Monotonic, RecordCache
-from jitp.audit import AuditDraft
+from jitp.app.admission import Gate, JoinRates, Monotonic, RecordCache
 from jitp.config import AdmissionConfig
-from jitp.events import ProvisioningEvent
-from jitp.identity import DEFAULT_REGION, DeviceIdentity, ServiceIdentity, derive_service
-from jitp.records import Command, DeviceRecord, ReprovisionPolicy
+from jitp.domain.audit import AuditDraft
+from jitp.domain.events import ProvisioningEvent
+from jitp.domain.identity import DEFAULT_REGION, DeviceIdentity, ServiceIdentity, derive_service
+from jitp.domain.records import Command, DeviceRecord, ReprovisionPolicy
+from jitp.domain.templates import EnrollmentTemplate, TemplateSet
 from jitp.registry import Erasure, ProvisionOutcome, Registry, StatusChange
-from jitp.templates import EnrollmentTemplate, TemplateSet
 from jitp.trust import Role, TrustStore, VerifiedChain, parse_crl
 
 log = logging.getLogger(__name__)

@@ -1,14 +1,14 @@
 """Which registry a configuration names: the embedded SQLite one, or PostgreSQL.
 
-``registry`` unset: :class:`~jitp.sqlite_registry.SQLiteRegistry` at ``data_dir/registry.db``.
-``registry: postgresql://...``: :class:`~jitp.pg_registry.PostgresRegistry` with the
+``registry`` unset: :class:`~jitp.registry.sqlite.SQLiteRegistry` at ``data_dir/registry.db``.
+``registry: postgresql://...``: :class:`~jitp.registry.postgres.PostgresRegistry` with the
 ``postgres`` section's pool size, schema and group-commit window.
 """
 
 from __future__ import annotations
 
 from jitp.config import Config
-from jitp.keys import MasterKeyProvider, provider_for
+from jitp.crypto.keys import MasterKeyProvider, provider_for
 from jitp.registry import Registry
 
 
@@ -30,7 +30,7 @@ def make_registry(
     """
     keys = keys if keys is not None else master_keys(config)
     if config.registry is not None:
-        from jitp.pg_registry import PostgresRegistry  # asyncpg is only imported when used
+        from jitp.registry.postgres import PostgresRegistry  # asyncpg is only imported when used
 
         pg = config.postgres
         return PostgresRegistry(
@@ -41,7 +41,7 @@ def make_registry(
             pool_size=pg.pool_size,
             batch_window=pg.batch_window_ms / 1000 if batch_window is None else batch_window,
         )
-    from jitp.sqlite_registry import SQLiteRegistry
+    from jitp.registry.sqlite import SQLiteRegistry
 
     return SQLiteRegistry(
         config.registry_path,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from jitp.records import DeviceRecord, DeviceStatus
+from jitp.domain.records import DeviceRecord, DeviceStatus
 from jitp.trust import Role
 
 

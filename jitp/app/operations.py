@@ -2,7 +2,7 @@
 
 Each :class:`Operation` names a command (``devices.revoke``), the roles that may run it, its typed
 arguments (a frozen dataclass), the audit entry it writes and its one implementation over the
-:class:`~jitp.service.ProvisioningService` and its registry. The interfaces are transports over this
+:class:`~jitp.app.service.ProvisioningService` and its registry. The interfaces are transports over this
 table and nothing else:
 
 * the local CLI (``jitp devices revoke ID --data-dir D``) runs an operation in-process as
@@ -35,11 +35,11 @@ from typing import Any, Generic, TypeVar
 from cryptography import x509
 
 from jitp import errors
-from jitp.audit import AuditDraft, AuditEntry
-from jitp.records import Command, DeviceRecord, status_event_type
+from jitp.app.service import ProvisioningService
+from jitp.domain.audit import AuditDraft, AuditEntry
+from jitp.domain.records import Command, DeviceRecord, status_event_type
+from jitp.domain.templates import TemplateSet
 from jitp.registry import Erasure, KeyringStatus, Registry, StatusChange
-from jitp.service import ProvisioningService
-from jitp.templates import TemplateSet
 from jitp.trust import Role, TrustAnchor
 
 # -- permissions --------------------------------------------------------------------------------

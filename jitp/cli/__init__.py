@@ -5,9 +5,9 @@ one that ``registry:`` in the config or ``--registry DSN`` names. Whoever can ru
 anything: it is root-equivalent, and its actions are audited as ``local-admin:<user>@<host>``.
 
 The commands shared with the admin API (``devices``, ``ca list/register/enable/disable``,
-``templates reload``, ``audit export``, ``keys status``) are :data:`jitp.operations.OPERATIONS`:
+``templates reload``, ``audit export``, ``keys status``) are :data:`jitp.app.operations.OPERATIONS`:
 here each has only its spelling (a :class:`Verb`: arguments, typed args, output). With ``--broker``
-the same typed args go to a broker's admin API instead (:mod:`jitp.remote`).
+the same typed args go to a broker's admin API instead (:mod:`jitp.cli.remote`).
 """
 
 from __future__ import annotations
@@ -34,14 +34,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from jitp import errors
-from jitp.audit import verify_chain
-from jitp.certfiles import MAX_CERT_FILE, MAX_CRL_FILE
-from jitp.certfiles import load_ca_cert as _load_ca_cert
-from jitp.certfiles import load_leaf as _load_leaf
-from jitp.certfiles import read_capped as _read_capped
-from jitp.config import DEFAULT_CONFIG, Config, load_config, replace
-from jitp.keys import MasterKeyProvider
-from jitp.operations import (
+from jitp.app.operations import (
     LIFECYCLE_SUMMARY,
     OPERATIONS,
     Context,
@@ -50,11 +43,18 @@ from jitp.operations import (
     TemplatesReloaded,
     encode_args,
 )
-from jitp.records import Command, DeviceRecord
+from jitp.app.service import ProvisioningService
+from jitp.cli.certfiles import MAX_CERT_FILE, MAX_CRL_FILE
+from jitp.cli.certfiles import load_ca_cert as _load_ca_cert
+from jitp.cli.certfiles import load_leaf as _load_leaf
+from jitp.cli.certfiles import read_capped as _read_capped
+from jitp.config import DEFAULT_CONFIG, Config, load_config, replace
+from jitp.crypto.keys import MasterKeyProvider
+from jitp.domain.audit import verify_chain
+from jitp.domain.records import Command, DeviceRecord
+from jitp.domain.templates import TemplateSet
 from jitp.registry import Erasure, KeyringStatus, Registry, StatusChange
-from jitp.registry_factory import master_keys, open_registry
-from jitp.service import ProvisioningService
-from jitp.templates import TemplateSet
+from jitp.registry.factory import master_keys, open_registry
 from jitp.trust import Role, TrustAnchor, TrustStore, fingerprint_der
 
 Handler = Callable[[argparse.Namespace], int]
@@ -153,7 +153,7 @@ def cmd_pki_issue(args: argparse.Namespace) -> int:
 # -- the operations shared with the admin API -------------------------------------------------
 @dataclass(frozen=True)
 class Verb:
-    """How the command line spells an operation of :data:`jitp.operations.OPERATIONS`.
+    """How the command line spells an operation of :data:`jitp.app.operations.OPERATIONS`.
 
     Without overrides a verb has one argument per field of the operation's arguments (a required
     field positional, the others ``--field``), and prints the result as JSON: an operation added to
@@ -520,7 +520,7 @@ def _path(value: str | None) -> Path | None:
 
 # -- keys ---------------------------------------------------------------------------------
 def cmd_keys_init(args: argparse.Namespace) -> int:
-    from jitp.keys import init_key_file
+    from jitp.crypto.keys import init_key_file
 
     config = _config(args)
     path = Path(args.key_file) if args.key_file else config.key_file
@@ -533,7 +533,7 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_generate(args: argparse.Namespace) -> int:
-    from jitp.keys import MasterKey
+    from jitp.crypto.keys import MasterKey
 
     key = MasterKey.generate()
     print(key.token())
@@ -542,8 +542,8 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
-    from jitp.keyrotation import rotate_keys
-    from jitp.keys import FileKeyProvider
+    from jitp.crypto.keyrotation import rotate_keys
+    from jitp.crypto.keys import FileKeyProvider
 
     config = _config(args)
     keys = master_keys(config)
@@ -798,7 +798,7 @@ def build_parser(operations: Mapping[str, Operation[Any, Any]] | None = None) ->
 
 def _remote(args: argparse.Namespace) -> int:
     """--broker: the same operation through the broker's admin API (role-checked and audited there)."""
-    from jitp.remote import remote_call
+    from jitp.cli.remote import remote_call
 
     verb: Verb | None = getattr(args, "verb", None)
     if verb is None:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from jitp.records import DeviceRecord, EventType
+from jitp.domain.records import DeviceRecord, EventType
 
 SCHEMA = "jitp.event/1"
 EVENTS_PREFIX = "$jitp/events"

@@ -3,7 +3,7 @@
 Each migration is a template: a backend fills in its column types (:class:`ColumnTypes`), and the
 statements only its engine needs (:attr:`ColumnTypes.rename_keys`). Migrations are applied in
 order and recorded in ``schema_migrations``; a registry whose schema is newer than this code is
-refused. The keyring (wrapped data keys, see :mod:`jitp.envelope`) is not migrated: its few tables
+refused. The keyring (wrapped data keys, see :mod:`jitp.crypto.envelope`) is not migrated: its few tables
 are created if absent by each backend, where it keeps them (another file, another schema).
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from jitp.audit import GENESIS_HASH
+from jitp.domain.audit import GENESIS_HASH
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class ColumnTypes:
 
 
 _TEMPLATES: tuple[str, ...] = (
-    # 1: the foundation. Columns of `audit` hold the stored (pseudonymous) form: see jitp.privacy.
+    # 1: the foundation. Columns of `audit` hold the stored (pseudonymous) form: see jitp.crypto.privacy.
     # The audit head row exists from the start: appending locks it (one chain across nodes).
     """
     CREATE TABLE anchors (ca_id TEXT PRIMARY KEY, cert_der {blob} NOT NULL, role TEXT NOT NULL,
@@ -56,12 +56,12 @@ _TEMPLATES: tuple[str, ...] = (
         actor TEXT NOT NULL, device_id TEXT, fingerprint TEXT, reason TEXT, peer TEXT, details TEXT NOT NULL,
         prev_hash TEXT NOT NULL, hash TEXT NOT NULL);
     """,
-    # 2: event sinks (jitp.nats_sink): each sink's progress through the outbox, by seq.
+    # 2: event sinks (jitp.integration.nats_sink): each sink's progress through the outbox, by seq.
     """
     CREATE TABLE sink_cursors (name TEXT PRIMARY KEY, seq {bigint} NOT NULL);
     CREATE INDEX outbox_erased_unscrubbed ON outbox (seq) WHERE type = 'erased' AND device_id <> '';
     """,
-    # 3: encryption at rest (jitp.envelope). Identifying fields move into `sealed`, the certificate
+    # 3: encryption at rest (jitp.crypto.envelope). Identifying fields move into `sealed`, the certificate
     # fingerprint is only kept as a blind index, and the audit keys move to the keyring. The old
     # tables are renamed; the registry moves their rows once it holds the keys (RegistryCore.
     # _seal_legacy), then drops them.

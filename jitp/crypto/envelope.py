@@ -10,9 +10,9 @@ Every device has its own random 256-bit *data key*. The registry stores:
 * everything else sealed under the data key: certificate fingerprint, serial, subject,
   attributes and the device configuration (:func:`seal_record`), and every outbox event payload
   about the device (:func:`seal_payload`). Audit entries were pseudonymised under the same key
-  before (:mod:`jitp.privacy`).
+  before (:mod:`jitp.crypto.privacy`).
 
-The data key itself is only stored *wrapped* by the master key (:mod:`jitp.keys`), in the
+The data key itself is only stored *wrapped* by the master key (:mod:`jitp.crypto.keys`), in the
 keyring, which is kept apart from the registry (a separate file, or a separate schema), so that
 erasing a device's wrapped key (crypto-shredding) leaves every copy of the registry, old backups
 included, unable to decrypt anything about that device.
@@ -35,9 +35,9 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from jitp import errors
-from jitp.keys import KEY_BYTES, NONCE_BYTES, MasterKeyProvider
-from jitp.privacy import derive
-from jitp.records import DeviceRecord, DeviceStatus
+from jitp.crypto.keys import KEY_BYTES, NONCE_BYTES, MasterKeyProvider
+from jitp.crypto.privacy import derive
+from jitp.domain.records import DeviceRecord, DeviceStatus
 
 SEALED_VERSION = b"\x01"  # the first byte of every sealed value (JSON payloads start with "{")
 # Registry keys (kept wrapped in the keyring): the blind index of certificate fingerprints, and the

@@ -21,7 +21,7 @@ from cryptography.x509.oid import NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 
 from jitp import errors
-from jitp.certfiles import MAX_CERT_FILE, read_capped
+from jitp.cli.certfiles import MAX_CERT_FILE, read_capped
 
 _ERRORS: dict[str, type[errors.ProvisioningError]] = {
     "not_found": errors.NotFound,

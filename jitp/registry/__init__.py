@@ -1,8 +1,8 @@
 """The registry: where trust anchors, device records, the event outbox and the audit log live.
 
-:class:`Registry` is the Protocol; :class:`~jitp.registry_core.RegistryCore` implements it once,
-over the storage port each backend implements (:mod:`jitp.sqlite_registry`, the embedded default;
-:mod:`jitp.pg_registry`, shared by several nodes). The rules below are pure and shared as well.
+:class:`Registry` is the Protocol; :class:`~jitp.registry.core.RegistryCore` implements it once,
+over the storage port each backend implements (:mod:`jitp.registry.sqlite`, the embedded default;
+:mod:`jitp.registry.postgres`, shared by several nodes). The rules below are pure and shared as well.
 The contract every implementation keeps:
 
 * ``provision`` is race-free "create if absent": concurrent calls for the same new device
@@ -21,11 +21,12 @@ from datetime import datetime
 from types import MappingProxyType
 from typing import Protocol
 
-from jitp import errors, privacy
-from jitp.audit import AuditDraft, AuditEntry
-from jitp.events import ProvisioningEvent, lifecycle_event, new_event_id, provisioned_event
-from jitp.identity import DeviceIdentity
-from jitp.records import (
+from jitp import errors
+from jitp.crypto import privacy
+from jitp.domain.audit import AuditDraft, AuditEntry
+from jitp.domain.events import ProvisioningEvent, lifecycle_event, new_event_id, provisioned_event
+from jitp.domain.identity import DeviceIdentity
+from jitp.domain.records import (
     ADMITTED,
     Command,
     DeviceRecord,
@@ -79,8 +80,8 @@ class KeyringStatus:
 
 
 class Registry(Protocol):
-    """Device data at rest is sealed (:mod:`jitp.envelope`): an implementation is constructed with a
-    :class:`~jitp.keys.MasterKeyProvider`, and its ``open`` raises
+    """Device data at rest is sealed (:mod:`jitp.crypto.envelope`): an implementation is constructed with a
+    :class:`~jitp.crypto.keys.MasterKeyProvider`, and its ``open`` raises
     :class:`~jitp.errors.MasterKeyError` when the keys it holds cannot unwrap the registry's keys."""
 
     async def open(self) -> None: ...
@@ -215,7 +216,7 @@ class Registry(Protocol):
 
     async def events(self, device_id: str | None = None) -> list[ProvisioningEvent]: ...
 
-    # -- event sinks (jitp.nats_sink): each has its own durable progress through the outbox ---------
+    # -- event sinks (jitp.integration.nats_sink): each has its own durable progress through the outbox ---------
     async def events_after(self, seq: int, limit: int = 500) -> list[tuple[int, ProvisioningEvent]]:
         """Outbox events with a sequence number above ``seq``, in order, as ``(seq, event)``.
 
@@ -366,7 +367,7 @@ _PEER_DETAILS = ("previous_peer",)  # details holding a peer address, sealed lik
 
 
 def pseudonymize(draft: AuditDraft, keys: dict[str, bytes]) -> AuditDraft:
-    """An audit entry's stored form: nothing personal about a device in clear (see jitp.privacy)."""
+    """An audit entry's stored form: nothing personal about a device in clear (see jitp.crypto.privacy)."""
     if not draft.device_id:
         return draft
     key = keys[draft.device_id]

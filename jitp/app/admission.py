@@ -1,7 +1,7 @@
 """Admission control for first joins: bounded concurrency, per-CA/per-region rates, a record cache.
 
 Pure building blocks with an injected monotonic clock (seconds), used by
-:class:`~jitp.service.ProvisioningService`:
+:class:`~jitp.app.service.ProvisioningService`:
 
 * :class:`TokenBucket` - ``rate`` tokens per second, at most ``burst`` stored. Over any interval of
   ``T`` seconds it grants at most ``burst + rate * T`` tokens.
@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from jitp import errors
-from jitp.records import ADMITTED, DeviceRecord
+from jitp.domain.records import ADMITTED, DeviceRecord
 
 Monotonic = Callable[[], float]
 _EPSILON = 1e-9  # tokens; absorbs float rounding (a client at exactly the rate is never refused)

@@ -1,4 +1,4 @@
-"""The embedded registry: SQLite (WAL) through aiosqlite, below :class:`~jitp.registry_core.RegistryCore`.
+"""The embedded registry: SQLite (WAL) through aiosqlite, below :class:`~jitp.registry.core.RegistryCore`.
 
 One connection serves the process. Every write is a transaction that takes SQLite's write lock
 first (``BEGIN IMMEDIATE``), so several processes sharing the file (the broker and the CLI) stay
@@ -30,9 +30,9 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from jitp import errors
-from jitp.keys import MasterKeyProvider, default_keys_dir, provider_for
-from jitp.registry_core import RegistryCore, Row
-from jitp.registry_schema import ColumnTypes, migrations
+from jitp.crypto.keys import MasterKeyProvider, default_keys_dir, provider_for
+from jitp.registry.core import RegistryCore, Row
+from jitp.registry.schema import ColumnTypes, migrations
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class _Tx:
 
 
 class SQLiteStorage:
-    """The :class:`~jitp.registry_core.Storage` of a registry file and its keyring file."""
+    """The :class:`~jitp.registry.core.Storage` of a registry file and its keyring file."""
 
     keyring_apart = True
     types = TYPES

@@ -12,7 +12,7 @@ Subject tokens: a NATS token may not contain ``.``, ``*``, ``>`` or whitespace. 
 contain ``.``, ``*`` and ``>`` (the id-safety rule refuses whitespace and control characters, not
 those), so region and device id are percent-encoded: each of ``. * > %``, whitespace and control
 characters becomes ``%XX`` per UTF-8 byte (``a.b`` -> ``a%2Eb``); an empty or missing value is
-``%``. The mapping is injective, so a subscription to ``jitp.events.*.*.<token>`` sees exactly one
+``%``. The mapping is injective, so a subscription to ``jitp.domain.events.*.*.<token>`` sees exactly one
 device.
 
 Delivery (at least once, de-duplicated by JetStream):
@@ -49,8 +49,8 @@ from nats.js.api import StreamConfig
 
 from jitp import errors
 from jitp.config import NatsConfig
-from jitp.events import ProvisioningEvent
-from jitp.records import EventType
+from jitp.domain.events import ProvisioningEvent
+from jitp.domain.records import EventType
 from jitp.registry import Registry
 
 log = logging.getLogger("jitp.nats")

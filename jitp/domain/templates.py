@@ -12,7 +12,7 @@ A template (YAML in ``config/templates/<name>.yaml``) is bound to a trust anchor
 
 Sources (``from:``): ``subject.CN`` (also O, OU, L, ST, C, serialNumber, or a dotted OID),
 ``san.dns``, ``san.uri``, ``san.email``, ``san.ip``, ``serial``, ``fingerprint``, ``ext:OID``.
-Certificate values are untrusted: the id always passes :func:`jitp.identity.check_device_id`,
+Certificate values are untrusted: the id always passes :func:`jitp.domain.identity.check_device_id`,
 and every value substituted into a topic pattern must be a safe topic level too.
 
 Matching runs on the broker's only event loop, so it must be cheap whatever a template or a
@@ -41,9 +41,9 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from jitp import errors, yamlfiles
-from jitp.acl import Namespace, status_topic, valid_filter
-from jitp.identity import DeviceIdentity, check_device_id, id_problem
-from jitp.records import ReprovisionPolicy
+from jitp.domain.acl import Namespace, status_topic, valid_filter
+from jitp.domain.identity import DeviceIdentity, check_device_id, id_problem
+from jitp.domain.records import ReprovisionPolicy
 from jitp.trust import VerifiedChain
 from jitp.yamlfiles import construct_scalar
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from jitp.acl import topic_matches
+from jitp.domain.acl import topic_matches
 
 K = TypeVar("K")
 

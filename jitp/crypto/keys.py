@@ -1,6 +1,6 @@
 """Master keys: where they come from, and wrapping per-device data keys under them.
 
-Device data at rest is envelope-encrypted (see :mod:`jitp.envelope`): each device has its own
+Device data at rest is envelope-encrypted (see :mod:`jitp.crypto.envelope`): each device has its own
 random data key, and only the *wrapped* data key (AES-256-GCM under a master key) is stored, in
 the keyring. The master key itself is never stored by the registry. It comes from a
 :class:`MasterKeyProvider`:

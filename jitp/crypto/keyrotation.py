@@ -3,7 +3,7 @@
 Online and resumable. With a key file:
 
 1. a new key is put first in the key file, the old one kept after it (brokers reading the file
-   pick the new one up the first time they meet it: :meth:`~jitp.keys.LocalKeys.reload`);
+   pick the new one up the first time they meet it: :meth:`~jitp.crypto.keys.LocalKeys.reload`);
 2. the registry's primary becomes the new key, so every data key made from then on, by any
    node, is wrapped under it (:meth:`~jitp.registry.Registry.set_primary_key`);
 3. every data key still under the old key is re-wrapped, a batch per transaction;
@@ -36,8 +36,8 @@ from pathlib import Path
 from types import MappingProxyType
 
 from jitp import errors
-from jitp.audit import AuditDraft
-from jitp.keys import MasterKey, MasterKeyProvider, read_key_file, write_key_file
+from jitp.crypto.keys import MasterKey, MasterKeyProvider, read_key_file, write_key_file
+from jitp.domain.audit import AuditDraft
 from jitp.registry import Registry
 
 

@@ -1,5 +1,5 @@
 """The shared registry: PostgreSQL through asyncpg, for several broker nodes (several pools) on one
-database: the :class:`~jitp.registry_core.Storage` below :class:`~jitp.registry_core.RegistryCore`.
+database: the :class:`~jitp.registry.core.Storage` below :class:`~jitp.registry.core.RegistryCore`.
 
 The core's SQL runs as written, ``?`` numbered ``$1..$n`` and lists bound as arrays. Its ``FOR
 UPDATE``/``FOR SHARE`` are row locks: provisioning relies on constraints and row locks, not on locks
@@ -27,9 +27,9 @@ import asyncpg
 
 from jitp import errors
 from jitp.config import SCHEMA_NAME, default_keyring_schema
-from jitp.keys import MasterKeyProvider
-from jitp.registry_core import RETRIES, RegistryCore, Row
-from jitp.registry_schema import ColumnTypes, migrations
+from jitp.crypto.keys import MasterKeyProvider
+from jitp.registry.core import RETRIES, RegistryCore, Row
+from jitp.registry.schema import ColumnTypes, migrations
 
 T = TypeVar("T")
 
@@ -114,7 +114,7 @@ class _Tx:
 
 
 class PostgresStorage:
-    """The :class:`~jitp.registry_core.Storage` of a registry schema and its keyring schema."""
+    """The :class:`~jitp.registry.core.Storage` of a registry schema and its keyring schema."""
 
     keyring_apart = False
     types = TYPES

@@ -1,7 +1,7 @@
 """The registry, written once over a small storage port.
 
 :class:`RegistryCore` is the :class:`~jitp.registry.Registry`: the group-commit writer and its
-batch decisions (:func:`~jitp.registry.decide`), sealing at rest (:mod:`jitp.envelope`),
+batch decisions (:func:`~jitp.registry.decide`), sealing at rest (:mod:`jitp.crypto.envelope`),
 pseudonymous audit entries and their hash chain, the erasure plan, the keyring's pairing, key
 rotation, and the upgrade of a registry written before encryption at rest. A backend implements
 only :class:`Storage` and :class:`Tx` (connections, transactions, locking, array binding, where
@@ -36,12 +36,13 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, Protocol, Self, TypeVar
 
-from jitp import envelope, errors, privacy
-from jitp.audit import GENESIS_HASH, AuditDraft, AuditEntry, chain
-from jitp.events import ProvisioningEvent, lifecycle_event, new_event_id, provisioned_event
-from jitp.identity import DeviceIdentity
-from jitp.keys import MasterKeyProvider, require_kids
-from jitp.records import Command, DeviceRecord, DeviceStatus, EventType, ReprovisionPolicy
+from jitp import errors
+from jitp.crypto import envelope, privacy
+from jitp.crypto.keys import MasterKeyProvider, require_kids
+from jitp.domain.audit import GENESIS_HASH, AuditDraft, AuditEntry, chain
+from jitp.domain.events import ProvisioningEvent, lifecycle_event, new_event_id, provisioned_event
+from jitp.domain.identity import DeviceIdentity
+from jitp.domain.records import Command, DeviceRecord, DeviceStatus, EventType, ReprovisionPolicy
 from jitp.registry import (
     Erasure,
     KeyringStatus,
@@ -55,7 +56,7 @@ from jitp.registry import (
     resolve_entries,
     seal_anonymous,
 )
-from jitp.registry_schema import ColumnTypes, migrations
+from jitp.registry.schema import ColumnTypes, migrations
 from jitp.trust import Role, TrustAnchor
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ class Storage(Protocol):
     where: str  # the registry, for messages (a path, a DSN without its password)
     keyring: str  # the keyring, for messages
     keyring_apart: bool  # the keyring commits apart from the registry (see the module's doc)
-    types: ColumnTypes  # of its tables (jitp.registry_schema)
+    types: ColumnTypes  # of its tables (jitp.registry.schema)
     setup: tuple[str, ...]  # idempotent statements run before the migrations (schemas, the keyring)
     failures: tuple[type[Exception], ...]  # errors that fail a request (bad data), not the registry
 
@@ -559,7 +560,7 @@ class RegistryCore:
         keys: dict[str, bytes],
     ) -> None:
         """Write outbox events (sealed under their device's key in ``keys``) and audit entries,
-        chained, in their stored form: nothing personal about a device in clear (jitp.privacy). An
+        chained, in their stored form: nothing personal about a device in clear (jitp.crypto.privacy). An
         entry about a device uses its data key (made if absent: a refusal can name a device never
         provisioned), one about no device the registry's audit key. Keys come first: making one
         takes a lock (the primary kid's) that must come before the audit head's."""

@@ -1,0 +1,1 @@
+"""The application layer: the provisioning service, the operations table, admission control."""

@@ -1,0 +1,5 @@
+"""``python -m jitp.cli``."""
+
+from jitp.cli import main
+
+raise SystemExit(main())

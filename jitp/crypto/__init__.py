@@ -1,0 +1,1 @@
+"""Key material and sealing: master keys, envelope encryption, key rotation, pseudonyms."""

@@ -1,0 +1,1 @@
+"""Domain values and pure rules: records and their lifecycle, identities, events, topic ACL, enrollment templates, routing state, audit entries."""
