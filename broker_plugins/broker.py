@@ -185,8 +185,10 @@ class JitpBroker(Broker):
         refusal = enforcement.check_will(session)
         if refusal is not None:
             await self.service.record_refusal(refusal, peer=session.peer_address, client_id=session.client_id)
-            await self._refuse(writer, NOT_AUTHORIZED)
-            return
+            if not enforcement.will_allowed_once_released(session):
+                await self._refuse(writer, NOT_AUTHORIZED)
+                return
+            session.will_flag = False  # quarantined: admitted, its will dropped (and audited above)
 
         session = await self._attach_session(session)
         session.closing, session.closed_by_operator = False, None

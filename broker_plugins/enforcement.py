@@ -6,10 +6,13 @@ Per-message enforcement (profile size, rate and QoS; the ACL; quotas) is in
 
 from __future__ import annotations
 
+import dataclasses
+
 from broker_plugins.session import JitpSession
 from jitp import errors
 from jitp.config import LimitsConfig
-from jitp.domain.acl import Access
+from jitp.domain.acl import Access, namespace_for
+from jitp.domain.records import DeviceStatus
 from jitp.domain.templates import Profile
 
 
@@ -48,3 +51,15 @@ def check_will(session: JitpSession) -> errors.Refused | None:
             detail=repr(topic)[:120],
         )
     return None
+
+
+def will_allowed_once_released(session: JitpSession) -> bool:
+    """True for a quarantined device whose will its normal namespace allows: its CONNECT is admitted
+    with the will dropped (audited), so quarantine still lets it report status and read its config."""
+    state = session.client
+    record = state.admission.record if state is not None else None
+    if state is None or record is None or record.status != DeviceStatus.QUARANTINED:
+        return False
+    released = dataclasses.replace(record, status=DeviceStatus.ACTIVE)
+    normal = namespace_for(state.role, state.admission.client_id, released)
+    return normal.allows(Access.PUBLISH, session.will_topic or "")

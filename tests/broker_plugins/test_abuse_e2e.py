@@ -140,6 +140,43 @@ def test_the_will_is_checked_again_when_published(
     assert not [m for m in watcher.messages if m.topic == topic]
 
 
+def test_a_quarantined_device_reconnects_with_its_usual_will_dropped(
+    broker: BrokerThread, pki: Pki, clients: Callable[[Conn], Conn]
+) -> None:
+    """Quarantine must still let a device report its status: its CONNECT (with a will its normal
+    namespace allows) is admitted with the will dropped and audited, not refused."""
+    watcher = clients(connect(broker.port, pki, pki.service("svc-will-quarantine")))
+    assert watcher.subscribe("devices/#") == [1]
+    assert watcher.subscribe("$jitp/devices/+/status") == [1]
+    device = pki.device("will-quarantined-01")
+    first = clients(connect(broker.port, pki, device))
+    assert first.rc == 0
+    first.close()
+    broker.call(broker.server.service.apply(Command.QUARANTINE, device.name, actor="test"))
+    topic = f"devices/{device.name}/lastwill"
+    sock = tls_connect(broker.port, pki, device)
+    sock.sendall(will_connect_packet(device.name, will_topic=topic, will_payload=b"bye", will_qos=1))
+    assert recv_exact(sock, 4) == b"\x20\x02\x00\x00"  # admitted
+    assert wait_until(lambda: "will_not_allowed" in refusal_reasons(broker), DEADLINE)
+    status = f"$jitp/devices/{device.name}/status"
+    sock.sendall(raw_publish(status, b"quarantined-ok", qos=1, packet_id=1))
+    assert recv_exact(sock, 4) == b"\x40\x02\x00\x01"  # PUBACK
+    sock.close()  # unclean: a will would go out now, but it was dropped
+    assert wait_until(
+        lambda: [m.payload for m in watcher.messages if m.topic == status] == [b"quarantined-ok"], DEADLINE
+    )
+    # A will is routed before the clean session leaves the table; a marker routed after that reaches
+    # the watcher after any will would have.
+    assert wait_until(lambda: device.name not in broker.server.broker.sessions, DEADLINE)
+    marker = clients(connect(broker.port, pki, pki.device("will-quarantine-marker")))
+    info = marker.client.publish("devices/will-quarantine-marker/m", b"m", qos=1)
+    info.wait_for_publish(5)
+    assert wait_until(
+        lambda: any(m.topic == "devices/will-quarantine-marker/m" for m in watcher.messages), DEADLINE
+    )
+    assert not [m for m in watcher.messages if m.topic == topic]
+
+
 def test_a_will_with_qos_3_is_a_protocol_violation(broker: BrokerThread, pki: Pki) -> None:
     device = pki.device("will-qos3-01")
     sock = tls_connect(broker.port, pki, device)
