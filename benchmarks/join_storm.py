@@ -134,7 +134,8 @@ def start_jitp(layout: certs.PkiLayout, work: Path, *, fresh: bool = True, revis
     if fresh or not data.exists():
         shutil.rmtree(data, ignore_errors=True)
         shutil.rmtree(data.with_name(data.name + "-keys"), ignore_errors=True)
-        if (source / "jitp" / "keys.py").exists():  # revisions with encryption at rest need a master key
+        # Revisions with encryption at rest need a master key (keys.py, later jitp/crypto/keys.py).
+        if any((source / "jitp" / p).exists() for p in ("keys.py", "crypto/keys.py")):
             subprocess.run([*jitp, "keys", "init", "--data-dir", str(data)], check=True, capture_output=True,
                            cwd=source, env=env)
         for cert, role in ((layout.manufacturer_cert, "device"), (layout.service_ca_cert, "service")):
