@@ -24,18 +24,17 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from jitp import errors
 from jitp.app.operations import OPERATIONS, Context
-from jitp.app.service import Admission
+from jitp.app.service import Admission, ProvisioningService
 from jitp.domain.audit import AuditDraft
 from jitp.trust import Role
-
-if TYPE_CHECKING:
-    from broker_plugins.server import JitpServer
 
 log = logging.getLogger("jitp.admin")
 
@@ -147,8 +146,14 @@ class _Outcome:
 
 
 class AdminApi:
-    def __init__(self, server: JitpServer) -> None:
-        self.server = server
+    """Runs ``$jitp/admin/<operation>`` requests over the operations table; replies go out by ``route``."""
+
+    def __init__(
+        self, service: ProvisioningService, *, templates_dir: Path, route: Callable[[str, bytes, int], object]
+    ) -> None:
+        self.service = service
+        self.templates_dir = templates_dir
+        self.route = route
 
     async def handle(self, admission: Admission | None, topic: str, payload: bytes) -> None:
         """Answer one request: exactly one audit entry and one reply, whatever happens inside."""
@@ -194,10 +199,10 @@ class AdminApi:
         if not operation.allows(admission.role):
             return _Outcome.denied(reply_to, head, f"role {admission.role} may not run {command}")
         context = Context(
-            self.server.service,
+            self.service,
             actor=f"{admission.role}:{client_id}",
             role=admission.role,
-            templates_dir=self.server.config.templates_dir,
+            templates_dir=self.templates_dir,
             node=True,
         )
         try:
@@ -216,7 +221,7 @@ class AdminApi:
 
     async def _reply(self, topic: str, document: dict[str, Any]) -> None:
         data = json.dumps(document, sort_keys=True, default=str).encode()
-        await self.server.broker.internal_message_broadcast(topic, data, 1)
+        self.route(topic, data, 1)
 
     async def _audit(
         self,
@@ -227,7 +232,7 @@ class AdminApi:
         reason: str | None = None,
         **details: str,
     ) -> None:
-        service = self.server.service
+        service = self.service
         await service.registry.append_audit(
             [
                 AuditDraft(

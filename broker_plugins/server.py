@@ -102,7 +102,11 @@ class JitpServer:
             self._service.on_trust_change(self._tls.update)
             self._service.on_trust_change(self._trust_changed)
             await self._service.refresh_trust(force=True)
-            self.admin = AdminApi(self)
+            self.admin = AdminApi(
+                self._service,
+                templates_dir=cfg.templates_dir,
+                route=lambda topic, data, qos: self.broker.route(topic, data, qos),
+            )
             self._broker = JitpBroker(cfg, service=self._service, admin=self.admin.handle)
             await self._broker.start()
             self._publisher = OutboxPublisher(cfg, self._service, self._broker, on_event=self.enforce)

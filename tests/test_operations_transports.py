@@ -11,7 +11,7 @@ import asyncio
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType, SimpleNamespace
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -62,30 +62,21 @@ def audit(data_dir: Path) -> list[AuditEntry]:
     return asyncio.run(go())
 
 
-class FakeServer:
-    """What AdminApi uses of a JitpServer: its service, its config, its broker's publish."""
-
-    def __init__(self, service: ProvisioningService, templates_dir: Path) -> None:
-        self.service = service
-        self.config = SimpleNamespace(templates_dir=templates_dir)
-        self.broker = self
-        self.replies: list[tuple[str, dict[str, Any]]] = []
-
-    async def internal_message_broadcast(self, topic: str, data: bytes, qos: int) -> None:
-        self.replies.append((topic, json.loads(data)))
-
-
 def admin_request(data_dir: Path, role: Role, command: str, args: dict[str, Any]) -> dict[str, Any]:
     """One request through the admin API of a node on ``data_dir``'s registry; its reply."""
 
     async def go() -> dict[str, Any]:
         async with SQLiteRegistry(data_dir / "registry.db", batch_window=0) as registry:
-            server = FakeServer(ProvisioningService(registry), data_dir / "templates")
-            api = admin.AdminApi(server)  # type: ignore[arg-type]
+            replies: list[tuple[str, dict[str, Any]]] = []
+            api = admin.AdminApi(
+                ProvisioningService(registry),
+                templates_dir=data_dir / "templates",
+                route=lambda topic, data, qos: replies.append((topic, json.loads(data))),
+            )
             who = Admission(role=role, client_id="olga", fingerprint="00" * 32)
             request = {"correlation_id": "1", "args": args}
             await api.handle(who, f"$jitp/admin/{command}", json.dumps(request).encode())
-            [(topic, reply)] = server.replies
+            [(topic, reply)] = replies
             assert topic == "$jitp/admin/replies/olga/1"
             return reply
 
@@ -165,8 +156,6 @@ def test_the_operations_module_never_imports_amqtt() -> None:
     import subprocess
     import sys
 
-    code = (
-        "import sys, jitp.app.operations, jitp.cli; assert not [m for m in sys.modules if m.startswith('amqtt')]"
-    )
+    code = "import sys, jitp.app.operations, jitp.cli; assert not [m for m in sys.modules if m.startswith('amqtt')]"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
     assert operations.OPERATIONS is OPERATIONS
