@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from amqtt.adapters import WriterAdapter
+from amqtt.adapters import BufferReader, WriterAdapter
 from amqtt.broker import Broker
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.connack import NOT_AUTHORIZED, SERVER_UNAVAILABLE, ConnackPacket
@@ -25,7 +25,7 @@ from amqtt.session import Session
 
 from broker_plugins import enforcement
 from broker_plugins.compat import check_amqtt_internals, peer_chain_der, use_lean_sessions
-from broker_plugins.framing import AbortableWriter, LimitedReader
+from broker_plugins.framing import AbortableWriter, LimitedReader, connect_protocol, read_packet
 from broker_plugins.handler import JitpProtocolHandler
 from broker_plugins.session import ClientState, JitpSession
 from jitp import errors
@@ -50,6 +50,9 @@ log = logging.getLogger("jitp.broker")
 JITP_DEVICE_TOPICS = "$jitp/devices/"  # devices publish their status here (W10)
 JITP_ADMIN_TOPICS = "$jitp/admin/"  # backend principals send admin API requests here (W10)
 SUBACK_FAILURE = 0x80
+MQTT_311, MQTT_5 = 4, 5
+V3_CONNACK_UNSUPPORTED = b"\x20\x02\x00\x01"  # return code 1: unacceptable protocol version
+V5_CONNACK_UNSUPPORTED = b"\x20\x03\x00\x84\x00"  # reason 0x84 Unsupported Protocol Version, no properties
 
 AdminHandler = Callable[[Admission, str, bytes], Awaitable[None]]
 
@@ -141,10 +144,13 @@ class JitpBroker(Broker):
     async def connection(self, reader: LimitedReader, writer: AbortableWriter) -> None:
         """One TLS connection, from CONNECT to the end of its session's connection."""
         try:
-            handler, session = await asyncio.wait_for(
-                JitpProtocolHandler.init_from_connect(reader, writer, self.plugins_manager),
-                timeout=self.listener_config.connect_timeout,
-            )
+            async with asyncio.timeout(self.listener_config.connect_timeout):
+                packet = await read_packet(reader)
+                if not await self._supported_protocol(packet, writer):
+                    return
+                handler, session = await JitpProtocolHandler.init_from_connect(
+                    BufferReader(packet), writer, self.plugins_manager
+                )
         except (
             TimeoutError,
             AMQTTError,
@@ -222,6 +228,32 @@ class JitpBroker(Broker):
                 if session.clean_session:
                     # W3: a clean session ends with its network connection [MQTT-3.1.2-6].
                     await self._delete_session(session.client_id or "")
+
+    async def _supported_protocol(self, packet: bytes, writer: AbortableWriter) -> bool:
+        """MQTT 3.1.1 goes on. Any other level gets the refusal its own version understands, at
+        once, and is audited: MQTT 5 a v5 CONNACK 0x84 (Unsupported Protocol Version), MQTT 3.1
+        (``MQIsdp``, level 3) and other levels CONNACK 0x01 [MQTT-3.1.2-2]; a first packet that is
+        not a CONNECT closes the connection [MQTT-3.1.0-1]."""
+        protocol = connect_protocol(packet)
+        if protocol == ("MQTT", MQTT_311):
+            return True
+        peer = writer.get_peer_info()
+        address = f"{peer[0]}:{peer[1]}" if peer else None
+        if protocol is None or protocol[0] not in ("MQTT", "MQIsdp"):
+            log.debug("first packet from %s is not an MQTT CONNECT: closing", address)
+            await _close(writer)
+            return False
+        name, level = protocol
+        refusal = errors.UnsupportedProtocol(
+            f"MQTT protocol level {level} ({name}) is not supported; this broker speaks MQTT 3.1.1 (level 4)",
+            detail=f"{name} level {level}",
+        )
+        await self.service.record_refusal(refusal, peer=address)
+        with contextlib.suppress(Exception):
+            writer.write(V5_CONNACK_UNSUPPORTED if level == MQTT_5 else V3_CONNACK_UNSUPPORTED)
+            await writer.drain()
+        await _close(writer)
+        return False
 
     async def _refuse(self, writer: WriterAdapter, code: int) -> None:
         with contextlib.suppress(Exception):

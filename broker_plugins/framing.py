@@ -97,3 +97,49 @@ class AbortableWriter(StreamWriterAdapter):
         transport = self.stream.transport
         if transport is not None:
             transport.abort()
+
+
+async def read_packet(reader: LimitedReader) -> bytes:
+    """One whole MQTT packet (fixed header and body) as bytes; ``max_packet_size`` applies."""
+    first = await reader.read(1)
+    if not first:
+        raise asyncio.IncompleteReadError(b"", 1)
+    header, length, shift = bytearray(first), 0, 0
+    for _ in range(4):
+        byte = await reader.read(1)
+        if not byte:
+            raise asyncio.IncompleteReadError(bytes(header), None)
+        header += byte
+        length += (byte[0] & 0x7F) << shift
+        shift += 7
+        if not byte[0] & 0x80:
+            break
+    else:
+        raise ValueError("malformed remaining length")
+    body = b""
+    while len(body) < length:
+        chunk = await reader.read(length - len(body))
+        if not chunk:
+            raise asyncio.IncompleteReadError(body, length)
+        body += chunk
+    return bytes(header) + body
+
+
+def connect_protocol(packet: bytes) -> tuple[str, int] | None:
+    """(protocol name, protocol level) of a CONNECT packet, or None if it is not one.
+
+    Read before amqtt parses the packet: amqtt reads every CONNECT as MQTT 3.1.1 and misreads an
+    MQTT 5 CONNECT's properties as the client id, then waits for bytes that never come."""
+    if not packet or packet[0] != 0x10:
+        return None
+    i = 1
+    while i < len(packet) and packet[i] & 0x80:
+        i += 1
+    i += 1
+    if len(packet) < i + 2:
+        return None
+    n = int.from_bytes(packet[i : i + 2], "big")
+    name = packet[i + 2 : i + 2 + n]
+    if len(packet) < i + 3 + n:
+        return None
+    return name.decode("utf-8", "replace"), packet[i + 2 + n]

@@ -23,6 +23,7 @@ that explain it. Only ``broker_plugins`` maps these to MQTT outcomes (CONNACK co
     │   ├── MissingAttribute         missing_attribute    (a required template value is absent)
     │   ├── TemplateNotFound         template_not_found   (the CA is bound to an unknown template)
     │   ├── DeviceBlocked            device_blocked       (record not active)
+    │   ├── UnsupportedProtocol      unsupported_protocol (an MQTT version the broker does not speak)
     │   ├── WillNotAllowed           will_not_allowed     (the CONNECT's will topic is outside the namespace)
     │   └── LimitExceeded            a connected client's request is refused, a broker limit holds
     │       ├── QueueFull            queue_full           (a session's outgoing queue is full)
@@ -157,6 +158,12 @@ class TemplateNotFound(Refused):
     reason = "template_not_found"
 
 
+class UnsupportedProtocol(Refused):
+    """The CONNECT asks for a protocol version (level) the broker does not speak."""
+
+    reason = "unsupported_protocol"
+
+
 class WillNotAllowed(Refused):
     """The CONNECT carries a Last Will whose topic the client may not publish to."""
 
@@ -289,6 +296,7 @@ REFUSAL_REASONS: tuple[str, ...] = tuple(
         DeviceErased,
         CertificateRevoked,
         StaleCrl,
+        UnsupportedProtocol,
         WillNotAllowed,
         LimitExceeded,
         QueueFull,
