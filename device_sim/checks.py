@@ -10,7 +10,7 @@ import random
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,6 +39,39 @@ def telemetry_payload(run_id: str, device_id: str, seq: int) -> bytes:
     return json.dumps({"run": run_id, "device": device_id, "seq": seq}, separators=(",", ":")).encode()
 
 
+class _Arrivals:
+    """Waiting on messages a subscriber receives: until a set of them is complete, or until quiet."""
+
+    def __init__(self) -> None:
+        self._changed = asyncio.Event()
+
+    def _arrived(self) -> None:
+        self._changed.set()
+
+    async def _until(self, complete: Callable[[], bool], time_limit: float) -> bool:
+        deadline = time.monotonic() + time_limit
+        while not complete():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), min(remaining, 0.5))
+        return True
+
+    async def settle(self, quiet: float = 0.5, *, time_limit: float = 5.0) -> None:
+        """Wait until nothing arrived for ``quiet`` seconds (late duplicates), at most ``time_limit``."""
+        deadline = time.monotonic() + time_limit
+        while time.monotonic() < deadline:
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(
+                    self._changed.wait(), min(quiet, max(0.0, deadline - time.monotonic()))
+                )
+            except TimeoutError:
+                return
+
+
 @dataclass(frozen=True)
 class SeenEvent:
     device_id: str
@@ -48,7 +81,7 @@ class SeenEvent:
     region: str | None = None  # the region the event names
 
 
-class EventWatcher:
+class EventWatcher(_Arrivals):
     """A service client (persistent session, QoS 1) counting provisioned events.
 
     Reconnects with back-off if its connection drops; the persistent session keeps what was
@@ -81,8 +114,8 @@ class EventWatcher:
         self._ctx = client_context(target.ca, creds.cert, creds.key)
         self._client: MqttClient | None = None
         self._task: asyncio.Task[None] | None = None
-        self._changed = asyncio.Event()
         self._stopping = False
+        super().__init__()
 
     async def start(self) -> None:
         self._client = await self._connect()
@@ -151,7 +184,7 @@ class EventWatcher:
             self.stale += 1
             return
         self.events.append(SeenEvent(device_id, event_id, occurred, msg.received_at, region))
-        self._changed.set()
+        self._arrived()
 
     def first_seen(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -161,28 +194,13 @@ class EventWatcher:
 
     async def wait_for(self, device_ids: Collection[str], *, time_limit: float) -> bool:
         """Wait until an event was seen for every id in ``device_ids`` (or the timeout)."""
-        deadline = time.monotonic() + time_limit
         wanted = set(device_ids)
-        while True:
-            wanted -= {e.device_id for e in self.events}
-            if not wanted:
-                return True
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            self._changed.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), min(remaining, 0.5))
 
-    async def settle(self, quiet: float = 0.5, *, time_limit: float = 5.0) -> None:
-        """Wait until no event has arrived for ``quiet`` seconds (catches late duplicates)."""
-        deadline = time.monotonic() + time_limit
-        while time.monotonic() < deadline:
-            self._changed.clear()
-            try:
-                await asyncio.wait_for(self._changed.wait(), quiet)
-            except TimeoutError:
-                return
+        def complete() -> bool:
+            wanted.difference_update(e.device_id for e in self.events)
+            return not wanted
+
+        return await self._until(complete, time_limit)
 
     async def stop(self) -> None:
         self._stopping = True
@@ -257,7 +275,7 @@ class EventWatcher:
         )
 
 
-class TelemetryTally:
+class TelemetryTally(_Arrivals):
     """What the service subscriber received of one run's telemetry, by (device, seq).
 
     Messages on :data:`TELEMETRY_FILTER` that are not this run's (another run, a persistent
@@ -270,7 +288,7 @@ class TelemetryTally:
         self.received: Counter[MessageKey] = Counter()
         self.foreign = 0
         self.misrouted = 0
-        self._changed = asyncio.Event()
+        super().__init__()
 
     def on_message(self, msg: Message) -> None:
         try:
@@ -286,34 +304,20 @@ class TelemetryTally:
             self.misrouted += 1
         else:
             self.received[(device, seq)] += 1
-        self._changed.set()
+        self._arrived()
 
     async def wait_for(self, keys: Collection[MessageKey], *, time_limit: float) -> bool:
         """Wait until every message in ``keys`` was received at least once (or the timeout)."""
-        deadline = time.monotonic() + time_limit
         missing = set(keys)
-        while True:
-            missing = {k for k in missing if k not in self.received}
-            if not missing:
-                return True
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            self._changed.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), min(remaining, 0.5))
+
+        def complete() -> bool:
+            missing.difference_update([k for k in missing if k in self.received])
+            return not missing
+
+        return await self._until(complete, time_limit)
 
     async def settle(self, quiet: float = 0.2, *, time_limit: float = 2.0) -> None:
-        """Wait until nothing arrived for ``quiet`` seconds (late duplicates), at most ``time_limit``."""
-        deadline = time.monotonic() + time_limit
-        while time.monotonic() < deadline:
-            self._changed.clear()
-            try:
-                await asyncio.wait_for(
-                    self._changed.wait(), min(quiet, max(0.0, deadline - time.monotonic()))
-                )
-            except TimeoutError:
-                return
+        await super().settle(quiet, time_limit=time_limit)
 
     def check(
         self,
