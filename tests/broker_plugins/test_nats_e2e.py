@@ -1,4 +1,4 @@
-# ruff: noqa: F811  (pytest fixtures imported from tests.jitp.test_nats_sink)
+# ruff: noqa: F811  (pytest fixtures imported from tests.jitp.integration.test_nats_sink)
 """End to end: a real jitp broker with the NATS sink enabled, paho devices, a real NATS JetStream."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 
 from jitp.integration.nats_sink import SINK_NAME
 from tests.helpers import BrokerThread, Pki, connect, test_config, wait_until
-from tests.jitp.test_nats_sink import Stream, nats_url, stream  # noqa: F401  (fixtures)
+from tests.jitp.integration.test_nats_sink import Stream, nats_url, stream  # noqa: F401  (fixtures)
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from jitp.domain.records import Command, DeviceRecord, DeviceStatus
 from jitp.registry import postgres as pg_registry
 from jitp.registry import pseudonymize
 from jitp.registry.postgres import PostgresRegistry, drop_schema
-from tests.jitp.test_registry_contract import (  # noqa: F401  (fixtures)
+from tests.jitp.registry.test_registry_contract import (  # noqa: F401  (fixtures)
     PEER,
     PEER_HOST,
     T0,

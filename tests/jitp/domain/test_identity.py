@@ -26,8 +26,7 @@ from jitp.domain.identity import (
     subject_common_name,
 )
 from jitp.trust import Role, TrustStore, VerifiedChain
-
-from .pkitools import (
+from tests.jitp.pkitools import (
     MANUFACTURER,
     MANUFACTURER_ANCHOR,
     ROOT_ANCHOR,

@@ -37,7 +37,7 @@ from jitp.domain.templates import (
 from jitp.trust import VerifiedChain, fingerprint_der
 from tests.jitp import pkitools
 
-ROOT_DIR = Path(__file__).resolve().parents[2]
+ROOT_DIR = Path(__file__).resolve().parents[3]
 SMART_METER = ROOT_DIR / "config" / "templates" / "smart-meter.yaml"
 CAPS_OID = "1.3.6.1.4.1.57264.1.1"
 CUSTOM_SUBJECT_OID = "1.3.6.1.4.1.57264.2.7"

@@ -35,7 +35,7 @@ from jitp.integration.nats_sink import SINK_NAME, NatsSink, device_filter, event
 from jitp.registry import Registry
 from jitp.registry.sqlite import SQLiteRegistry
 from tests.helpers import wait_until_async
-from tests.jitp.test_registry_contract import (  # noqa: F401  (fixtures)
+from tests.jitp.registry.test_registry_contract import (  # noqa: F401  (fixtures)
     T0,
     Backend,
     backend,

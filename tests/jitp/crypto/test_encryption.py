@@ -37,7 +37,7 @@ from jitp.domain.audit import AuditDraft, verify_chain
 from jitp.domain.records import Command
 from jitp.registry.sqlite import MIGRATIONS, SQLiteRegistry
 from tests.jitp import pkitools as pt
-from tests.jitp.test_registry_contract import T0, draft, identity
+from tests.jitp.registry.test_registry_contract import T0, draft, identity
 
 T = TypeVar("T")
 PEER = "198.51.100.77:40001"
