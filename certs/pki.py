@@ -183,6 +183,7 @@ def make_ca(
     path_length: int | None = None,
     not_before: datetime | None = None,
     not_after: datetime | None = None,
+    extra_extensions: tuple[x509.Extension[x509.ExtensionType], ...] = (),
 ) -> Issuer:
     """Create a CA certificate for ``key``; self-signed root when ``issuer`` is None."""
     start, end = _validity(now, days, not_before, not_after)
@@ -218,6 +219,8 @@ def make_ca(
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
     )
+    for ext in extra_extensions:
+        builder = builder.add_extension(ext.value, critical=ext.critical)
     if issuer is None:
         return Issuer(cert=_sign(builder, key), key=key, chain=())
     builder = builder.add_extension(_aki_for(issuer.cert), critical=False)

@@ -265,6 +265,46 @@ def _ee_policy() -> ExtensionPolicy:
     )
 
 
+# Extensions of a CA that constrain the certificates below it beyond their own signature and
+# validity: a path through one is never cached (a cached issuer acts as the anchor, whose own
+# constraints the verifier would not apply to the leaf).
+_CONSTRAINING = (x509.NameConstraints, x509.PolicyConstraints, x509.InhibitAnyPolicy)
+MAX_CACHED_PATHS = 1024  # issuer paths remembered per trust snapshot
+
+
+@dataclass(frozen=True)
+class _IssuerPath:
+    """A verified path from a leaf's issuer up to an anchor, as cryptography's verifier found it."""
+
+    issuer: Store  # the leaf's issuing CA alone, as the anchor of a leaf-only verification
+    tail: tuple[x509.Certificate, ...]  # the verified chain above the leaf
+    verified_at: datetime
+    expires: datetime  # the earliest notAfter on the path: later, the whole path is verified again
+
+    @classmethod
+    def of(cls, chain: Sequence[x509.Certificate], now: datetime) -> _IssuerPath | None:
+        tail = tuple(chain[1:])
+        if not tail:
+            return None
+        for cert in tail:
+            for ext in cert.extensions:
+                if isinstance(ext.value, _CONSTRAINING):
+                    return None
+        expires = min(c.not_valid_after_utc for c in tail)
+        return cls(issuer=Store([tail[0]]), tail=tail, verified_at=now, expires=expires)
+
+
+def _verifier(store: Store, now: datetime) -> Any:
+    return (
+        PolicyBuilder()
+        .store(store)
+        .time(now)
+        .max_chain_depth(MAX_CHAIN_DEPTH)
+        .extension_policies(ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=_ee_policy())
+        .build_client_verifier()
+    )
+
+
 @dataclass(frozen=True)
 class TrustStore:
     """An immutable snapshot of the registered anchors. Swapped whole when anchors change.
@@ -283,6 +323,9 @@ class TrustStore:
     _revoked: dict[str, frozenset[int]] = field(default_factory=dict, compare=False, repr=False)
     _crl_next_update: dict[str, datetime | None] = field(default_factory=dict, compare=False, repr=False)
     stale_crl: str = "keep"
+    # Verified issuer paths, by the certificates a client sent above its leaf. A new snapshot (a CA
+    # registered, disabled, a CRL imported) starts empty, so a trust change is never hidden.
+    _paths: dict[tuple[bytes, ...], _IssuerPath] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(
@@ -364,21 +407,20 @@ class TrustStore:
         check_leaf_policy(leaf, now=now, fingerprint=fp)
         if self._store is None:
             raise errors.UntrustedChain("no CA is registered and enabled", fingerprint=fp)
-        verifier = (
-            PolicyBuilder()
-            .store(self._store)
-            .time(now)
-            .max_chain_depth(MAX_CHAIN_DEPTH)
-            .extension_policies(ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=_ee_policy())
-            .build_client_verifier()
-        )
-        try:
-            verified = verifier.verify(leaf, intermediates)
-        except VerificationError as exc:
-            raise errors.UntrustedChain(
-                "the certificate does not chain to an enabled, registered CA", fingerprint=fp, detail=str(exc)
-            ) from None
-        chain = tuple(verified.chain)
+        # A cached path is found by the leaf's issuer name and the certificates sent above the leaf.
+        sent = (leaf.issuer.public_bytes(), *chain_der[1:])
+        chain = self._verify_cached(leaf, sent, now)
+        if chain is None:
+            try:
+                verified = _verifier(self._store, now).verify(leaf, intermediates)
+            except VerificationError as exc:
+                raise errors.UntrustedChain(
+                    "the certificate does not chain to an enabled, registered CA",
+                    fingerprint=fp,
+                    detail=str(exc),
+                ) from None
+            chain = tuple(verified.chain)
+            self._remember(sent, chain, now)
         if self._revoked:
             self._check_revocation(chain, now=now, fp=fp)
         # The nearest registered CA above the leaf decides the role, region and template.
@@ -395,6 +437,30 @@ class TrustStore:
                     leaf=leaf, leaf_der=chain_der[0], fingerprint=fp, anchor=anchor, chain=chain
                 )
         raise errors.UntrustedChain("the chain ends at no registered CA", fingerprint=fp)  # pragma: no cover
+
+    def _verify_cached(
+        self, leaf: x509.Certificate, sent: tuple[bytes, ...], now: datetime
+    ) -> tuple[x509.Certificate, ...] | None:
+        """The chain of ``leaf`` through an issuer path verified before, checking only the leaf
+        (its signature by the issuer, validity, extension policy) with cryptography's verifier, the
+        issuer as its anchor. None: no usable cached path, or the leaf fails it (then the whole
+        chain is verified, so another valid path is never refused here)."""
+        path = self._paths.get(sent)
+        if path is None or not path.verified_at <= now < path.expires:
+            return None
+        try:
+            _verifier(path.issuer, now).verify(leaf, [])
+        except VerificationError:
+            return None
+        return (leaf, *path.tail)
+
+    def _remember(self, sent: tuple[bytes, ...], chain: tuple[x509.Certificate, ...], now: datetime) -> None:
+        path = _IssuerPath.of(chain, now)
+        if path is None:
+            return
+        if len(self._paths) >= MAX_CACHED_PATHS:
+            self._paths.pop(next(iter(self._paths)))
+        self._paths[sent] = path
 
     def explain_missing_issuer(self, chain_der: Sequence[bytes]) -> str | None:
         """Why the chain a client sent (leaf first, as sent) reaches no registered CA, for the audit

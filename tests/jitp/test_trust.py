@@ -343,3 +343,76 @@ def test_service_role_anchor() -> None:
     anchor = TrustAnchor.from_certificate(SERVICE_CA.cert, role=Role.SERVICE, now=NOW)
     assert anchor.role is Role.SERVICE
     assert TrustAnchor.from_certificate(SERVICE_CA.cert, role="service", now=NOW).role is Role.SERVICE  # type: ignore[arg-type]
+
+
+# -- the verified issuer-path cache (issue 14: verify the chain once) ----------------------------
+
+
+def test_a_cached_issuer_path_gives_the_same_verdict_and_is_used() -> None:
+    store = TrustStore.of([ROOT_ANCHOR])
+    first = store.verify(chain_of(leaf("cache-1")), now=NOW)
+    assert len(store._paths) == 1
+    second = store.verify(chain_of(leaf("cache-2")), now=NOW)
+    assert second.anchor == first.anchor
+    assert [c.subject for c in second.chain[1:]] == [c.subject for c in first.chain[1:]]
+    assert len(store._paths) == 1  # the same path, found in the cache
+
+
+def test_a_forged_leaf_under_a_cached_path_is_refused() -> None:
+    store = TrustStore.of([ROOT_ANCHOR])
+    store.verify(chain_of(leaf("cache-ok")), now=NOW)
+    # A CA with the manufacturer's name but another key: its leaf claims the cached issuer.
+    twin = certs.make_ca(
+        "jitp test manufacturer CA", key=certs.generate_key("ec"), issuer=ROOT, path_length=0
+    )
+    forged = leaf("cache-forged", issuer=twin)
+    with pytest.raises(errors.UntrustedChain):
+        store.verify([der(forged), der(MANUFACTURER.cert)], now=NOW)
+
+
+def test_an_expired_leaf_under_a_cached_path_is_refused() -> None:
+    store = TrustStore.of([ROOT_ANCHOR])
+    store.verify(chain_of(leaf("cache-fresh")), now=NOW)
+    old = leaf("cache-old", not_before=NOW - timedelta(days=30), not_after=NOW - timedelta(days=1))
+    with pytest.raises(errors.CertificateExpired):
+        store.verify(chain_of(old), now=NOW)
+
+
+def test_a_cached_path_is_verified_again_once_an_issuer_on_it_expires() -> None:
+    short = certs.make_ca(
+        "jitp short-lived CA", key=certs.generate_key("ec"), issuer=ROOT, path_length=0,
+        not_before=NOW - timedelta(days=1), not_after=NOW + timedelta(hours=1),
+    )  # fmt: skip
+    store = TrustStore.of([ROOT_ANCHOR])
+    store.verify(chain_of(leaf("cache-short", issuer=short), short), now=NOW)
+    later = NOW + timedelta(hours=2)
+    device = leaf(
+        "cache-short-2", issuer=short, not_before=NOW - timedelta(days=1), not_after=NOW + timedelta(days=9)
+    )
+    with pytest.raises(errors.UntrustedChain):
+        store.verify(chain_of(device, short), now=later)
+
+
+def test_paths_through_a_name_constrained_ca_are_never_cached() -> None:
+    constraints = x509.Extension(
+        x509.NameConstraints.oid,
+        True,
+        x509.NameConstraints(permitted_subtrees=[x509.DNSName("devices.example")], excluded_subtrees=None),
+    )
+    constrained = certs.make_ca(
+        "jitp constrained CA", key=certs.generate_key("ec"), issuer=ROOT, path_length=0,
+        extra_extensions=(constraints,),
+    )  # fmt: skip
+    store = TrustStore.of([ROOT_ANCHOR])
+    store.verify(chain_of(leaf("cache-nc", issuer=constrained), constrained), now=NOW)
+    assert store._paths == {}
+
+
+def test_a_new_trust_snapshot_starts_without_cached_paths() -> None:
+    store = TrustStore.of([ROOT_ANCHOR])
+    store.verify(chain_of(leaf("cache-snap")), now=NOW)
+    disabled = dataclasses.replace(ROOT_ANCHOR, enabled=False)
+    after = TrustStore.of([disabled], version=1)
+    assert after._paths == {}
+    with pytest.raises(errors.UntrustedChain):
+        after.verify(chain_of(leaf("cache-snap-2")), now=NOW)
