@@ -284,7 +284,7 @@ class _IssuerPath:
     @classmethod
     def of(cls, chain: Sequence[x509.Certificate], now: datetime) -> _IssuerPath | None:
         tail = tuple(chain[1:])
-        if not tail:
+        if len(tail) < 2:  # the leaf's issuer is the anchor itself: verifying is already one step
             return None
         for cert in tail:
             for ext in cert.extensions:

@@ -416,3 +416,10 @@ def test_a_new_trust_snapshot_starts_without_cached_paths() -> None:
     assert after._paths == {}
     with pytest.raises(errors.UntrustedChain):
         after.verify(chain_of(leaf("cache-snap-2")), now=NOW)
+
+
+def test_a_leaf_issued_by_an_anchor_needs_no_cached_path() -> None:
+    """Verifying it is already one step (the manufacturer CA registered itself)."""
+    store = TrustStore.of([MANUFACTURER_ANCHOR])
+    store.verify(chain_of(leaf("cache-direct")), now=NOW)
+    assert store._paths == {}
