@@ -33,6 +33,7 @@ from amqtt.mqtt.subscribe import SubscribePacket
 
 from broker_plugins.framing import AbortableWriter
 from broker_plugins.session import JitpSession
+from jitp.domain.acl import Access
 from jitp.domain.routing import DeliveryQueue
 
 log = logging.getLogger("jitp.broker")
@@ -163,6 +164,8 @@ class JitpProtocolHandler(BrokerProtocolHandler):
             self.broker.delivered()
 
     async def _send_loop(self, queue: DeliveryQueue) -> None:
+        session = self.session
+        assert isinstance(session, JitpSession)
         try:
             while True:
                 message = queue.next_to_send()
@@ -172,6 +175,11 @@ class JitpProtocolHandler(BrokerProtocolHandler):
                     if message is None:
                         await self._wake.wait()
                         continue
+                # The ACL again at delivery: a message queued before the client's namespace shrank
+                # (quarantine while offline or busy) is not delivered after it.
+                if not session.allows(Access.RECEIVE, message.topic):
+                    queue.withdraw(message)
+                    continue
                 packet = PublishPacket.build(
                     message.topic, message.data, message.packet_id, message.dup, message.qos, message.retain
                 )

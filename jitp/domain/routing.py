@@ -314,6 +314,12 @@ class DeliveryQueue:
             self.notify()
         return True
 
+    def withdraw(self, message: Outgoing) -> None:
+        """A message taken by :meth:`next_to_send` that will not be sent after all (the session may
+        no longer receive its topic): it leaves the queue as if acknowledged."""
+        if message.qos and message.packet_id is not None:
+            self.acknowledge(message.packet_id)
+
     def connection_lost(self) -> None:
         """Unacknowledged messages go back to the front, in the order they were sent, marked DUP."""
         resend = list(self.inflight.values())

@@ -292,3 +292,31 @@ def test_a_service_absorbs_a_burst_far_beyond_the_device_queue_bound(tmp_path: P
         sub.close()
     finally:
         b.stop()
+
+
+def test_messages_queued_before_a_quarantine_are_not_delivered_after_it(
+    broker: BrokerThread, pki: Pki, clients: Callable[[Conn], Conn]
+) -> None:
+    """Session replay obeys the ACL at delivery: a command queued for an offline persistent session
+    is withdrawn once the device is quarantined (its namespace no longer receives commands)."""
+    device = pki.device("qos1-quarantine-replay")
+    first = connect(broker.port, pki, device, clean=False)
+    assert first.rc == 0
+    assert first.subscribe(f"devices/{device.name}/cmd/#") == [1]
+    assert first.subscribe(f"$jitp/devices/{device.name}/config") == [1]
+    first.close()
+    assert wait_until(lambda: broker.server.broker.live_session(device.name) is None, DEADLINE)
+    routed = broker.call(_route(broker, f"devices/{device.name}/cmd/reboot", b"reboot"))
+    assert routed == 1  # queued for the offline session
+    broker.call(broker.server.service.apply(Command.QUARANTINE, device.name, actor="test"))
+    back = clients(connect(broker.port, pki, device, clean=False))
+    assert back.rc == 0
+    config = f"$jitp/devices/{device.name}/config"
+    # The configuration is queued after the command on reconnect: once it arrives, the command
+    # would have arrived before it.
+    assert wait_until(lambda: any(m.topic == config for m in back.messages), DEADLINE)
+    assert not [m for m in back.messages if m.topic.startswith(f"devices/{device.name}/cmd/")]
+
+
+async def _route(broker: BrokerThread, topic: str, data: bytes) -> int:
+    return broker.server.broker.route(topic, data, 1)

@@ -226,3 +226,14 @@ def test_queue_never_loses_an_unacknowledged_qos1_message(ops: list[str]) -> Non
         assert len(q) <= 5
         assert len(q.inflight) <= 2
         assert len(set(q.inflight)) == len(q.inflight)
+
+
+def test_a_withdrawn_message_leaves_the_queue_and_its_bytes() -> None:
+    q = DeliveryQueue(limits=QueueLimits(max_messages=10, max_bytes=1000, max_inflight=2))
+    q.offer(_msg(1, qos=1))
+    q.offer(_msg(2, qos=0))
+    first, second = q.next_to_send(), q.next_to_send()
+    assert first is not None and second is not None
+    q.withdraw(first)
+    q.withdraw(second)
+    assert len(q) == 0 and q.bytes == 0 and not q.inflight
