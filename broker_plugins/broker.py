@@ -82,7 +82,6 @@ class JitpBroker(Broker):
             max_bytes=limits.service_max_queued_bytes,
             max_inflight=limits.max_inflight,
         )
-        JitpSession.queue_limits = self.device_queue_limits
         # W12: a topic tree (client id -> QoS per filter) instead of amqtt's scanned dict.
         self.subscription_tree: SubscriptionTree[str] = SubscriptionTree()
         # W15: retained messages with quotas; amqtt's name for them is kept for its own code.
@@ -204,7 +203,7 @@ class JitpBroker(Broker):
         session.keep_alive = enforcement.keepalive(  # type: ignore[assignment]
             session.keep_alive, limits=self.limits, profile=session.client.profile if session.client else None
         )
-        reader.idle_timeout = writer.write_timeout = float(session.keep_alive)
+        writer.write_timeout = float(session.keep_alive)
         session.transitions.connect()
         handler.attach(session, reader, writer)
         handler.broker = self

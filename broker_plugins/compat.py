@@ -3,7 +3,7 @@
 amqtt is pinned to :data:`AMQTT_VERSION`. :func:`check_amqtt_internals` runs before the broker
 starts and fails loudly if any internal the adapter relies on has moved. Each workaround is named
 here and implemented where its concern lives: the listener (W1, W6), the broker's connection path
-and routing (W2-W4, W7, W12-W15), enforcement (W5, W8), framing (W6, W16, W17), the protocol
+and routing (W2-W4, W7, W12-W15), enforcement (W5, W8), framing (W6, W17), the protocol
 handler (W12, W13, W16, W17), and this module (W9, W11).
 
 Workarounds (each has a regression test in ``tests/broker_plugins/test_hardening.py`` that runs

@@ -1,7 +1,6 @@
-"""MQTT framing over asyncio streams: a per-packet size limit, keep-alive inside a packet, bounded writes.
+"""MQTT framing over asyncio streams: a per-packet size limit and bounded writes.
 
 W6: :class:`LimitedReader` refuses a packet over ``max_packet_size`` before reading its body.
-W16: it also bounds, by the keep-alive period, how long the rest of a started packet may take.
 W17: :class:`AbortableWriter` fails a write that cannot drain within the keep-alive period (a
 client that stops reading) instead of waiting forever, and can always be aborted.
 """
@@ -31,18 +30,11 @@ class LimitedReader(StreamReaderAdapter):
         self._body_left = 0  # bytes of the current packet's body not read yet
         self._length: int | None = None  # remaining length being decoded; None: next byte is a packet type
         self._shift = 0
-        # W16: seconds the rest of a packet may take once its first byte came (the keep-alive
-        # period); amqtt's reader loop times out only the wait for a packet's first byte.
-        self.idle_timeout: float | None = None
 
     async def read(self, n: int = -1) -> bytes:
         if n < 0 or n > self.max_packet_size:
             raise PacketTooLarge(f"packet larger than {self.max_packet_size} bytes")
-        if self.idle_timeout is not None and (self._body_left or self._length is not None):
-            async with asyncio.timeout(self.idle_timeout):
-                data = await super().read(n)
-        else:
-            data = await super().read(n)
+        data = await super().read(n)
         self._track(data)
         return data
 
@@ -79,6 +71,13 @@ class AbortableWriter(StreamWriterAdapter):
 
     async def drain(self) -> None:
         if self.is_closed:
+            return
+        transport = self.stream.transport
+        if (
+            self.write_timeout is None
+            or transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[0]
+        ):
+            await self.stream.drain()  # at or below the low-water mark writing is never paused: no timer
             return
         async with asyncio.timeout(self.write_timeout):
             await self.stream.drain()

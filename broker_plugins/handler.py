@@ -93,26 +93,29 @@ class JitpProtocolHandler(BrokerProtocolHandler):
         self._reader_ready.set()
         try:
             while True:
+                # W5/W16: the whole next packet, not only its first byte, must arrive within the
+                # keep-alive period (already times keepalive_grace), so a half-sent packet cannot hold
+                # the connection open. One timer per packet; asyncio.timeout makes no task.
                 try:
-                    async with asyncio.timeout(keepalive):  # no task per read, unlike wait_for
+                    async with asyncio.timeout(keepalive):
                         header = await MQTTFixedHeader.from_stream(reader)
+                        if header is None:
+                            break
+                        handle = handlers.get(header.packet_type)
+                        if handle is not None:
+                            packet = await packet_class(header).from_stream(reader, fixed_header=header)
                 except TimeoutError:
                     self.handle_read_timeout()
                     break
-                if not header:
+                except (MQTTError, ValueError, UnicodeDecodeError) as exc:  # e.g. '+' in a PUBLISH topic
+                    if self.broker is not None:
+                        await self.broker.protocol_violation(session, self, f"malformed packet: {exc}")
                     break
-                handle = handlers.get(header.packet_type)
                 if handle is None:  # CONNECT again, a server-only packet, or a reserved type
                     if self.broker is not None:
                         await self.broker.protocol_violation(
                             session, self, f"unexpected packet type {header.packet_type} [MQTT-4.8.0-1]"
                         )
-                    break
-                try:
-                    packet = await packet_class(header).from_stream(reader, fixed_header=header)
-                except (MQTTError, ValueError, UnicodeDecodeError) as exc:  # e.g. '+' in a PUBLISH topic
-                    if self.broker is not None:
-                        await self.broker.protocol_violation(session, self, f"malformed packet: {exc}")
                     break
                 await handle(packet)
                 if header.packet_type == DISCONNECT:
@@ -229,7 +232,7 @@ class JitpProtocolHandler(BrokerProtocolHandler):
             return
         assert topic is not None
         if qos == 2:  # amqtt's QoS 2 flow (PUBREC, then wait for PUBREL) ends in the message loop
-            if len(self._qos2) >= JitpSession.queue_limits.max_inflight:
+            if len(self._qos2) >= session.delivery.limits.max_inflight:
                 await broker.protocol_violation(session, self, "too many QoS 2 messages in flight")
                 return
             task = asyncio.create_task(super().handle_publish(publish_packet))

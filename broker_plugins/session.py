@@ -19,7 +19,7 @@ from jitp.app.admission import TokenBucket
 from jitp.app.service import Admission, PeerCredentials
 from jitp.domain.acl import NOBODY, Access, Namespace, namespace_for
 from jitp.domain.records import DeviceRecord
-from jitp.domain.routing import DeliveryQueue, QueueLimits
+from jitp.domain.routing import DeliveryQueue
 from jitp.domain.templates import Profile
 from jitp.trust import Role
 
@@ -90,13 +90,11 @@ def profile_of(record: DeviceRecord | None) -> Profile | None:
 class JitpSession(Session):
     """An amqtt Session with :class:`LeanSessionState` (W11) and jitp's typed state."""
 
-    queue_limits = QueueLimits()  # the bound of a session not admitted yet; set by JitpBroker
-
     def __init__(self) -> None:
         super().__init__()
         self.client: ClientState | None = None  # None until admitted
         self.filters: dict[str, int] = {}  # topic filter -> granted QoS (W12)
-        self.delivery = DeliveryQueue(limits=self.queue_limits)  # W13
+        self.delivery = DeliveryQueue()  # W13; its limits are the role's, set at admission
         self.rate: TokenBucket | None = None  # W8: the profile's message rate
         self.closed_by_operator: str | None = None  # W14: a lifecycle decision closed it: no will
         self.closing = False  # a limit is closing it (act once, however many messages overflow)
