@@ -113,6 +113,14 @@ class JitpBroker(Broker):
     def delivered(self) -> None:
         self._progress.set()
 
+    def stalled(self, session: JitpSession) -> None:
+        self._report(
+            session,
+            errors.QueueFull,
+            f"the client read nothing for {session.keep_alive:.0f} s with {len(session.delivery)} "
+            "message(s) waiting: disconnected",
+        )
+
     def _undelivered(self, *, connected: bool) -> int:
         return sum(
             len(s.delivery)

@@ -57,6 +57,9 @@ class Inbound(Protocol):
     def delivered(self) -> None:
         """A queue shrank (a graceful stop waits for that)."""
 
+    def stalled(self, session: JitpSession) -> None:
+        """The client read nothing for a keep-alive period while messages waited: it is closed."""
+
 
 class JitpProtocolHandler(BrokerProtocolHandler):
     """W5 keep-alive, W12 inline routing of PUBLISH, W13 one sender per connection, W16 strict
@@ -117,7 +120,12 @@ class JitpProtocolHandler(BrokerProtocolHandler):
                             session, self, f"unexpected packet type {header.packet_type} [MQTT-4.8.0-1]"
                         )
                     break
-                await handle(packet)
+                try:
+                    await handle(packet)
+                except TimeoutError:  # W17: an acknowledgement could not be written for a keep-alive period
+                    if self.broker is not None:
+                        self.broker.stalled(session)
+                    break
                 if header.packet_type == DISCONNECT:
                     break
         except asyncio.CancelledError:
@@ -193,8 +201,13 @@ class JitpProtocolHandler(BrokerProtocolHandler):
                     self.broker.delivered()
         except asyncio.CancelledError:
             raise
+        except TimeoutError:  # W17: the write could not drain within the keep-alive period
+            if self.broker is not None:
+                self.broker.stalled(session)
+            if isinstance(self.writer, AbortableWriter):
+                self.writer.abort()
         except Exception as exc:  # the connection is gone; the reader notices and ends the session
-            log.debug("sender of %s stopped: %r", self.session.client_id if self.session else "?", exc)
+            log.debug("sender of %s stopped: %r", session.client_id, exc)
             if isinstance(self.writer, AbortableWriter):
                 self.writer.abort()
 
