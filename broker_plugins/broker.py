@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from amqtt.adapters import BufferReader, WriterAdapter
+from amqtt.adapters import BufferReader
 from amqtt.broker import Broker
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.connack import NOT_AUTHORIZED, SERVER_UNAVAILABLE, ConnackPacket
@@ -25,9 +25,10 @@ from amqtt.session import Session
 
 from broker_plugins import enforcement
 from broker_plugins.compat import check_amqtt_internals, peer_chain_der, use_lean_sessions
-from broker_plugins.framing import AbortableWriter, LimitedReader, connect_protocol, read_packet
+from broker_plugins.framing import connect_protocol
 from broker_plugins.handler import JitpProtocolHandler
 from broker_plugins.session import ClientState, JitpSession
+from broker_plugins.transport import TlsConnection
 from jitp import errors
 from jitp.app.service import Admission, PeerCredentials, ProvisioningService
 from jitp.config import Config
@@ -148,27 +149,17 @@ class JitpBroker(Broker):
             )
 
     # -- W2, W3, W6, W7: the connection path -------------------------------------------------
-    async def connection(self, reader: LimitedReader, writer: AbortableWriter) -> None:
-        """One TLS connection, from CONNECT to the end of its session's connection."""
+    async def connection(self, connection: TlsConnection, packet: bytes) -> None:
+        """One TLS connection, from its CONNECT (whole, from the transport) to the end of its session."""
+        if not await self._supported_protocol(packet, connection):
+            return
         try:
-            async with asyncio.timeout(self.listener_config.connect_timeout):
-                packet = await read_packet(reader)
-                if not await self._supported_protocol(packet, writer):
-                    return
-                handler, session = await JitpProtocolHandler.init_from_connect(
-                    BufferReader(packet), writer, self.plugins_manager
-                )
-        except (
-            TimeoutError,
-            AMQTTError,
-            MQTTError,
-            NoDataError,
-            asyncio.IncompleteReadError,
-            ConnectionError,
-            ValueError,
-        ) as exc:
+            handler, session = await JitpProtocolHandler.init_from_connect(
+                BufferReader(packet), connection, self.plugins_manager
+            )
+        except (AMQTTError, MQTTError, NoDataError, ConnectionError, ValueError, UnicodeDecodeError) as exc:
             log.debug("no valid CONNECT: %r", exc)
-            await _close(writer)
+            await _close(connection)
             return
         assert isinstance(handler, JitpProtocolHandler) and isinstance(session, JitpSession)
         if self.connected_clients >= self.listener_config.max_connections:
@@ -177,7 +168,7 @@ class JitpBroker(Broker):
                 session.client_id,
                 self.connected_clients,
             )
-            await self._refuse(writer, SERVER_UNAVAILABLE)
+            await self._refuse(connection, SERVER_UNAVAILABLE)
             return
 
         # W2: admit before any session state is touched. The service audits its refusals.
@@ -190,7 +181,7 @@ class JitpBroker(Broker):
             admission = await self.service.admit(peer)
         except errors.ProvisioningError as exc:
             code = SERVER_UNAVAILABLE if isinstance(exc, errors.Unavailable) else NOT_AUTHORIZED
-            await self._refuse(writer, code)  # W3: never entered the session table
+            await self._refuse(connection, code)  # W3: never entered the session table
             return
         session.admit(ClientState.of(admission, peer))
         session.is_anonymous = False
@@ -199,7 +190,7 @@ class JitpBroker(Broker):
         if refusal is not None:
             await self.service.record_refusal(refusal, peer=session.peer_address, client_id=session.client_id)
             if not enforcement.will_allowed_once_released(session):
-                await self._refuse(writer, NOT_AUTHORIZED)
+                await self._refuse(connection, NOT_AUTHORIZED)
                 return
             session.will_flag = False  # quarantined: admitted, its will dropped (and audited above)
 
@@ -211,10 +202,11 @@ class JitpBroker(Broker):
         session.keep_alive = enforcement.keepalive(  # type: ignore[assignment]
             session.keep_alive, limits=self.limits, profile=session.client.profile if session.client else None
         )
-        writer.write_timeout = float(session.keep_alive)
+        connection.write_timeout = float(session.keep_alive)
         session.transitions.connect()
-        handler.attach(session, reader, writer)
+        handler.attach(session, connection, connection)
         handler.broker = self
+        handler.max_packet_size = self.limits.max_packet_size
         self._sessions[session.client_id or ""] = (session, handler)
         self.connected_clients += 1
         try:
@@ -236,7 +228,7 @@ class JitpBroker(Broker):
                     # W3: a clean session ends with its network connection [MQTT-3.1.2-6].
                     await self._delete_session(session.client_id or "")
 
-    async def _supported_protocol(self, packet: bytes, writer: AbortableWriter) -> bool:
+    async def _supported_protocol(self, packet: bytes, connection: TlsConnection) -> bool:
         """MQTT 3.1.1 goes on. Any other level gets the refusal its own version understands, at
         once, and is audited: MQTT 5 a v5 CONNACK 0x84 (Unsupported Protocol Version), MQTT 3.1
         (``MQIsdp``, level 3) and other levels CONNACK 0x01 [MQTT-3.1.2-2]; a first packet that is
@@ -244,11 +236,10 @@ class JitpBroker(Broker):
         protocol = connect_protocol(packet)
         if protocol == ("MQTT", MQTT_311):
             return True
-        peer = writer.get_peer_info()
-        address = f"{peer[0]}:{peer[1]}" if peer else None
+        address = connection.address
         if protocol is None or protocol[0] not in ("MQTT", "MQIsdp"):
             log.debug("first packet from %s is not an MQTT CONNECT: closing", address)
-            await _close(writer)
+            await _close(connection)
             return False
         name, level = protocol
         refusal = errors.UnsupportedProtocol(
@@ -257,15 +248,15 @@ class JitpBroker(Broker):
         )
         await self.service.record_refusal(refusal, peer=address)
         with contextlib.suppress(Exception):
-            writer.write(V5_CONNACK_UNSUPPORTED if level == MQTT_5 else V3_CONNACK_UNSUPPORTED)
-            await writer.drain()
-        await _close(writer)
+            connection.write(V5_CONNACK_UNSUPPORTED if level == MQTT_5 else V3_CONNACK_UNSUPPORTED)
+            await connection.drain()
+        await _close(connection)
         return False
 
-    async def _refuse(self, writer: WriterAdapter, code: int) -> None:
+    async def _refuse(self, connection: TlsConnection, code: int) -> None:
         with contextlib.suppress(Exception):
-            await ConnackPacket.build(0, code).to_stream(writer)
-        await _close(writer)
+            await ConnackPacket.build(0, code).to_stream(connection)
+        await _close(connection)
 
     def _ensure_config(self, admission: Admission) -> None:
         """Re-retain a device's configuration if the broker lost it (retained messages live in memory).
@@ -342,7 +333,7 @@ class JitpBroker(Broker):
         if isinstance(old_handler, JitpProtocolHandler):
             old_handler.stop_sender()  # its unacknowledged messages stay queued for the new connection
         await old_handler.handle_connection_closed()
-        if isinstance(old_handler.writer, AbortableWriter):
+        if isinstance(old_handler.writer, TlsConnection):
             old_handler.writer.abort()
         for _ in range(100):  # let the old connection's loop finish its disconnect
             if not old_session.transitions.is_connected():
@@ -503,7 +494,7 @@ class JitpBroker(Broker):
 
     async def close_connection(self, session: JitpSession, handler: BrokerProtocolHandler) -> None:
         await handler.handle_connection_closed()
-        if isinstance(handler.writer, AbortableWriter):
+        if isinstance(handler.writer, TlsConnection):
             handler.writer.abort()
 
     async def _handle_message_delivery(
@@ -649,7 +640,7 @@ class JitpBroker(Broker):
             session.closed_by_operator = reason
         log.warning("closing the session of %s: %s", client_id, reason)
         await handler.handle_connection_closed()
-        if isinstance(handler.writer, AbortableWriter):
+        if isinstance(handler.writer, TlsConnection):
             handler.writer.abort()
         return True
 
@@ -681,8 +672,7 @@ class JitpBroker(Broker):
         ]
 
 
-async def _close(writer: WriterAdapter) -> None:
+async def _close(connection: TlsConnection) -> None:
+    """Close after what was written (a CONNACK) is sent; the transport aborts a client that does not read."""
     with contextlib.suppress(Exception):
-        await asyncio.wait_for(writer.close(), 1)
-    if isinstance(writer, AbortableWriter):
-        writer.abort()
+        await connection.close()

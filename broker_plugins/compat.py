@@ -3,8 +3,8 @@
 amqtt is pinned to :data:`AMQTT_VERSION`. :func:`check_amqtt_internals` runs before the broker
 starts and fails loudly if any internal the adapter relies on has moved. Each workaround is named
 here and implemented where its concern lives: the listener (W1, W6), the broker's connection path
-and routing (W2-W4, W7, W12-W15), enforcement (W5, W8), framing (W6, W17), the protocol
-handler (W12, W13, W16, W17), and this module (W9, W11).
+and routing (W2-W4, W7, W12-W15), enforcement (W5, W8), the transport (W6, W9, W17), the protocol
+handler (W12, W13, W16, W17), the TLS transport (W9), and this module (W11).
 
 Workarounds (each has a regression test in ``tests/broker_plugins/test_hardening.py`` that runs
 the same attack against stock amqtt and shows it succeeds there):
@@ -36,10 +36,13 @@ W7 TAKEOVER               a second connection with a device's id takes over only
 W8 DEVICE_PROFILE        a device's connectivity profile (from its enrollment template) is
                           enforced: keep-alive range, maximum QoS of subscriptions, maximum message
                           size (larger closes the connection) and a message rate (excess dropped).
-W9 TLS_READ_BUFFER        not amqtt but asyncio: every TLS connection allocates (and zero-fills) a
-                          256 KiB read buffer (``asyncio.sslproto.SSLProtocol.max_size``), most of
-                          the ~350 KB per held connection and ~9% of broker CPU per connect.
-                          :func:`lean_tls_read_buffer` sets it process-wide (17 KiB, one TLS record, by default).
+W9 TLS_TRANSPORT          not amqtt but asyncio: its TLS (``sslproto``) allocates a 256 KiB read
+                          buffer per connection, runs streams and a task per connection before
+                          any MQTT, and sends no TLS alert when OpenSSL refuses a client
+                          certificate (clients see a bare EOF). jitp drives TLS itself through
+                          ``ssl.MemoryBIO`` in one asyncio Protocol per connection
+                          (:mod:`broker_plugins.transport`): no task before a whole CONNECT, the
+                          refusal's alert sent, nothing buffered for an idle connection.
 W10 DEVICE_STATUS         stock amqtt disconnects any client that publishes to a $-topic; a jitp
                           device may publish its own ``$jitp/devices/<id>/status`` (and nothing
                           else under $), and backend principals send requests to the admin API on
@@ -147,20 +150,6 @@ def peer_chain_der(ssl_object: ssl.SSLObject | None) -> tuple[bytes, ...]:
     if chain and isinstance(chain[0], bytes):
         return tuple(chain)
     return tuple(c.public_bytes(ssl._ssl.ENCODING_DER) for c in chain)  # type: ignore[attr-defined]
-
-
-def lean_tls_read_buffer(nbytes: int) -> int:
-    """W9: the per-connection TLS read buffer asyncio allocates; returns the previous size.
-
-    Process-wide: it applies to every asyncio TLS connection made afterwards in this process.
-    """
-    from asyncio import sslproto
-
-    if not hasattr(sslproto.SSLProtocol, "max_size"):
-        raise AmqttIncompatible("asyncio.sslproto.SSLProtocol.max_size is gone; re-check W9")
-    previous = int(sslproto.SSLProtocol.max_size)
-    sslproto.SSLProtocol.max_size = nbytes
-    return previous
 
 
 class LeanSessionState:

@@ -31,8 +31,8 @@ from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.publish import PublishPacket
 from amqtt.mqtt.subscribe import SubscribePacket
 
-from broker_plugins.framing import AbortableWriter
 from broker_plugins.session import JitpSession
+from broker_plugins.transport import PacketTooLarge, TlsConnection
 from jitp.domain.acl import Access
 from jitp.domain.routing import DeliveryQueue
 
@@ -68,6 +68,7 @@ class JitpProtocolHandler(BrokerProtocolHandler):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.broker: Inbound | None = None
+        self.max_packet_size = 268_435_455  # MQTT's own bound; the broker sets limits.max_packet_size
         self._wake = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
         self._qos2: set[asyncio.Task[None]] = set()
@@ -104,6 +105,10 @@ class JitpProtocolHandler(BrokerProtocolHandler):
                         header = await MQTTFixedHeader.from_stream(reader)
                         if header is None:
                             break
+                        if header.remaining_length > self.max_packet_size:  # W6: before its body
+                            raise PacketTooLarge(
+                                f"packet of {header.remaining_length} bytes, over {self.max_packet_size}"
+                            )
                         handle = handlers.get(header.packet_type)
                         if handle is not None:
                             packet = await packet_class(header).from_stream(reader, fixed_header=header)
@@ -147,7 +152,7 @@ class JitpProtocolHandler(BrokerProtocolHandler):
             session.client_id if session else "?",
             session.keep_alive if session else 0,
         )
-        if isinstance(self.writer, AbortableWriter):
+        if isinstance(self.writer, TlsConnection):
             self.writer.abort()
 
     # -- W13: the session's delivery queue, written by one task ------------------------------
@@ -204,11 +209,11 @@ class JitpProtocolHandler(BrokerProtocolHandler):
         except TimeoutError:  # W17: the write could not drain within the keep-alive period
             if self.broker is not None:
                 self.broker.stalled(session)
-            if isinstance(self.writer, AbortableWriter):
+            if isinstance(self.writer, TlsConnection):
                 self.writer.abort()
         except Exception as exc:  # the connection is gone; the reader notices and ends the session
             log.debug("sender of %s stopped: %r", session.client_id, exc)
-            if isinstance(self.writer, AbortableWriter):
+            if isinstance(self.writer, TlsConnection):
                 self.writer.abort()
 
     async def handle_puback(self, puback: PubackPacket) -> None:

@@ -1,26 +1,28 @@
 """W1, W6: jitp's own TCP listener. amqtt hard-codes ``ssl.CERT_OPTIONAL``; here every connection
 runs the TLS handshake with the current CERT_REQUIRED context, under a deadline, with TCP_NODELAY
-and a 4096 backlog, and a refused handshake is audited with OpenSSL's reason."""
+(asyncio's default) and a 4096 backlog, and a refused handshake is audited with OpenSSL's reason.
+
+The listener makes a :class:`~broker_plugins.transport.TlsConnection` per socket; no task runs for
+a connection until its CONNECT is whole, then ``on_connection`` (the broker) takes it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from broker_plugins.framing import AbortableWriter, LimitedReader
-from broker_plugins.tls import handshake_refusal
+from broker_plugins.transport import TlsConnection
 from jitp import errors
 from jitp.config import LimitsConfig, ListenerConfig
 
 log = logging.getLogger("jitp.broker")
 
-OnConnection = Callable[[LimitedReader, AbortableWriter], Awaitable[None]]
-RecordRefusal = Callable[..., Awaitable[None]]
+OnConnection = Callable[[TlsConnection, bytes], Awaitable[None]]
+RecordRefusal = Callable[..., Coroutine[Any, Any, None]]
 
 
 class HandshakeRefused(errors.Refused):
@@ -32,7 +34,7 @@ class HandshakeRefused(errors.Refused):
 
 
 class Listener:
-    """Accepts sockets, runs the handshake, hands the TLS streams to ``on_connection``."""
+    """Accepts sockets; each becomes a :class:`TlsConnection`, handed to ``on_connection`` with its CONNECT."""
 
     def __init__(
         self,
@@ -45,18 +47,24 @@ class Listener:
     ) -> None:
         self.config = config
         self.limits = limits
-        self._tls_context = tls_context
+        self.tls_context = tls_context
         self._on_connection = on_connection
         self._record_refusal = record_refusal
         self._server: asyncio.Server | None = None
+        self._connections: set[TlsConnection] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.open_connections = 0
+        self._auditing: set[TlsConnection] = set()
         # Past this many sockets even a handshake is refused: file descriptors are finite.
         self.hard_limit = config.max_connections + max(100, config.max_connections // 10)
 
+    @property
+    def open_connections(self) -> int:
+        return len(self._connections)
+
     async def start(self, host: str, port: int) -> int:
-        self._server = await asyncio.start_server(
-            self._accept,
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: TlsConnection(self),
             host,
             port,
             backlog=self.config.backlog,
@@ -66,7 +74,7 @@ class Listener:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def close(self) -> None:
-        """Stop accepting; connections being set up are cancelled, admitted ones are the broker's."""
+        """Stop accepting; connections being set up are the broker's to drain, then :meth:`abort_all`."""
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(Exception):
@@ -78,50 +86,51 @@ class Listener:
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
+        for connection in list(self._connections):
+            connection.abort()
         if tasks:
             await asyncio.wait(tasks, timeout=5)
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-        self.open_connections += 1
-        peer = writer.get_extra_info("peername")
-        address = f"{peer[0]}:{peer[1]}" if peer else None
+    # -- called by TlsConnection -----------------------------------------------------------------
+    def opened(self, connection: TlsConnection) -> bool:
+        """Count a new socket; False: over the hard limit, abort it."""
+        if len(self._connections) >= self.hard_limit:
+            return False
+        self._connections.add(connection)
+        return True
+
+    def closed(self, connection: TlsConnection) -> None:
+        if connection not in self._auditing:  # a refused one leaves once its refusal is audited
+            self._connections.discard(connection)
+
+    def connect_received(self, connection: TlsConnection, packet: bytes) -> None:
+        """The first task of a connection: the broker admits it and runs its session."""
+        task = asyncio.get_running_loop().create_task(self._run(connection, packet))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, connection: TlsConnection, packet: bytes) -> None:
         try:
-            if self.open_connections > self.hard_limit:
-                writer.transport.abort()
-                return
-            sock = writer.get_extra_info("socket")
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            try:
-                await writer.start_tls(
-                    self._tls_context(), ssl_handshake_timeout=self.config.handshake_timeout
-                )
-            except (TimeoutError, ssl.SSLError, OSError, EOFError) as exc:
-                await self._handshake_failed(exc, address)
-                writer.transport.abort()
-                return
-            await self._on_connection(
-                LimitedReader(reader, max_packet_size=self.limits.max_packet_size), AbortableWriter(writer)
-            )
+            await self._on_connection(connection, packet)
         except asyncio.CancelledError:
-            writer.transport.abort()
+            connection.abort()
             raise
         except Exception:
-            log.exception("unexpected error on connection from %s", address)
-            writer.transport.abort()
-        finally:
-            self.open_connections -= 1
-            if task is not None:
-                self._tasks.discard(task)
+            log.exception("unexpected error on connection from %s", connection.address)
+            connection.abort()
 
-    async def _handshake_failed(self, exc: BaseException, address: str | None) -> None:
-        refusal = handshake_refusal(exc)
-        if refusal is None:
-            log.debug("TLS handshake with %s failed: %r", address, exc)
-            return
+    def handshake_refused(self, connection: TlsConnection, refusal: tuple[str, str]) -> None:
+        """Audit a refusal OpenSSL decided; the connection counts as open until it is written."""
         reason, message = refusal
-        await self._record_refusal(HandshakeRefused(reason, message), peer=address)
+        task = asyncio.get_running_loop().create_task(
+            self._record_refusal(HandshakeRefused(reason, message), peer=connection.address)
+        )
+        self._tasks.add(task)
+        self._auditing.add(connection)
+
+        def done(task: asyncio.Task[Any]) -> None:
+            self._tasks.discard(task)
+            self._auditing.discard(connection)
+            self._connections.discard(connection)  # the transport is closed or closing
+
+        task.add_done_callback(done)

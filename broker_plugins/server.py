@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from broker_plugins.admin import AdminApi
 from broker_plugins.broker import JitpBroker
-from broker_plugins.compat import check_amqtt_internals, lean_tls_read_buffer
+from broker_plugins.compat import check_amqtt_internals
 from broker_plugins.listener import Listener
 from broker_plugins.publisher import OutboxPublisher
 from broker_plugins.tls import TlsContextHolder
@@ -75,7 +75,6 @@ class JitpServer:
     async def start(self) -> None:
         check_amqtt_internals()
         cfg = self.config
-        lean_tls_read_buffer(cfg.listener.tls_read_buffer)
         listener = cfg.listener
         host, port = host_port(listener.bind)
         # Fail on bad certificates before touching any state.

@@ -3,8 +3,7 @@ test_hardening.py): why it exists, and that it behaves like what it replaces."""
 
 from __future__ import annotations
 
-import asyncio
-from asyncio import sslproto
+import ssl
 
 import pytest
 from amqtt.session import Session
@@ -16,7 +15,8 @@ from transitions import MachineError
 from broker_plugins import compat
 from broker_plugins.compat import LeanSessionState
 from broker_plugins.session import JitpSession
-from tests.helpers import BrokerThread, Pki, client_context, connect
+from broker_plugins.transport import TlsConnection
+from tests.helpers import BrokerThread, Pki, connect
 
 
 def test_amqtt_version_pin_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -57,23 +57,18 @@ def test_w11_broker_sessions_are_lean(broker: BrokerThread, pki: Pki) -> None:
         conn.close()
 
 
-def test_w9_tls_read_buffer(broker: BrokerThread, pki: Pki) -> None:
-    """asyncio allocates a 256 KiB read buffer per TLS connection; jitp uses one TLS record, 17 KiB."""
-    assert sslproto.SSLProtocol.max_size == broker.config.listener.tls_read_buffer == 17 * 1024
-    previous = compat.lean_tls_read_buffer(256 * 1024)
+def test_w9_connections_use_jitps_tls_transport(broker: BrokerThread, pki: Pki) -> None:
+    """Not asyncio's sslproto (a 256 KiB read buffer per connection, no alert on refusal): each
+    connection is a TlsConnection driving an SSLObject over memory BIOs."""
+    conn = connect(broker.port, pki, pki.device("w9-1"))
     try:
-        assert previous == 17 * 1024
-
-        async def buffer_of_a_new_connection() -> int:
-            ctx = client_context(pki, pki.device("buf-1"))
-            _, writer = await asyncio.open_connection("127.0.0.1", broker.port, ssl=ctx)
-            size = len(writer.transport._ssl_protocol._ssl_buffer)  # type: ignore[attr-defined]
-            writer.close()
-            return size
-
-        assert asyncio.run(buffer_of_a_new_connection()) == 256 * 1024  # the stock size, per connection
+        assert conn.rc == 0
+        (connection,) = broker.server.listener._connections
+        assert isinstance(connection, TlsConnection)
+        assert isinstance(connection.get_ssl_info(), ssl.SSLObject)
+        assert connection.get_ssl_info().version() in ("TLSv1.2", "TLSv1.3")
     finally:
-        compat.lean_tls_read_buffer(17 * 1024)
+        conn.close()
 
 
 def test_peer_chain_is_the_verified_chain(broker: BrokerThread, pki: Pki) -> None:
