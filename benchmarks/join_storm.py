@@ -101,6 +101,18 @@ def start_amqtt(layout: certs.PkiLayout, work: Path, *, fresh: bool = True) -> B
                             "--cafile", str(layout.root_cert)], work, port, cwd=ROOT)
 
 
+def start_floor(layout: certs.PkiLayout, work: Path, *, fresh: bool = True, mode: str = "streams") -> Broker:
+    """benchmarks/tls_floor.py: mutual TLS and CONNACK only, with jitp's TLS settings (the Python floor)."""
+    port = free_port()
+    return _spawn(f"floor-{mode}", [sys.executable, "-m", "benchmarks.tls_floor", "--port", str(port), "--mode", mode,
+                                    "--certfile", str(layout.server_cert), "--keyfile", str(layout.server_key),
+                                    "--cafile", str(layout.manufacturer_cert)], work, port, cwd=ROOT)
+
+
+def start_floor_bio(layout: certs.PkiLayout, work: Path, *, fresh: bool = True) -> Broker:
+    return start_floor(layout, work, fresh=fresh, mode="bio")
+
+
 def start_mosquitto(layout: certs.PkiLayout, work: Path, *, fresh: bool = True) -> Broker:
     port = free_port()
     conf = work / "mosquitto.conf"
@@ -264,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hold", type=int, default=1000, help="connections held for the memory phase (0: skip)")
     parser.add_argument("--hold-seconds", type=float, default=3.0)
     parser.add_argument("--targets", default="amqtt,mosquitto,jitp",
-                        help="comma-separated: amqtt, mosquitto, jitp, jitp@REV (jitp as of git revision REV)")
+                        help="comma-separated: amqtt, mosquitto, jitp, jitp@REV (jitp as of git revision REV), "
+                             "floor (stdlib asyncio TLS + CONNACK only), floor-bio (MemoryBIO TLS + CONNACK only)")
     parser.add_argument("--repeat", type=int, default=1, help="run the targets this many times, interleaved; "
                         "ratios then use each target's median")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "jitp-bench",
@@ -281,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     fleet = create_fleet(layout.dir, size, work / f"fleet-{size}", prefix="bench-")
     print(f"fleet of {len(fleet)} devices ready in {time.perf_counter() - t0:.1f} s ({fleet.dir})", file=sys.stderr)
-    starters = {"amqtt": start_amqtt, "mosquitto": start_mosquitto, "jitp": start_jitp}
+    starters = {"amqtt": start_amqtt, "mosquitto": start_mosquitto, "jitp": start_jitp, "floor": start_floor,
+                "floor-bio": start_floor_bio}
     for name in args.targets.split(","):
         if name.strip().startswith("jitp@"):
             starters[name.strip()] = functools.partial(start_jitp, revision=name.strip().removeprefix("jitp@"))

@@ -51,6 +51,7 @@ log = logging.getLogger("jitp.broker")
 JITP_DEVICE_TOPICS = "$jitp/devices/"  # devices publish their status here (W10)
 JITP_ADMIN_TOPICS = "$jitp/admin/"  # backend principals send admin API requests here (W10)
 SUBACK_FAILURE = 0x80
+MAX_QOS = 1  # granted to subscriptions: jitp delivers QoS 0 and 1 (QoS 2 PUBLISHes are accepted)
 MQTT_311, MQTT_5 = 4, 5
 V3_CONNACK_UNSUPPORTED = b"\x20\x02\x00\x01"  # return code 1: unacceptable protocol version
 V5_CONNACK_UNSUPPORTED = b"\x20\x03\x00\x84\x00"  # reason 0x84 Unsupported Protocol Version, no properties
@@ -211,11 +212,12 @@ class JitpBroker(Broker):
         self.connected_clients += 1
         try:
             await handler.mqtt_connack_authorize(True)
-            await handler.start()  # W13: also starts the sender, which resends what was unacknowledged
             self._ensure_config(admission)
             for topic_filter, qos in list(session.filters.items()):
                 await self._publish_retained_messages_for_subscription((topic_filter, qos), session)
-            await self._client_message_loop(session, handler)
+            # W13, W18: the sender starts (resending what was unacknowledged), and this task reads.
+            said_disconnect = await handler.run()
+            await self._connection_ended(session, said_disconnect=said_disconnect)
         finally:
             self.connected_clients -= 1
             with contextlib.suppress(Exception):
@@ -332,9 +334,7 @@ class JitpBroker(Broker):
         )
         if isinstance(old_handler, JitpProtocolHandler):
             old_handler.stop_sender()  # its unacknowledged messages stay queued for the new connection
-        await old_handler.handle_connection_closed()
-        if isinstance(old_handler.writer, TlsConnection):
-            old_handler.writer.abort()
+        _abort(old_handler)  # its task sees the end of the connection, publishes its will, disconnects
         for _ in range(100):  # let the old connection's loop finish its disconnect
             if not old_session.transitions.is_connected():
                 break
@@ -343,29 +343,23 @@ class JitpBroker(Broker):
             old_session.transitions.disconnect()
 
     # -- W14: the Last Will, published like a PUBLISH ----------------------------------------------
-    async def _handle_disconnect(
-        self, client_session: Session, handler: BrokerProtocolHandler, disconnect_waiter: asyncio.Future[Any]
-    ) -> None:
+    async def _connection_ended(self, session: JitpSession, *, said_disconnect: bool) -> None:
         """The will goes through :meth:`receive` (ACL now, profile, quotas), unless the client said
         DISCONNECT or the broker closed it for a lifecycle decision (revoked, disabled...)."""
-        result = disconnect_waiter.result()
         if (
-            isinstance(client_session, JitpSession)
-            and client_session.will_flag
-            and result is None
-            and client_session.closed_by_operator is None
-            and client_session.will_topic
+            session.will_flag
+            and not said_disconnect
+            and session.closed_by_operator is None
+            and session.will_topic
         ):
             await self.receive(
-                client_session,
-                client_session.will_topic,
-                bytes(client_session.will_message or b""),
-                client_session.will_qos or 0,
-                bool(client_session.will_retain),
+                session,
+                session.will_topic,
+                bytes(session.will_message or b""),
+                session.will_qos or 0,
+                bool(session.will_retain),
                 will=True,
             )
-        await self._stop_handler(handler)
-        client_session.transitions.disconnect()
 
     # -- W12: one inbound path for PUBLISH and Will, routed through the topic tree ---------------
     async def receive(
@@ -493,20 +487,7 @@ class JitpBroker(Broker):
         await self.close_connection(session, handler)
 
     async def close_connection(self, session: JitpSession, handler: BrokerProtocolHandler) -> None:
-        await handler.handle_connection_closed()
-        if isinstance(handler.writer, TlsConnection):
-            handler.writer.abort()
-
-    async def _handle_message_delivery(
-        self, client_session: Session, handler: BrokerProtocolHandler, wait_deliver: asyncio.Future[Any]
-    ) -> bool:
-        """Only QoS 2 messages come this way (amqtt's PUBREC/PUBREL flow); QoS 0 and 1 are routed
-        by :meth:`JitpProtocolHandler.handle_publish` before their PUBACK."""
-        message = wait_deliver.result()
-        if message is None or not message.topic or not isinstance(client_session, JitpSession):
-            return True
-        retain = bool(message.publish_packet is not None and message.publish_packet.retain_flag)
-        return await self.receive(client_session, message.topic, bytes(message.data or b""), 2, retain)
+        _abort(handler)
 
     async def _admin_request(self, session: JitpSession, topic: str, data: bytes) -> bool:
         """W10: a request to the admin API ($jitp/admin/<command>) goes to the API, never to
@@ -557,6 +538,7 @@ class JitpBroker(Broker):
             return SUBACK_FAILURE
         if not valid_filter(topic_filter) or not session.allows(Access.SUBSCRIBE, topic_filter):
             return SUBACK_FAILURE
+        qos = min(qos, MAX_QOS)
         profile = session.client.profile if session.client is not None else None
         if profile is not None:
             qos = min(qos, profile.max_qos)
@@ -571,15 +553,26 @@ class JitpBroker(Broker):
         self.subscription_tree.subscribe(topic_filter, session.client_id or "", qos)
         return qos
 
-    async def _handle_subscription(
-        self, client_session: Session, handler: BrokerProtocolHandler, subscribe_waiter: asyncio.Future[Any]
+    async def subscribe(
+        self,
+        session: JitpSession,
+        handler: JitpProtocolHandler,
+        packet_id: int,
+        topics: list[tuple[str, int]],
     ) -> None:
-        request = subscribe_waiter.result()
-        codes = [await self.add_subscription(sub, client_session) for sub in request.topics]
-        await handler.mqtt_acknowledge_subscription(request.packet_id, codes)
-        for (topic_filter, _), code in zip(request.topics, codes, strict=True):
+        """W18: in the reader, in order: subscriptions added, SUBACK, then matching retained messages."""
+        codes = [await self.add_subscription(sub, session) for sub in topics]
+        await handler.mqtt_acknowledge_subscription(packet_id, codes)
+        for (topic_filter, _), code in zip(topics, codes, strict=True):
             if code != SUBACK_FAILURE:
-                await self._publish_retained_messages_for_subscription((topic_filter, code), client_session)
+                await self._publish_retained_messages_for_subscription((topic_filter, code), session)
+
+    async def unsubscribe(
+        self, session: JitpSession, handler: JitpProtocolHandler, packet_id: int, topics: list[str]
+    ) -> None:
+        for topic_filter in topics:
+            self._del_subscription(topic_filter, session)
+        await handler.mqtt_acknowledge_unsubscription(packet_id)
 
     def _del_subscription(self, a_filter: str, session: Session) -> int:
         if isinstance(session, JitpSession):
@@ -639,9 +632,7 @@ class JitpBroker(Broker):
         if isinstance(session, JitpSession):
             session.closed_by_operator = reason
         log.warning("closing the session of %s: %s", client_id, reason)
-        await handler.handle_connection_closed()
-        if isinstance(handler.writer, TlsConnection):
-            handler.writer.abort()
+        _abort(handler)
         return True
 
     def update_device(self, record: DeviceRecord) -> bool:
@@ -676,3 +667,9 @@ async def _close(connection: TlsConnection) -> None:
     """Close after what was written (a CONNACK) is sent; the transport aborts a client that does not read."""
     with contextlib.suppress(Exception):
         await connection.close()
+
+
+def _abort(handler: BrokerProtocolHandler) -> None:
+    """Drop a connection now; its own task notices (end of stream) and ends the session."""
+    if isinstance(handler.writer, TlsConnection):
+        handler.writer.abort()

@@ -75,6 +75,13 @@ W17 INLINE_READER         amqtt reads packets in one task and handles each in an
                           waiting for them. Here the reader handles them in order, so a client that
                           does not read its acknowledgements stops being read; writes that cannot
                           drain within the keep-alive period close the connection.
+W18 SESSION_LOOP          amqtt runs, per client, a reader task, a message loop and four tasks that
+                          loop waits on (disconnect, subscriptions, unsubscriptions, QoS 2
+                          deliveries), with two request queues: seven tasks and ~30 KiB per held
+                          connection. Here the connection's own task reads (SUBSCRIBE, UNSUBSCRIBE
+                          and the QoS 2 handshake handled in order, in the reader, yielding every
+                          16 packets), one sender writes: two tasks. Inbound QoS 2 is routed once on
+                          arrival and its id kept until PUBREL; subscriptions are granted QoS 1 at most.
 """
 
 from __future__ import annotations

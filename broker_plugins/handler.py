@@ -12,7 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from amqtt.errors import MQTTError
+from amqtt.errors import AMQTTError, MQTTError
 from amqtt.mqtt import packet_class
 from amqtt.mqtt.packet import (
     DISCONNECT,
@@ -28,8 +28,12 @@ from amqtt.mqtt.packet import (
 )
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.puback import PubackPacket
+from amqtt.mqtt.pubcomp import PubcompPacket
 from amqtt.mqtt.publish import PublishPacket
+from amqtt.mqtt.pubrec import PubrecPacket
+from amqtt.mqtt.pubrel import PubrelPacket
 from amqtt.mqtt.subscribe import SubscribePacket
+from amqtt.mqtt.unsubscribe import UnsubscribePacket
 
 from broker_plugins.session import JitpSession
 from broker_plugins.transport import PacketTooLarge, TlsConnection
@@ -38,7 +42,7 @@ from jitp.domain.routing import DeliveryQueue
 
 log = logging.getLogger("jitp.broker")
 
-MAX_PENDING_REQUESTS = 16  # SUBSCRIBE/UNSUBSCRIBE read ahead of their SUBACK/UNSUBACK, per client
+FAIR_SHARE = 16  # packets a connection handles before letting the event loop run other connections
 
 
 class Inbound(Protocol):
@@ -53,6 +57,19 @@ class Inbound(Protocol):
         """Audit a malformed packet and close the connection."""
 
     async def close_connection(self, session: JitpSession, handler: BrokerProtocolHandler) -> None: ...
+
+    async def subscribe(
+        self,
+        session: JitpSession,
+        handler: JitpProtocolHandler,
+        packet_id: int,
+        topics: list[tuple[str, int]],
+    ) -> None:
+        """Add the subscriptions, answer SUBACK, then queue the matching retained messages."""
+
+    async def unsubscribe(
+        self, session: JitpSession, handler: JitpProtocolHandler, packet_id: int, topics: list[str]
+    ) -> None: ...
 
     def delivered(self) -> None:
         """A queue shrank (a graceful stop waits for that)."""
@@ -71,30 +88,44 @@ class JitpProtocolHandler(BrokerProtocolHandler):
         self.max_packet_size = 268_435_455  # MQTT's own bound; the broker sets limits.max_packet_size
         self._wake = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
-        self._qos2: set[asyncio.Task[None]] = set()
-        # W17: the reader waits (TCP backpressure) rather than queueing requests without bound.
-        self._pending_subscriptions = asyncio.Queue(maxsize=MAX_PENDING_REQUESTS)
-        self._pending_unsubscriptions = asyncio.Queue(maxsize=MAX_PENDING_REQUESTS)
+        # W18: SUBSCRIBE and UNSUBSCRIBE are handled in the reader, in order; amqtt's request queues
+        # (and the tasks of its per-client message loop that wait on them) are not used.
+        self._pending_subscriptions = self._pending_unsubscriptions = None  # type: ignore[assignment]
 
-    async def _reader_loop(self) -> None:
-        """W17: packets are handled one after another in this task, in order. amqtt starts a task
-        per packet and never waits for them: a client that does not read its PUBACKs grows the broker
-        without bound, and a drop of the connection cancels packets already read."""
-        session, reader = self.session, self.reader
-        assert isinstance(session, JitpSession) and reader is not None and self._reader_ready is not None
+    async def run(self) -> bool:
+        """W17, W18: the session on this connection, in the caller's task. The sender starts, then
+        packets are read and handled one after another, in order, until the connection ends.
+        True if the client ended it with DISCONNECT (then its will is not published).
+
+        amqtt runs a reader task that starts a task per packet without waiting for it (a client that
+        does not read its PUBACKs grows the broker without bound; a dropped connection cancels
+        packets already read), and a message loop waiting on four more tasks per client."""
+        session = self.session
+        assert isinstance(session, JitpSession)
+        session.delivery.notify = self._wake.set
+        self._sender = asyncio.create_task(self._send_loop(session.delivery), name="jitp-sender")
+        try:
+            return await self._read_packets(session)
+        except asyncio.CancelledError:
+            return False
+        finally:
+            self.stop_sender()
+
+    async def _read_packets(self, session: JitpSession) -> bool:
+        reader = self.reader
+        assert reader is not None
         keepalive = float(session.keep_alive) or None
         handlers: dict[int, Callable[[Any], Awaitable[None]]] = {
             PUBLISH: self.handle_publish,
             PUBACK: self.handle_puback,
-            PUBREC: self.handle_pubrec,
+            PUBREC: self._unexpected_ack,
             PUBREL: self.handle_pubrel,
-            PUBCOMP: self.handle_pubcomp,
+            PUBCOMP: self._unexpected_ack,
             SUBSCRIBE: self.handle_subscribe,
             UNSUBSCRIBE: self.handle_unsubscribe,
             PINGREQ: self.handle_pingreq,
-            DISCONNECT: self.handle_disconnect,
         }
-        self._reader_ready.set()
+        handled = 0
         try:
             while True:
                 # W5/W16: the whole next packet, not only its first byte, must arrive within the
@@ -104,46 +135,49 @@ class JitpProtocolHandler(BrokerProtocolHandler):
                     async with asyncio.timeout(keepalive):
                         header = await MQTTFixedHeader.from_stream(reader)
                         if header is None:
-                            break
+                            return False
                         if header.remaining_length > self.max_packet_size:  # W6: before its body
                             raise PacketTooLarge(
                                 f"packet of {header.remaining_length} bytes, over {self.max_packet_size}"
                             )
+                        if header.packet_type == DISCONNECT:
+                            return True
                         handle = handlers.get(header.packet_type)
                         if handle is not None:
                             packet = await packet_class(header).from_stream(reader, fixed_header=header)
                 except TimeoutError:
                     self.handle_read_timeout()
-                    break
+                    return False
                 except (MQTTError, ValueError, UnicodeDecodeError) as exc:  # e.g. '+' in a PUBLISH topic
                     if self.broker is not None:
                         await self.broker.protocol_violation(session, self, f"malformed packet: {exc}")
-                    break
+                    return False
                 if handle is None:  # CONNECT again, a server-only packet, or a reserved type
                     if self.broker is not None:
                         await self.broker.protocol_violation(
                             session, self, f"unexpected packet type {header.packet_type} [MQTT-4.8.0-1]"
                         )
-                    break
+                    return False
+                handled += 1
+                if not handled % FAIR_SHARE:
+                    # Buffered packets are read without suspending: a client that keeps sending would
+                    # hold the event loop. Every FAIR_SHARE packets the others get their turn.
+                    await asyncio.sleep(0)
                 try:
                     await handle(packet)
                 except TimeoutError:  # W17: an acknowledgement could not be written for a keep-alive period
                     if self.broker is not None:
                         self.broker.stalled(session)
-                    break
-                if header.packet_type == DISCONNECT:
-                    break
-        except asyncio.CancelledError:
-            pass
-        except TimeoutError:
-            self.handle_read_timeout()
-        except Exception as exc:  # malformed packet, reset, TLS error: the connection ends
+                    self.abort()
+                    return False
+        except (AMQTTError, OSError, EOFError) as exc:  # too large, reset, TLS error: the connection ends
             log.debug("connection of %s ends: %r", session.client_id, exc)
-        for task in self._qos2:
-            task.cancel()
-        await self.handle_connection_closed()
-        self._reader_stopped.set()
-        await self.stop()
+            self.abort()
+            return False
+
+    def abort(self) -> None:
+        if isinstance(self.writer, TlsConnection):
+            self.writer.abort()
 
     def handle_read_timeout(self) -> None:
         session = self.session
@@ -156,13 +190,6 @@ class JitpProtocolHandler(BrokerProtocolHandler):
             self.writer.abort()
 
     # -- W13: the session's delivery queue, written by one task ------------------------------
-    async def start(self) -> None:
-        await super().start()
-        session = self.session
-        assert isinstance(session, JitpSession)
-        session.delivery.notify = self._wake.set
-        self._sender = asyncio.create_task(self._send_loop(session.delivery), name="jitp-sender")
-
     def stop_sender(self) -> None:
         """Stop writing; unacknowledged QoS 1 messages go back to the queue (resent on reconnect)."""
         if self._sender is not None:
@@ -174,8 +201,10 @@ class JitpProtocolHandler(BrokerProtocolHandler):
             session.delivery.connection_lost()
 
     async def stop(self) -> None:
+        """End this connection: stop writing, close (close_notify, then the socket)."""
         self.stop_sender()
-        await super().stop()
+        if self.writer is not None:
+            await self.writer.close()
         if self.broker is not None:
             self.broker.delivered()
 
@@ -249,31 +278,58 @@ class JitpProtocolHandler(BrokerProtocolHandler):
             await broker.protocol_violation(session, self, violation)
             return
         assert topic is not None
-        if qos == 2:  # amqtt's QoS 2 flow (PUBREC, then wait for PUBREL) ends in the message loop
-            if len(self._qos2) >= session.delivery.limits.max_inflight:
-                await broker.protocol_violation(session, self, "too many QoS 2 messages in flight")
-                return
-            task = asyncio.create_task(super().handle_publish(publish_packet))
-            self._qos2.add(task)
-            task.add_done_callback(self._qos2.discard)
+        if qos == 2 and packet_id in session.qos2_received:
+            # A resend (DUP) before PUBREL: routed already, so only acknowledged again [MQTT-4.3.3-2].
+            await self._send_packet(PubrecPacket.build(packet_id))
+            return
+        if qos == 2 and len(session.qos2_received) >= session.delivery.limits.max_inflight:
+            await broker.protocol_violation(session, self, "too many QoS 2 messages in flight")
             return
         data = bytes(publish_packet.data or b"")
         if not await broker.receive(session, topic, data, qos, bool(publish_packet.retain_flag)):
             await broker.close_connection(session, self)
             return
-        if qos == 1:
-            assert packet_id is not None
+        if qos == 1 and packet_id is not None:
             await self._send_packet(PubackPacket.build(packet_id))
+        elif qos == 2 and packet_id is not None:  # routed on arrival, once; the id is kept until PUBREL
+            session.qos2_received.add(packet_id)
+            await self._send_packet(PubrecPacket.build(packet_id))
+
+    async def handle_pubrel(self, pubrel: PubrelPacket) -> None:
+        """QoS 2, second half: forget the packet id, answer PUBCOMP (also for an unknown id, as the
+        message may have been completed before a reconnect) [MQTT-4.3.3-2]."""
+        if isinstance(self.session, JitpSession):
+            self.session.qos2_received.discard(pubrel.packet_id)
+        await self._send_packet(PubcompPacket.build(pubrel.packet_id))
+
+    async def _unexpected_ack(self, packet: Any) -> None:
+        """PUBREC or PUBCOMP: jitp never sends QoS 2 (subscriptions are granted QoS 1 at most)."""
+        log.debug(
+            "%s sent an acknowledgement for nothing jitp sent: %r",
+            self.session and self.session.client_id,
+            packet,
+        )
 
     async def handle_subscribe(self, subscribe: SubscribePacket) -> None:
         session, broker = self.session, self.broker
+        if not isinstance(session, JitpSession) or broker is None:
+            return
         topics = subscribe.payload.topics if subscribe.payload is not None else []
+        packet_id = subscribe.variable_header.packet_id if subscribe.variable_header is not None else 0
         violation = None
         if not topics:
             violation = "SUBSCRIBE with no topic filter [MQTT-3.8.3-3]"
         elif any(not 0 <= qos <= 2 for _, qos in topics):
             violation = "SUBSCRIBE with QoS 3 [MQTT-3-8.3-4]"
-        if violation is not None and isinstance(session, JitpSession) and broker is not None:
+        if violation is not None:
             await broker.protocol_violation(session, self, violation)
             return
-        await super().handle_subscribe(subscribe)
+        await broker.subscribe(session, self, packet_id, topics)
+
+    async def handle_unsubscribe(self, unsubscribe: UnsubscribePacket) -> None:
+        session, broker = self.session, self.broker
+        if not isinstance(session, JitpSession) or broker is None:
+            return
+        topics = unsubscribe.payload.topics if unsubscribe.payload is not None else []
+        packet_id = unsubscribe.variable_header.packet_id if unsubscribe.variable_header is not None else 0
+        await broker.unsubscribe(session, self, packet_id, topics)

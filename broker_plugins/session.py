@@ -94,6 +94,9 @@ class JitpSession(Session):
         super().__init__()
         self.client: ClientState | None = None  # None until admitted
         self.filters: dict[str, int] = {}  # topic filter -> granted QoS (W12)
+        # QoS 2 PUBLISHes routed and acknowledged (PUBREC) whose PUBREL has not come: a resend of one
+        # is not routed again, also after a reconnect of a persistent session [MQTT-4.3.3-2].
+        self.qos2_received: set[int] = set()
         self.delivery = DeliveryQueue()  # W13; its limits are the role's, set at admission
         self.rate: TokenBucket | None = None  # W8: the profile's message rate
         self.closed_by_operator: str | None = None  # W14: a lifecycle decision closed it: no will

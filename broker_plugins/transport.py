@@ -193,8 +193,9 @@ class TlsConnection(asyncio.Protocol, ReaderAdapter, WriterAdapter):
 
     def _flush(self) -> None:
         data = self._outgoing.read()
-        if data and self._transport is not None:
-            self._transport.write(data)
+        transport = self._transport
+        if data and transport is not None and not transport.is_closing():
+            transport.write(data)
 
     # -- the first packet ----------------------------------------------------------------------
     def _first_packet(self) -> None:

@@ -40,7 +40,7 @@ class ListenerConfig:
     tls_min_version: str = "1.2"
     session_tickets: int = 0  # TLS 1.3 tickets per handshake; 0 saves ~0.8 ms CPU per connect
     reuse_port: bool = False  # SO_REUSEPORT: several `jitp serve` processes share one port (one per core)
-    tls_read_buffer: int = 17 * 1024  # bytes decrypted per read (>= one TLS record); allocated per read, not held
+    tls_read_buffer: int = 17 * 1024  # bytes decrypted per read (>= one TLS record), not held
 
     def __post_init__(self) -> None:
         _positive(self, "handshake_timeout", "connect_timeout", "max_connections", "backlog")
