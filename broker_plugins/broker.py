@@ -27,6 +27,7 @@ from broker_plugins import enforcement
 from broker_plugins.compat import check_amqtt_internals, peer_chain_der, use_lean_sessions
 from broker_plugins.framing import AbortableWriter, LimitedReader, connect_protocol, read_packet
 from broker_plugins.handler import JitpProtocolHandler
+from broker_plugins.relay import NO_RELAY, Relay
 from broker_plugins.session import ClientState, JitpSession
 from jitp import errors
 from jitp.app.service import Admission, PeerCredentials, ProvisioningService
@@ -94,6 +95,9 @@ class JitpBroker(Broker):
         )
         self._retained_messages = self.retained.messages  # type: ignore[assignment]
         self.draining = False
+        # Other worker processes of `jitp serve --workers N` (a no-op with one process): what a client
+        # publishes or retains here is also routed or retained there.
+        self.relay: Relay = NO_RELAY
         self._progress = asyncio.Event()  # set when a queue shrinks or a client leaves
         self._reported: dict[tuple[str, str], float] = {}  # (client id, reason) -> when last audited
 
@@ -414,6 +418,7 @@ class JitpBroker(Broker):
                 self._report(session, errors.WillNotAllowed, f"will on {topic!r} refused at publication")
             return True
         self.route(topic, data, qos)
+        self.relay.publish(topic, data, qos)  # before the PUBACK, like the local routing
         if retain:
             self._retain(session, topic, data, qos)
         return True
@@ -454,6 +459,7 @@ class JitpBroker(Broker):
     def _retain(self, session: JitpSession, topic: str, data: bytes, qos: int) -> None:
         verdict = self.retained.put(topic, data, qos, owner=session.client_id)
         if verdict in (RetainVerdict.STORED, RetainVerdict.CLEARED):
+            self.relay.retain(topic, data, qos, session.client_id)
             return
         count, nbytes = self.retained.owner_usage(session.client_id or "")
         self._report(
@@ -554,6 +560,12 @@ class JitpBroker(Broker):
     def retain_own(self, topic: str, data: bytes, qos: int) -> None:
         """Retain a message of the broker's own (a device's configuration): never refused."""
         self.retained.put(topic, data, qos, owner=None)
+        self.relay.retain(topic, data, qos, None)
+
+    def replicate_retained(self, topic: str, data: bytes, qos: int, owner: str | None) -> None:
+        """A retained message stored (or cleared) on another worker: the same here, without quota
+        checks (the origin applied them) and without relaying it again."""
+        self.retained.replicate(topic, data, qos, owner=owner)
 
     async def _publish_session_retained_messages(self, session: Session) -> None:
         """W13: queued messages live in the session's delivery queue and go out as they were
@@ -668,6 +680,7 @@ class JitpBroker(Broker):
             doomed.update(t for t in self.retained.messages if t.startswith(prefix))
         for topic in doomed:
             self.retained.remove(topic)
+            self.relay.retain(topic, b"", 0, None)
         return len(doomed)
 
     def live_clients(self) -> list[tuple[str, ClientState]]:

@@ -60,6 +60,7 @@ class OutboxPublisher:
         # "mqtt:<node_id>" when several nodes share the registry
         self._node_cursor = f"mqtt:{config.node_id}" if config.node_id else None
         self._relay_from: int | None = None  # that cursor, once read
+        self._relay_now = False  # another worker of this machine committed events: read them now
         self._recent: dict[str, None] = {}  # ids published lately (insertion-ordered), never twice
         self.nats_sink: NatsSink | None = None
 
@@ -80,6 +81,13 @@ class OutboxPublisher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+
+    def poke(self) -> None:
+        """Another node committed events (a worker of the same `jitp serve` says so): relay them
+        from this node's cursor now rather than at the next poll."""
+        if self._node_cursor is not None:
+            self._relay_now = True
+            self._wake.set()
 
     def _fresh_events(self, events: list[ProvisioningEvent]) -> None:
         self._fresh.extend(events)
@@ -146,7 +154,8 @@ class OutboxPublisher:
                         break
                     await self._publish(pending)
                     await registry.mark_delivered([e.event_id for e in pending], at=clock())
-                if polled and self._node_cursor is not None:
+                if (polled or self._relay_now) and self._node_cursor is not None:
+                    self._relay_now = False
                     await self._relay_other_nodes(registry)
             except errors.ProvisioningError as exc:
                 log.error("outbox delivery paused: %s", exc)
