@@ -65,6 +65,10 @@ class OutboxPublisher:
         self.nats_sink: NatsSink | None = None
 
     async def start(self) -> None:
+        if self._node_cursor is not None:
+            # Where this node's relay starts, fixed now: events other nodes commit from here on are
+            # relayed even if they come before the first poll.
+            await self._relay_cursor(self.service.registry)
         self.service.on_new_events(self._fresh_events)
         self._task = asyncio.create_task(self._run(), name="jitp-outbox-publisher")
         if self.config.nats.enabled:
@@ -115,13 +119,7 @@ class OutboxPublisher:
         """With several nodes on one registry: deliver the events other nodes committed to this node's
         subscribers too, in outbox order, from this node's own cursor (events it published are skipped)."""
         assert self._node_cursor is not None
-        if self._relay_from is None:
-            cursor = await registry.sink_cursor(self._node_cursor)
-            if cursor == 0:  # a new node starts at the present, not with the whole history
-                cursor = await registry.outbox_head()
-                await registry.set_sink_cursor(self._node_cursor, cursor)
-            self._relay_from = cursor
-        cursor = self._relay_from
+        cursor = await self._relay_cursor(registry)
         while True:
             batch = await registry.events_after(cursor, BATCH)
             if not batch:
@@ -129,6 +127,16 @@ class OutboxPublisher:
             await self._publish([event for _, event in batch])
             cursor = self._relay_from = batch[-1][0]
             await registry.set_sink_cursor(self._node_cursor, cursor)
+
+    async def _relay_cursor(self, registry: Registry) -> int:
+        assert self._node_cursor is not None
+        if self._relay_from is None:
+            cursor = await registry.sink_cursor(self._node_cursor)
+            if cursor == 0:  # a new node starts at the present, not with the whole history
+                cursor = await registry.outbox_head()
+                await registry.set_sink_cursor(self._node_cursor, cursor)
+            self._relay_from = cursor
+        return self._relay_from
 
     async def _run(self) -> None:
         registry, clock = self.service.registry, self.service.clock
