@@ -60,7 +60,7 @@ class OutboxPublisher:
         # "mqtt:<node_id>" when several nodes share the registry
         self._node_cursor = f"mqtt:{config.node_id}" if config.node_id else None
         self._relay_from: int | None = None  # that cursor, once read
-        self._relay_now = False  # another worker of this machine committed events: read them now
+        self._from_peers: list[ProvisioningEvent] = []  # committed by other workers of this machine
         self._recent: dict[str, None] = {}  # ids published lately (insertion-ordered), never twice
         self.nats_sink: NatsSink | None = None
 
@@ -86,12 +86,12 @@ class OutboxPublisher:
                 await self._task
             self._task = None
 
-    def poke(self) -> None:
-        """Another node committed events (a worker of the same `jitp serve` says so): relay them
-        from this node's cursor now rather than at the next poll."""
-        if self._node_cursor is not None:
-            self._relay_now = True
-            self._wake.set()
+    def relayed(self, events: list[ProvisioningEvent]) -> None:
+        """Events another worker of the same `jitp serve` committed (handed over by the relay right
+        after its commit): published here at once. This node's cursor still reads them from the
+        outbox at its next poll, and skips them then (see :mod:`broker_plugins.relay`)."""
+        self._from_peers.extend(events)
+        self._wake.set()
 
     def _fresh_events(self, events: list[ProvisioningEvent]) -> None:
         self._fresh.extend(events)
@@ -162,8 +162,10 @@ class OutboxPublisher:
                         break
                     await self._publish(pending)
                     await registry.mark_delivered([e.event_id for e in pending], at=clock())
-                if (polled or self._relay_now) and self._node_cursor is not None:
-                    self._relay_now = False
+                while self._from_peers:  # their origin marks them delivered
+                    relayed, self._from_peers = self._from_peers, []
+                    await self._publish(relayed)
+                if polled and self._node_cursor is not None:
                     await self._relay_other_nodes(registry)
             except errors.ProvisioningError as exc:
                 log.error("outbox delivery paused: %s", exc)

@@ -15,9 +15,11 @@ What travels:
 - ``RETAIN`` (topic, payload, QoS, owner): a retained message stored or cleared (empty payload).
   Peers store it without quota checks (the origin applied them); the supervisor keeps a mirror
   and hands it to a worker it (re)starts before anything else.
-- ``EVENTS``: "I committed outbox events". Peers then read the outbox from their own cursor at
-  once instead of at their next poll: events (and lifecycle enforcement) still travel through the
-  registry, exactly once per node, as between separate nodes; the relay only makes it prompt.
+- ``EVENTS``: outbox events this worker committed (after the commit). Peers publish them to their
+  own subscribers and apply them to their own sessions at once, as the origin does. The registry
+  stays the reliable path: every node still follows the outbox from its own cursor (each poll), as
+  separate nodes do, and skips the events it already published (by ``event_id``), so an event a
+  crash kept off the relay is delivered from there, and none is published twice by one node.
 - ``READY``, ``FATAL``, ``STATUS``: worker to supervisor (started; could not start, with the
   error; its connected clients on request).
 
@@ -40,7 +42,11 @@ import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Protocol
+
+from jitp.domain.events import ProvisioningEvent
+from jitp.domain.records import EventType
 
 log = logging.getLogger("jitp.relay")
 
@@ -60,8 +66,8 @@ class Relay(Protocol):
     def retain(self, topic: str, data: bytes, qos: int, owner: str | None) -> None:
         """A retained message stored (or cleared, ``data`` empty) here: the same on the other workers."""
 
-    def events_committed(self) -> None:
-        """Outbox events were committed here: the other workers should relay them now."""
+    def events_committed(self, events: list[ProvisioningEvent]) -> None:
+        """Outbox events were committed here: the other workers publish them too."""
 
 
 class NoRelay:
@@ -73,7 +79,7 @@ class NoRelay:
     def retain(self, topic: str, data: bytes, qos: int, owner: str | None) -> None:
         pass
 
-    def events_committed(self) -> None:
+    def events_committed(self, events: list[ProvisioningEvent]) -> None:
         pass
 
 
@@ -110,6 +116,33 @@ class Retained:
     data: bytes
     qos: int
     owner: str | None
+
+
+def events_frame(events: list[ProvisioningEvent]) -> bytes:
+    docs = [
+        {
+            "id": e.event_id,
+            "type": str(e.type),
+            "device": e.device_id,
+            "at": e.occurred_at.isoformat(),
+            "payload": e.payload.decode(),
+        }
+        for e in events
+    ]
+    return frame(EVENTS, json.dumps(docs, separators=(",", ":")).encode())
+
+
+def parse_events(body: bytes) -> list[ProvisioningEvent]:
+    return [
+        ProvisioningEvent(
+            event_id=d["id"],
+            type=EventType(d["type"]),
+            device_id=d["device"],
+            occurred_at=datetime.fromisoformat(d["at"]),
+            payload=d["payload"].encode(),
+        )
+        for d in json.loads(body[1:])
+    ]
 
 
 def parse_publish(body: bytes) -> Published:
@@ -169,10 +202,12 @@ class WorkerRelay(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._reader = FrameReader()
         self._target: RelayTarget | None = None
-        self._on_events: Callable[[], None] = lambda: None
+        self._on_events: Callable[[list[ProvisioningEvent]], None] = lambda events: None
         self.forwarded = self.applied = 0
 
-    async def start(self, target: RelayTarget, *, on_events: Callable[[], None]) -> None:
+    async def start(
+        self, target: RelayTarget, *, on_events: Callable[[list[ProvisioningEvent]], None]
+    ) -> None:
         """Start applying what the other workers send (the retained mirror comes first)."""
         self._target, self._on_events = target, on_events
         sock = socket.socket(fileno=self.fd)
@@ -191,8 +226,9 @@ class WorkerRelay(asyncio.Protocol):
     def retain(self, topic: str, data: bytes, qos: int, owner: str | None) -> None:
         self._send(retain_frame(topic, data, qos, owner))
 
-    def events_committed(self) -> None:
-        self._send(frame(EVENTS))
+    def events_committed(self, events: list[ProvisioningEvent]) -> None:
+        if events:
+            self._send(events_frame(events))
 
     def ready(self, port: int) -> None:
         self._send(
@@ -233,7 +269,7 @@ class WorkerRelay(asyncio.Protocol):
                     r = parse_retain(body)
                     target.replicate_retained(r.topic, r.data, r.qos, r.owner)
                 elif kind == EVENTS:
-                    self._on_events()
+                    self._on_events(parse_events(body))
                 elif kind == STATUS:
                     clients = sorted(client_id for client_id, _ in target.live_clients())
                     doc = {"node": self.node_id, "pid": os.getpid(), "connected": len(clients)}
@@ -244,7 +280,7 @@ class WorkerRelay(asyncio.Protocol):
                     log.warning("unknown relay frame kind %r ignored", kind)
                     continue
                 self.applied += 1
-            except (UnicodeDecodeError, IndexError, ValueError) as exc:
+            except (UnicodeDecodeError, IndexError, KeyError, TypeError, ValueError) as exc:
                 log.error("relay frame %r not applied: %r", kind, exc)
 
 

@@ -124,8 +124,8 @@ class JitpServer:
             if self.relay is not None:
                 relay, publisher = self.relay, self._publisher
                 self._broker.relay = relay
-                self._service.on_new_events(lambda events: relay.events_committed())
-                await relay.start(self._broker, on_events=publisher.poke)
+                self._service.on_new_events(relay.events_committed)
+                await relay.start(self._broker, on_events=publisher.relayed)
             tls = self._tls
             self._listener = Listener(
                 listener,

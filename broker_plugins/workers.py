@@ -205,6 +205,10 @@ class Supervisor:
                 except (UnicodeDecodeError, IndexError) as exc:
                     log.error("bad retained frame from worker %s: %r", worker.name, exc)
                     return
+                if self.retained.get(r.topic) == r or (not r.data and r.topic not in self.retained):
+                    # Every worker retains a device's configuration from the same event (and clears
+                    # the same messages): the others have it already, or will from the first copy.
+                    return
                 if r.data:
                     self.retained[r.topic] = r
                 else:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 
 from broker_plugins.relay import (
@@ -10,13 +12,24 @@ from broker_plugins.relay import (
     FrameReader,
     Published,
     Retained,
-    frame,
+    events_frame,
+    parse_events,
     parse_publish,
     parse_retain,
     publish_frame,
     retain_frame,
 )
+from jitp.domain.events import ProvisioningEvent
+from jitp.domain.records import EventType
 from jitp.domain.routing import RetainedLimits, RetainedStore
+
+EVENT = ProvisioningEvent(
+    event_id="0b6c1a52-3f0e-4a47-9d55-0f1f6c1b2a11",
+    type=EventType.PROVISIONED,
+    device_id="d1",
+    occurred_at=datetime(2026, 12, 4, 12, 0, tzinfo=UTC),
+    payload=b'{"device_id":"d1"}',
+)
 
 
 def test_frames_round_trip_whatever_the_chunks() -> None:
@@ -25,7 +38,7 @@ def test_frames_round_trip_whatever_the_chunks() -> None:
         retain_frame("devices/d1/state", b"on", 1, "d1"),
         retain_frame("$jitp/devices/d1/config", b"{}", 1, None),
         retain_frame("devices/d1/state", b"", 0, "d1"),
-        frame(EVENTS),
+        events_frame([EVENT]),
         publish_frame("devices/\u00e9/t", b"", 0),
     ]
     stream = b"".join(frames)
@@ -37,7 +50,7 @@ def test_frames_round_trip_whatever_the_chunks() -> None:
     assert parse_retain(bodies[1]) == Retained("devices/d1/state", b"on", 1, "d1")
     assert parse_retain(bodies[2]) == Retained("$jitp/devices/d1/config", b"{}", 1, None)
     assert parse_retain(bodies[3]) == Retained("devices/d1/state", b"", 0, "d1")
-    assert bodies[4] == EVENTS
+    assert bodies[4][:1] == EVENTS and parse_events(bodies[4]) == [EVENT]
     assert parse_publish(bodies[5]) == Published("devices/\u00e9/t", b"", 0)
 
 
