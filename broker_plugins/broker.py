@@ -286,6 +286,8 @@ class JitpBroker(Broker):
     async def _attach_session(self, incoming: JitpSession) -> JitpSession:
         """W7 takeover and session reuse, for an admitted client only."""
         client_id = incoming.client_id or ""
+        incoming.connected_at = time.monotonic()
+        self.relay.attached(client_id, incoming.connected_at)  # other workers close theirs [MQTT-3.1.4-2]
         existing = self._sessions.get(client_id)
         if existing is None:
             incoming.parent = 0
@@ -311,6 +313,7 @@ class JitpBroker(Broker):
             "remote_address",
             "remote_port",
             "ssl_object",
+            "connected_at",
         ):
             setattr(old_session, name, getattr(incoming, name))
         assert incoming.client is not None
@@ -664,6 +667,32 @@ class JitpBroker(Broker):
         if isinstance(handler.writer, AbortableWriter):
             handler.writer.abort()
         return True
+
+    def taken_over_elsewhere(self, client_id: str, at: float) -> None:
+        """The client connected again on another worker (at ``at``, ``time.monotonic()``): close its
+        older connection here, as a takeover on one worker would, and audit it the same way."""
+        found = self.live_session(client_id)
+        if found is None:
+            return
+        session, handler = found
+        if not isinstance(session, JitpSession) or session.connected_at >= at:
+            return
+        log.warning(
+            "session takeover for %s: it connected again on another worker; closing its connection from %s "
+            "here (possible cloned certificate)",
+            client_id,
+            session.peer_address,
+        )
+        self.spawn(self.close_connection(session, handler), "jitp-takeover")
+        self.spawn(
+            self.service.record_event(
+                "session-takeover",
+                device_id=client_id,
+                reason="duplicate_client_id",
+                details={"previous_peer": session.peer_address, "new_connection": "another worker"},
+            ),
+            "jitp-takeover-audit",
+        )
 
     def update_device(self, record: DeviceRecord) -> bool:
         """Apply a device's new record (quarantine, enable, new configuration) to its live session."""

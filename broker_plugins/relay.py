@@ -20,6 +20,9 @@ What travels:
   stays the reliable path: every node still follows the outbox from its own cursor (each poll), as
   separate nodes do, and skips the events it already published (by ``event_id``), so an event a
   crash kept off the relay is delivered from there, and none is published twice by one node.
+- ``ATTACHED`` (client id, when): a client connected here; a peer closes its older connection of
+  that client id, as a takeover on one worker does (and audits it). A persistent session's state
+  does not move with it: it stays on the worker that had it.
 - ``READY``, ``FATAL``, ``STATUS``: worker to supervisor (started; could not start, with the
   error; its connected clients on request).
 
@@ -50,9 +53,11 @@ from jitp.domain.records import EventType
 
 log = logging.getLogger("jitp.relay")
 
-PUBLISH, RETAIN, EVENTS, READY, FATAL, STATUS = b"P", b"R", b"E", b"Y", b"F", b"S"
+PUBLISH, RETAIN, EVENTS, ATTACHED = b"P", b"R", b"E", b"C"
+READY, FATAL, STATUS = b"Y", b"F", b"S"
 MAX_FRAME = 16 * 1024 * 1024  # bytes; far above limits.max_packet_size
 _HEADER = struct.Struct("!I")  # body length; the body starts with its kind (one byte)
+_WHEN = struct.Struct("!d")
 _NO_OWNER = 0xFFFF  # owner length marking "the broker's own" (owner None)
 STATUS_CLIENTS = 1000  # client ids listed per worker in a status reply
 
@@ -69,6 +74,10 @@ class Relay(Protocol):
     def events_committed(self, events: list[ProvisioningEvent]) -> None:
         """Outbox events were committed here: the other workers publish them too."""
 
+    def attached(self, client_id: str, at: float) -> None:
+        """A client connected here (at ``at``, ``time.monotonic()``): other workers close an older
+        connection of the same client id (the takeover of [MQTT-3.1.4-2])."""
+
 
 class NoRelay:
     """A single process: nothing to relay."""
@@ -80,6 +89,9 @@ class NoRelay:
         pass
 
     def events_committed(self, events: list[ProvisioningEvent]) -> None:
+        pass
+
+    def attached(self, client_id: str, at: float) -> None:
         pass
 
 
@@ -191,6 +203,8 @@ class RelayTarget(Protocol):
 
     def live_clients(self) -> list[tuple[str, Any]]: ...
 
+    def taken_over_elsewhere(self, client_id: str, at: float) -> None: ...
+
 
 class WorkerRelay(asyncio.Protocol):
     """A worker's socket to the supervisor: sends what this worker routes, applies what others did."""
@@ -229,6 +243,9 @@ class WorkerRelay(asyncio.Protocol):
     def events_committed(self, events: list[ProvisioningEvent]) -> None:
         if events:
             self._send(events_frame(events))
+
+    def attached(self, client_id: str, at: float) -> None:
+        self._send(frame(ATTACHED, _WHEN.pack(at) + client_id.encode()))
 
     def ready(self, port: int) -> None:
         self._send(
@@ -270,6 +287,9 @@ class WorkerRelay(asyncio.Protocol):
                     target.replicate_retained(r.topic, r.data, r.qos, r.owner)
                 elif kind == EVENTS:
                     self._on_events(parse_events(body))
+                elif kind == ATTACHED:
+                    (at,) = _WHEN.unpack_from(body, 1)
+                    target.taken_over_elsewhere(body[1 + _WHEN.size :].decode(), at)
                 elif kind == STATUS:
                     clients = sorted(client_id for client_id, _ in target.live_clients())
                     doc = {"node": self.node_id, "pid": os.getpid(), "connected": len(clients)}

@@ -34,6 +34,7 @@ from typing import Any
 
 from broker_plugins.compat import check_amqtt_internals
 from broker_plugins.relay import (
+    ATTACHED,
     EVENTS,
     FATAL,
     PUBLISH,
@@ -198,7 +199,7 @@ class Supervisor:
     # -- the relay hub ------------------------------------------------------------------------
     def received(self, worker: Worker, body: bytes) -> None:
         kind = body[:1]
-        if kind in (PUBLISH, EVENTS, RETAIN):
+        if kind in (PUBLISH, EVENTS, RETAIN, ATTACHED):
             if kind == RETAIN:
                 try:
                     r = parse_retain(body)

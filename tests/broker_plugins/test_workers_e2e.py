@@ -145,6 +145,12 @@ def _spread(
     raise AssertionError(f"{MAX_TRIES} clients all on the same worker")
 
 
+def _one_node(cluster: Cluster, client_id: str, out: list[str]) -> bool:
+    """True when ``client_id`` is connected on exactly one worker (``out``: the nodes it is on)."""
+    out[:] = [node for node, ids in cluster.placement().items() if client_id in ids]
+    return len(out) == 1
+
+
 def _service(cluster: Cluster, pki: Pki, name: str, *topics: str) -> Conn:
     conn = connect(cluster.port, pki, pki.service(name))
     if conn.rc == 0:
@@ -301,3 +307,24 @@ def test_a_worker_that_cannot_start_stops_everything_with_its_error_once(pki: Pk
         asyncio.run(supervisor.run())
     assert sorted(started) == [0, 1]
     assert all(w.proc is not None and w.proc.returncode is not None for w in supervisor.workers)
+
+
+def test_a_client_connecting_again_on_another_worker_takes_over(
+    cluster: Cluster, pki: Pki, clients: Callable[[Conn], Conn]
+) -> None:
+    """[MQTT-3.1.4-2] across workers: the older connection of the client id is closed."""
+    ident = pki.device(f"twice-{uuid.uuid4().hex[:6]}")
+    previous = clients(connect(cluster.port, pki, ident))
+    assert previous.rc == 0
+    where = _node_of(cluster.placement(), ident.name)
+    for _ in range(MAX_TRIES):
+        latest = clients(connect(cluster.port, pki, ident))
+        assert latest.rc == 0, latest.error
+        assert previous.disconnected.wait(10), "the older connection was not closed"
+        now: list[str] = []
+        assert wait_until(lambda now=now: _one_node(cluster, ident.name, now), 10), now
+        if now[0] != where:
+            cluster.wait_log(rf"session takeover for {ident.name}: it connected again on another worker")
+            return
+        previous, where = latest, now[0]
+    raise AssertionError(f"{MAX_TRIES} connections all on the same worker")
