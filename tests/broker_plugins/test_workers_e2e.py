@@ -328,3 +328,32 @@ def test_a_client_connecting_again_on_another_worker_takes_over(
             return
         previous, where = latest, now[0]
     raise AssertionError(f"{MAX_TRIES} connections all on the same worker")
+
+
+def test_one_worker_is_the_single_process(data: Path, pki: Pki, tmp_path: Path) -> None:
+    """`--workers 1`: no supervisor, no relay; the broker process itself listens and stops on SIGTERM."""
+    log = tmp_path / "one.log"
+    layout = pki.layout
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jitp.cli", "serve", "--data-dir", str(data), "--bind", "127.0.0.1:0",
+             "--server-cert", str(layout.server_cert), "--server-key", str(layout.server_key), "--workers", "1"],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+    try:
+        pattern = r"jitp broker listening on 127\.0\.0\.1:(\d+) \(mutual TLS\)"
+        assert wait_until(lambda: proc.poll() is None and re.search(pattern, log.read_text()), 30), (
+            log.read_text()
+        )
+        port = int(re.findall(pattern, log.read_text())[0])
+        conn = connect(port, pki, pki.device(f"single-{uuid.uuid4().hex[:6]}"))
+        conn.close()
+        assert conn.rc == 0, conn.error
+        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+            assert f.read().split() == []  # no worker processes
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(30)
+    text = log.read_text()
+    assert code == 0, text
+    assert "[supervisor]" not in text and "[w0]" not in text and "workers" not in text, text
