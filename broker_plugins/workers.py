@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import json
 import logging
 import os
@@ -63,6 +64,7 @@ STABLE_AFTER = 30.0  # s a worker must have been up for its next death to count 
 START_FAILURES = 5  # consecutive deaths before ready: the supervisor gives up
 MAX_BACKLOG = 64 * 1024 * 1024  # bytes waiting for one worker before frames to it are dropped
 PR_SET_PDEATHSIG = 1
+PORT_WAIT = 3.0  # s to wait for a port in use to be released
 
 
 def worker_node_id(config: Config, index: int) -> str:
@@ -98,6 +100,8 @@ def reserve_port(bind: str) -> socket.socket:
     except OSError as exc:
         raise errors.ConfigError(f"cannot listen on {host}:{port}: {exc}", key="listener.bind") from None
     try:
+        if port:
+            _port_free(family, kind, proto, address)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
@@ -107,6 +111,23 @@ def reserve_port(bind: str) -> socket.socket:
             f"cannot listen on {host}:{port}: {exc.strerror}", key="listener.bind"
         ) from None
     return sock
+
+
+def _port_free(family: int, kind: int, proto: int, address: Any) -> None:
+    """Refuse a port another process listens on, even with SO_REUSEPORT (a second `jitp serve`
+    started by mistake would otherwise silently get half of the connects). The workers of a
+    supervisor that was just killed die a moment after it (``PR_SET_PDEATHSIG``): wait for them."""
+    deadline = time.monotonic() + PORT_WAIT
+    while True:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(address)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _die_with_parent(parent: int) -> Callable[[], None]:

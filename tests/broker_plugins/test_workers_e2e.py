@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import uuid
@@ -275,6 +276,18 @@ def test_bad_config_fails_once_and_clearly(data: Path, pki: Pki, tmp_path: Path)
     assert proc.returncode == 2, output
     assert output.count("jitp: error:") == 1 and "missing.pem" in output, output
     assert "worker w0 started" not in output  # nothing was started
+
+    # A port another broker (here: a second `jitp serve --workers 2`) listens on is refused, once.
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        argv = [a if a != "127.0.0.1:0" else f"127.0.0.1:{taken}" for a in argv]
+        argv[argv.index("--server-cert") + 1] = str(layout.server_cert)
+        proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.count("jitp: error:") == 1 and f"cannot listen on 127.0.0.1:{taken}" in proc.stderr
 
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("workers: 0\n")
