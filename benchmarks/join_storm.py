@@ -7,8 +7,9 @@ Targets, each its own process (CPU and RSS read from /proc):
 
 (a) stock amqtt 0.12.1, mTLS with a minimal client-certificate check, no provisioning
 (b) Mosquitto (require_certificate, use_identity_as_username), if installed
-(c) jitp (``jitp serve``) doing full first-join provisioning: registry write, audit entry and a
-    provisioned event delivered to a service subscriber
+(c) jitp (``jitp serve --workers 1``) doing full first-join provisioning: registry write, audit
+    entry and a provisioned event delivered to a service subscriber; ``jitp:workers=N`` the same
+    with N worker processes on the port (CPU and RSS summed over the supervisor and its workers)
 
 Per target: a storm of N first joins with at most C handshakes in flight, then a hold phase (N
 connections held) for broker memory per connection. Run on demand; never part of the tests.
@@ -77,6 +78,11 @@ def wait_listening(broker: Broker, deadline_s: float = 30.0) -> None:
     while time.monotonic() < deadline:
         if broker.proc.poll() is not None:
             raise RuntimeError(f"{broker.name} exited with {broker.proc.returncode}; see {broker.log}")
+        if ":workers=" in broker.name:  # every worker listening, not just the first
+            if "jitp broker listening on" in broker.log.read_text(errors="replace"):
+                return
+            time.sleep(0.1)
+            continue
         try:
             with socket.create_connection(("127.0.0.1", broker.port), timeout=0.5):
                 return
@@ -133,12 +139,14 @@ def start_mosquitto(layout: certs.PkiLayout, work: Path, *, fresh: bool = True) 
     return _spawn("mosquitto", [MOSQUITTO, "-c", str(conf)], work, port)
 
 
-def start_jitp(layout: certs.PkiLayout, work: Path, *, fresh: bool = True, revision: str | None = None) -> Broker:
+def start_jitp(layout: certs.PkiLayout, work: Path, *, fresh: bool = True, revision: str | None = None,
+               workers: int = 1) -> Broker:
     """``fresh``: a new data dir with the CAs registered; else reuse the last one (devices provisioned).
 
     ``revision``: run jitp as of that git revision (a worktree under ``work``), as a baseline.
+    ``workers``: `jitp serve --workers N` (target ``jitp:workers=N``); CPU and RSS are the whole tree's.
     """
-    name = f"jitp@{revision}" if revision else "jitp"
+    name = f"jitp@{revision}" if revision else "jitp" if workers == 1 else f"jitp:workers={workers}"
     source = checkout(revision, work) if revision else ROOT
     data = work / f"{name.replace('@', '-')}-data"
     jitp = [sys.executable, "-m", "jitp.cli"]
@@ -154,9 +162,13 @@ def start_jitp(layout: certs.PkiLayout, work: Path, *, fresh: bool = True, revis
             subprocess.run([*jitp, "ca", "register", str(cert), "--role", role, "--data-dir", str(data)],
                            check=True, capture_output=True, cwd=source, env=env)
     port = free_port()
+    # Since --workers exists its default is one per core: say how many.
+    many = ["--workers", str(workers)] if (source / "broker_plugins" / "workers.py").exists() else []
+    # With workers, the supervisor says (at info) when all of them listen.
+    level = "info" if workers > 1 else "warning"
     return _spawn(name, [*jitp, "serve", "--data-dir", str(data), "--bind", f"127.0.0.1:{port}",
                          "--server-cert", str(layout.server_cert), "--server-key", str(layout.server_key),
-                         "--log-level", "warning"], work, port, data_dir=data, cwd=source, env=env,
+                         "--log-level", level, *many], work, port, data_dir=data, cwd=source, env=env,
                   service=ServiceCreds(layout.service_client_cert, layout.service_client_key))
 
 
@@ -276,8 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hold", type=int, default=1000, help="connections held for the memory phase (0: skip)")
     parser.add_argument("--hold-seconds", type=float, default=3.0)
     parser.add_argument("--targets", default="amqtt,mosquitto,jitp",
-                        help="comma-separated: amqtt, mosquitto, jitp, jitp@REV (jitp as of git revision REV), "
-                             "floor (stdlib asyncio TLS + CONNACK only), floor-bio (MemoryBIO TLS + CONNACK only)")
+                        help="comma-separated: amqtt, mosquitto, jitp, jitp:workers=N (jitp serve --workers N), "
+                        "jitp@REV (jitp as of git revision REV), floor (stdlib asyncio TLS + CONNACK only), "
+                        "floor-bio (MemoryBIO TLS + CONNACK only)")
     parser.add_argument("--repeat", type=int, default=1, help="run the targets this many times, interleaved; "
                         "ratios then use each target's median")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "jitp-bench",
@@ -299,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.targets.split(","):
         if name.strip().startswith("jitp@"):
             starters[name.strip()] = functools.partial(start_jitp, revision=name.strip().removeprefix("jitp@"))
+        if name.strip().startswith("jitp:workers="):
+            starters[name.strip()] = functools.partial(start_jitp, workers=int(name.strip().split("=", 1)[1]))
     rows: list[Row] = []
     names = [t.strip() for t in args.targets.split(",") if t.strip()]
     for name in names * args.repeat:

@@ -27,6 +27,7 @@ from broker_plugins import enforcement
 from broker_plugins.compat import check_amqtt_internals, peer_chain_der, use_lean_sessions
 from broker_plugins.framing import connect_protocol
 from broker_plugins.handler import JitpProtocolHandler
+from broker_plugins.relay import NO_RELAY, Relay
 from broker_plugins.session import ClientState, JitpSession
 from broker_plugins.transport import TlsConnection
 from jitp import errors
@@ -96,6 +97,9 @@ class JitpBroker(Broker):
         )
         self._retained_messages = self.retained.messages  # type: ignore[assignment]
         self.draining = False
+        # Other worker processes of `jitp serve --workers N` (a no-op with one process): what a client
+        # publishes or retains here is also routed or retained there.
+        self.relay: Relay = NO_RELAY
         self._progress = asyncio.Event()  # set when a queue shrinks or a client leaves
         self._reported: dict[tuple[str, str], float] = {}  # (client id, reason) -> when last audited
 
@@ -275,6 +279,8 @@ class JitpBroker(Broker):
     async def _attach_session(self, incoming: JitpSession) -> JitpSession:
         """W7 takeover and session reuse, for an admitted client only."""
         client_id = incoming.client_id or ""
+        incoming.connected_at = time.monotonic()
+        self.relay.attached(client_id, incoming.connected_at)  # other workers close theirs [MQTT-3.1.4-2]
         existing = self._sessions.get(client_id)
         if existing is None:
             incoming.parent = 0
@@ -300,6 +306,7 @@ class JitpBroker(Broker):
             "remote_address",
             "remote_port",
             "ssl_object",
+            "connected_at",
         ):
             setattr(old_session, name, getattr(incoming, name))
         assert incoming.client is not None
@@ -399,6 +406,7 @@ class JitpBroker(Broker):
                 self._report(session, errors.WillNotAllowed, f"will on {topic!r} refused at publication")
             return True
         self.route(topic, data, qos)
+        self.relay.publish(topic, data, qos)  # before the PUBACK, like the local routing
         if retain:
             self._retain(session, topic, data, qos)
         return True
@@ -439,6 +447,7 @@ class JitpBroker(Broker):
     def _retain(self, session: JitpSession, topic: str, data: bytes, qos: int) -> None:
         verdict = self.retained.put(topic, data, qos, owner=session.client_id)
         if verdict in (RetainVerdict.STORED, RetainVerdict.CLEARED):
+            self.relay.retain(topic, data, qos, session.client_id)
             return
         count, nbytes = self.retained.owner_usage(session.client_id or "")
         self._report(
@@ -526,6 +535,12 @@ class JitpBroker(Broker):
     def retain_own(self, topic: str, data: bytes, qos: int) -> None:
         """Retain a message of the broker's own (a device's configuration): never refused."""
         self.retained.put(topic, data, qos, owner=None)
+        self.relay.retain(topic, data, qos, None)
+
+    def replicate_retained(self, topic: str, data: bytes, qos: int, owner: str | None) -> None:
+        """A retained message stored (or cleared) on another worker: the same here, without quota
+        checks (the origin applied them) and without relaying it again."""
+        self.retained.replicate(topic, data, qos, owner=owner)
 
     async def _publish_session_retained_messages(self, session: Session) -> None:
         """W13: queued messages live in the session's delivery queue and go out as they were
@@ -635,6 +650,32 @@ class JitpBroker(Broker):
         _abort(handler)
         return True
 
+    def taken_over_elsewhere(self, client_id: str, at: float) -> None:
+        """The client connected again on another worker (at ``at``, ``time.monotonic()``): close its
+        older connection here, as a takeover on one worker would, and audit it the same way."""
+        found = self.live_session(client_id)
+        if found is None:
+            return
+        session, handler = found
+        if not isinstance(session, JitpSession) or session.connected_at >= at:
+            return
+        log.warning(
+            "session takeover for %s: it connected again on another worker; closing its connection from %s "
+            "here (possible cloned certificate)",
+            client_id,
+            session.peer_address,
+        )
+        self.spawn(self.close_connection(session, handler), "jitp-takeover")
+        self.spawn(
+            self.service.record_event(
+                "session-takeover",
+                device_id=client_id,
+                reason="duplicate_client_id",
+                details={"previous_peer": session.peer_address, "new_connection": "another worker"},
+            ),
+            "jitp-takeover-audit",
+        )
+
     def update_device(self, record: DeviceRecord) -> bool:
         """Apply a device's new record (quarantine, enable, new configuration) to its live session."""
         found = self.live_session(record.device_id)
@@ -650,6 +691,7 @@ class JitpBroker(Broker):
             doomed.update(t for t in self.retained.messages if t.startswith(prefix))
         for topic in doomed:
             self.retained.remove(topic)
+            self.relay.retain(topic, b"", 0, None)
         return len(doomed)
 
     def live_clients(self) -> list[tuple[str, ClientState]]:

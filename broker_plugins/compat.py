@@ -111,11 +111,6 @@ def check_amqtt_internals() -> None:
             "Re-check every workaround listed in broker_plugins/compat.py before changing the pin."
         )
     needed: list[tuple[object, str]] = [
-        (Broker, "_client_message_loop"),  # calls the overrides below
-        (Broker, "_handle_disconnect"),
-        (Broker, "_handle_subscription"),
-        (Broker, "_handle_unsubscription"),
-        (Broker, "_handle_message_delivery"),
         (Broker, "_delete_session"),
         (Broker, "_del_subscription"),
         (Broker, "_del_all_subscriptions"),
@@ -123,13 +118,13 @@ def check_amqtt_internals() -> None:
         (Broker, "retain_message"),
         (Broker, "_publish_retained_messages_for_subscription"),
         (Broker, "_publish_session_retained_messages"),
-        (Broker, "_stop_handler"),
         (Broker, "add_subscription"),
         (BrokerProtocolHandler, "init_from_connect"),
         (BrokerProtocolHandler, "mqtt_connack_authorize"),
         (BrokerProtocolHandler, "mqtt_acknowledge_subscription"),
+        (BrokerProtocolHandler, "mqtt_acknowledge_unsubscription"),
+        (BrokerProtocolHandler, "handle_pingreq"),
         (BrokerProtocolHandler, "handle_read_timeout"),
-        (BrokerProtocolHandler, "_reader_loop"),
         (BrokerProtocolHandler, "_send_packet"),
     ]
     missing = [f"{owner.__name__}.{name}" for owner, name in needed if not hasattr(owner, name)]  # type: ignore[attr-defined]

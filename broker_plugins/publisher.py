@@ -60,10 +60,15 @@ class OutboxPublisher:
         # "mqtt:<node_id>" when several nodes share the registry
         self._node_cursor = f"mqtt:{config.node_id}" if config.node_id else None
         self._relay_from: int | None = None  # that cursor, once read
+        self._from_peers: list[ProvisioningEvent] = []  # committed by other workers of this machine
         self._recent: dict[str, None] = {}  # ids published lately (insertion-ordered), never twice
         self.nats_sink: NatsSink | None = None
 
     async def start(self) -> None:
+        if self._node_cursor is not None:
+            # Where this node's relay starts, fixed now: events other nodes commit from here on are
+            # relayed even if they come before the first poll.
+            await self._relay_cursor(self.service.registry)
         self.service.on_new_events(self._fresh_events)
         self._task = asyncio.create_task(self._run(), name="jitp-outbox-publisher")
         if self.config.nats.enabled:
@@ -80,6 +85,13 @@ class OutboxPublisher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+
+    def relayed(self, events: list[ProvisioningEvent]) -> None:
+        """Events another worker of the same `jitp serve` committed (handed over by the relay right
+        after its commit): published here at once. This node's cursor still reads them from the
+        outbox at its next poll, and skips them then (see :mod:`broker_plugins.relay`)."""
+        self._from_peers.extend(events)
+        self._wake.set()
 
     def _fresh_events(self, events: list[ProvisioningEvent]) -> None:
         self._fresh.extend(events)
@@ -107,13 +119,7 @@ class OutboxPublisher:
         """With several nodes on one registry: deliver the events other nodes committed to this node's
         subscribers too, in outbox order, from this node's own cursor (events it published are skipped)."""
         assert self._node_cursor is not None
-        if self._relay_from is None:
-            cursor = await registry.sink_cursor(self._node_cursor)
-            if cursor == 0:  # a new node starts at the present, not with the whole history
-                cursor = await registry.outbox_head()
-                await registry.set_sink_cursor(self._node_cursor, cursor)
-            self._relay_from = cursor
-        cursor = self._relay_from
+        cursor = await self._relay_cursor(registry)
         while True:
             batch = await registry.events_after(cursor, BATCH)
             if not batch:
@@ -121,6 +127,16 @@ class OutboxPublisher:
             await self._publish([event for _, event in batch])
             cursor = self._relay_from = batch[-1][0]
             await registry.set_sink_cursor(self._node_cursor, cursor)
+
+    async def _relay_cursor(self, registry: Registry) -> int:
+        assert self._node_cursor is not None
+        if self._relay_from is None:
+            cursor = await registry.sink_cursor(self._node_cursor)
+            if cursor == 0:  # a new node starts at the present, not with the whole history
+                cursor = await registry.outbox_head()
+                await registry.set_sink_cursor(self._node_cursor, cursor)
+            self._relay_from = cursor
+        return self._relay_from
 
     async def _run(self) -> None:
         registry, clock = self.service.registry, self.service.clock
@@ -146,6 +162,9 @@ class OutboxPublisher:
                         break
                     await self._publish(pending)
                     await registry.mark_delivered([e.event_id for e in pending], at=clock())
+                while self._from_peers:  # their origin marks them delivered
+                    relayed, self._from_peers = self._from_peers, []
+                    await self._publish(relayed)
                 if polled and self._node_cursor is not None:
                     await self._relay_other_nodes(registry)
             except errors.ProvisioningError as exc:

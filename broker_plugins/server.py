@@ -14,6 +14,7 @@ from broker_plugins.broker import JitpBroker
 from broker_plugins.compat import check_amqtt_internals
 from broker_plugins.listener import Listener
 from broker_plugins.publisher import OutboxPublisher
+from broker_plugins.relay import WorkerRelay
 from broker_plugins.tls import TlsContextHolder
 from jitp import errors
 from jitp.app.service import Clock, ProvisioningService, utc_now
@@ -36,8 +37,17 @@ NAMESPACE_EVENTS = frozenset({_E.QUARANTINED, _E.ENABLED, _E.ALLOWED, _E.CONFIG_
 class JitpServer:
     """One jitp broker node. ``async with JitpServer(config) as server: ...`` or :func:`serve`."""
 
-    def __init__(self, config: Config, *, registry: Registry | None = None, clock: Clock = utc_now) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        registry: Registry | None = None,
+        clock: Clock = utc_now,
+        relay: WorkerRelay | None = None,
+    ) -> None:
+        """``relay``: this node is a worker of `jitp serve --workers N` (see :mod:`broker_plugins.relay`)."""
         self.config = config
+        self.relay = relay
         self._registry = registry
         self._clock = clock
         self.port: int | None = None
@@ -110,6 +120,11 @@ class JitpServer:
             await self._broker.start()
             self._publisher = OutboxPublisher(cfg, self._service, self._broker, on_event=self.enforce)
             await self._publisher.start()
+            if self.relay is not None:
+                relay, publisher = self.relay, self._publisher
+                self._broker.relay = relay
+                self._service.on_new_events(relay.events_committed)
+                await relay.start(self._broker, on_events=publisher.relayed)
             tls = self._tls
             self._listener = Listener(
                 listener,
@@ -131,7 +146,10 @@ class JitpServer:
             await self._registry.close()
             raise
         self._broker.spawn(self._trust_loop(), "jitp-trust-reload")
-        log.info("jitp broker listening on %s:%d (mutual TLS)", host, self.port)
+        # A worker's supervisor says it once for all of them.
+        (log.info if self.relay is None else log.debug)(
+            "jitp broker listening on %s:%d (mutual TLS)", host, self.port
+        )
 
     async def stop(self) -> None:
         """Stop accepting, stop publishing events, deliver what was acknowledged, then close."""
@@ -142,6 +160,8 @@ class JitpServer:
             self._publisher = None
         if self._broker is not None:
             await self._broker.drain()
+        if self.relay is not None:
+            self.relay.close()
         if self._listener is not None:
             await self._listener.abort_all()
             self._listener = None
@@ -237,19 +257,37 @@ class JitpServer:
                 self.service.report_stale_crls()
 
 
-async def serve(config: Config, *, on_ready: Callable[[JitpServer], None] | None = None) -> None:
-    """Run until SIGINT or SIGTERM, then shut down cleanly."""
+async def serve(
+    config: Config,
+    *,
+    on_ready: Callable[[JitpServer], None] | None = None,
+    relay: WorkerRelay | None = None,
+) -> None:
+    """Run until SIGINT or SIGTERM (or, for a worker, until its supervisor is gone), then shut down cleanly."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    async with JitpServer(config) as server:
+    if relay is not None:
+        relay.lost.clear()
+        watch = loop.create_task(_stop_when(relay.lost, stop), name="jitp-supervisor-watch")
+    async with JitpServer(config, relay=relay) as server:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(
                 signal.SIGHUP, lambda: server.broker.spawn(server.reload_templates(), "reload")
             )
         if on_ready is not None:
             on_ready(server)
+        if relay is not None:
+            assert server.port is not None
+            relay.ready(server.port)
         await stop.wait()
+        if relay is not None and watch.done():
+            log.error("the supervisor is gone: shutting down")
         log.info("shutting down")
+
+
+async def _stop_when(event: asyncio.Event, stop: asyncio.Event) -> None:
+    await event.wait()
+    stop.set()

@@ -101,6 +101,7 @@ class JitpSession(Session):
         self.rate: TokenBucket | None = None  # W8: the profile's message rate
         self.closed_by_operator: str | None = None  # W14: a lifecycle decision closed it: no will
         self.closing = False  # a limit is closing it (act once, however many messages overflow)
+        self.connected_at = 0.0  # time.monotonic() of its connection's admission (one clock per machine)
 
     def _init_states(self) -> None:
         self.transitions = LeanSessionState(self)  # type: ignore[assignment]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -268,6 +269,9 @@ class Config:
     # Set on every node when several broker nodes share one registry: each node then also delivers
     # the events other nodes committed to its own MQTT subscribers (a per-node outbox cursor).
     node_id: str | None = None
+    # `jitp serve` runs this many worker processes on one port (SO_REUSEPORT), each a node with its own
+    # id (<node_id or hostname>-w<i>), relaying messages to each other. None: one per core. 1: one process.
+    workers: int | None = None
     log_level: str = "info"
     # None: the embedded SQLite registry at data_dir/registry.db. "postgresql://...": PostgreSQL,
     # shared by several broker nodes (see jitp.registry.postgres).
@@ -299,6 +303,8 @@ class Config:
                     f"role {role[:40]!r} for {fingerprint[:16]}...: must be one of {', '.join(PRINCIPAL_ROLES)}",
                     key="roles",
                 )
+        if self.workers is not None and not 1 <= self.workers <= MAX_WORKERS:
+            raise ConfigError(f"must be between 1 and {MAX_WORKERS}", key="workers")
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ConfigError("must be debug, info, warning or error", key="log_level")
         if self.registry is not None and not self.registry.startswith(POSTGRES_SCHEMES):
@@ -312,6 +318,11 @@ class Config:
     def role_map(self) -> dict[str, str]:
         """``roles`` with fingerprints normalised (lowercase hex, no colons)."""
         return {fp.replace(":", "").lower(): role for fp, role in self.roles.items()}
+
+    @property
+    def effective_workers(self) -> int:
+        """``workers``, or the number of cores when unset."""
+        return self.workers if self.workers is not None else max(1, os.cpu_count() or 1)
 
     @property
     def registry_path(self) -> Path:
@@ -330,6 +341,7 @@ class Config:
         return self.keys.keyring if self.keys.keyring is not None else self.keys_dir / "keyring.db"
 
 
+MAX_WORKERS = 256  # worker processes of one `jitp serve`
 MAX_CONFIG_BYTES = 1024 * 1024  # the config file is read whole; larger is refused
 MAX_CONFIG_DEPTH = 16  # nesting levels (the deepest setting is 3)
 

@@ -38,6 +38,7 @@ that explain it. Only ``broker_plugins`` maps these to MQTT outcomes (CONNACK co
     │       ├── MasterKeyMissing     no key file and no environment variable
     │       ├── MasterKeyInvalid     unreadable, badly formed or too widely readable key material
     │       └── MasterKeyMismatch    the registry's data keys are wrapped under another key
+    ├── WorkersFailed                `jitp serve --workers N`: a worker could not start, or kept dying
     └── OperatorError                a bad admin/CLI request; nothing was changed
         ├── NotFound                 unknown device or CA
         ├── Forbidden                the caller's role does not allow it
@@ -254,6 +255,12 @@ class MasterKeyInvalid(MasterKeyError):
 
 class MasterKeyMismatch(MasterKeyError):
     reason = "master_key_mismatch"
+
+
+class WorkersFailed(ProvisioningError):
+    """A worker process of `jitp serve --workers N` could not start, or kept dying at start."""
+
+    reason = "workers_failed"
 
 
 class OperatorError(ProvisioningError):

@@ -503,15 +503,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
         listener__server_cert=_path(args.server_cert),
         listener__server_key=_path(args.server_key),
         log_level=args.log_level,
+        workers=args.workers,
     )
+    index: int | None = args.worker_index
+    workers = config.effective_workers
+    who = f" [w{index}]" if index is not None else " [supervisor]" if workers > 1 else ""
     logging.basicConfig(
-        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=config.log_level.upper(), format=f"%(asctime)s %(levelname)s{who} %(name)s: %(message)s"
     )
     logging.getLogger("transitions").setLevel(logging.WARNING)
     logging.getLogger("amqtt").setLevel(max(logging.WARNING, logging.getLogger().level))
-    server = importlib.import_module("broker_plugins.server")  # the amqtt adapter; the core never imports it
-    asyncio.run(server.serve(config))
+    # The amqtt adapter; the core never imports it.
+    if index is not None:  # a worker, started by the supervisor below
+        return int(
+            importlib.import_module("broker_plugins.workers").run_worker(
+                config, index=index, relay_fd=args.relay_fd
+            )
+        )
+    if workers > 1:
+        importlib.import_module("broker_plugins.workers").supervise(
+            config, workers=workers, command=lambda i, port, fd: _worker_command(args, config, i, port, fd)
+        )
+        return 0
+    asyncio.run(importlib.import_module("broker_plugins.server").serve(config))
     return 0
+
+
+def _worker_command(args: argparse.Namespace, config: Config, index: int, port: int, fd: int) -> list[str]:
+    """The command line of worker ``index`` of `jitp serve --workers N`: this one, on ``port``."""
+    host = config.listener.bind.rpartition(":")[0]
+    argv = [sys.executable, "-m", "jitp.cli", "serve", "--worker-index", str(index), "--relay-fd", str(fd)]
+    argv += ["--bind", f"{host}:{port}"]
+    for name in ("config", "data_dir", "registry", "server_cert", "server_key", "log_level"):
+        value = getattr(args, name, None)
+        if value:
+            argv += [f"--{name.replace('_', '-')}", str(value)]
+    return argv
 
 
 def _path(value: str | None) -> Path | None:
@@ -787,6 +814,13 @@ def build_parser(operations: Mapping[str, Operation[Any, Any]] | None = None) ->
     p.add_argument("--server-cert")
     p.add_argument("--server-key")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes on the one port (default: workers in the config, else one per core; 1: one process)",
+    )
+    p.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by the supervisor
+    p.add_argument("--relay-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(handler=cmd_serve)
 
     for v in list(verbs.values()):  # operations without a place above: in their group, or a new one

@@ -202,6 +202,16 @@ class RetainedStore:
             self._owned.setdefault(owner, {})[topic] = len(data)
         return RetainVerdict.STORED
 
+    def replicate(self, topic: str, data: bytes, qos: int, *, owner: str | None) -> None:
+        """Store (or clear) a retained message another broker process already admitted under its
+        quotas: never refused here, so the copies stay the same."""
+        self.remove(topic)
+        if data:
+            self.messages[topic] = RetainedMessage(topic, bytes(data), qos, owner)
+            self.total_bytes += len(data)
+            if owner is not None:
+                self._owned.setdefault(owner, {})[topic] = len(data)
+
     def remove(self, topic: str) -> bool:
         old = self.messages.pop(topic, None)
         if old is None:

@@ -131,9 +131,11 @@ class SQLiteStorage:
         db = await aiosqlite.connect(self.path, isolation_level=None)
         try:
             for pragma in (
+                # First: the processes of `jitp serve --workers N` (and the CLI) open the file at the
+                # same moment, and switching a new file to WAL takes a lock they must wait for.
+                "busy_timeout=10000",
                 "journal_mode=WAL",
                 f"synchronous={self._synchronous}",
-                "busy_timeout=10000",
                 "secure_delete=ON",  # erased data is overwritten, not just unlinked
             ):
                 await db.execute(f"PRAGMA {pragma}")

@@ -1,0 +1,74 @@
+"""The relay's frames (worker <-> supervisor) and how a broker applies them."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from broker_plugins.relay import (
+    EVENTS,
+    MAX_FRAME,
+    FrameReader,
+    Published,
+    Retained,
+    events_frame,
+    parse_events,
+    parse_publish,
+    parse_retain,
+    publish_frame,
+    retain_frame,
+)
+from jitp.domain.events import ProvisioningEvent
+from jitp.domain.records import EventType
+from jitp.domain.routing import RetainedLimits, RetainedStore
+
+EVENT = ProvisioningEvent(
+    event_id="0b6c1a52-3f0e-4a47-9d55-0f1f6c1b2a11",
+    type=EventType.PROVISIONED,
+    device_id="d1",
+    occurred_at=datetime(2026, 12, 4, 12, 0, tzinfo=UTC),
+    payload=b'{"device_id":"d1"}',
+)
+
+
+def test_frames_round_trip_whatever_the_chunks() -> None:
+    frames = [
+        publish_frame("devices/d1/telemetry", b"\x00\x01payload", 1),
+        retain_frame("devices/d1/state", b"on", 1, "d1"),
+        retain_frame("$jitp/devices/d1/config", b"{}", 1, None),
+        retain_frame("devices/d1/state", b"", 0, "d1"),
+        events_frame([EVENT]),
+        publish_frame("devices/\u00e9/t", b"", 0),
+    ]
+    stream = b"".join(frames)
+    for size in (1, 3, 7, len(stream)):
+        reader = FrameReader()
+        bodies = [b for at in range(0, len(stream), size) for b in reader.feed(stream[at : at + size])]
+        assert len(bodies) == len(frames)
+    assert parse_publish(bodies[0]) == Published("devices/d1/telemetry", b"\x00\x01payload", 1)
+    assert parse_retain(bodies[1]) == Retained("devices/d1/state", b"on", 1, "d1")
+    assert parse_retain(bodies[2]) == Retained("$jitp/devices/d1/config", b"{}", 1, None)
+    assert parse_retain(bodies[3]) == Retained("devices/d1/state", b"", 0, "d1")
+    assert bodies[4][:1] == EVENTS and parse_events(bodies[4]) == [EVENT]
+    assert parse_publish(bodies[5]) == Published("devices/\u00e9/t", b"", 0)
+
+
+def test_a_frame_of_absurd_size_is_refused() -> None:
+    with pytest.raises(ValueError, match="relay frame"):
+        FrameReader().feed((MAX_FRAME + 1).to_bytes(4, "big") + b"P")
+    with pytest.raises(ValueError, match="relay frame"):
+        FrameReader().feed((0).to_bytes(4, "big"))
+
+
+def test_replicated_retained_messages_skip_the_quotas_and_keep_the_owner() -> None:
+    """What another worker admitted under its quotas is stored as is (the copies stay the same),
+    and counts toward its owner here too, so a later clear or owner cleanup finds it."""
+    store = RetainedStore(RetainedLimits(max_per_owner=1, max_bytes_per_owner=10, max_total_bytes=100))
+    store.replicate("a/1", b"x" * 8, 1, owner="d1")
+    store.replicate("a/2", b"y" * 8, 1, owner="d1")  # over d1's quota: another worker let it in
+    assert sorted(store.owned_by("d1")) == ["a/1", "a/2"] and store.total_bytes == 16
+    store.replicate("a/1", b"", 0, owner="d1")
+    assert store.owned_by("d1") == ["a/2"] and store.total_bytes == 8
+    store.replicate("cfg", b"{}", 1, owner=None)
+    assert "cfg" in store and store.owned_by("d1") == ["a/2"]
