@@ -503,6 +503,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         listener__server_cert=_path(args.server_cert),
         listener__server_key=_path(args.server_key),
         log_level=args.log_level,
+        metrics__bind=args.metrics,
     )
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -787,6 +788,7 @@ def build_parser(operations: Mapping[str, Operation[Any, Any]] | None = None) ->
     p.add_argument("--server-cert")
     p.add_argument("--server-key")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here (metrics.bind)")
     p.set_defaults(handler=cmd_serve)
 
     for v in list(verbs.values()):  # operations without a place above: in their group, or a new one
