@@ -477,6 +477,12 @@ class ProvisioningService:
                 outcome.event.type,
                 outcome.record.device_id,
                 outcome.record.region,
+                extra={
+                    "event": str(outcome.event.type),
+                    "ca": outcome.record.ca_id,
+                    "region": outcome.record.region,
+                    "device": outcome.record.device_id,
+                },
             )
             self._hand_over([outcome.event])
         self.cache.put(outcome.record)
@@ -607,7 +613,14 @@ class ProvisioningService:
             device_id = known.device_id if known is not None else None
         if client_id is not None and device_id is None and not isinstance(exc, errors.DeviceErased):
             details["client_id"] = repr(client_id)[:80]
-        log.warning("refused %s from %s: %s (%s)", device_id or "client", peer, exc.reason, exc.message)
+        log.warning(
+            "refused %s from %s: %s (%s)",
+            device_id or "client",
+            peer,
+            exc.reason,
+            exc.message,
+            extra={"event": "refused", "reason": exc.reason, "device": device_id},
+        )
         return AuditDraft(
             at=at,
             action="refused",

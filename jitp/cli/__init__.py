@@ -505,9 +505,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         metrics__bind=args.metrics,
     )
-    logging.basicConfig(
-        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from jitp.observability import logs
+
+    logs.configure(config.log_level, fmt=config.logging.format, pseudonymous=config.logging.pseudonymous)
     logging.getLogger("transitions").setLevel(logging.WARNING)
     logging.getLogger("amqtt").setLevel(max(logging.WARNING, logging.getLogger().level))
     server = importlib.import_module("broker_plugins.server")  # the amqtt adapter; the core never imports it
