@@ -331,6 +331,71 @@ def _show_reload(reloaded: TemplatesReloaded, ns: argparse.Namespace) -> int:
     return 0
 
 
+def _alert_line(doc: dict[str, Any]) -> str:
+    state = f"acked by {doc['acked_by']}" if doc.get("acked_by") else "open"
+    subject = doc.get("device_id") or doc.get("ca") or "-"
+    return (
+        f"{doc['alert_id']}  {doc['kind']:19} {doc['severity']:8} x{doc['count']:<5} "
+        f"{doc['last_seen'][:19]}  {subject[:24]:24} {state}"
+    )
+
+
+def _show_alert_docs(docs: list[dict[str, Any]], ns: argparse.Namespace) -> int:
+    if ns.json:
+        _print_json(docs)
+        return 0
+    for doc in docs:
+        print(_alert_line(doc))
+    print(f"{len(docs)} alert(s)")
+    return 0
+
+
+def _show_ack(doc: dict[str, Any], ns: argparse.Namespace) -> int:
+    alert = doc["alert"]
+    print(
+        f"{alert['alert_id']}: {'now' if doc['changed'] else 'already'} acknowledged by {alert['acked_by']}"
+    )
+    if doc.get("resumed"):
+        print(f"first joins of CA {alert['ca']} resumed")
+    return 0
+
+
+def _show_status(doc: dict[str, Any], ns: argparse.Namespace) -> int:
+    """One screen: what an operator looks at first."""
+    if ns.json:
+        _print_json(doc)
+        return 0
+    devices, alerts, outbox, expiry = doc["devices"], doc["alerts"], doc["outbox"], doc["expiry"]
+    recent = next(v for k, v in doc.items() if k.startswith("last_"))
+    window = next(k for k in doc if k.startswith("last_")).removeprefix("last_").replace("_", " ")
+
+    def pairs(counts: dict[str, int]) -> str:
+        return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "-"
+
+    print(f"jitp status at {doc['at'][:19]}")
+    print(f"devices    {devices['total']} ({pairs(devices['by_status'])})")
+    print(f"regions    {pairs(devices['by_region'])}")
+    print(
+        f"last {window}: {recent['joins']} joins, {recent['refusals']} refusals ({pairs(recent['refusal_reasons'])})"
+    )
+    print(f"alerts     {alerts['open']} open ({pairs(alerts['by_kind'])})")
+    for a in alerts["newest"]:
+        print(f"  {a['alert_id']}  {a['kind']:19} {a['severity']:8} x{a['count']}  {a['last_seen'][:19]}")
+    lag = outbox["nats_lag_events"]
+    print(
+        f"outbox     {outbox['pending']} pending, oldest {outbox['oldest_seconds']} s; "
+        f"NATS lag {'-' if lag is None else lag}"
+    )
+    ca, crl = expiry["ca"], expiry["crl"]
+    print(f"CA expiry  {ca['not_after'][:10] + '  ' + ca['subject'][:60] if ca else '-'}")
+    print(f"CRL next   {crl['next_update'][:19] + '  CA ' + crl['ca_id'][:16] if crl else '-'}")
+    print(
+        f"devices    nearest certificate expiry {(expiry['device_certificate'] or '-')[:10]}; "
+        f"{expiry['devices_expiring_30d']} expiring within 30 days"
+    )
+    return 0
+
+
 # -- audit --------------------------------------------------------------------------------
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     async def go(registry: Registry) -> int:
@@ -649,6 +714,26 @@ def _verbs(table: Mapping[str, Operation[Any, Any]]) -> dict[str, Verb]:
             show_remote=_show_audit_docs,
         ),
         Verb(
+            table["alerts.list"],
+            help="open anomaly alerts (--all: acknowledged too)",
+            show=lambda alerts, ns: _show_alert_docs([a.to_json() for a in alerts], ns),
+            show_remote=_show_alert_docs,
+            json_flag=True,
+        ),
+        Verb(
+            table["alerts.ack"],
+            help="acknowledge an alert (a CA paused by a spike alert resumes on that node)",
+            show=lambda acked, ns: _show_ack(OPERATIONS["alerts.ack"].encode(acked), ns),
+            show_remote=_show_ack,
+        ),
+        Verb(
+            table["status.show"],
+            help="a one-screen summary: devices, joins, refusals, alerts, backlog, expiry",
+            show=_show_status,
+            show_remote=_show_status,
+            json_flag=True,
+        ),
+        Verb(
             table["keys.status"],
             help="which master keys wrap the registry's data keys",
             show=_show_keys_status,
@@ -659,6 +744,10 @@ def _verbs(table: Mapping[str, Operation[Any, Any]]) -> dict[str, Verb]:
 
 
 # -- parser -------------------------------------------------------------------------------
+# Operations spelled as one word rather than `jitp <group> <verb>`.
+TOP_LEVEL = {"status.show": "status"}
+
+
 def build_parser(operations: Mapping[str, Operation[Any, Any]] | None = None) -> argparse.ArgumentParser:
     """The command line. Every operation (of :data:`OPERATIONS`) is a command: ``jitp <group> <verb>``."""
     verbs = _verbs(OPERATIONS if operations is None else operations)
@@ -781,6 +870,18 @@ def build_parser(operations: Mapping[str, Operation[Any, Any]] | None = None) ->
         help="only add the new key to the key file (several nodes: copy it first)",
     )
     p.set_defaults(handler=cmd_keys_rotate)
+
+    group("alerts", "anomaly alerts (raised by the broker's real-time detectors)")
+    verb("alerts.list")
+    verb("alerts.ack")
+
+    for name, command in TOP_LEVEL.items():  # `jitp status`: one command, not a group
+        v = verbs.pop(name, None)
+        if v is not None:
+            p = sub.add_parser(command, help=v.help or v.op.summary)
+            v.add_arguments(p)
+            data_opts(p)
+            p.set_defaults(handler=_local, verb=v)
 
     p = sub.add_parser("serve", help="run the broker until SIGINT/SIGTERM")
     data_opts(p)
