@@ -11,6 +11,7 @@ import asyncio
 import json
 import socket
 import ssl
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -172,3 +173,40 @@ def test_refusal_burst_alert_from_unknown_ca_connects(
     node.call(node.server.observability.alerts.flush(node.server.service.clock(), force=True))  # type: ignore[union-attr]
     counts = sorted(int(e.draft.details["count"]) for e in node.audit() if e.draft.action == "alert")
     assert counts == [1, 1, 16, 16]
+
+
+def test_expiry_alerts_and_the_status_document(
+    tmp_path: Path, pki: Pki, clients: Callable[[Conn], Conn]
+) -> None:
+    """A CA expiring within alerts.expiry_ca_days raises ca_expiry at the next refresh, once a day."""
+    config = test_config(
+        tmp_path,
+        pki,
+        metrics=MetricsConfig(bind="127.0.0.1:0", refresh_interval=3600),
+        alerts=AlertsConfig(expiry_ca_days=100_000, expiry_device_days=100_000),
+    )
+    b = BrokerThread(config).start()
+    try:
+        ca = b.register_ca(pki.manufacturer.cert)
+        b.register_ca(pki.service_ca.cert, role=Role.SERVICE)
+        device = clients(connect(b.port, pki, pki.device("expiring-1")))
+        assert device.rc == 0
+        b.call(b.server.observability.refresh())
+        b.call(b.server.observability.refresh())  # the same day: coalesced, not raised again
+        b.call(b.server.observability.alerts.drain())  # type: ignore[union-attr]
+        kinds = sorted(
+            (e.draft.reason, e.draft.details["ca"]) for e in b.audit() if e.draft.action == "alert"
+        )
+        assert kinds == [("ca_expiry", ca), ("cert_expiry", ca)]
+        s = scrape(b)
+        assert total(s, "jitp_alerts_total", kind="ca_expiry") == 1
+        assert total(s, "jitp_devices_cert_expiring", within="30d") == 0  # a fresh certificate
+        with urllib.request.urlopen(f"http://127.0.0.1:{b.server.metrics_port}/status.json", timeout=5) as r:
+            doc = json.loads(r.read())
+        assert doc["devices"]["by_status"] == {"active": 1} and doc["alerts"]["open"] == 2
+        assert doc["expiry"]["ca"]["ca_id"] == ca
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(f"http://127.0.0.1:{b.server.metrics_port}/nothing", timeout=5)
+        assert missing.value.code == 404
+    finally:
+        b.stop()
