@@ -227,6 +227,7 @@ class MetricsConfig:
 
     bind: str | None = None  # HOST:PORT, e.g. 127.0.0.1:9883; none: no metrics listener
     refresh_interval: float = 10.0  # s between refreshes of the gauges read from the registry
+    console: bool = False  # serve the web console (/console/, token login) on this listener too
 
     def __post_init__(self) -> None:
         _positive(self, "refresh_interval")

@@ -13,11 +13,25 @@ from typing import Any
 from cryptography import x509
 
 from jitp.domain.alerts import ACK_ACTION, ALERT_ACTION, alerts_from_audit
+from jitp.domain.audit import verify_chain
 from jitp.registry import Registry
 from jitp.trust import Role
 
 NATS_SINK = "nats"
 JOIN_ACTIONS = frozenset({"provisioned", "reprovisioned"})
+
+
+async def audit_check(registry: Registry) -> tuple[list[str], int, str]:
+    """``jitp audit verify``'s check: (problems, entries, head hash). No problems: the trail is intact."""
+    entries = await registry.audit_entries()
+    problems = verify_chain(entries)
+    head = await registry.audit_head()
+    if head is not None and (not entries or (entries[-1].seq, entries[-1].hash) != head):
+        last = entries[-1].seq if entries else 0
+        problems.append(
+            f"the newest entries were removed: the registry last appended entry {head[0]}, the log ends at {last}"
+        )
+    return problems, len(entries), entries[-1].hash if entries else "-"
 
 
 async def fleet_status(registry: Registry, *, now: datetime, minutes: int = 5) -> dict[str, Any]:

@@ -50,7 +50,6 @@ from jitp.cli.certfiles import load_leaf as _load_leaf
 from jitp.cli.certfiles import read_capped as _read_capped
 from jitp.config import DEFAULT_CONFIG, Config, load_config, replace
 from jitp.crypto.keys import MasterKeyProvider
-from jitp.domain.audit import verify_chain
 from jitp.domain.records import Command, DeviceRecord
 from jitp.domain.templates import TemplateSet
 from jitp.registry import Erasure, KeyringStatus, Registry, StatusChange
@@ -398,22 +397,16 @@ def _show_status(doc: dict[str, Any], ns: argparse.Namespace) -> int:
 
 # -- audit --------------------------------------------------------------------------------
 def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from jitp.app.status import audit_check
+
     async def go(registry: Registry) -> int:
-        entries = await registry.audit_entries()
-        problems = verify_chain(entries)
-        head = await registry.audit_head()
-        if head is not None and (not entries or (entries[-1].seq, entries[-1].hash) != head):
-            last = entries[-1].seq if entries else 0
-            problems.append(
-                f"the newest entries were removed: the registry last appended entry {head[0]}, the log ends at {last}"
-            )
+        problems, count, head_hash = await audit_check(registry)
         if problems:
             for p in problems:
                 print(p)
-            print(f"audit trail TAMPERED: {len(problems)} problem(s) in {len(entries)} entries")
+            print(f"audit trail TAMPERED: {len(problems)} problem(s) in {count} entries")
             return 1
-        head_hash = entries[-1].hash if entries else "-"
-        print(f"audit trail intact: {len(entries)} entries, head {head_hash}")
+        print(f"audit trail intact: {count} entries, head {head_hash}")
         return 0
 
     return _run(args, go)
@@ -569,6 +562,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         listener__server_key=_path(args.server_key),
         log_level=args.log_level,
         metrics__bind=args.metrics,
+        metrics__console=True if args.console else None,
     )
     from jitp.observability import logs
 
@@ -582,6 +576,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _path(value: str | None) -> Path | None:
     return Path(value) if value else None
+
+
+# -- console ------------------------------------------------------------------------------
+def cmd_console_token(args: argparse.Namespace) -> int:
+    """A console login token (auditor, operator or admin), signed with the console key."""
+    from datetime import timedelta
+    from types import MappingProxyType
+
+    from jitp.console import auth
+    from jitp.domain.audit import AuditDraft
+
+    config = _config(args)
+    role = Role(args.role)
+    expires = _now() + timedelta(hours=args.hours)
+    token = auth.make_token(
+        auth.ensure_key(config.keys_dir / auth.KEY_FILE), name=args.name, role=role, expires=expires
+    )
+
+    async def go(registry: Registry) -> int:
+        details = {"name": args.name, "role": str(role), "expires": expires.isoformat()}
+        await registry.append_audit(
+            [AuditDraft(at=_now(), action="console-token", actor=_actor(), details=MappingProxyType(details))]
+        )
+        return 0
+
+    _run(args, go, config=config)
+    print(token)
+    print(
+        f"a console token for {role}:{args.name}, valid until {expires.isoformat()[:19]} UTC", file=sys.stderr
+    )
+    return 0
 
 
 # -- keys ---------------------------------------------------------------------------------
@@ -883,6 +908,14 @@ def build_parser(operations: Mapping[str, Operation[Any, Any]] | None = None) ->
             data_opts(p)
             p.set_defaults(handler=_local, verb=v)
 
+    con = group("console", "the web console (metrics.console on the metrics listener)")
+    p = con.add_parser("token", help="a login token for the web console (printed once; audited)")
+    p.add_argument("--name", required=True, help="who (in the audit trail as <role>:<name>)")
+    p.add_argument("--role", choices=("auditor", "operator", "admin"), default="auditor")
+    p.add_argument("--hours", type=float, default=8.0, help="valid for (default 8)")
+    data_opts(p)
+    p.set_defaults(handler=cmd_console_token)
+
     p = sub.add_parser("serve", help="run the broker until SIGINT/SIGTERM")
     data_opts(p)
     p.add_argument("--bind", help="HOST:PORT (default 127.0.0.1:8883)")
@@ -890,6 +923,9 @@ def build_parser(operations: Mapping[str, Operation[Any, Any]] | None = None) ->
     p.add_argument("--server-key")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here (metrics.bind)")
+    p.add_argument(
+        "--console", action="store_true", help="also serve the web console there (metrics.console)"
+    )
     p.set_defaults(handler=cmd_serve)
 
     for v in list(verbs.values()):  # operations without a place above: in their group, or a new one

@@ -1,8 +1,8 @@
-"""A minimal HTTP/1.1 server on the node's event loop, for ``/metrics`` (and ``/status.json``).
+"""A minimal HTTP/1.1 server on the node's event loop: ``/metrics``, ``/status.json`` and the console.
 
-Its own listener (``metrics.bind``), never the MQTT port. GET only, one request per connection,
-request head bounded (8 KiB, 10 s): enough for a Prometheus scrape and nothing to attack.
-Handlers run on the broker's loop, so they read live state without locks.
+Its own listener (``metrics.bind``), never the MQTT port. GET, HEAD and (small) POST; one request
+per connection; the request head is bounded (8 KiB, 10 s) and a body to 16 KiB. Handlers run on
+the broker's loop, so they read live state without locks.
 """
 
 from __future__ import annotations
@@ -11,12 +11,34 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from urllib.parse import parse_qsl, urlsplit
 
 log = logging.getLogger("jitp.metrics")
 
 MAX_HEAD = 8192
+MAX_BODY = 16 * 1024
 HEAD_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    query: Mapping[str, str]
+    headers: Mapping[str, str]  # names in lower case
+    body: bytes = b""
+
+    def form(self) -> dict[str, str]:
+        return dict(parse_qsl(self.body.decode("utf-8", "replace"), keep_blank_values=True))
+
+    def cookie(self, name: str) -> str | None:
+        for part in self.headers.get("cookie", "").split(";"):
+            key, _, value = part.strip().partition("=")
+            if key == name:
+                return value
+        return None
 
 
 @dataclass(frozen=True)
@@ -24,15 +46,29 @@ class Response:
     status: int
     body: bytes
     content_type: str = "text/plain; charset=utf-8"
+    headers: tuple[tuple[str, str], ...] = field(default=())
 
 
-Handler = Callable[[], Awaitable[Response]]
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 500: "Error"}
+Handler = Callable[[Request], Awaitable[Response]]
+_REASONS = {
+    200: "OK",
+    303: "See Other",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    413: "Payload Too Large",
+    500: "Error",
+}
 
 
 class HttpListener:
-    def __init__(self, routes: Mapping[str, Handler]) -> None:
+    """``routes``: exact paths; ``prefixes``: a handler for every path under a prefix."""
+
+    def __init__(self, routes: Mapping[str, Handler], prefixes: Mapping[str, Handler] | None = None) -> None:
         self.routes = dict(routes)
+        self.prefixes = dict(prefixes or {})
         self._server: asyncio.Server | None = None
         self.port: int | None = None
 
@@ -52,16 +88,19 @@ class HttpListener:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             response = await self._respond(reader)
-        except Exception:  # never let a scrape take the broker down; say so in its log
-            log.exception("metrics request failed")
+        except Exception:  # never let a request take the broker down; say so in its log
+            log.exception("HTTP request failed")
             response = Response(500, b"internal error\n")
-        head = (
-            f"HTTP/1.1 {response.status} {_REASONS.get(response.status, 'Error')}\r\n"
-            f"Content-Type: {response.content_type}\r\nContent-Length: {len(response.body)}\r\n"
-            "Connection: close\r\n\r\n"
-        )
+        head = [
+            f"HTTP/1.1 {response.status} {_REASONS.get(response.status, 'Error')}",
+            f"Content-Type: {response.content_type}",
+            f"Content-Length: {len(response.body)}",
+            "Connection: close",
+            "X-Content-Type-Options: nosniff",
+            *(f"{k}: {v}" for k, v in response.headers),
+        ]
         with contextlib.suppress(ConnectionError, TimeoutError):
-            writer.write(head.encode() + response.body)
+            writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + response.body)
             await asyncio.wait_for(writer.drain(), HEAD_TIMEOUT)
         writer.close()
 
@@ -69,17 +108,47 @@ class HttpListener:
         try:
             async with asyncio.timeout(HEAD_TIMEOUT):
                 head = await reader.readuntil(b"\r\n\r\n")
-        except (asyncio.LimitOverrunError, asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+                request = parse_head(head)
+                if request is None:
+                    return Response(400, b"bad request\n")
+                length = int(request.headers.get("content-length", "0") or 0)
+                if length > MAX_BODY:
+                    return Response(413, b"request body too large\n")
+                body = await reader.readexactly(length) if length > 0 else b""
+        except (
+            asyncio.LimitOverrunError,
+            asyncio.IncompleteReadError,
+            TimeoutError,
+            ConnectionError,
+            ValueError,
+        ):
             return Response(400, b"bad request\n")
-        if len(head) > MAX_HEAD:
-            return Response(400, b"request head too large\n")
-        parts = head.split(b"\r\n", 1)[0].decode("latin-1").split()
-        if len(parts) != 3:
-            return Response(400, b"bad request\n")
-        method, target, _ = parts
-        if method not in ("GET", "HEAD"):
-            return Response(405, b"GET only\n")
-        handler = self.routes.get(target.split("?", 1)[0])
+        request = Request(request.method, request.path, request.query, request.headers, body)
+        if request.method not in ("GET", "HEAD", "POST"):
+            return Response(405, b"GET or POST only\n")
+        handler = self.routes.get(request.path)
+        if handler is None:
+            handler = next((h for p, h in self.prefixes.items() if request.path.startswith(p)), None)
         if handler is None:
             return Response(404, b"not found\n")
-        return await handler()
+        return await handler(request)
+
+
+def parse_head(head: bytes) -> Request | None:
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split()
+    if len(parts) != 3:
+        return None
+    method, target, _ = parts
+    url = urlsplit(target)
+    headers = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    return Request(
+        method=method,
+        path=url.path,
+        query=MappingProxyType(dict(parse_qsl(url.query, keep_blank_values=True))),
+        headers=MappingProxyType(headers),
+    )

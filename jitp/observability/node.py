@@ -20,7 +20,7 @@ from jitp.config import Config, host_port
 from jitp.domain.alerts import Alert, AlertKind
 from jitp.domain.records import Command
 from jitp.observability.detectors import BurstRule, CloneRule, ExpiryRule, SpikeRule, check_expiry
-from jitp.observability.http import HttpListener, Response
+from jitp.observability.http import HttpListener, Request, Response
 from jitp.observability.metrics import CONTENT_TYPE, EXPIRING_WITHIN, Metrics
 from jitp.observability.monitor import Action, AlertManager, Monitor, Publish
 from jitp.registry import Registry
@@ -56,6 +56,7 @@ class NodeObservability:
         )
         self.expiry = ExpiryRule(a.expiry_ca_days, a.expiry_crl_hours, a.expiry_device_days)
         self.http: HttpListener | None = None
+        self._service: ProvisioningService | None = None
         self._ca_not_after: dict[str, datetime] = {}
         self._crl_next_update: dict[str, datetime | None] = {}
         self._task: asyncio.Task[None] | None = None
@@ -68,6 +69,7 @@ class NodeObservability:
         service: ProvisioningService,
     ) -> None:
         """Connect to the running node: where alerts are published, the live gauges, the actions."""
+        self._service = service
         self.metrics.watch(connections, lambda: service.gate.waiting)
         if self.alerts is None:
             return
@@ -97,7 +99,19 @@ class NodeObservability:
         port = None
         if self.config.metrics.bind is not None:
             host, wanted = host_port(self.config.metrics.bind)
-            self.http = HttpListener({"/metrics": self._scrape, "/status.json": self._status})
+            prefixes = {}
+            if self.config.metrics.console and self._service is not None:
+                from jitp.console.app import Console
+                from jitp.console.auth import KEY_FILE
+
+                console = Console(
+                    self._service,
+                    templates_dir=self.config.templates_dir,
+                    key_path=self.config.keys_dir / KEY_FILE,
+                    clock=self.clock,
+                )
+                prefixes["/console"] = console.handle
+            self.http = HttpListener({"/metrics": self._scrape, "/status.json": self._status}, prefixes)
             try:
                 port = await self.http.start(host, wanted)
             except OSError as exc:
@@ -166,10 +180,10 @@ class NodeObservability:
             crl_next_update=self._crl_next_update,
         )
 
-    async def _scrape(self) -> Response:
+    async def _scrape(self, _: Request) -> Response:
         return Response(200, self.metrics.exposition(), CONTENT_TYPE)
 
-    async def _status(self) -> Response:
+    async def _status(self, _: Request) -> Response:
         from jitp.app.status import fleet_status  # the same summary as `jitp status`
 
         doc = await fleet_status(self.registry, now=self.clock())

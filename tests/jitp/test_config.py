@@ -487,6 +487,7 @@ VALID: dict[str, dict[str, st.SearchStrategy[Any]]] = {
     "metrics": {
         "bind": st.sampled_from([None, "127.0.0.1:9883", "[::1]:0", "0.0.0.0:9100"]),
         "refresh_interval": st.floats(min_value=0.1, max_value=3600.0),
+        "console": st.booleans(),
     },
     "logging": {"format": st.sampled_from(["text", "json"]), "pseudonymous": st.booleans()},
     "alerts": {
