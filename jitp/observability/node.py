@@ -134,12 +134,13 @@ class NodeObservability:
             await self.alerts.flush(self.clock(), force=True)
 
     async def _loop(self) -> None:
+        """Refresh at once (the gauges exist from the first scrape), then every refresh_interval."""
         while True:
-            await asyncio.sleep(self.config.metrics.refresh_interval)
             try:
                 await self.refresh()
             except errors.ProvisioningError as exc:
                 log.error("metrics refresh failed: %s", exc)
+            await asyncio.sleep(self.config.metrics.refresh_interval)
 
     def trust_changed(self, trust: TrustStore) -> None:
         """New trust snapshot: the expiry of each device CA and of each CRL in force."""
