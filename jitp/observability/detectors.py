@@ -167,7 +167,6 @@ class _Rate:
     start: datetime
     count: int = 0
     baseline: float | None = None  # None: no completed bucket yet
-    raised: bool = False  # a signal in this bucket already
 
 
 class SpikeDetector:
@@ -195,7 +194,7 @@ class SpikeDetector:
                     else (1 - rule.smoothing) * rate.baseline + rule.smoothing * c
                 )
             rate.start += timedelta(seconds=buckets * rule.bucket)
-            rate.count, rate.raised = 0, False
+            rate.count = 0
         rate.count += 1
         threshold = max(float(rule.min_joins), rule.factor * (rate.baseline or 0.0))
         if rate.count < threshold:

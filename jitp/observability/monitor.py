@@ -62,7 +62,6 @@ class AlertManager:
         self.publish: Publish | None = None  # set once the broker runs
         self._open: dict[tuple[AlertKind, str], _Open] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self.raised: list[Alert] = []  # this node's alerts, newest last (bounded)
 
     def _window(self, kind: AlertKind) -> float:
         return self.long_window if kind in LONG_WINDOW_KINDS else self.coalesce_window
@@ -92,7 +91,6 @@ class AlertManager:
         self._open[key] = _Open(alert=alert, written_count=0, peer=s.peer, detail=detail)
         if len(self._open) > 10_000:
             self._open.pop(next(iter(self._open)))
-        self.raised = [*self.raised[-999:], alert]
         if self.metrics is not None:
             self.metrics.alerts.labels(kind=str(s.kind)).inc()
         task = asyncio.get_running_loop().create_task(self._opened(key, alert), name="jitp-alert")
