@@ -213,3 +213,59 @@ def test_expiry_alerts_and_the_status_document(
         assert missing.value.code == 404
     finally:
         b.stop()
+
+
+def test_takeover_ping_pong_from_one_host_is_a_cloned_certificate(
+    tmp_path: Path, pki: Pki, clients: Callable[[Conn], Conn]
+) -> None:
+    """Two copies of one certificate behind one address (NAT) keep taking the session from each
+    other: the third takeover within the window raises the alert; one reconnect does not."""
+    config = test_config(
+        tmp_path,
+        pki,
+        metrics=MetricsConfig(bind="127.0.0.1:0", refresh_interval=3600),
+        alerts=AlertsConfig(clone_takeovers=3, clone_window=60, clone_different_host=False),
+    )
+    b = BrokerThread(config).start()
+    try:
+        b.register_ca(pki.manufacturer.cert)
+        device = pki.device("nat-twin")
+        conns = [clients(connect(b.port, pki, device))]
+        conns.append(clients(connect(b.port, pki, device)))  # takeover 1: a reconnect, no alert
+        assert all(c.rc == 0 for c in conns)
+        assert total(scrape(b), "jitp_takeovers_total") == 1
+        assert total(scrape(b), "jitp_alerts_total") == 0
+        for _ in range(2):  # takeovers 2 and 3
+            conns.append(clients(connect(b.port, pki, device)))
+            assert conns[-1].rc == 0
+        assert wait_until(lambda: total(scrape(b), "jitp_alerts_total", kind="cloned_certificate") == 1, 5)
+        assert total(scrape(b), "jitp_takeovers_total") == 3
+        b.call(b.server.observability.alerts.drain())  # type: ignore[union-attr]
+        (entry,) = [e.draft for e in b.audit() if e.draft.action == "alert"]
+        assert entry.device_id == "nat-twin"
+        assert json.loads(entry.details["evidence"])["trigger"] == "takeover_ping_pong"
+    finally:
+        b.stop()
+
+
+def test_two_servers_in_one_process_each_expose_their_own(tmp_path: Path, pki: Pki) -> None:
+    nodes = [
+        BrokerThread(
+            test_config(
+                tmp_path / name, pki, metrics=MetricsConfig(bind="127.0.0.1:0", refresh_interval=3600)
+            )
+        ).start()
+        for name in ("a", "b")
+    ]
+    try:
+        for b in nodes:
+            b.register_ca(pki.manufacturer.cert)
+        conn = connect(nodes[0].port, pki, pki.device("only-on-a"))
+        conn.close()
+        assert conn.rc == 0
+        assert nodes[0].server.metrics_port != nodes[1].server.metrics_port
+        assert total(scrape(nodes[0]), "jitp_joins_total", outcome="provisioned") == 1
+        assert total(scrape(nodes[1]), "jitp_joins_total", outcome="provisioned") == 0
+    finally:
+        for b in nodes:
+            b.stop()

@@ -9,6 +9,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from jitp.domain.alerts import AlertKind, Severity, Signal, ack_draft, alerts_from_audit
@@ -94,3 +96,54 @@ def test_alerts_are_coalesced_and_keep_their_id() -> None:
     alerts = alerts_from_audit(chain(drafts, start_seq=1, prev_hash="0" * 64))
     assert [(a.count, a.open) for a in alerts] == [(5, False), (1, True)]
     assert alerts[0].acked_by == "operator:alice"
+
+
+@given(
+    st.lists(st.floats(min_value=0, max_value=2000, allow_nan=False), min_size=1, max_size=40),
+    st.floats(1, 300),
+)
+def test_alerts_open_once_per_window_and_count_every_signal(offsets: list[float], window: float) -> None:
+    """Against a reference model: a signal opens a new alert iff it comes ``window`` or more after
+    the first signal of the current alert; every signal is counted in exactly one alert."""
+    times = sorted(offsets)
+    expected: list[int] = []
+    start: float | None = None
+    for t in times:
+        if start is None or t - start >= window:
+            start = t
+            expected.append(0)
+        expected[-1] += 1
+
+    async def go() -> list[int]:
+        manager = AlertManager(FakeRegistry(), coalesce_window=window, long_window=window)  # type: ignore[arg-type]
+        alerts = [
+            manager.signal(
+                Signal(AlertKind.REFUSAL_BURST, "net:x", Severity.WARNING, T0 + timedelta(seconds=t))
+            )
+            for t in times
+        ]
+        await manager.drain()
+        final: dict[str, int] = {}
+        for alert in alerts:
+            final[alert.alert_id] = alert.count
+        return list(final.values())
+
+    assert asyncio.run(go()) == expected
+
+
+def test_configure_installs_json_lines_with_redaction(capsys: Any) -> None:
+    import logging
+
+    from jitp.observability import logs
+
+    root = logging.getLogger()
+    saved, level = list(root.handlers), root.level
+    try:
+        logs.configure("info", fmt="json", pseudonymous=True)
+        logging.getLogger("jitp.test").warning(
+            "device %s joined", "dev-9", extra={"device": "dev-9", "event": "x"}
+        )
+        line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+        assert line["event"] == "x" and line["device"].startswith("dref:") and "dev-9" not in line["message"]
+    finally:
+        root.handlers, root.level = saved, level
