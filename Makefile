@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test check lint format bench clean
+.PHONY: install demo test check lint format bench clean console-deps
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -22,8 +22,12 @@ check: $(STAMP)
 	$(BIN)/ruff format --check jitp broker_plugins
 	$(BIN)/mypy
 
-test: check
+test: check console-deps
 	$(BIN)/python -m pytest -q
+
+# The web console's browser tests run headless Debian chromium (through playwright).
+console-deps:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium; }
 
 format: $(STAMP)
 	$(BIN)/ruff format .

@@ -10,6 +10,14 @@ Targets, each its own process (CPU and RSS read from /proc):
 (c) jitp (``jitp serve --workers 1``) doing full first-join provisioning: registry write, audit
     entry and a provisioned event delivered to a service subscriber; ``jitp:workers=N`` the same
     with N worker processes on the port (CPU and RSS summed over the supervisor and its workers)
+(d) ``jitp+metrics``: the same with its metrics listener (``--metrics``) scraped every second during
+    the storm; afterwards ``--inject-refusals`` unknown-CA connects, and /metrics must count exactly
+    the storm's joins as provisioned and the injected connects as refused (issue 17)
+(e) ``floor`` and ``floor-bio`` (benchmarks/tls_floor.py): mutual TLS and CONNACK only, with stdlib
+    asyncio TLS or a MemoryBIO protocol: the floor for a Python broker, measured in the same run
+
+The cost of the observability layer, paired: ``--targets jitp@BASE,jitp,jitp+metrics --repeat 3``
+(BASE: a revision before it), ratios of medians.
 
 Per target: a storm of N first joins with at most C handshakes in flight, then a hold phase (N
 connections held) for broker memory per connection. Run on demand; never part of the tests.
@@ -55,6 +63,7 @@ class Broker:
     log: Path
     data_dir: Path | None = None
     service: ServiceCreds | None = None
+    metrics_port: int | None = None
 
 
 @dataclass
@@ -140,13 +149,14 @@ def start_mosquitto(layout: certs.PkiLayout, work: Path, *, fresh: bool = True) 
 
 
 def start_jitp(layout: certs.PkiLayout, work: Path, *, fresh: bool = True, revision: str | None = None,
-               workers: int = 1) -> Broker:
+               workers: int = 1, metrics: bool = False) -> Broker:
     """``fresh``: a new data dir with the CAs registered; else reuse the last one (devices provisioned).
 
     ``revision``: run jitp as of that git revision (a worktree under ``work``), as a baseline.
     ``workers``: `jitp serve --workers N` (target ``jitp:workers=N``); CPU and RSS are the whole tree's.
     """
-    name = f"jitp@{revision}" if revision else "jitp" if workers == 1 else f"jitp:workers={workers}"
+    name = (f"jitp@{revision}" if revision else f"jitp:workers={workers}" if workers > 1
+            else "jitp+metrics" if metrics else "jitp")
     source = checkout(revision, work) if revision else ROOT
     data = work / f"{name.replace('@', '-')}-data"
     jitp = [sys.executable, "-m", "jitp.cli"]
@@ -166,22 +176,92 @@ def start_jitp(layout: certs.PkiLayout, work: Path, *, fresh: bool = True, revis
     many = ["--workers", str(workers)] if (source / "broker_plugins" / "workers.py").exists() else []
     # With workers, the supervisor says (at info) when all of them listen.
     level = "info" if workers > 1 else "warning"
+    metrics_port = free_port() if metrics else None
+    extra = ["--metrics", f"127.0.0.1:{metrics_port}"] if metrics_port else []
     return _spawn(name, [*jitp, "serve", "--data-dir", str(data), "--bind", f"127.0.0.1:{port}",
                          "--server-cert", str(layout.server_cert), "--server-key", str(layout.server_key),
-                         "--log-level", level, *many], work, port, data_dir=data, cwd=source, env=env,
-                  service=ServiceCreds(layout.service_client_cert, layout.service_client_key))
+                         "--log-level", level, *many, *extra], work, port, data_dir=data, cwd=source, env=env,
+                  service=ServiceCreds(layout.service_client_cert, layout.service_client_key),
+                  metrics_port=metrics_port)
 
 
 def checkout(revision: str, work: Path) -> Path:
-    """A git worktree of ``revision`` (made once, under ``work``): a baseline measured in the same run."""
+    """The tree of ``revision`` (exported once, under ``work``): a baseline measured in the same run.
+    ``git archive``, not a worktree: the repository's metadata (shared by its worktrees) is not touched."""
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", f"{revision}^{{commit}}"],
                             check=True, capture_output=True, text=True).stdout.strip()
     tree = work / f"src-{commit[:12]}"
     if not (tree / "jitp").is_dir():
         shutil.rmtree(tree, ignore_errors=True)
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--force", str(tree), commit],
-                       check=True, capture_output=True)
+        tree.mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", commit],
+                                 check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True, capture_output=True)
     return tree
+
+
+def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def metric(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= ls)
+
+
+async def scraper(port: int, stop: asyncio.Event) -> int:
+    """Scrape once a second (as Prometheus would, faster) until ``stop``; the number of scrapes."""
+    done = 0
+    while not stop.is_set():
+        await asyncio.to_thread(scrape, port)
+        done += 1
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
+    return done
+
+
+def inject_refusals(broker: Broker, layout: certs.PkiLayout, work: Path, count: int) -> None:
+    """``count`` TLS connects with a certificate of an unknown CA (each refused in the handshake)."""
+    import ssl
+
+    rogue = certs.make_ca("bench rogue CA", key=certs.generate_key("ec"))
+    key = certs.generate_key("ec")
+    leaf = certs.make_leaf("bench-rogue", key.public_key(), issuer=rogue)
+    chain, keyfile = work / "rogue.pem", work / "rogue.key"
+    certs.write_certs(chain, [leaf])
+    certs.write_key(keyfile, key)
+    ctx = ssl.create_default_context(cafile=str(layout.root_cert))
+    ctx.load_cert_chain(str(chain), str(keyfile))
+    for _ in range(count):
+        with socket.create_connection(("127.0.0.1", broker.port), timeout=5) as raw:
+            try:
+                with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+                    tls.recv(1)
+            except (ssl.SSLError, OSError):
+                pass
+
+
+def check_counts(broker: Broker, storm: Report, injected: int) -> str:
+    """/metrics against the storm: provisioned == joined, refused unknown_ca == injected."""
+    assert broker.metrics_port is not None
+    deadline = time.monotonic() + 10
+    while True:
+        samples = scrape(broker.metrics_port)
+        refused = metric(samples, "jitp_joins_total", outcome="refused", reason="unknown_ca")
+        if refused >= injected or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    provisioned = metric(samples, "jitp_joins_total", outcome="provisioned")
+    ok = provisioned == storm.joined and refused == injected
+    return (f"/metrics: provisioned {provisioned:.0f} (storm joined {storm.joined}), refused unknown_ca "
+            f"{refused:.0f} (injected {injected}), shed {metric(samples, 'jitp_joins_total', outcome='shed'):.0f}: "
+            f"{'MATCH' if ok else 'MISMATCH'}")
 
 
 def stop(broker: Broker) -> None:
@@ -212,10 +292,16 @@ async def storm_phase(broker: Broker, layout: certs.PkiLayout, fleet: Fleet, *, 
     target = Target("127.0.0.1", broker.port, ca=layout.root_cert, broker_pid=broker.proc.pid)
     registry = broker.data_dir / "registry.db" if broker.data_dir is not None else None
     me = os.getpid()
+    stop_scraping = asyncio.Event()
+    scrapes = (asyncio.create_task(scraper(broker.metrics_port, stop_scraping))
+               if broker.metrics_port is not None else None)
     broker_before, gen_before = try_sample(broker.proc.pid), try_sample(me)
     storm = await run_storm(target, fleet, n=n, concurrency=concurrency, service=broker.service,
                             registry_path=registry, backoff=Backoff(attempts=8), progress=True)
     gen_after = try_sample(me)
+    stop_scraping.set()
+    if scrapes is not None:
+        print(f"{await scrapes} scrapes of /metrics during the storm", file=sys.stderr)
     await asyncio.sleep(1.0)
     broker_after = try_sample(broker.proc.pid)
     broker_ms = gen_ms = None
@@ -293,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
                         "floor-bio (MemoryBIO TLS + CONNACK only)")
     parser.add_argument("--repeat", type=int, default=1, help="run the targets this many times, interleaved; "
                         "ratios then use each target's median")
+    parser.add_argument("--inject-refusals", type=int, default=50,
+                        help="jitp+metrics: unknown-CA connects after the storm, counted in /metrics")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "jitp-bench",
                         help="PKI, fleet (cached) and broker logs")
     args = parser.parse_args(argv)
@@ -308,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     fleet = create_fleet(layout.dir, size, work / f"fleet-{size}", prefix="bench-")
     print(f"fleet of {len(fleet)} devices ready in {time.perf_counter() - t0:.1f} s ({fleet.dir})", file=sys.stderr)
     starters = {"amqtt": start_amqtt, "mosquitto": start_mosquitto, "jitp": start_jitp, "floor": start_floor,
-                "floor-bio": start_floor_bio}
+                "floor-bio": start_floor_bio, "jitp+metrics": functools.partial(start_jitp, metrics=True)}
+    checks: list[str] = []
     for name in args.targets.split(","):
         if name.strip().startswith("jitp@"):
             starters[name.strip()] = functools.partial(start_jitp, revision=name.strip().removeprefix("jitp@"))
@@ -324,6 +413,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n== {name}", file=sys.stderr)
         with running(starters[name](layout, work)) as broker:
             storm, broker_ms, gen_ms = asyncio.run(storm_phase(broker, layout, fleet, n=args.n, concurrency=args.c))
+            if broker.metrics_port is not None:
+                inject_refusals(broker, layout, work, args.inject_refusals)
+                checks.append(f"{name}: {check_counts(broker, storm, args.inject_refusals)}")
+                print(checks[-1], file=sys.stderr)
         print(storm.table(), file=sys.stderr)
         held = None
         if args.hold:
@@ -336,7 +429,10 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(1.0)
     print()
     print(table(rows, n=args.n, concurrency=args.c, hold=args.hold))
-    return 0 if all(r.storm is None or r.storm.ok for r in rows) else 1
+    for line in checks:
+        print(line)
+    ok = all(r.storm is None or r.storm.ok for r in rows) and not any("MISMATCH" in c for c in checks)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ from jitp.domain.routing import (
     RetainVerdict,
     SubscriptionTree,
 )
+from jitp.observability.port import JoinOutcome
 from jitp.trust import Role
 
 log = logging.getLogger("jitp.broker")
@@ -187,6 +188,7 @@ class JitpBroker(Broker):
         except errors.ProvisioningError as exc:
             code = SERVER_UNAVAILABLE if isinstance(exc, errors.Unavailable) else NOT_AUTHORIZED
             await self._refuse(connection, code)  # W3: never entered the session table
+            self._joined(connection, JoinOutcome.SHED if code == SERVER_UNAVAILABLE else JoinOutcome.REFUSED)
             return
         session.admit(ClientState.of(admission, peer))
         session.is_anonymous = False
@@ -196,6 +198,7 @@ class JitpBroker(Broker):
             await self.service.record_refusal(refusal, peer=session.peer_address, client_id=session.client_id)
             if not enforcement.will_allowed_once_released(session):
                 await self._refuse(connection, NOT_AUTHORIZED)
+                self._joined(connection, JoinOutcome.REFUSED)
                 return
             session.will_flag = False  # quarantined: admitted, its will dropped (and audited above)
 
@@ -216,6 +219,8 @@ class JitpBroker(Broker):
         self.connected_clients += 1
         try:
             await handler.mqtt_connack_authorize(True)
+            new = admission.created or admission.reprovisioned
+            self._joined(connection, JoinOutcome.PROVISIONED if new else JoinOutcome.RECONNECTED)
             self._ensure_config(admission)
             for topic_filter, qos in list(session.filters.items()):
                 await self._publish_retained_messages_for_subscription((topic_filter, qos), session)
@@ -233,6 +238,10 @@ class JitpBroker(Broker):
                 if session.clean_session:
                     # W3: a clean session ends with its network connection [MQTT-3.1.2-6].
                     await self._delete_session(session.client_id or "")
+
+    def _joined(self, connection: TlsConnection, outcome: JoinOutcome) -> None:
+        """Accept to CONNACK, for ``jitp_join_seconds``."""
+        self.service.observer.join_seconds(time.monotonic() - connection.accepted_at, outcome)
 
     async def _supported_protocol(self, packet: bytes, connection: TlsConnection) -> bool:
         """MQTT 3.1.1 goes on. Any other level gets the refusal its own version understands, at

@@ -22,6 +22,7 @@ from jitp.config import Config, host_port
 from jitp.domain.events import ProvisioningEvent
 from jitp.domain.records import EventType
 from jitp.domain.templates import TemplateSet
+from jitp.observability.node import NodeObservability
 from jitp.registry import Registry
 from jitp.registry.factory import make_registry
 from jitp.trust import TrustStore
@@ -57,6 +58,8 @@ class JitpServer:
         self._service: ProvisioningService | None = None
         self._tls: TlsContextHolder | None = None
         self._templates_version = 0
+        self._observability: NodeObservability | None = None
+        self.metrics_port: int | None = None
 
     @property
     def broker(self) -> JitpBroker:
@@ -75,6 +78,12 @@ class JitpServer:
         if self._service is None:
             raise RuntimeError("the server is not started")
         return self._service
+
+    @property
+    def observability(self) -> NodeObservability:
+        if self._observability is None:
+            raise RuntimeError("the server is not started")
+        return self._observability
 
     @property
     def tls(self) -> TlsContextHolder:
@@ -97,6 +106,7 @@ class JitpServer:
         if self._registry is None:
             self._registry = make_registry(cfg)  # SQLite, or PostgreSQL with `registry: postgresql://...`
         await self._registry.open()
+        self._observability = observability = NodeObservability(cfg, self._registry, clock=self._clock)
         try:
             self._service = ProvisioningService(
                 self._registry,
@@ -107,8 +117,10 @@ class JitpServer:
                 coalesce_window=cfg.audit.coalesce_window,
                 admission=cfg.admission,
                 roles=cfg.role_map,
+                observer=observability.monitor,
             )
             self._service.on_trust_change(self._tls.update)
+            self._service.on_trust_change(observability.trust_changed)
             self._service.on_trust_change(self._trust_changed)
             await self._service.refresh_trust(force=True)
             self.admin = AdminApi(
@@ -118,6 +130,12 @@ class JitpServer:
             )
             self._broker = JitpBroker(cfg, service=self._service, admin=self.admin.handle)
             await self._broker.start()
+            broker = self._broker
+            observability.attach(
+                publish=lambda topic, data: broker.route(topic, data, 1),
+                connections=lambda: broker.connected_clients,
+                service=self._service,
+            )
             self._publisher = OutboxPublisher(cfg, self._service, self._broker, on_event=self.enforce)
             await self._publisher.start()
             if self.relay is not None:
@@ -142,6 +160,14 @@ class JitpServer:
                 raise errors.ConfigError(
                     f"cannot listen on {host}:{port}: {exc.strerror}", key="listener.bind"
                 ) from None
+            try:
+                self.metrics_port = await observability.start()
+            except errors.ConfigError:
+                await self._listener.close()
+                await self._publisher.stop()
+                await self._broker.shutdown()
+                self._broker = self._publisher = self._listener = None
+                raise
         except BaseException:
             await self._registry.close()
             raise
@@ -171,6 +197,8 @@ class JitpServer:
         if self._service is not None:
             await self._service.drain()
             await self._service.flush_refusals(force=True)
+        if self._observability is not None:
+            await self._observability.stop()
         if self._registry is not None:
             await self._registry.close()
 

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import time
 from typing import TYPE_CHECKING
 
 from amqtt.adapters import ReaderAdapter, WriterAdapter
@@ -58,6 +59,7 @@ class TlsConnection(asyncio.Protocol, ReaderAdapter, WriterAdapter):
         self.write_timeout: float | None = None
         self.is_closed = False
         self.peer: tuple[str, int] | None = None
+        self.accepted_at = 0.0  # time.monotonic() at accept: the join latency runs from here
         self._transport: asyncio.Transport | None = None
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
@@ -76,6 +78,7 @@ class TlsConnection(asyncio.Protocol, ReaderAdapter, WriterAdapter):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
+        self.accepted_at = time.monotonic()
         listener = self._listener
         if not listener.opened(self):
             self._state = _CLOSED

@@ -222,6 +222,84 @@ class AdmissionConfig:
                 raise ConfigError("must be a number >= 0 (0: unlimited)", key=f"admission.{name}")
 
 
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus metrics (jitp.observability) on an HTTP listener of their own; off by default."""
+
+    bind: str | None = None  # HOST:PORT, e.g. 127.0.0.1:9883; none: no metrics listener
+    refresh_interval: float = 10.0  # s between refreshes of the gauges read from the registry
+    console: bool = False  # serve the web console (/console/, token login) on this listener too
+
+    def __post_init__(self) -> None:
+        _positive(self, "refresh_interval")
+        if self.bind is not None:
+            try:
+                host_port(self.bind)
+            except ConfigError:
+                raise ConfigError("must be HOST:PORT", key="metrics.bind") from None
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    format: str = (
+        "text"  # text | json (one JSON object per line: ts, level, event, reason, ca, region, device)
+    )
+    pseudonymous: bool = False  # JSON lines name a device by a keyed reference instead of its id
+
+    def __post_init__(self) -> None:
+        if self.format not in ("text", "json"):
+            raise ConfigError("must be 'text' or 'json'", key="logging.format")
+
+
+@dataclass(frozen=True)
+class AlertsConfig:
+    """The real-time anomaly detectors (jitp.observability.detectors) and what an alert does."""
+
+    enabled: bool = True
+    coalesce_window: float = 300.0  # s; repeats of one alert (kind + subject) count into it
+    expiry_window: float = 86400.0  # s; the same for expiry alerts (re-raised once a day)
+    clone_takeovers: int = 3  # takeovers of one device (same certificate) within clone_window: cloned
+    clone_window: float = 60.0
+    clone_different_host: bool = True  # one takeover with the same certificate from another host: cloned
+    clone_action: str = "none"  # none | quarantine (the device, through the lifecycle, audited)
+    burst_refusals: int = 20  # refused joins within burst_window, per CA and per source network
+    burst_window: float = 60.0
+    burst_v4_prefix: int = 24  # source network size
+    burst_v6_prefix: int = 64
+    spike_bucket: float = 60.0  # s; first joins per CA are counted per bucket ...
+    spike_factor: float = 5.0  # ... and a bucket above factor x the CA's average is a spike
+    spike_min_joins: int = 100  # ... with at least this many first joins
+    spike_action: str = "none"  # none | pause (the CA's first joins get CONNACK 3 until `jitp alerts ack`)
+    expiry_ca_days: float = 30.0  # a CA certificate expiring within this
+    expiry_crl_hours: float = 24.0  # a CRL's nextUpdate within this (or past)
+    expiry_device_days: float = 30.0  # device certificates expiring within this (a count per CA)
+
+    def __post_init__(self) -> None:
+        _positive(
+            self,
+            "coalesce_window",
+            "expiry_window",
+            "clone_takeovers",
+            "clone_window",
+            "burst_refusals",
+            "burst_window",
+            "spike_bucket",
+            "spike_factor",
+            "spike_min_joins",
+        )
+        if self.clone_action not in ("none", "quarantine"):
+            raise ConfigError("must be 'none' or 'quarantine'", key="alerts.clone_action")
+        if self.spike_action not in ("none", "pause"):
+            raise ConfigError("must be 'none' or 'pause'", key="alerts.spike_action")
+        if not 8 <= self.burst_v4_prefix <= 32:
+            raise ConfigError("must be 8..32", key="alerts.burst_v4_prefix")
+        if not 16 <= self.burst_v6_prefix <= 128:
+            raise ConfigError("must be 16..128", key="alerts.burst_v6_prefix")
+        for name in ("expiry_ca_days", "expiry_crl_hours", "expiry_device_days"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError("must be >= 0", key=f"alerts.{name}")
+
+
 _NATS_STREAM = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _NATS_SUBJECT = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 NATS_SCHEMES = ("nats://", "tls://", "ws://", "wss://")
@@ -285,6 +363,9 @@ class Config:
     nats: NatsConfig = field(default_factory=NatsConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     keys: KeysConfig = field(default_factory=KeysConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
     # Explicit roles for single client certificates, by SHA-256 fingerprint (hex, colons allowed):
     # service, auditor, operator or admin. It overrides the role of the CA the certificate chains to.
     roles: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))

@@ -361,6 +361,10 @@ class TrustStore:
             stale_crl=stale_crl,
         )
 
+    def crl_next_updates(self) -> dict[str, datetime | None]:
+        """nextUpdate of the CRL in force, by CA id (None: the CRL names none)."""
+        return dict(self._crl_next_update)
+
     def stale_crls(self, now: datetime) -> list[str]:
         """CA ids whose CRL is past its nextUpdate."""
         return [ca for ca, nu in self._crl_next_update.items() if nu is not None and now > nu]

@@ -268,6 +268,7 @@ def connect(
     keepalive: int = 30,
     timeout: float = 5.0,
     context: ssl.SSLContext | None = None,
+    bind_address: str = "",
 ) -> Conn:
     """Connect a real paho client over mutual TLS; returns the CONNACK code (or the error)."""
     cid = client_id if client_id is not None else (ident.name if ident else "anonymous")
@@ -295,7 +296,7 @@ def connect(
     client.on_disconnect = on_disconnect
     client.on_message = lambda c, u, m: conn.messages.append(m)
     try:
-        client.connect("127.0.0.1", port, keepalive=keepalive)
+        client.connect("127.0.0.1", port, keepalive=keepalive, bind_address=bind_address)
     except (OSError, ssl.SSLError) as exc:
         conn.error = f"{type(exc).__name__}: {exc}"
         return conn

@@ -127,13 +127,12 @@ def test_a_new_operation_is_a_command_of_all_three_transports(
 def test_every_operation_has_its_cli_command(tmp_path: Path) -> None:
     """The real table: each operation parses as `jitp <group> <verb>` into its own verb."""
     parser = cli.build_parser()
-    sample = {"device_id": "d", "ca_id": "c", "cert": "ca.pem"}
+    sample = {"device_id": "d", "ca_id": "c", "cert": "ca.pem", "alert_id": "a"}
     for name, op in OPERATIONS.items():
         verb = cli._verbs(OPERATIONS)[name]
-        positional = [
-            sample[a.dest] for a in parser_for(parser, op.group, op.verb)._actions if not a.option_strings
-        ]
-        ns = parser.parse_args([op.group, op.verb, *positional])
+        command = [cli.TOP_LEVEL[name]] if name in cli.TOP_LEVEL else [op.group, op.verb]
+        positional = [sample[a.dest] for a in parser_for(parser, *command)._actions if not a.option_strings]
+        ns = parser.parse_args([*command, *positional])
         assert ns.verb.op is op and ns.handler is cli._local, name
         assert verb.op is op
 

@@ -36,6 +36,8 @@ from cryptography import x509
 
 from jitp import errors
 from jitp.app.service import ProvisioningService
+from jitp.app.status import fleet_status
+from jitp.domain.alerts import ACK_ACTION, ALERT_ACTION, Alert, AlertKind, alerts_from_audit
 from jitp.domain.audit import AuditDraft, AuditEntry
 from jitp.domain.records import Command, DeviceRecord, status_event_type
 from jitp.domain.templates import TemplateSet
@@ -66,6 +68,7 @@ CA_DISABLED = Audited("ca-disabled", ("ca_id",))
 # Written by the registry (the entry goes with the change, in one transaction):
 TEMPLATE_CHANGED = Audited("template-changed", ("template", "devices"))  # one per changed template
 ERASED = Audited("erased", ("previous_status",))
+ALERT_ACKED = Audited(ACK_ACTION, ("alert_id", "note"))
 
 
 def lifecycle_audit(command: Command) -> Audited:
@@ -165,7 +168,25 @@ class AuditExportArgs:
     pseudonymous: bool = False  # as stored: device references not resolved
 
 
+@dataclass(frozen=True)
+class AlertsListArgs:
+    all: bool = False  # acknowledged alerts too
+
+
+@dataclass(frozen=True)
+class AlertAckArgs:
+    alert_id: str
+    note: str | None = None
+
+
 # -- results that are more than a registry type -------------------------------------------------------
+@dataclass(frozen=True)
+class AlertAcked:
+    alert: Alert
+    changed: bool  # False: it was acknowledged before
+    resumed: bool = False  # a CA's first joins, paused by this (spike) alert, go on again
+
+
 @dataclass(frozen=True)
 class TemplatesReloaded:
     templates: tuple[str, ...]
@@ -363,6 +384,36 @@ async def _audit_export(ctx: Context, args: AuditExportArgs) -> list[AuditEntry]
     return entries if args.pseudonymous else await ctx.registry.resolve_audit(entries)
 
 
+async def _alerts_list(ctx: Context, args: AlertsListArgs) -> list[Alert]:
+    """Alerts from the audit trail (their only store), oldest first; open ones unless ``all``."""
+    wanted = (ALERT_ACTION, ACK_ACTION)
+    entries = [e for e in await ctx.registry.audit_entries() if e.draft.action in wanted]
+    alerts = alerts_from_audit(await ctx.registry.resolve_audit(entries))
+    return alerts if args.all else [a for a in alerts if a.open]
+
+
+async def _alerts_ack(ctx: Context, args: AlertAckArgs) -> AlertAcked:
+    """Acknowledge an alert (idempotent). On the node that paused a CA for this spike alert, its
+    first joins resume."""
+    alert = next(
+        (a for a in await _alerts_list(ctx, AlertsListArgs(all=True)) if a.alert_id == args.alert_id), None
+    )
+    if alert is None:
+        raise errors.NotFound(f"no alert with id {args.alert_id!r}")
+    if not alert.open:
+        return AlertAcked(alert=alert, changed=False)
+    await ctx.registry.append_audit([ctx.draft(ALERT_ACKED, alert_id=alert.alert_id, note=args.note or "")])
+    resumed = False
+    if ctx.node and alert.kind is AlertKind.PROVISIONING_SPIKE and alert.ca is not None:
+        resumed = ctx.service.resume_ca(alert.ca)
+    acked = dataclasses.replace(alert, acked_by=ctx.actor, acked_at=ctx.now())
+    return AlertAcked(alert=acked, changed=True, resumed=resumed)
+
+
+async def _status(ctx: Context, _: NoArgs) -> dict[str, Any]:
+    return await fleet_status(ctx.registry, now=ctx.now())
+
+
 async def _keys_status(ctx: Context, _: NoArgs) -> KeyringStatus:
     return await ctx.registry.keyring_status()
 
@@ -443,6 +494,24 @@ _TABLE: tuple[Operation[Any, Any], ...] = (
         (TEMPLATE_CHANGED,),
     ),
     Operation("audit.export", "audit entries", AUDIT, AuditExportArgs, _audit_export, _json_list),
+    Operation(
+        "alerts.list",
+        "open anomaly alerts (--all: acknowledged too)",
+        CA_READ,
+        AlertsListArgs,
+        _alerts_list,
+        _json_list,
+    ),
+    Operation(
+        "alerts.ack",
+        "acknowledge an alert (a CA paused by a spike alert resumes)",
+        MANAGE,
+        AlertAckArgs,
+        _alerts_ack,
+        lambda r: {"alert": r.alert.to_json(), "changed": r.changed, "resumed": r.resumed},
+        (ALERT_ACKED,),
+    ),
+    Operation("status.show", "a one-screen summary of the fleet", CA_READ, NoArgs, _status, lambda r: r),
     Operation(
         "keys.status",
         "which master keys wrap the registry's data keys",

@@ -39,6 +39,7 @@ from jitp.domain.events import ProvisioningEvent
 from jitp.domain.identity import DEFAULT_REGION, DeviceIdentity, ServiceIdentity, derive_service
 from jitp.domain.records import Command, DeviceRecord, ReprovisionPolicy
 from jitp.domain.templates import EnrollmentTemplate, TemplateSet
+from jitp.observability.port import JoinOutcome, NullObserver, Observer
 from jitp.registry import Erasure, ProvisionOutcome, Registry, StatusChange
 from jitp.trust import Role, TrustStore, VerifiedChain, parse_crl
 
@@ -140,9 +141,13 @@ class ProvisioningService:
         admission: AdmissionConfig | None = None,
         monotonic: Monotonic = time.monotonic,
         roles: Mapping[str, str] | None = None,
+        observer: Observer | None = None,
     ) -> None:
-        """``roles``: explicit roles of single certificates (fingerprint -> role), over their CA's."""
+        """``roles``: explicit roles of single certificates (fingerprint -> role), over their CA's.
+        ``observer``: told every join outcome, refusal, takeover and commit time (metrics, alerts)."""
         self.registry = registry
+        self.observer: Observer = observer or NullObserver()
+        self.paused_cas: dict[str, str] = {}  # CA id -> why its first joins are paused (an alert)
         self.roles = {fp: Role(role) for fp, role in (roles or {}).items()}
         self.admission = admission = admission or AdmissionConfig()
         self.gate = Gate(admission.workers, admission.queue_size)
@@ -325,12 +330,16 @@ class ProvisioningService:
     # -- the entry point -------------------------------------------------------------------
     async def admit(self, peer: PeerCredentials) -> Admission:
         now = self.clock()
+        started = time.perf_counter()
+        labels = {"ca": "", "template": "", "region": ""}  # what is known of the client so far
         try:
             verified = self.trust.verify(peer.chain_der, now=now)
+            labels["ca"] = verified.anchor.ca_id
             role = self.roles.get(verified.fingerprint, verified.anchor.role)
             if role is not Role.DEVICE:  # a named backend principal, never provisioned
                 service = derive_service(verified)
                 self._bind(peer, service.name, verified.fingerprint)
+                self._observe(JoinOutcome.RECONNECTED, now, started, peer, labels)
                 return Admission(
                     role=role,
                     client_id=peer.client_id,
@@ -338,20 +347,32 @@ class ProvisioningService:
                     service=service,
                 )
             template, identity = self.render(verified)
+            labels["template"], labels["region"] = template.name, identity.region
             self._bind(peer, identity.device_id, verified.fingerprint)
             cached = self.cache.get(identity.device_id, verified.fingerprint)
             if cached is not None:
+                self._observe(JoinOutcome.RECONNECTED, now, started, peer, labels, identity.device_id)
                 return self._admit_cached(peer, cached, now)
             outcome = await self._provision(identity, at=now, peer=peer.address, policy=template.reprovision)
         except errors.Refused as exc:
-            await self.record_refusal(exc, peer=peer.address, at=now, client_id=peer.client_id)
+            self._observe(JoinOutcome.REFUSED, now, started, peer, labels, reason=exc.reason)
+            await self.record_refusal(exc, peer=peer.address, at=now, client_id=peer.client_id, counted=True)
             raise
         except errors.Unavailable as exc:
+            self._observe(JoinOutcome.SHED, now, started, peer, labels, reason=exc.reason)
             detail = exc.scope if isinstance(exc, errors.Overloaded) and exc.scope else exc.reason
             await self.record_refusal(
-                _UnavailableRefusal(exc, detail=detail), peer=peer.address, at=now, client_id=peer.client_id
+                _UnavailableRefusal(exc, detail=detail),
+                peer=peer.address,
+                at=now,
+                client_id=peer.client_id,
+                counted=True,
             )
             raise
+        joined = (
+            JoinOutcome.PROVISIONED if outcome.created or outcome.reprovisioned else JoinOutcome.RECONNECTED
+        )
+        self._observe(joined, now, started, peer, labels, identity.device_id)
         return Admission(
             role=Role.DEVICE,
             client_id=peer.client_id,
@@ -360,6 +381,31 @@ class ProvisioningService:
             created=outcome.created,
             reprovisioned=outcome.reprovisioned,
         )
+
+    def _observe(
+        self,
+        outcome: JoinOutcome,
+        at: datetime,
+        started: float,
+        peer: PeerCredentials,
+        labels: dict[str, str],
+        device_id: str | None = None,
+        *,
+        reason: str = "",
+    ) -> None:
+        self.observer.admit_seconds(time.perf_counter() - started, outcome)
+        self.observer.joined(outcome, at=at, reason=reason, peer=peer.address, device_id=device_id, **labels)
+
+    def pause_ca(self, ca_id: str, why: str) -> None:
+        """Shed the first joins of ``ca_id`` (CONNACK 3) until :meth:`resume_ca`; known devices go on."""
+        self.paused_cas[ca_id] = why
+        log.error("first joins of CA %s paused: %s", ca_id, why)
+
+    def resume_ca(self, ca_id: str) -> bool:
+        resumed = self.paused_cas.pop(ca_id, None) is not None
+        if resumed:
+            log.warning("first joins of CA %s resumed", ca_id)
+        return resumed
 
     def _admit_cached(self, peer: PeerCredentials, record: DeviceRecord, now: datetime) -> Admission:
         """A reconnect of a cached, admitted record: no registry round trip; last_seen written behind."""
@@ -379,6 +425,13 @@ class ProvisioningService:
     ) -> ProvisionOutcome:
         """The registry write path, behind the rate buckets and the bounded worker pool."""
         cfg = self.admission
+        if identity.ca_id in self.paused_cas:
+            known = await self.registry.find_by_fingerprint(identity.cert_fingerprint)
+            if known is None or known.device_id != identity.device_id:
+                raise errors.Overloaded(
+                    f"first joins of CA {identity.ca_id[:16]} are paused ({self.paused_cas[identity.ca_id]})",
+                    scope=f"ca:{identity.ca_id}",
+                )
         refusal = self.rates.take(identity.ca_id, identity.region)
         if refusal is not None:
             # Over the rate: only a first join is shed; a known device (not cached here) goes on.
@@ -412,16 +465,24 @@ class ProvisioningService:
     async def _provision_in_slot(
         self, identity: DeviceIdentity, *, at: datetime, peer: str | None, policy: ReprovisionPolicy
     ) -> ProvisionOutcome:
+        started = time.perf_counter()
         try:
             outcome = await self.registry.provision(identity, at=at, peer=peer, policy=policy)
         finally:
             self.gate.release()
+        self.observer.registry_commit_seconds(time.perf_counter() - started)
         if outcome.event is not None:
             log.info(
                 "%s device %s (region %s)",
                 outcome.event.type,
                 outcome.record.device_id,
                 outcome.record.region,
+                extra={
+                    "event": str(outcome.event.type),
+                    "ca": outcome.record.ca_id,
+                    "region": outcome.record.region,
+                    "device": outcome.record.device_id,
+                },
             )
             self._hand_over([outcome.event])
         self.cache.put(outcome.record)
@@ -461,10 +522,18 @@ class ProvisioningService:
         peer: str | None,
         at: datetime | None = None,
         client_id: str | None = None,
+        counted: bool = False,
     ) -> None:
         """Audit a refusal. Repeats of the same cause (reason + certificate, or reason + peer host)
-        within ``coalesce_window`` become one counted entry, written when the window closes."""
+        within ``coalesce_window`` become one counted entry, written when the window closes.
+        The observer is told unless ``counted`` (admit() did): a limit a connected client hit, or a
+        refused join (a TLS handshake, a will, an unsupported protocol)."""
         at = at or self.clock()
+        if not counted:
+            if isinstance(exc, errors.LimitExceeded | errors.WillNotAllowed):
+                self.observer.limit_hit(exc.reason)
+            else:
+                self.observer.joined(JoinOutcome.REFUSED, at=at, reason=exc.reason, peer=peer)
         # Same cause: same reason and the same certificate (or, without one, the same detail -- e.g.
         # an erased certificate's tombstone -- or the same peer host).
         key = ("refused", exc.reason, exc.fingerprint or exc.detail or _host(peer) or "-")
@@ -544,7 +613,14 @@ class ProvisioningService:
             device_id = known.device_id if known is not None else None
         if client_id is not None and device_id is None and not isinstance(exc, errors.DeviceErased):
             details["client_id"] = repr(client_id)[:80]
-        log.warning("refused %s from %s: %s (%s)", device_id or "client", peer, exc.reason, exc.message)
+        log.warning(
+            "refused %s from %s: %s (%s)",
+            device_id or "client",
+            peer,
+            exc.reason,
+            exc.message,
+            extra={"event": "refused", "reason": exc.reason, "device": device_id},
+        )
         return AuditDraft(
             at=at,
             action="refused",
@@ -578,6 +654,14 @@ class ProvisioningService:
             reason=reason,
             details=MappingProxyType(details or {}),
         )
+        if action == "session-takeover" and device_id is not None:
+            self.observer.takeover(
+                at=at,
+                device_id=device_id,
+                peer=peer,
+                previous_peer=(details or {}).get("previous_peer"),
+                same_certificate=(details or {}).get("same_certificate") == "true",
+            )
         if action not in COALESCED_EVENTS:
             await self.registry.append_audit([draft])
             return True

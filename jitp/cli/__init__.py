@@ -48,9 +48,8 @@ from jitp.cli.certfiles import MAX_CERT_FILE, MAX_CRL_FILE
 from jitp.cli.certfiles import load_ca_cert as _load_ca_cert
 from jitp.cli.certfiles import load_leaf as _load_leaf
 from jitp.cli.certfiles import read_capped as _read_capped
-from jitp.config import DEFAULT_CONFIG, Config, load_config, replace
+from jitp.config import DEFAULT_CONFIG, Config, host_port, load_config, replace
 from jitp.crypto.keys import MasterKeyProvider
-from jitp.domain.audit import verify_chain
 from jitp.domain.records import Command, DeviceRecord
 from jitp.domain.templates import TemplateSet
 from jitp.registry import Erasure, KeyringStatus, Registry, StatusChange
@@ -331,24 +330,83 @@ def _show_reload(reloaded: TemplatesReloaded, ns: argparse.Namespace) -> int:
     return 0
 
 
+def _alert_line(doc: dict[str, Any]) -> str:
+    state = f"acked by {doc['acked_by']}" if doc.get("acked_by") else "open"
+    subject = doc.get("device_id") or doc.get("ca") or "-"
+    return (
+        f"{doc['alert_id']}  {doc['kind']:19} {doc['severity']:8} x{doc['count']:<5} "
+        f"{doc['last_seen'][:19]}  {subject[:24]:24} {state}"
+    )
+
+
+def _show_alert_docs(docs: list[dict[str, Any]], ns: argparse.Namespace) -> int:
+    if ns.json:
+        _print_json(docs)
+        return 0
+    for doc in docs:
+        print(_alert_line(doc))
+    print(f"{len(docs)} alert(s)")
+    return 0
+
+
+def _show_ack(doc: dict[str, Any], ns: argparse.Namespace) -> int:
+    alert = doc["alert"]
+    print(
+        f"{alert['alert_id']}: {'now' if doc['changed'] else 'already'} acknowledged by {alert['acked_by']}"
+    )
+    if doc.get("resumed"):
+        print(f"first joins of CA {alert['ca']} resumed")
+    return 0
+
+
+def _show_status(doc: dict[str, Any], ns: argparse.Namespace) -> int:
+    """One screen: what an operator looks at first."""
+    if ns.json:
+        _print_json(doc)
+        return 0
+    devices, alerts, outbox, expiry = doc["devices"], doc["alerts"], doc["outbox"], doc["expiry"]
+    recent = next(v for k, v in doc.items() if k.startswith("last_"))
+    window = next(k for k in doc if k.startswith("last_")).removeprefix("last_").replace("_", " ")
+
+    def pairs(counts: dict[str, int]) -> str:
+        return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "-"
+
+    print(f"jitp status at {doc['at'][:19]}")
+    print(f"devices    {devices['total']} ({pairs(devices['by_status'])})")
+    print(f"regions    {pairs(devices['by_region'])}")
+    print(
+        f"last {window}: {recent['joins']} joins, {recent['refusals']} refusals ({pairs(recent['refusal_reasons'])})"
+    )
+    print(f"alerts     {alerts['open']} open ({pairs(alerts['by_kind'])})")
+    for a in alerts["newest"]:
+        print(f"  {a['alert_id']}  {a['kind']:19} {a['severity']:8} x{a['count']}  {a['last_seen'][:19]}")
+    lag = outbox["nats_lag_events"]
+    print(
+        f"outbox     {outbox['pending']} pending, oldest {outbox['oldest_seconds']} s; "
+        f"NATS lag {'-' if lag is None else lag}"
+    )
+    ca, crl = expiry["ca"], expiry["crl"]
+    print(f"CA expiry  {ca['not_after'][:10] + '  ' + ca['subject'][:60] if ca else '-'}")
+    print(f"CRL next   {crl['next_update'][:19] + '  CA ' + crl['ca_id'][:16] if crl else '-'}")
+    print(
+        f"devices    nearest certificate expiry {(expiry['device_certificate'] or '-')[:10]}; "
+        f"{expiry['devices_expiring_30d']} expiring within 30 days"
+    )
+    return 0
+
+
 # -- audit --------------------------------------------------------------------------------
 def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from jitp.app.status import audit_check
+
     async def go(registry: Registry) -> int:
-        entries = await registry.audit_entries()
-        problems = verify_chain(entries)
-        head = await registry.audit_head()
-        if head is not None and (not entries or (entries[-1].seq, entries[-1].hash) != head):
-            last = entries[-1].seq if entries else 0
-            problems.append(
-                f"the newest entries were removed: the registry last appended entry {head[0]}, the log ends at {last}"
-            )
+        problems, count, head_hash = await audit_check(registry)
         if problems:
             for p in problems:
                 print(p)
-            print(f"audit trail TAMPERED: {len(problems)} problem(s) in {len(entries)} entries")
+            print(f"audit trail TAMPERED: {len(problems)} problem(s) in {count} entries")
             return 1
-        head_hash = entries[-1].hash if entries else "-"
-        print(f"audit trail intact: {len(entries)} entries, head {head_hash}")
+        print(f"audit trail intact: {count} entries, head {head_hash}")
         return 0
 
     return _run(args, go)
@@ -504,12 +562,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         listener__server_key=_path(args.server_key),
         log_level=args.log_level,
         workers=args.workers,
+        metrics__bind=args.metrics,
+        metrics__console=True if args.console else None,
     )
+    from jitp.observability import logs
+
     index: int | None = args.worker_index
     workers = config.effective_workers
-    who = f" [w{index}]" if index is not None else " [supervisor]" if workers > 1 else ""
-    logging.basicConfig(
-        level=config.log_level.upper(), format=f"%(asctime)s %(levelname)s{who} %(name)s: %(message)s"
+    who = f"[w{index}]" if index is not None else "[supervisor]" if workers > 1 else ""
+    logs.configure(
+        config.log_level, fmt=config.logging.format, pseudonymous=config.logging.pseudonymous, label=who
     )
     logging.getLogger("transitions").setLevel(logging.WARNING)
     logging.getLogger("amqtt").setLevel(max(logging.WARNING, logging.getLogger().level))
@@ -538,11 +600,47 @@ def _worker_command(args: argparse.Namespace, config: Config, index: int, port: 
         value = getattr(args, name, None)
         if value:
             argv += [f"--{name.replace('_', '-')}", str(value)]
+    if config.metrics.bind is not None:  # each worker exposes its own metrics: worker i on PORT+i
+        metrics_host, metrics_port = host_port(config.metrics.bind)
+        argv += ["--metrics", f"{metrics_host}:{metrics_port + index if metrics_port else 0}"]
+    if config.metrics.console:
+        argv += ["--console"]
     return argv
 
 
 def _path(value: str | None) -> Path | None:
     return Path(value) if value else None
+
+
+# -- console ------------------------------------------------------------------------------
+def cmd_console_token(args: argparse.Namespace) -> int:
+    """A console login token (auditor, operator or admin), signed with the console key."""
+    from datetime import timedelta
+    from types import MappingProxyType
+
+    from jitp.console import auth
+    from jitp.domain.audit import AuditDraft
+
+    config = _config(args)
+    role = Role(args.role)
+    expires = _now() + timedelta(hours=args.hours)
+    token = auth.make_token(
+        auth.ensure_key(config.keys_dir / auth.KEY_FILE), name=args.name, role=role, expires=expires
+    )
+
+    async def go(registry: Registry) -> int:
+        details = {"name": args.name, "role": str(role), "expires": expires.isoformat()}
+        await registry.append_audit(
+            [AuditDraft(at=_now(), action="console-token", actor=_actor(), details=MappingProxyType(details))]
+        )
+        return 0
+
+    _run(args, go, config=config)
+    print(token)
+    print(
+        f"a console token for {role}:{args.name}, valid until {expires.isoformat()[:19]} UTC", file=sys.stderr
+    )
+    return 0
 
 
 # -- keys ---------------------------------------------------------------------------------
@@ -675,6 +773,26 @@ def _verbs(table: Mapping[str, Operation[Any, Any]]) -> dict[str, Verb]:
             show_remote=_show_audit_docs,
         ),
         Verb(
+            table["alerts.list"],
+            help="open anomaly alerts (--all: acknowledged too)",
+            show=lambda alerts, ns: _show_alert_docs([a.to_json() for a in alerts], ns),
+            show_remote=_show_alert_docs,
+            json_flag=True,
+        ),
+        Verb(
+            table["alerts.ack"],
+            help="acknowledge an alert (a CA paused by a spike alert resumes on that node)",
+            show=lambda acked, ns: _show_ack(OPERATIONS["alerts.ack"].encode(acked), ns),
+            show_remote=_show_ack,
+        ),
+        Verb(
+            table["status.show"],
+            help="a one-screen summary: devices, joins, refusals, alerts, backlog, expiry",
+            show=_show_status,
+            show_remote=_show_status,
+            json_flag=True,
+        ),
+        Verb(
             table["keys.status"],
             help="which master keys wrap the registry's data keys",
             show=_show_keys_status,
@@ -685,6 +803,10 @@ def _verbs(table: Mapping[str, Operation[Any, Any]]) -> dict[str, Verb]:
 
 
 # -- parser -------------------------------------------------------------------------------
+# Operations spelled as one word rather than `jitp <group> <verb>`.
+TOP_LEVEL = {"status.show": "status"}
+
+
 def build_parser(operations: Mapping[str, Operation[Any, Any]] | None = None) -> argparse.ArgumentParser:
     """The command line. Every operation (of :data:`OPERATIONS`) is a command: ``jitp <group> <verb>``."""
     verbs = _verbs(OPERATIONS if operations is None else operations)
@@ -808,6 +930,26 @@ def build_parser(operations: Mapping[str, Operation[Any, Any]] | None = None) ->
     )
     p.set_defaults(handler=cmd_keys_rotate)
 
+    group("alerts", "anomaly alerts (raised by the broker's real-time detectors)")
+    verb("alerts.list")
+    verb("alerts.ack")
+
+    for name, command in TOP_LEVEL.items():  # `jitp status`: one command, not a group
+        v = verbs.pop(name, None)
+        if v is not None:
+            p = sub.add_parser(command, help=v.help or v.op.summary)
+            v.add_arguments(p)
+            data_opts(p)
+            p.set_defaults(handler=_local, verb=v)
+
+    con = group("console", "the web console (metrics.console on the metrics listener)")
+    p = con.add_parser("token", help="a login token for the web console (printed once; audited)")
+    p.add_argument("--name", required=True, help="who (in the audit trail as <role>:<name>)")
+    p.add_argument("--role", choices=("auditor", "operator", "admin"), default="auditor")
+    p.add_argument("--hours", type=float, default=8.0, help="valid for (default 8)")
+    data_opts(p)
+    p.set_defaults(handler=cmd_console_token)
+
     p = sub.add_parser("serve", help="run the broker until SIGINT/SIGTERM")
     data_opts(p)
     p.add_argument("--bind", help="HOST:PORT (default 127.0.0.1:8883)")
@@ -821,6 +963,14 @@ def build_parser(operations: Mapping[str, Operation[Any, Any]] | None = None) ->
     )
     p.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by the supervisor
     p.add_argument("--relay-fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics here (metrics.bind); with several workers, worker i uses PORT+i",
+    )
+    p.add_argument(
+        "--console", action="store_true", help="also serve the web console there (metrics.console)"
+    )
     p.set_defaults(handler=cmd_serve)
 
     for v in list(verbs.values()):  # operations without a place above: in their group, or a new one

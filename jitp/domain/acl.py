@@ -6,7 +6,8 @@ Default namespaces (templates may widen them later):
   and ``$jitp/devices/D/#`` (its retained configuration);
 * a service reads ``$jitp/events/#`` and all device telemetry (``#``, which never matches
   ``$`` topics), to route and attribute it, and publishes nothing;
-* nobody else gets anything. ``$jitp/events/#`` and ``$jitp/admin/#`` are never a device's.
+* services, auditors, operators and admins read ``$jitp/alerts/#`` (anomaly alerts);
+* nobody else gets anything. ``$jitp/events/#``, ``$jitp/alerts/#`` and ``$jitp/admin/#`` are never a device's.
 """
 
 from __future__ import annotations
@@ -116,7 +117,8 @@ def quarantine_namespace(device_id: str) -> Namespace:
     return Namespace(publish=(status_topic(device_id),), subscribe=(f"$jitp/devices/{device_id}/config",))
 
 
-SERVICE_NAMESPACE = Namespace(publish=(), subscribe=("$jitp/events/#", "$jitp/devices/+/status", "#"))
+ALERTS = "$jitp/alerts/#"  # anomaly alerts (jitp.domain.alerts): services and every admin role, never devices
+SERVICE_NAMESPACE = Namespace(publish=(), subscribe=("$jitp/events/#", ALERTS, "$jitp/devices/+/status", "#"))
 NOBODY = Namespace(publish=(), subscribe=())
 
 
@@ -134,7 +136,7 @@ def principal_namespace(role: str, client_id: str) -> Namespace:
     admin = Namespace(publish=(f"{ADMIN_REQUESTS}#",), subscribe=(admin_replies(client_id),))
     if role == "service":
         return Namespace(publish=admin.publish, subscribe=(*SERVICE_NAMESPACE.subscribe, *admin.subscribe))
-    return admin
+    return Namespace(publish=admin.publish, subscribe=(ALERTS, *admin.subscribe))
 
 
 def namespace_for(role: Role, client_id: str, record: DeviceRecord | None) -> Namespace:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from types import MappingProxyType
 from typing import Protocol
 
@@ -77,6 +77,25 @@ class KeyringStatus:
     def pending(self) -> int:
         """Keys not yet under the primary: a rotation is unfinished while this is above 0."""
         return sum(n for kid, n in self.wrapped.items() if kid != self.primary)
+
+
+@dataclass(frozen=True)
+class FleetStats:
+    """Counts from the registry's clear columns (no record is decrypted): metrics and ``jitp status``."""
+
+    devices: MappingProxyType[tuple[str, str], int]  # (status, region) -> devices
+    not_after: tuple[tuple[str, str, datetime], ...]  # (status, ca_id, certificate not-after) per device
+    outbox_pending: int
+    outbox_oldest: datetime | None  # occurred_at of the oldest undelivered event
+
+    def expiring(self, now: datetime, days: float, *, ca: str | None = None) -> int:
+        """Active devices (of ``ca``) whose certificate expires within ``days`` (or has expired)."""
+        limit = now + timedelta(days=days)
+        return sum(
+            1
+            for status, ca_id, when in self.not_after
+            if status == "active" and when <= limit and (ca is None or ca_id == ca)
+        )
 
 
 class Registry(Protocol):
@@ -227,6 +246,10 @@ class Registry(Protocol):
 
     async def outbox_head(self) -> int:
         """The newest outbox seq (0 when empty)."""
+        ...
+
+    async def fleet_stats(self) -> FleetStats:
+        """Devices by status and region, certificate expiry per device, the outbox backlog."""
         ...
 
     async def sink_cursor(self, name: str) -> int:

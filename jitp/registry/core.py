@@ -45,6 +45,7 @@ from jitp.domain.identity import DeviceIdentity
 from jitp.domain.records import Command, DeviceRecord, DeviceStatus, EventType, ReprovisionPolicy
 from jitp.registry import (
     Erasure,
+    FleetStats,
     KeyringStatus,
     ProvisionOutcome,
     StatusChange,
@@ -160,6 +161,10 @@ _SCRUB_ERASED = (
 def timestamp(value: Any) -> Any:
     """A stored timestamp as a datetime: PostgreSQL reads them so, SQLite as ISO-8601 text."""
     return datetime.fromisoformat(value) if isinstance(value, str) else value
+
+
+def _utc(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def _mapping(value: str) -> MappingProxyType[str, Any]:
@@ -989,6 +994,23 @@ class RegistryCore:
     async def events_after(self, seq: int, limit: int = 500) -> list[tuple[int, ProvisioningEvent]]:
         # Outbox rows are inserted under the audit head's lock (_log): seq order is commit order.
         return await self._page(" AND NOT (o.type = 'erased' AND o.device_id = '')", seq=seq, limit=limit)
+
+    async def fleet_stats(self) -> FleetStats:
+        rows = await self._fetch("SELECT status, region, ca_id, not_after FROM devices")
+        devices: dict[tuple[str, str], int] = {}
+        for status, region, _, _ in rows:
+            devices[(str(status), str(region))] = devices.get((str(status), str(region)), 0) + 1
+        pending = await self._fetch(
+            "SELECT COUNT(*), MIN(occurred_at) FROM outbox WHERE delivered_at IS NULL"
+        )
+        count, oldest = pending[0] if pending else (0, None)
+        oldest_at = timestamp(oldest) if oldest is not None else None
+        return FleetStats(
+            devices=MappingProxyType(devices),
+            not_after=tuple((str(s), str(c), _utc(timestamp(n))) for s, _, c, n in rows),
+            outbox_pending=int(count or 0),
+            outbox_oldest=_utc(oldest_at) if oldest_at is not None else None,
+        )
 
     async def outbox_head(self) -> int:
         """The newest outbox seq (0 when empty)."""

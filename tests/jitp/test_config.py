@@ -484,7 +484,54 @@ VALID: dict[str, dict[str, st.SearchStrategy[Any]]] = {
         "env": st.sampled_from(["JITP_MASTER_KEY", "MY_KEY", "_K1"]),
         "keyring": st.sampled_from([None, "/var/lib/jitp-keys/keyring.db"]),
     },
+    "metrics": {
+        "bind": st.sampled_from([None, "127.0.0.1:9883", "[::1]:0", "0.0.0.0:9100"]),
+        "refresh_interval": st.floats(min_value=0.1, max_value=3600.0),
+        "console": st.booleans(),
+    },
+    "logging": {"format": st.sampled_from(["text", "json"]), "pseudonymous": st.booleans()},
+    "alerts": {
+        "enabled": st.booleans(),
+        **{
+            k: st.floats(min_value=0.1, max_value=1e6)
+            for k in (
+                "coalesce_window",
+                "expiry_window",
+                "clone_window",
+                "burst_window",
+                "spike_bucket",
+                "spike_factor",
+            )
+        },
+        **{
+            k: st.integers(min_value=1, max_value=10_000)
+            for k in ("clone_takeovers", "burst_refusals", "spike_min_joins")
+        },
+        "clone_different_host": st.booleans(),
+        "clone_action": st.sampled_from(["none", "quarantine"]),
+        "spike_action": st.sampled_from(["none", "pause"]),
+        "burst_v4_prefix": st.integers(min_value=8, max_value=32),
+        "burst_v6_prefix": st.integers(min_value=16, max_value=128),
+        **{
+            k: st.floats(min_value=0.0, max_value=1e4)
+            for k in ("expiry_ca_days", "expiry_crl_hours", "expiry_device_days")
+        },
+    },
 }
+SECTIONS = (
+    "listener",
+    "limits",
+    "trust",
+    "sqlite",
+    "postgres",
+    "audit",
+    "admission",
+    "nats",
+    "keys",
+    "metrics",
+    "logging",
+    "alerts",
+)
 
 
 @st.composite
@@ -502,17 +549,7 @@ def documents(draw: st.DrawFn) -> dict[str, Any]:
 
 def _expected(doc: dict[str, Any]) -> Config:
     sections: dict[str, Any] = {}
-    for section in (
-        "listener",
-        "limits",
-        "trust",
-        "sqlite",
-        "postgres",
-        "audit",
-        "admission",
-        "nats",
-        "keys",
-    ):
+    for section in SECTIONS:
         cls = type(getattr(Config(), section))
         sections[section] = cls(**doc.get(section, {}))
     top = {k: (Path(v) if k.endswith("_dir") else v) for k, v in doc.items() if k in VALID[""]}
@@ -538,11 +575,7 @@ def test_valid_documents_round_trip(doc: dict[str, Any]) -> None:
 @settings(max_examples=150, deadline=None)
 @given(documents(), st.data())
 def test_an_unknown_key_anywhere_is_named_with_its_line(doc: dict[str, Any], data: st.DataObject) -> None:
-    sections = [""] + [
-        s
-        for s in ("listener", "limits", "trust", "sqlite", "postgres", "audit", "admission", "nats", "keys")
-        if s in doc
-    ]
+    sections = [""] + [s for s in SECTIONS if s in doc]
     section = data.draw(st.sampled_from(sections))
     bogus = data.draw(
         st.from_regex(r"[a-z][a-z_]{0,12}", fullmatch=True).filter(

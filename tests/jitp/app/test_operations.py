@@ -32,6 +32,7 @@ from jitp.app.operations import (
     encode_args,
 )
 from jitp.app.service import PeerCredentials, ProvisioningService
+from jitp.domain.alerts import Alert, AlertKind, Severity
 from jitp.domain.audit import AuditDraft, AuditEntry
 from jitp.domain.records import Command
 from jitp.registry.sqlite import SQLiteRegistry
@@ -54,6 +55,9 @@ PERMISSIONS = {
     "templates.reload": {OP, AD},
     "audit.export": {AU, AD},
     "keys.status": {AD},
+    "alerts.list": {AU, OP, AD},
+    "alerts.ack": {OP, AD},
+    "status.show": {AU, OP, AD},
 }
 
 TEMPLATE = """name: %s
@@ -198,6 +202,7 @@ def test_each_operation_writes_the_audit_entries_it_declares(tmp_path: Path) -> 
         "ca.register": {"cert_pem": ca_pem("declared"), "template": "probe", "region": "eu"},
         "ca.disable": {"ca_id": pt.MANUFACTURER_ANCHOR.ca_id},
         "ca.enable": {"ca_id": pt.MANUFACTURER_ANCHOR.ca_id},
+        "alerts.ack": {"alert_id": PROBE_ALERT.alert_id},
     }
     start = {Command.ENABLE: Command.DISABLE, Command.ALLOW: Command.REVOKE}
 
@@ -207,6 +212,7 @@ def test_each_operation_writes_the_audit_entries_it_declares(tmp_path: Path) -> 
             await service.admit(peer(f"dev-{c}"))
         for c, first in start.items():
             await service.apply(first, f"dev-{c}", actor="test")
+        await service.registry.append_audit([PROBE_ALERT.audit_draft()])  # an alert, for alerts.ack
         await OPERATIONS["templates.reload"].run(ctx, NoArgs())  # the templates this service holds
         template.write_text(TEMPLATE % ("default", 2, "gold"))  # a change, for templates.reload to write
         written: dict[str, list[AuditEntry]] = {}
@@ -221,6 +227,16 @@ def test_each_operation_writes_the_audit_entries_it_declares(tmp_path: Path) -> 
         got = [(e.draft.action, sorted(e.draft.details)) for e in written[name]]
         assert got == [(a.action, sorted(a.fields)) for a in op.audit], name
         assert all(e.draft.actor == "admin:tester" for e in written[name]), name
+
+
+PROBE_ALERT = Alert(
+    alert_id="probe-alert",
+    kind=AlertKind.REFUSAL_BURST,
+    severity=Severity.WARNING,
+    first_seen=datetime(2026, 12, 4, tzinfo=UTC),
+    last_seen=datetime(2026, 12, 4, tzinfo=UTC),
+    count=1,
+)
 
 
 def peer(device_id: str) -> PeerCredentials:
