@@ -105,6 +105,10 @@ def test_storm_counts_in_metrics_match_exactly(node: BrokerThread, pki: Pki, tmp
     assert total(s, "jitp_joins_total", outcome="shed") == 0
     assert total(s, "jitp_registry_commit_seconds_count") == n
     assert total(s, "jitp_admit_seconds_count", outcome="provisioned") == n
+    # accept to CONNACK, from the connection path (the handshake refusals have no CONNACK)
+    assert total(s, "jitp_join_seconds_count", outcome="provisioned") == n
+    assert total(s, "jitp_join_seconds_count", outcome="refused") == mismatched
+    assert total(s, "jitp_join_seconds_sum", outcome="provisioned") > 0
     assert total(s, "jitp_devices", status="active") == n
     assert total(s, "jitp_outbox_pending") == 0
     assert total(s, "jitp_ca_not_after_timestamp_seconds", ca=ca) > 0
