@@ -16,6 +16,7 @@ from broker_plugins.listener import Listener
 from broker_plugins.publisher import OutboxPublisher
 from broker_plugins.tls import TlsContextHolder
 from jitp import errors
+from jitp.app.certificates import CertificateService
 from jitp.app.service import Clock, ProvisioningService, utc_now
 from jitp.config import Config, host_port
 from jitp.domain.events import ProvisioningEvent
@@ -108,6 +109,8 @@ class JitpServer:
                 route=lambda topic, data, qos: self.broker.route(topic, data, qos),
             )
             self._broker = JitpBroker(cfg, service=self._service, admin=self.admin.handle)
+            self.certificates = CertificateService(self._service, cfg.issuer)
+            self._broker.certificates = self.certificates
             await self._broker.start()
             self._publisher = OutboxPublisher(cfg, self._service, self._broker, on_event=self.enforce)
             await self._publisher.start()
@@ -229,6 +232,8 @@ class JitpServer:
                 await self.service.flush_refusals()
                 await self.service.registry.flush_seen()
                 await self.service.refresh_trust()
+                if self.service.issuer_ids:
+                    await self.service.registry.expire_certificates(at=self.service.clock())
                 if await self.service.registry.templates_version() != self._templates_version:
                     await self.reload_templates()
             except errors.ProvisioningError as exc:

@@ -484,6 +484,14 @@ VALID: dict[str, dict[str, st.SearchStrategy[Any]]] = {
         "env": st.sampled_from(["JITP_MASTER_KEY", "MY_KEY", "_K1"]),
         "keyring": st.sampled_from([None, "/var/lib/jitp-keys/keyring.db"]),
     },
+    "issuer": {
+        "validity": st.sampled_from(["30d", "12h", "3600", "1.5w"]),
+        "commit_window": st.floats(min_value=1.0, max_value=86400.0),
+        "rate": st.floats(min_value=0.0, max_value=100.0),
+        "burst": st.integers(min_value=1, max_value=1000),
+        "max_request_bytes": st.integers(min_value=1024, max_value=1024 * 1024),
+        "crl_validity": st.sampled_from(["7d", "1d", "86400"]),
+    },
 }
 
 
@@ -512,6 +520,7 @@ def _expected(doc: dict[str, Any]) -> Config:
         "admission",
         "nats",
         "keys",
+        "issuer",
     ):
         cls = type(getattr(Config(), section))
         sections[section] = cls(**doc.get(section, {}))
