@@ -7,7 +7,6 @@ not needed: admission is called with the chain a TLS handshake would have verifi
 
 from __future__ import annotations
 
-import asyncio
 import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -26,9 +25,11 @@ from jitp.domain.audit import AuditDraft
 from jitp.domain.certificates import CertState
 from jitp.domain.records import Command, EventType
 from jitp.registry import Registry
-from jitp.trust import Role, TrustAnchor
+from jitp.trust import TrustAnchor
 from tests.certflow import make_csr, new_key
-from tests.jitp.registry.test_registry_contract import Backend, backend, pg_dsn  # noqa: F401  (fixtures)
+from tests.jitp.registry.test_registry_contract import Backend, run
+from tests.jitp.registry.test_registry_contract import backend as backend  # (a fixture)
+from tests.jitp.registry.test_registry_contract import pg_dsn as pg_dsn  # (a fixture)
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 
@@ -88,18 +89,6 @@ def _der(doc: dict[str, Any]) -> bytes:
     return x509.load_pem_x509_certificate(doc["certificate_pem"].encode()).public_bytes(Encoding.DER)
 
 
-def _run(backend: Backend, body: Any) -> Any:
-    async def go() -> Any:
-        registry = backend.make()
-        await registry.open()
-        try:
-            return await body(registry)
-        finally:
-            await registry.close()
-
-    return asyncio.run(go())
-
-
 def test_lost_answer_then_crash_before_commit_then_commit(backend: Backend) -> None:
     clock = Clock()
     key = new_key()
@@ -117,10 +106,10 @@ def test_lost_answer_then_crash_before_commit_then_commit(backend: Backend) -> N
         assert pending.state is CertState.PENDING
         return first
 
-    doc = _run(backend, enroll)  # ... and the broker crashes before the device reconnects
+    doc = run(backend, enroll)  # ... and the broker crashes before the device reconnects
 
     async def after_restart(registry: Registry) -> None:
-        service, issuer = await _setup(registry, clock)
+        service, _ = await _setup(registry, clock)
         [pending] = await registry.device_certificates("dev-lost")
         assert pending.state is CertState.PENDING and pending.certificate_id == doc["certificate_id"]
         # The device never lost its old certificate: it still connects with it.
@@ -137,7 +126,7 @@ def test_lost_answer_then_crash_before_commit_then_commit(backend: Backend) -> N
         kinds = [e.type for e in await registry.events("dev-lost")]
         assert kinds.count(EventType.CERTIFICATE_ISSUED) == 1
 
-    _run(backend, after_restart)
+    run(backend, after_restart)
 
 
 def test_a_pending_certificate_expires_after_the_commit_window(backend: Backend) -> None:
@@ -167,7 +156,7 @@ def test_a_pending_certificate_expires_after_the_commit_window(backend: Backend)
         )
         assert answer.reason == "request_id_conflict"
 
-    _run(backend, body)
+    run(backend, body)
 
 
 def test_revoke_lists_operational_certificates_in_the_crl_and_erase_deletes_them(backend: Backend) -> None:
@@ -196,4 +185,4 @@ def test_revoke_lists_operational_certificates_in_the_crl_and_erase_deletes_them
         crl = await issuer.crl(now=clock.now)
         assert crl.get_revoked_certificate_by_serial_number(serial) is not None  # still listed
 
-    _run(backend, body)
+    run(backend, body)
