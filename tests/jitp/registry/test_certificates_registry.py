@@ -7,8 +7,10 @@ not needed: admission is called with the chain a TLS handshake would have verifi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,9 +23,11 @@ from jitp.app.certificates import CertificateService
 from jitp.app.service import Admission, PeerCredentials, ProvisioningService
 from jitp.config import IssuerConfig
 from jitp.crypto.issuer import make_issuing_ca
+from jitp.domain.acl import Access, enrollment_namespace
 from jitp.domain.audit import AuditDraft
-from jitp.domain.certificates import CertState
+from jitp.domain.certificates import BirthPolicy, CertState
 from jitp.domain.records import Command, EventType
+from jitp.domain.templates import DEFAULT_TEMPLATE, TemplateSet
 from jitp.registry import Registry
 from jitp.trust import TrustAnchor
 from tests.certflow import make_csr, new_key
@@ -186,3 +190,43 @@ def test_revoke_lists_operational_certificates_in_the_crl_and_erase_deletes_them
         assert crl.get_revoked_certificate_by_serial_number(serial) is not None  # still listed
 
     run(backend, body)
+
+
+@pytest.mark.parametrize("policy", [BirthPolicy.KEEP, BirthPolicy.ENROLL_ONLY, BirthPolicy.RETIRE])
+def test_birth_certificate_policy_after_enrollment(backend: Backend, policy: BirthPolicy) -> None:
+    clock = Clock()
+    birth = _birth("dev-birth")
+    templates = TemplateSet({"default": dataclasses.replace(DEFAULT_TEMPLATE, birth_certificate=policy)})
+
+    async def body(registry: Registry) -> None:
+        await _anchors(registry)
+        service = ProvisioningService(registry, clock=clock, templates=templates)
+        issuer = CertificateService(service, IssuerConfig(rate=0))
+        before = await _admit(service, birth, "dev-birth")
+        assert not before.enroll_only  # nothing enrolled yet: the birth certificate is all it has
+        doc = await _request(issuer, before, "dev-birth", "r", new_key())
+        assert not (await _admit(service, birth, "dev-birth")).enroll_only  # pending only: unchanged
+        await _admit(service, _der(doc), "dev-birth")  # committed
+        if policy is BirthPolicy.RETIRE:
+            with pytest.raises(errors.BirthCertificateRetired):
+                await _admit(service, birth, "dev-birth")
+            return
+        after = await _admit(service, birth, "dev-birth")
+        assert after.enroll_only is (policy is BirthPolicy.ENROLL_ONLY)
+        assert after.record is not None
+        ns = enrollment_namespace("dev-birth") if after.enroll_only else None
+        if ns is not None:  # re-enrollment only: its certificate topics, no telemetry
+            assert ns.allows(Access.PUBLISH, "$jitp/certificates/dev-birth/create-from-csr")
+            assert ns.allows(Access.SUBSCRIBE, "$jitp/certificates/dev-birth/#")
+            assert not ns.allows(Access.PUBLISH, "devices/dev-birth/telemetry")
+            assert not ns.allows(Access.SUBSCRIBE, "$jitp/certificates/other/#")
+
+    run(backend, body)
+
+
+def test_template_file_reads_birth_certificate(tmp_path: Path) -> None:
+    (tmp_path / "meter.yaml").write_text("name: meter\nbirth_certificate: enroll_only\n")
+    assert TemplateSet.load(tmp_path).get("meter").birth_certificate is BirthPolicy.ENROLL_ONLY
+    (tmp_path / "meter.yaml").write_text("name: meter\nbirth_certificate: sometimes\n")
+    with pytest.raises(errors.ConfigError, match="keep, enroll_only or retire"):
+        TemplateSet.load(tmp_path)
