@@ -181,6 +181,17 @@ def device_uri(device_id: str) -> str:
     return "urn:jitp:device:" + urllib.parse.quote(device_id, safe="")
 
 
+MAX_CN = 64  # X.520 ub-common-name
+
+
+def operational_subject(device_id: str) -> x509.Name:
+    """``CN=<device id>``; an id longer than a CN may be (jitp allows 128 characters) is carried by the
+    SAN alone, with an empty subject."""
+    if len(device_id) > MAX_CN:
+        return x509.Name([])
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)])
+
+
 def build_operational(
     signer: Signer,
     csr: x509.CertificateSigningRequest,
@@ -195,7 +206,7 @@ def build_operational(
     public_key = csr.public_key()
     builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
+        .subject_name(operational_subject(device_id))
         .issuer_name(ca.subject)
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
@@ -209,7 +220,7 @@ def build_operational(
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .add_extension(
             x509.SubjectAlternativeName([x509.UniformResourceIdentifier(device_uri(device_id))]),
-            critical=False,
+            critical=len(operational_subject(device_id)) == 0,  # RFC 5280: critical with an empty subject
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
     )

@@ -8,7 +8,7 @@ from urllib.parse import unquote
 
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from jitp.crypto.issuer import build_operational, make_issuing_ca, parse_csr, same_public_key
@@ -23,7 +23,7 @@ device_ids = st.text(
         codec="utf-8", exclude_categories=["Cs", "Cc", "Zs", "Zl", "Zp"], exclude_characters="/+#$"
     ),
     min_size=1,
-    max_size=40,
+    max_size=128,  # jitp's id limit; over 64 (a CN's) the id is in the SAN only
 )
 requested = st.lists(
     st.sampled_from(
@@ -45,13 +45,23 @@ requested = st.lists(
 
 
 @settings(max_examples=60, deadline=None)
-@given(device_id=device_ids, cn=st.text(min_size=1, max_size=30), extensions=requested, k=st.integers(0, 2))
+@example(device_id="d" * 128, cn="x", extensions=[], k=0)  # longer than a CN may be
+@given(
+    device_id=device_ids,
+    cn=st.text(st.characters(codec="ascii", categories=["L", "N"]), min_size=1, max_size=30),
+    extensions=requested,
+    k=st.integers(0, 2),
+)
 def test_issued_certificate_has_the_record_id_and_none_of_the_csr_extensions(
     device_id: str, cn: str, extensions: list[tuple[x509.ExtensionType, bool]], k: int
 ) -> None:
     csr = parse_csr(make_csr(KEYS[k], cn=cn, extensions=extensions))
     cert = build_operational(SIGNER, csr, device_id=device_id, validity=timedelta(days=30), now=NOW)
-    assert cert.subject == x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)])
+    if len(device_id) <= 64:
+        assert cert.subject == x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)])
+    else:  # too long for a CN: the SAN alone names it, and is then critical
+        assert cert.subject == x509.Name([])
+        assert cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).critical
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert [unquote(u) for u in san.get_values_for_type(x509.UniformResourceIdentifier)] == [
         f"urn:jitp:device:{device_id}"
