@@ -31,9 +31,11 @@ from broker_plugins.relay import NO_RELAY, Relay
 from broker_plugins.session import ClientState, JitpSession
 from broker_plugins.transport import TlsConnection
 from jitp import errors
+from jitp.app.certificates import CertificateService
 from jitp.app.service import Admission, PeerCredentials, ProvisioningService
 from jitp.config import Config
 from jitp.domain.acl import Access, valid_filter
+from jitp.domain.certificates import CERTIFICATES_PREFIX
 from jitp.domain.events import config_topic, record_config_payload
 from jitp.domain.records import DeviceRecord
 from jitp.domain.routing import (
@@ -103,6 +105,8 @@ class JitpBroker(Broker):
         self.relay: Relay = NO_RELAY
         self._progress = asyncio.Event()  # set when a queue shrinks or a client leaves
         self._reported: dict[tuple[str, str], float] = {}  # (client id, reason) -> when last audited
+        # Operational certificates ($jitp/certificates/<id>/create-from-csr); set by the server.
+        self.certificates: CertificateService | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def shutdown(self) -> None:
@@ -385,6 +389,10 @@ class JitpBroker(Broker):
         if self.draining and not will:
             return False  # not acknowledged: the client sends it again to the next broker
         what = "will" if will else "message"
+        if topic.startswith(CERTIFICATES_PREFIX) and not will:
+            # Before the profile's size and rate checks: a request gets an answer (payload_too_large,
+            # rate_limited under issuer.rate), and is never routed to any subscriber.
+            return self._certificate_request(session, topic, data)
         profile = session.client.profile if session.client is not None else None
         if profile is not None:
             if len(data) > profile.max_message_size:
@@ -515,6 +523,34 @@ class JitpBroker(Broker):
             return True
         self.spawn(self.admin(session.client.admission, topic, data), "jitp-admin")
         return True
+
+    def _certificate_request(self, session: JitpSession, topic: str, data: bytes) -> bool:
+        handler, client = self.certificates, session.client
+        if handler is None or client is None or client.role is not Role.DEVICE:
+            log.info("%s published to %s: dropped (devices only)", session.client_id, topic[:160])
+            return True
+        allowed = session.allows(Access.PUBLISH, topic)
+        peer = session.peer_address
+        self.spawn(
+            self._answer_certificate(handler, client.admission, topic, data, allowed, peer), "jitp-csr"
+        )
+        return True
+
+    async def _answer_certificate(
+        self,
+        handler: CertificateService,
+        admission: Admission,
+        topic: str,
+        data: bytes,
+        allowed: bool,
+        peer: str | None,
+    ) -> None:
+        try:
+            answer = await handler.handle(admission, topic, data, allowed=allowed, peer=peer)
+        except Exception:
+            log.exception("certificate request of %s failed", admission.client_id)
+            return
+        self.route(answer.topic, answer.payload, 1)
 
     # amqtt's own publishing entry points (internal broadcasts)
     async def _broadcast_message(

@@ -17,6 +17,7 @@ from broker_plugins.publisher import OutboxPublisher
 from broker_plugins.relay import WorkerRelay
 from broker_plugins.tls import TlsContextHolder
 from jitp import errors
+from jitp.app.certificates import CertificateService
 from jitp.app.service import Clock, ProvisioningService, utc_now
 from jitp.config import Config, host_port
 from jitp.domain.events import ProvisioningEvent
@@ -129,6 +130,8 @@ class JitpServer:
                 route=lambda topic, data, qos: self.broker.route(topic, data, qos),
             )
             self._broker = JitpBroker(cfg, service=self._service, admin=self.admin.handle)
+            self.certificates = CertificateService(self._service, cfg.issuer)
+            self._broker.certificates = self.certificates
             await self._broker.start()
             broker = self._broker
             observability.attach(
@@ -276,6 +279,8 @@ class JitpServer:
                 await self.service.flush_refusals()
                 await self.service.registry.flush_seen()
                 await self.service.refresh_trust()
+                if self.service.issuer_ids:
+                    await self.service.registry.expire_certificates(at=self.service.clock())
                 if await self.service.registry.templates_version() != self._templates_version:
                     await self.reload_templates()
             except errors.ProvisioningError as exc:

@@ -17,7 +17,7 @@ from amqtt.session import Session
 from broker_plugins.compat import LeanSessionState
 from jitp.app.admission import TokenBucket
 from jitp.app.service import Admission, PeerCredentials
-from jitp.domain.acl import NOBODY, Access, Namespace, namespace_for
+from jitp.domain.acl import NOBODY, Access, Namespace, enrollment_namespace, namespace_for
 from jitp.domain.records import DeviceRecord
 from jitp.domain.routing import DeliveryQueue
 from jitp.domain.templates import Profile
@@ -39,7 +39,9 @@ class ClientState:
         return cls(
             admission=admission,
             peer=peer,
-            namespace=namespace_for(admission.role, admission.client_id, record),
+            namespace=enrollment_namespace(record.device_id)
+            if admission.enroll_only and record is not None
+            else namespace_for(admission.role, admission.client_id, record),
             profile=profile_of(record),
         )
 
@@ -51,6 +53,7 @@ class ClientState:
             fingerprint=self.admission.fingerprint,
             record=record,
             service=self.admission.service,
+            enroll_only=self.admission.enroll_only,
         )
         return ClientState.of(admission, self.peer)
 

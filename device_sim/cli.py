@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -72,6 +73,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workers", type=int, help="issuing processes (default: CPU count)")
     p.add_argument("--force", action="store_true", help="re-issue even if a matching fleet exists")
+
+    p = sub.add_parser(
+        "rotate",
+        help="devices enroll over MQTT (CSR), reconnect with the new certificate and commit, with faults "
+        "(never reconnect, old certificate, bad CSR signature, lost answer); cross-checks the events",
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8883)
+    p.add_argument("--ca", required=True, type=Path, help="CA bundle that verifies the broker (root CA)")
+    p.add_argument("--fleet", required=True, type=Path)
+    p.add_argument("-n", type=int, help="devices (default: the whole fleet)")
+    p.add_argument("-c", "--concurrency", type=int, default=50)
+    p.add_argument("--service-cert", type=Path, required=True)
+    p.add_argument("--service-key", type=Path, required=True)
+    p.add_argument("--service-client-id")
+    p.add_argument("--json", type=Path, help="write the summary as JSON")
 
     for name in SCENARIOS:
         p = sub.add_parser(name, help=_HELP[name])
@@ -287,10 +304,41 @@ def _fleet_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rotate(args: argparse.Namespace) -> int:
+    """``jitp-sim rotate``: CSR -> reconnect -> commit for N devices, with faults (device_sim.rotate)."""
+    from device_sim.rotate import rotate
+
+    service = _service(args)
+    if service is None:
+        raise SystemExit("jitp-sim: rotate needs --service-cert and --service-key (it counts the events)")
+    devices = list(Fleet.load(args.fleet).take(args.n))
+    report = asyncio.run(
+        rotate(
+            devices,
+            host=args.host,
+            port=args.port,
+            ca=args.ca,
+            service_cert=service.cert,
+            service_key=service.key,
+            service_client_id=service.mqtt_client_id,
+            concurrency=args.concurrency,
+        )
+    )
+    summary = report.to_json()
+    print(json.dumps(summary, indent=2, sort_keys=True))
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2, sort_keys=True))
+    ok = not summary["stranded"] and not summary["duplicate_events"] and not summary["mismatched_events"]
+    return 0 if ok else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "fleet":
         return _fleet_create(args)
+    if args.command == "rotate":
+        raise_fd_limit()
+        return _rotate(args)
     limit = raise_fd_limit()
     lean_tls_buffers()
     try:

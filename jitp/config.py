@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import yaml
 
 from jitp import yamlfiles
+from jitp.crypto.issuer import parse_duration
 from jitp.crypto.keys import default_keys_dir
 from jitp.errors import ConfigError
 
@@ -340,6 +341,33 @@ class NatsConfig:
 
 
 @dataclass(frozen=True)
+class IssuerConfig:
+    """Operational certificates (``$jitp/certificates/<id>/create-from-csr``, jitp.app.certificates)."""
+
+    validity: str = "30d"  # of an operational certificate (s, m, h, d, w); capped at the CA's own expiry
+    commit_window: float = 3600.0  # s a pending certificate may wait for the device to connect with it
+    rate: float = 0.05  # CSR requests per second per device (token bucket); 0: unlimited
+    burst: int = 5  # requests a device may send at once before `rate_limited`
+    max_request_bytes: int = 16 * 1024  # a larger request is answered `payload_too_large`
+    crl_validity: str = "7d"  # nextUpdate of `jitp issuer crl`
+
+    def __post_init__(self) -> None:
+        for name in ("validity", "crl_validity"):
+            try:
+                parse_duration(getattr(self, name))
+            except ValueError as exc:
+                raise ConfigError(str(exc), key=f"issuer.{name}") from None
+        if not self.commit_window > 0 or self.commit_window == float("inf"):
+            raise ConfigError("must be a number of seconds > 0", key="issuer.commit_window")
+        if not self.rate >= 0 or self.rate == float("inf"):
+            raise ConfigError("must be a number >= 0 (0: unlimited)", key="issuer.rate")
+        if self.burst < 1:
+            raise ConfigError("must be at least 1", key="issuer.burst")
+        if not 1024 <= self.max_request_bytes <= 1024 * 1024:
+            raise ConfigError("must be between 1024 and 1048576", key="issuer.max_request_bytes")
+
+
+@dataclass(frozen=True)
 class Config:
     data_dir: Path = Path("var/data")
     templates_dir: Path = Path("config/templates")  # enrollment templates, <name>.yaml
@@ -366,6 +394,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    issuer: IssuerConfig = field(default_factory=IssuerConfig)
     # Explicit roles for single client certificates, by SHA-256 fingerprint (hex, colons allowed):
     # service, auditor, operator or admin. It overrides the role of the CA the certificate chains to.
     roles: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))

@@ -25,6 +25,10 @@ that explain it. Only ``broker_plugins`` maps these to MQTT outcomes (CONNACK co
     │   ├── DeviceBlocked            device_blocked       (record not active)
     │   ├── UnsupportedProtocol      unsupported_protocol (an MQTT version the broker does not speak)
     │   ├── WillNotAllowed           will_not_allowed     (the CONNECT's will topic is outside the namespace)
+    │   ├── CertificateSuperseded    superseded           (an operational certificate replaced by a newer one)
+    │   ├── PendingExpired           pending_expired      (a pending certificate not used within its commit window)
+    │   ├── UnknownOperational       unknown_certificate  (signed by the issuer, but not issued to this id)
+    │   ├── BirthCertificateRetired  birth_retired        (template birth_certificate: retire, after enrollment)
     │   └── LimitExceeded            a connected client's request is refused, a broker limit holds
     │       ├── QueueFull            queue_full           (a session's outgoing queue is full)
     │       ├── RetainedQuota        retained_quota       (per client, or the broker's total)
@@ -33,6 +37,20 @@ that explain it. Only ``broker_plugins`` maps these to MQTT outcomes (CONNACK co
     ├── Unavailable                  the server cannot decide now (CONNACK 3)
     │   ├── RegistryUnavailable      registry_unavailable
     │   └── Overloaded               overloaded           (admission queue full, CA/region over its rate)
+    ├── EnrollmentRejected           a CSR request is answered on .../rejected with this reason; nothing issued
+    │   ├── InvalidCsr               invalid_csr          (not a readable PEM CSR)
+    │   ├── CsrSignatureInvalid      csr_signature_invalid (no proof of possession)
+    │   ├── CaRequested              ca_requested         (basicConstraints CA:TRUE asked for)
+    │   ├── WeakCsrKey               weak_key
+    │   ├── ForbiddenTopic           forbidden_topic      (another device's $jitp/certificates/<id>/...)
+    │   ├── PayloadTooLarge          payload_too_large
+    │   ├── InvalidJson              invalid_json
+    │   ├── MissingField             missing_field
+    │   ├── RateLimited              rate_limited         (issuer.rate per device)
+    │   ├── RequestIdConflict        request_id_conflict  (a request id reused with another key)
+    │   ├── EnrollmentNotAllowed     device_blocked       (the device is not active)
+    │   ├── IssuerMissing            issuer_missing
+    │   └── IssuerExpired            issuer_expired
     ├── ConfigError                  bad configuration (file, line, key)
     │   └── MasterKeyError           the master key cannot be used (the broker refuses to start)
     │       ├── MasterKeyMissing     no key file and no environment variable
@@ -195,6 +213,80 @@ class ProtocolViolation(LimitExceeded):
     reason = "protocol_violation"
 
 
+class CertificateSuperseded(Refused):
+    reason = "superseded"
+
+
+class PendingExpired(Refused):
+    reason = "pending_expired"
+
+
+class UnknownOperational(Refused):
+    reason = "unknown_certificate"
+
+
+class BirthCertificateRetired(Refused):
+    reason = "birth_retired"
+
+
+class EnrollmentRejected(ProvisioningError):
+    """A certificate request refused; the device gets ``reason`` on ``$jitp/certificates/<id>/rejected``."""
+
+    reason = "enrollment_rejected"
+
+
+class InvalidCsr(EnrollmentRejected):
+    reason = "invalid_csr"
+
+
+class CsrSignatureInvalid(EnrollmentRejected):
+    reason = "csr_signature_invalid"
+
+
+class CaRequested(EnrollmentRejected):
+    reason = "ca_requested"
+
+
+class WeakCsrKey(EnrollmentRejected):
+    reason = "weak_key"
+
+
+class ForbiddenTopic(EnrollmentRejected):
+    reason = "forbidden_topic"
+
+
+class PayloadTooLarge(EnrollmentRejected):
+    reason = "payload_too_large"
+
+
+class InvalidJson(EnrollmentRejected):
+    reason = "invalid_json"
+
+
+class MissingField(EnrollmentRejected):
+    reason = "missing_field"
+
+
+class RateLimited(EnrollmentRejected):
+    reason = "rate_limited"
+
+
+class RequestIdConflict(EnrollmentRejected):
+    reason = "request_id_conflict"
+
+
+class EnrollmentNotAllowed(EnrollmentRejected):
+    reason = "device_blocked"
+
+
+class IssuerMissing(EnrollmentRejected):
+    reason = "issuer_missing"
+
+
+class IssuerExpired(EnrollmentRejected):
+    reason = "issuer_expired"
+
+
 class Unavailable(ProvisioningError):
     """The server cannot take the decision now; the client should back off and retry."""
 
@@ -305,6 +397,10 @@ REFUSAL_REASONS: tuple[str, ...] = tuple(
         StaleCrl,
         UnsupportedProtocol,
         WillNotAllowed,
+        CertificateSuperseded,
+        PendingExpired,
+        UnknownOperational,
+        BirthCertificateRetired,
         LimitExceeded,
         QueueFull,
         RetainedQuota,

@@ -39,6 +39,7 @@ from jitp.app.service import ProvisioningService
 from jitp.app.status import fleet_status
 from jitp.domain.alerts import ACK_ACTION, ALERT_ACTION, Alert, AlertKind, alerts_from_audit
 from jitp.domain.audit import AuditDraft, AuditEntry
+from jitp.domain.certificates import CertState, OperationalCertificate
 from jitp.domain.records import Command, DeviceRecord, status_event_type
 from jitp.domain.templates import TemplateSet
 from jitp.registry import Erasure, KeyringStatus, Registry, StatusChange
@@ -193,6 +194,21 @@ class TemplatesReloaded:
     changed: int  # device configurations re-rendered (a config-changed event each)
 
 
+@dataclass(frozen=True)
+class DeviceDetail:
+    """``devices.show``: the record, and its operational certificates (newest first)."""
+
+    record: DeviceRecord
+    certificates: tuple[OperationalCertificate, ...] = ()
+    at: datetime | None = None  # when it was read: a pending certificate past its window reads expired
+
+    def to_json(self) -> dict[str, Any]:
+        states = [(c, c.effective_state(self.at) if self.at else c.state) for c in self.certificates]
+        current = next((c.to_json(self.at) for c, s in states if s is CertState.CURRENT), None)
+        pending = [c.to_json(self.at) for c, s in states if s is CertState.PENDING]
+        return {**self.record.to_json(), "certificates": {"current": current, "pending": pending}}
+
+
 # -- the operation ----------------------------------------------------------------------------------
 A = TypeVar("A")
 R = TypeVar("R")
@@ -283,11 +299,12 @@ async def _devices_list(ctx: Context, _: NoArgs) -> list[DeviceRecord]:
     return await ctx.registry.list_devices()
 
 
-async def _devices_show(ctx: Context, args: DeviceArgs) -> DeviceRecord:
+async def _devices_show(ctx: Context, args: DeviceArgs) -> DeviceDetail:
     record = await ctx.registry.get_device(args.device_id)
     if record is None:
         raise errors.NotFound(f"no device with id {args.device_id!r}")
-    return record
+    certificates = await ctx.registry.device_certificates(record.device_id)
+    return DeviceDetail(record, tuple(certificates), at=ctx.now())
 
 
 def _lifecycle(command: Command) -> Callable[[Context, LifecycleArgs], Awaitable[StatusChange]]:

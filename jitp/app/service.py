@@ -35,9 +35,10 @@ from jitp import errors
 from jitp.app.admission import Gate, JoinRates, Monotonic, RecordCache
 from jitp.config import AdmissionConfig
 from jitp.domain.audit import AuditDraft
+from jitp.domain.certificates import BirthPolicy, CertState
 from jitp.domain.events import ProvisioningEvent
 from jitp.domain.identity import DEFAULT_REGION, DeviceIdentity, ServiceIdentity, derive_service
-from jitp.domain.records import Command, DeviceRecord, ReprovisionPolicy
+from jitp.domain.records import ADMITTED, Command, DeviceRecord, ReprovisionPolicy
 from jitp.domain.templates import EnrollmentTemplate, TemplateSet
 from jitp.observability.port import JoinOutcome, NullObserver, Observer
 from jitp.registry import Erasure, ProvisionOutcome, Registry, StatusChange
@@ -72,6 +73,8 @@ class Admission:
     service: ServiceIdentity | None = None
     created: bool = False
     reprovisioned: bool = False
+    # A factory certificate under ``birth_certificate: enroll_only`` once enrolled: re-enrollment only.
+    enroll_only: bool = False
 
 
 MAX_COALESCED_CAUSES = 10_000  # distinct causes (refusals, coalesced events) held open at once
@@ -170,6 +173,7 @@ class ProvisioningService:
         self._event_waiters: list[Callable[[list[ProvisioningEvent]], None]] = []
         self._trust_listeners: list[Callable[[TrustStore], None]] = []
         self._refresh_lock = asyncio.Lock()
+        self.issuer_ids: frozenset[str] = frozenset()  # operational issuing CAs (jitp.app.certificates)
 
     # -- wiring --------------------------------------------------------------------------
     def on_new_events(self, callback: Callable[[list[ProvisioningEvent]], None]) -> None:
@@ -187,6 +191,7 @@ class ProvisioningService:
                 return False
             anchors = await self.registry.anchors()
             crls = await self.registry.crls()
+            self.issuer_ids = frozenset(await self.registry.issuer_ids())
             self.trust = TrustStore.of(anchors, version=version, crls=crls, stale_crl=self.stale_crl)
             log.info(
                 "trust anchors loaded: %d enabled, %d CRL(s) (version %d)",
@@ -309,6 +314,8 @@ class ProvisioningService:
             "namespace": {"publish": list(namespace.publish), "subscribe": list(namespace.subscribe)},
             "profile": template.profile.to_json(),
         }
+        if "certificate" in record.config:  # the operational certificate's dates stay
+            config["certificate"] = record.config["certificate"]
         return dataclasses.replace(
             record,
             attributes=MappingProxyType(attributes),
@@ -346,14 +353,38 @@ class ProvisioningService:
                     fingerprint=verified.fingerprint,
                     service=service,
                 )
+            if verified.anchor.ca_id in self.issuer_ids:
+                admitted = await self._admit_operational(peer, verified.fingerprint, now)
+                device_id = admitted.record.device_id if admitted.record is not None else None
+                self._observe(JoinOutcome.RECONNECTED, now, started, peer, labels, device_id)
+                return admitted
             template, identity = self.render(verified)
             labels["template"], labels["region"] = template.name, identity.region
             self._bind(peer, identity.device_id, verified.fingerprint)
             cached = self.cache.get(identity.device_id, verified.fingerprint)
             if cached is not None:
+                admitted = await self._birth_policy(
+                    self._admit_cached(peer, cached, now), template.birth_certificate
+                )
                 self._observe(JoinOutcome.RECONNECTED, now, started, peer, labels, identity.device_id)
-                return self._admit_cached(peer, cached, now)
+                return admitted
             outcome = await self._provision(identity, at=now, peer=peer.address, policy=template.reprovision)
+            admitted = Admission(
+                role=Role.DEVICE,
+                client_id=peer.client_id,
+                fingerprint=verified.fingerprint,
+                record=outcome.record,
+                created=outcome.created,
+                reprovisioned=outcome.reprovisioned,
+            )
+            admitted = await self._birth_policy(admitted, template.birth_certificate)
+            joined = (
+                JoinOutcome.PROVISIONED
+                if outcome.created or outcome.reprovisioned
+                else JoinOutcome.RECONNECTED
+            )
+            self._observe(joined, now, started, peer, labels, identity.device_id)
+            return admitted
         except errors.Refused as exc:
             self._observe(JoinOutcome.REFUSED, now, started, peer, labels, reason=exc.reason)
             await self.record_refusal(exc, peer=peer.address, at=now, client_id=peer.client_id, counted=True)
@@ -369,17 +400,46 @@ class ProvisioningService:
                 counted=True,
             )
             raise
-        joined = (
-            JoinOutcome.PROVISIONED if outcome.created or outcome.reprovisioned else JoinOutcome.RECONNECTED
-        )
-        self._observe(joined, now, started, peer, labels, identity.device_id)
+
+    async def _admit_operational(self, peer: PeerCredentials, fingerprint: str, now: datetime) -> Admission:
+        """A certificate of the operational issuing CA: the device it was issued to, for that id only.
+        Its first use commits it (pending -> current, certificate-issued/-rotated event); a superseded,
+        expired or revoked one is refused."""
+        cert = await self.registry.certificate_by_fingerprint(fingerprint)
+        if cert is None:
+            raise errors.UnknownOperational(
+                "the issuing CA signed this certificate, but it is not registered (erased?)",
+                fingerprint=fingerprint,
+            )
+        self._bind(peer, cert.device_id, fingerprint)
+        state = cert.effective_state(now)
+        fields = {"device_id": cert.device_id, "fingerprint": fingerprint}
+        event = None
+        if state is CertState.PENDING:
+            record, cert, event = await self.registry.commit_certificate(
+                cert.certificate_id, at=now, peer=peer.address
+            )
+            if event is not None:
+                log.info("%s device %s", event.type, cert.device_id)
+                self._hand_over([event])
+        elif state is CertState.CURRENT:
+            found = await self.registry.get_device(cert.device_id)
+            if found is None:
+                raise errors.UnknownOperational("the device of this certificate is gone", **fields)
+            record = found
+            self.registry.note_seen(record.device_id, now)
+        elif state is CertState.EXPIRED:
+            raise errors.PendingExpired("this certificate was not used within its commit window", **fields)
+        else:
+            raise errors.CertificateSuperseded(f"this operational certificate is {state}", **fields)
+        if record.status not in ADMITTED:
+            raise errors.DeviceBlocked(f"device {record.device_id!r} is {record.status}", **fields)
         return Admission(
             role=Role.DEVICE,
             client_id=peer.client_id,
-            fingerprint=verified.fingerprint,
-            record=outcome.record,
-            created=outcome.created,
-            reprovisioned=outcome.reprovisioned,
+            fingerprint=fingerprint,
+            record=record,
+            reprovisioned=event is not None,
         )
 
     def _observe(
@@ -406,6 +466,23 @@ class ProvisioningService:
         if resumed:
             log.warning("first joins of CA %s resumed", ca_id)
         return resumed
+
+    async def _birth_policy(self, admitted: Admission, policy: BirthPolicy) -> Admission:
+        """A factory certificate once an operational one is current: as the template's
+        ``birth_certificate`` says (keep: as before; enroll_only: re-enroll only; retire: refused)."""
+        record = admitted.record
+        if policy is BirthPolicy.KEEP or record is None or not self.issuer_ids:
+            return admitted
+        certs = await self.registry.device_certificates(record.device_id)
+        if not any(c.state is CertState.CURRENT for c in certs):
+            return admitted
+        if policy is BirthPolicy.RETIRE:
+            raise errors.BirthCertificateRetired(
+                "this device has an operational certificate; its factory certificate is retired",
+                device_id=record.device_id,
+                fingerprint=admitted.fingerprint,
+            )
+        return dataclasses.replace(admitted, enroll_only=True)
 
     def _admit_cached(self, peer: PeerCredentials, record: DeviceRecord, now: datetime) -> Admission:
         """A reconnect of a cached, admitted record: no registry round trip; last_seen written behind."""

@@ -38,6 +38,7 @@ from jitp.app.operations import (
     LIFECYCLE_SUMMARY,
     OPERATIONS,
     Context,
+    DeviceDetail,
     EraseArgs,
     Operation,
     TemplatesReloaded,
@@ -48,6 +49,7 @@ from jitp.cli.certfiles import MAX_CERT_FILE, MAX_CRL_FILE
 from jitp.cli.certfiles import load_ca_cert as _load_ca_cert
 from jitp.cli.certfiles import load_leaf as _load_leaf
 from jitp.cli.certfiles import read_capped as _read_capped
+from jitp.cli.issuer import add_commands as _issuer_commands
 from jitp.config import DEFAULT_CONFIG, Config, host_port, load_config, replace
 from jitp.crypto.keys import MasterKeyProvider
 from jitp.domain.records import Command, DeviceRecord
@@ -242,14 +244,32 @@ def _show_devices(records: list[DeviceRecord], ns: argparse.Namespace) -> int:
     return 0
 
 
-def _show_device(record: DeviceRecord, ns: argparse.Namespace) -> int:
-    doc = record.to_json()
+def _show_device(detail: DeviceDetail, ns: argparse.Namespace) -> int:
+    doc = detail.to_json()
     if ns.json:
         _print_json(doc)
-    else:
-        for key, value in doc.items():
-            print(f"{key:17} {value}")
+        return 0
+    certificates = doc.pop("certificates")
+    for key, value in doc.items():
+        print(f"{key:17} {value}")
+    _print_certificates(certificates)
     return 0
+
+
+def _print_certificates(certificates: dict[str, Any]) -> None:
+    """The current and pending operational certificates of ``devices show``."""
+    for label, cert in (
+        ("current", certificates["current"]),
+        *(("pending", c) for c in certificates["pending"]),
+    ):
+        if cert is None:
+            print(f"{'op. certificate':17} none (the factory certificate is in use)")
+            continue
+        print(
+            f"{label + ' cert':17} {cert['certificate_id']} fingerprint={cert['fingerprint'][:16]}... "
+            f"not_after={cert['not_after']} renew_after={cert['renew_after']}"
+            + (f" commit_by={cert['commit_by']}" if label == "pending" else "")
+        )
 
 
 def _show_change(change: StatusChange, ns: argparse.Namespace) -> int:
@@ -949,6 +969,8 @@ def build_parser(operations: Mapping[str, Operation[Any, Any]] | None = None) ->
     p.add_argument("--hours", type=float, default=8.0, help="valid for (default 8)")
     data_opts(p)
     p.set_defaults(handler=cmd_console_token)
+
+    _issuer_commands(sub, data_opts, run=_run, actor=_actor, config=_config)
 
     p = sub.add_parser("serve", help="run the broker until SIGINT/SIGTERM")
     data_opts(p)

@@ -166,3 +166,12 @@ def open_payload(key: bytes | None, device_id: str, stored: bytes) -> bytes:
     if key is None:
         raise errors.RegistryUnavailable(f"the data key of {device_id!r} is gone (the device was erased)")
     return _open(key, b"event", device_id, stored)
+
+
+def seal_certificate(key: bytes, device_id: str, der: bytes) -> bytes:
+    """An operational certificate's DER (jitp.crypto.issuer), sealed for its own purpose."""
+    return _seal(key, b"op-cert", device_id, der)
+
+
+def open_certificate(key: bytes, device_id: str, sealed: bytes) -> bytes:
+    return _open(key, b"op-cert", device_id, sealed)

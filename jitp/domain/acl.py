@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from jitp.domain.certificates import certificates_filter, request_topic
 from jitp.domain.records import DeviceRecord, DeviceStatus
 from jitp.trust import Role
 
@@ -139,6 +140,19 @@ def principal_namespace(role: str, client_id: str) -> Namespace:
     return Namespace(publish=admin.publish, subscribe=(ALERTS, *admin.subscribe))
 
 
+def with_certificates(ns: Namespace, device_id: str) -> Namespace:
+    """``ns`` plus the device's own certificate API: publish its CSR requests, read their answers."""
+    return Namespace(
+        publish=(*ns.publish, request_topic(device_id)),
+        subscribe=(*ns.subscribe, certificates_filter(device_id)),
+    )
+
+
+def enrollment_namespace(device_id: str) -> Namespace:
+    """A factory certificate under ``birth_certificate: enroll_only``, once enrolled: re-enroll only."""
+    return with_certificates(NOBODY, device_id)
+
+
 def namespace_for(role: Role, client_id: str, record: DeviceRecord | None) -> Namespace:
     """The namespace an admitted client gets: a principal's by its role; a device's from its record
     (its template's namespace, or the default; quarantined: status and configuration only)."""
@@ -150,5 +164,6 @@ def namespace_for(role: Role, client_id: str, record: DeviceRecord | None) -> Na
         return quarantine_namespace(record.device_id)
     ns = record.config.get("namespace")
     if isinstance(ns, dict):
-        return Namespace(publish=tuple(ns.get("publish", ())), subscribe=tuple(ns.get("subscribe", ())))
-    return device_namespace(record.device_id)
+        own = Namespace(publish=tuple(ns.get("publish", ())), subscribe=tuple(ns.get("subscribe", ())))
+        return with_certificates(own, record.device_id)
+    return with_certificates(device_namespace(record.device_id), record.device_id)

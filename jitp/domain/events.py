@@ -47,7 +47,15 @@ def event_topic(event_type: EventType, device_id: str) -> str:
 
 
 # Events that carry a configuration (re-retained on the device's config topic).
-CONFIG_EVENTS = frozenset({EventType.PROVISIONED, EventType.REPROVISIONED, EventType.CONFIG_CHANGED})
+CONFIG_EVENTS = frozenset(
+    {
+        EventType.PROVISIONED,
+        EventType.REPROVISIONED,
+        EventType.CONFIG_CHANGED,
+        EventType.CERTIFICATE_ISSUED,  # the configuration gains certificate: {not_after, renew_after}
+        EventType.CERTIFICATE_ROTATED,
+    }
+)
 _CONFIG_KEYS = ("device_id", "region", "attributes", "template", "template_version", "namespace", "profile")
 
 
@@ -57,8 +65,12 @@ def config_topic(device_id: str) -> str:
 
 
 def config_payload(doc: dict[str, Any]) -> bytes:
-    """The retained configuration document: the configuration keys of an event or a record."""
-    return json.dumps({k: doc.get(k) for k in _CONFIG_KEYS}, sort_keys=True, separators=(",", ":")).encode()
+    """The retained configuration document: the configuration keys of an event or a record, and
+    ``certificate: {not_after, renew_after}`` once the device has an operational certificate."""
+    config = {k: doc.get(k) for k in _CONFIG_KEYS}
+    if doc.get("certificate"):
+        config["certificate"] = doc["certificate"]
+    return json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
 
 
 def record_config_payload(record: DeviceRecord) -> bytes:

@@ -73,6 +73,8 @@ class EventType(enum.StrEnum):
     DEPROVISIONED = "deprovisioned"
     ALLOWED = "allowed"
     ERASED = "erased"
+    CERTIFICATE_ISSUED = "certificate-issued"  # a device's first operational certificate committed
+    CERTIFICATE_ROTATED = "certificate-rotated"  # a renewal committed (old and new fingerprints)
 
 
 class ReprovisionPolicy(enum.StrEnum):

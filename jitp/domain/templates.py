@@ -42,6 +42,7 @@ from cryptography.x509.oid import NameOID
 
 from jitp import errors, yamlfiles
 from jitp.domain.acl import Namespace, status_topic, valid_filter
+from jitp.domain.certificates import BirthPolicy
 from jitp.domain.identity import DeviceIdentity, check_device_id, id_problem
 from jitp.domain.records import ReprovisionPolicy
 from jitp.trust import VerifiedChain
@@ -302,6 +303,8 @@ class EnrollmentTemplate:
     subscribe: tuple[str, ...] = DEFAULT_SUBSCRIBE
     profile: Profile = field(default_factory=Profile)
     reprovision: ReprovisionPolicy = ReprovisionPolicy.REJECT
+    # Once an operational certificate is current: may the factory certificate still connect?
+    birth_certificate: BirthPolicy = BirthPolicy.KEEP
 
     def render(self, verified: VerifiedChain, *, default_region: str) -> DeviceIdentity:
         """Certificate -> DeviceIdentity, or a Refused with the precise reason."""
@@ -434,7 +437,10 @@ def load_template(path: Path) -> EnrollmentTemplate:
         root,
         where,
         "",
-        {"name", "version", "device_id", "attributes", "region", "namespace", "profile", "reprovision"},
+        {
+            *("name", "version", "device_id", "attributes", "region", "namespace", "profile"),
+            *("reprovision", "birth_certificate"),
+        },
     )
     name = str(top["name"][1]) if "name" in top else path.stem
     if name != path.stem:
@@ -514,6 +520,14 @@ def load_template(path: Path) -> EnrollmentTemplate:
             raise _err(
                 where, top["reprovision"][0], "reprovision", "must be reject, rotate or reset"
             ) from None
+    birth = BirthPolicy.KEEP
+    if "birth_certificate" in top:
+        try:
+            birth = BirthPolicy(str(top["birth_certificate"][1]))
+        except ValueError:
+            raise _err(
+                where, top["birth_certificate"][0], "birth_certificate", "must be keep, enroll_only or retire"
+            ) from None
     return EnrollmentTemplate(
         name=name,
         version=version,
@@ -524,6 +538,7 @@ def load_template(path: Path) -> EnrollmentTemplate:
         subscribe=subscribe,
         profile=profile,
         reprovision=reprovision,
+        birth_certificate=birth,
     )
 
 

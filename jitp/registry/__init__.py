@@ -24,6 +24,7 @@ from typing import Protocol
 from jitp import errors
 from jitp.crypto import privacy
 from jitp.domain.audit import AuditDraft, AuditEntry
+from jitp.domain.certificates import CertState, OperationalCertificate
 from jitp.domain.events import ProvisioningEvent, lifecycle_event, new_event_id, provisioned_event
 from jitp.domain.identity import DeviceIdentity
 from jitp.domain.records import (
@@ -264,6 +265,37 @@ class Registry(Protocol):
         has passed it, so a sink that is behind (NATS down) still publishes it in full.
         """
         ...
+
+    # -- the operational issuing CA and its certificates (jitp.app.certificates) ---------------
+    async def store_issuer(self, anchor: TrustAnchor, key_der: bytes, *, audit: AuditDraft) -> TrustAnchor:
+        """Make ``anchor`` the active issuer (key sealed under the master key; a device trust anchor)."""
+        ...
+
+    async def issuer(self) -> tuple[bytes, bytes] | None:
+        """The active issuer's certificate DER and private key DER; None without one."""
+        ...
+
+    async def issuer_ids(self) -> set[str]: ...
+
+    async def certificate_by_fingerprint(self, fingerprint: str) -> OperationalCertificate | None: ...
+
+    async def device_certificates(self, device_id: str) -> list[OperationalCertificate]: ...
+
+    async def certificates_in(self, states: Sequence[CertState]) -> list[OperationalCertificate]: ...
+
+    async def add_certificate(
+        self, cert: OperationalCertificate, *, audit: AuditDraft
+    ) -> tuple[OperationalCertificate, bool]:
+        """Store a pending certificate; the existing one (and False) for a request id already used."""
+        ...
+
+    async def commit_certificate(
+        self, certificate_id: str, *, at: datetime, peer: str | None
+    ) -> tuple[DeviceRecord, OperationalCertificate, ProvisioningEvent | None]: ...
+
+    async def expire_certificates(self, *, at: datetime) -> list[OperationalCertificate]: ...
+
+    async def revoked_serials(self, issuer_id: str) -> list[tuple[int, datetime]]: ...
 
     # -- audit ---------------------------------------------------------------------------
     async def append_audit(self, drafts: Sequence[AuditDraft]) -> None: ...

@@ -36,13 +36,16 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, Protocol, Self, TypeVar
 
+from cryptography import x509
+
 from jitp import errors
 from jitp.crypto import envelope, privacy
 from jitp.crypto.keys import MasterKeyProvider, require_kids
 from jitp.domain.audit import GENESIS_HASH, AuditDraft, AuditEntry, chain
+from jitp.domain.certificates import CertState, OperationalCertificate, certificate_config
 from jitp.domain.events import ProvisioningEvent, lifecycle_event, new_event_id, provisioned_event
 from jitp.domain.identity import DeviceIdentity
-from jitp.domain.records import Command, DeviceRecord, DeviceStatus, EventType, ReprovisionPolicy
+from jitp.domain.records import ADMITTED, Command, DeviceRecord, DeviceStatus, EventType, ReprovisionPolicy
 from jitp.registry import (
     Erasure,
     FleetStats,
@@ -58,7 +61,7 @@ from jitp.registry import (
     seal_anonymous,
 )
 from jitp.registry.schema import ColumnTypes, migrations
-from jitp.trust import Role, TrustAnchor
+from jitp.trust import Role, TrustAnchor, fingerprint_der
 
 log = logging.getLogger(__name__)
 
@@ -754,6 +757,8 @@ class RegistryCore:
                 await tx.execute(
                     "UPDATE devices SET status = ? WHERE device_id = ?", change.record.status, device_id
                 )
+            if command is Command.REVOKE:  # its operational certificates go into the issuer's CRL
+                await self._revoke_certificates(tx, device_id, at)
             await self._log(tx, [change.event] if change.event else [], [draft], {device_id: key})
             return change
 
@@ -794,6 +799,10 @@ class RegistryCore:
                 raise errors.NotFound("no device holds this certificate")  # reprovisioned meanwhile
             rows = await tx.fetch("SELECT sealed_fp FROM cert_history WHERE device_id = ?", target)
             old = {envelope.open_fingerprint(key, target, bytes(r[0])) for r in rows}
+            # Operational certificates: tombstoned like the birth certificate, listed in the CRL, deleted.
+            ops = await tx.fetch(f"SELECT {_OP_COLUMNS} FROM op_certs WHERE device_id = ?", target)
+            old |= {self._open_op(r, key).fingerprint for r in ops}
+            await self._revoke_certificates(tx, target, at)
             await tx.executemany(
                 "INSERT INTO tombstones (ref, erased_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
                 [
@@ -802,7 +811,10 @@ class RegistryCore:
                 ],
             )
             # Everything else about the device goes (SQLite's secure_delete overwrites the freed pages).
-            for table in ("outbox", "cert_history", "devices", *(() if apart else ("keyring.data_keys",))):
+            for table in (
+                *("outbox", "cert_history", "op_certs", "devices"),
+                *(() if apart else ("keyring.data_keys",)),
+            ):
                 await tx.execute(f"DELETE FROM {table} WHERE device_id = ?", target)
             previous = str(record.status)
             event = lifecycle_event(
@@ -1266,3 +1278,303 @@ class RegistryCore:
             )
             group.drafts.append((i, draft))
         return group
+
+    # -- the operational issuing CA and its certificates (jitp.crypto.issuer) ------------------
+    async def store_issuer(self, anchor: TrustAnchor, key_der: bytes, *, audit: AuditDraft) -> TrustAnchor:
+        """Make ``anchor`` the active issuing CA: its key wrapped under the primary master key (in the
+        keyring, re-wrapped by key rotation), the CA registered as a device trust anchor, audited."""
+        stored = dataclasses.replace(anchor, enabled=True, registered_at=anchor.registered_at or audit.at)
+        name = f"issuer:{anchor.ca_id}"
+
+        async def body(tx: Tx) -> TrustAnchor:
+            primary = await self._primary(tx)
+            wrapped = envelope.wrap_registry_key(self._keys, primary, name, key_der)
+            await tx.execute(
+                "INSERT INTO keyring.registry_keys (name, kid, wrapped) VALUES (?, ?, ?) ON CONFLICT (name) "
+                "DO UPDATE SET kid = excluded.kid, wrapped = excluded.wrapped",
+                *(name, primary, wrapped),
+            )
+            await tx.execute("UPDATE issuers SET active = ?", False)
+            await tx.execute(
+                "INSERT INTO issuers (ca_id, cert_der, active, created_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (ca_id) DO UPDATE SET active = excluded.active",
+                *(anchor.ca_id, anchor.cert_der, True, audit.at),
+            )
+            rows = await tx.fetch(
+                f"INSERT INTO anchors ({', '.join(_ANCHOR)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (ca_id) "
+                f"DO UPDATE SET role = excluded.role, enabled = excluded.enabled RETURNING {', '.join(_ANCHOR)}",
+                *(getattr(stored, n) for n in _ANCHOR),
+            )
+            await self._bump(tx, "trust_version")
+            await self._log(tx, [], [audit], {})
+            return self._anchor(rows[0])
+
+        return await self._write(body)
+
+    async def issuer(self) -> tuple[bytes, bytes] | None:
+        """The active issuing CA as (certificate DER, private key PKCS#8 DER); None without one."""
+        rows = await self._fetch("SELECT ca_id, cert_der FROM issuers WHERE active = ?", True)
+        if not rows:
+            return None
+        ca_id, cert_der = str(rows[0][0]), bytes(rows[0][1])
+        name = f"issuer:{ca_id}"
+        keys = await self._fetch("SELECT kid, wrapped FROM keyring.registry_keys WHERE name = ?", name)
+        if not keys:
+            raise errors.RegistryUnavailable(f"the issuing CA {ca_id} has no key in the keyring")
+        return cert_der, envelope.unwrap_registry_key(self._keys, str(keys[0][0]), name, bytes(keys[0][1]))
+
+    async def issuer_ids(self) -> set[str]:
+        """Every issuing CA ever made here (certificates of an inactive one still connect until they expire)."""
+        return {str(r[0]) for r in await self._fetch("SELECT ca_id FROM issuers")}
+
+    def _open_op(self, row: Row, key: bytes) -> OperationalCertificate:
+        (
+            cid,
+            device_id,
+            request_id,
+            issuer_id,
+            serial,
+            state,
+            issued_at,
+            not_after,
+            commit_by,
+            changed,
+            sealed,
+        ) = row
+        der = envelope.open_certificate(key, str(device_id), bytes(sealed))
+        cert = x509.load_der_x509_certificate(der)
+        return OperationalCertificate(
+            certificate_id=str(cid),
+            device_id=str(device_id),
+            request_id=str(request_id),
+            issuer_id=str(issuer_id),
+            fingerprint=fingerprint_der(der),
+            serial=int(str(serial), 16),
+            state=CertState(state),
+            issued_at=timestamp(issued_at),
+            not_before=cert.not_valid_before_utc,
+            not_after=timestamp(not_after),
+            commit_by=timestamp(commit_by),
+            changed_at=timestamp(changed) if changed is not None else None,
+            cert_der=der,
+        )
+
+    async def _device_key(self, tx: Tx | None, device_id: str) -> bytes | None:
+        rows = await (tx.fetch if tx is not None else self._fetch)(_DATA_KEYS, [device_id])
+        return self._unwrap(rows).get(device_id)
+
+    async def certificate_by_fingerprint(self, fingerprint: str) -> OperationalCertificate | None:
+        index = envelope.fingerprint_index(self._index_key, fingerprint)
+        for row in await self._fetch(f"SELECT {_OP_COLUMNS} FROM op_certs WHERE fp_index = ?", index):
+            key = await self._device_key(None, str(row[1]))
+            if key is not None and (op := self._open_op(row, key)).fingerprint == fingerprint:
+                return op
+        return None
+
+    async def device_certificates(self, device_id: str) -> list[OperationalCertificate]:
+        """A device's operational certificates, newest first."""
+        key = await self._device_key(None, device_id)
+        if key is None:
+            return []
+        rows = await self._fetch(
+            f"SELECT {_OP_COLUMNS} FROM op_certs WHERE device_id = ? ORDER BY issued_at DESC", device_id
+        )
+        return [self._open_op(r, key) for r in rows]
+
+    async def certificates_in(self, states: Sequence[CertState]) -> list[OperationalCertificate]:
+        rows = await self._fetch(
+            f"SELECT {_OP_COLUMNS} FROM op_certs WHERE state = ANY(?)", [str(s) for s in states]
+        )
+        ids = sorted({str(r[1]) for r in rows})
+        keys = self._unwrap(await self._fetch(_DATA_KEYS, ids)) if ids else {}
+        return [self._open_op(r, keys[str(r[1])]) for r in rows if str(r[1]) in keys]
+
+    async def add_certificate(
+        self, cert: OperationalCertificate, *, audit: AuditDraft
+    ) -> tuple[OperationalCertificate, bool]:
+        """Store a newly issued (pending) certificate, unless the device already has one for the same
+        request id: then that one is returned (False) and ``cert`` is dropped, never stored."""
+
+        async def body(tx: Tx) -> tuple[OperationalCertificate, bool]:
+            record, key = await self._lock_record(tx, cert.device_id)
+            if record.status not in ADMITTED:
+                raise errors.EnrollmentNotAllowed(f"device {record.device_id!r} is {record.status}")
+            rows = await tx.fetch(
+                f"SELECT {_OP_COLUMNS} FROM op_certs WHERE device_id = ? AND request_id = ?",
+                *(cert.device_id, cert.request_id),
+            )
+            if rows:
+                return self._open_op(rows[0], key), False
+            await tx.execute(
+                f"INSERT INTO op_certs ({_OP_COLUMNS}, fp_index) VALUES ({', '.join('?' * 12)})",
+                *_op_values(cert),
+                envelope.seal_certificate(key, cert.device_id, cert.cert_der),
+                envelope.fingerprint_index(self._index_key, cert.fingerprint),
+            )
+            await self._log(tx, [], [audit], {cert.device_id: key})
+            return cert, True
+
+        return await self._write(body)
+
+    async def commit_certificate(
+        self, certificate_id: str, *, at: datetime, peer: str | None
+    ) -> tuple[DeviceRecord, OperationalCertificate, ProvisioningEvent | None]:
+        """The device connected with its pending certificate: it becomes current (the previous current
+        one superseded), the record's retained configuration gets its ``certificate`` entry, and a
+        certificate-issued (first) or certificate-rotated event carries both fingerprints. Idempotent:
+        committing the current certificate again changes nothing (no event). PendingExpired past the
+        commit window; CertificateSuperseded for any other state."""
+
+        async def body(tx: Tx) -> tuple[DeviceRecord, OperationalCertificate, ProvisioningEvent | None]:
+            rows = await tx.fetch("SELECT device_id FROM op_certs WHERE certificate_id = ?", certificate_id)
+            if not rows:
+                raise errors.UnknownOperational("this certificate is not (or no longer) registered")
+            device_id = str(rows[0][0])
+            record, key = await self._lock_record(tx, device_id)
+            mine = [
+                self._open_op(r, key)
+                for r in await tx.fetch(
+                    f"SELECT {_OP_COLUMNS} FROM op_certs WHERE device_id = ? ORDER BY issued_at", device_id
+                )
+            ]
+            cert = next(c for c in mine if c.certificate_id == certificate_id)
+            if cert.state is CertState.CURRENT:
+                return record, cert, None
+            fields = {"device_id": device_id, "fingerprint": cert.fingerprint}
+            if cert.effective_state(at) is CertState.EXPIRED:
+                raise errors.PendingExpired(
+                    "this certificate was not used within its commit window", **fields
+                )
+            if cert.state is not CertState.PENDING:
+                raise errors.CertificateSuperseded(f"this certificate is {cert.state}", **fields)
+            previous = next((c for c in mine if c.state is CertState.CURRENT), None)
+            old_fp = previous.fingerprint if previous is not None else record.cert_fingerprint
+            await tx.execute(
+                "UPDATE op_certs SET state = ?, changed_at = ? WHERE device_id = ? AND state = ?",
+                *(str(CertState.SUPERSEDED), at, device_id, str(CertState.CURRENT)),
+            )
+            # Other pending ones (earlier requests never used) can no longer be committed.
+            await tx.execute(
+                "UPDATE op_certs SET state = ?, changed_at = ? WHERE device_id = ? AND state = ? "
+                "AND certificate_id <> ?",
+                *(str(CertState.EXPIRED), at, device_id, str(CertState.PENDING), certificate_id),
+            )
+            await tx.execute(
+                "UPDATE op_certs SET state = ?, changed_at = ? WHERE certificate_id = ?",
+                *(str(CertState.CURRENT), at, certificate_id),
+            )
+            cert = dataclasses.replace(cert, state=CertState.CURRENT, changed_at=at)
+            config = {**dict(record.config), "certificate": certificate_config(cert)}
+            record = dataclasses.replace(record, config=MappingProxyType(config))
+            await tx.execute(
+                "UPDATE devices SET sealed = ? WHERE device_id = ?",
+                envelope.seal_record(key, record),
+                device_id,
+            )
+            kind = EventType.CERTIFICATE_ROTATED if previous is not None else EventType.CERTIFICATE_ISSUED
+            extra = {
+                "previous_fingerprint": old_fp,
+                "new_fingerprint": cert.fingerprint,
+                "certificate_id": cert.certificate_id,
+                "certificate": certificate_config(cert),
+            }
+            event = provisioned_event(record, event_id=new_event_id(), at=at, type=kind, **extra)
+            details = {
+                "certificate_id": cert.certificate_id,
+                "previous_fingerprint": old_fp,
+                "event_id": event.event_id,
+            }
+            draft = AuditDraft(
+                at=at,
+                action=str(kind),
+                actor="device",
+                device_id=device_id,
+                fingerprint=cert.fingerprint,
+                peer=peer,
+                details=MappingProxyType(details),
+            )
+            await self._log(tx, [event], [draft], {device_id: key})
+            return record, cert, event
+
+        return await self._write(body)
+
+    async def expire_certificates(self, *, at: datetime) -> list[OperationalCertificate]:
+        """Mark pending certificates past their commit window expired, each audited."""
+        rows = await self._fetch(
+            f"SELECT {_OP_COLUMNS} FROM op_certs WHERE state = ? AND commit_by < ?",
+            str(CertState.PENDING),
+            at,
+        )
+        ids = sorted({str(r[1]) for r in rows})
+        keys = self._unwrap(await self._fetch(_DATA_KEYS, ids)) if ids else {}
+        due = [self._open_op(r, keys[str(r[1])]) for r in rows if str(r[1]) in keys]
+        if not due:
+            return []
+
+        async def body(tx: Tx) -> list[OperationalCertificate]:
+            ids = sorted(c.certificate_id for c in due)
+            changed = await tx.fetch(
+                "UPDATE op_certs SET state = ?, changed_at = ? WHERE certificate_id = ANY(?) AND state = ? "
+                "RETURNING certificate_id",
+                *(str(CertState.EXPIRED), at, ids, str(CertState.PENDING)),
+            )
+            done = {str(r[0]) for r in changed}
+            expired = [c for c in due if c.certificate_id in done]
+            keys = self._unwrap(await tx.fetch(_DATA_KEYS, sorted({c.device_id for c in expired})))
+            drafts = [
+                AuditDraft(
+                    at=at,
+                    action="certificate-expired",
+                    actor="broker",
+                    device_id=c.device_id,
+                    fingerprint=c.fingerprint,
+                    reason="pending_expired",
+                    details=MappingProxyType({"certificate_id": c.certificate_id}),
+                )
+                for c in expired
+                if c.device_id in keys
+            ]
+            await self._log(tx, [], drafts, keys)
+            return expired
+
+        return await self._write(body)
+
+    async def revoked_serials(self, issuer_id: str) -> list[tuple[int, datetime]]:
+        rows = await self._fetch(
+            "SELECT serial, revoked_at FROM issuer_revocations WHERE issuer_id = ? ORDER BY serial", issuer_id
+        )
+        return [(int(str(s), 16), timestamp(at)) for s, at in rows]
+
+    @staticmethod
+    async def _revoke_certificates(tx: Tx, device_id: str, at: datetime) -> None:
+        """List every certificate of the device in its issuer's CRL (revocations outlive the rows)."""
+        await tx.execute(
+            "INSERT INTO issuer_revocations (issuer_id, serial, revoked_at) SELECT issuer_id, serial, ? "
+            "FROM op_certs WHERE device_id = ? AND state <> ? ON CONFLICT DO NOTHING",
+            *(at, device_id, str(CertState.EXPIRED)),
+        )
+        await tx.execute(
+            "UPDATE op_certs SET state = ?, changed_at = ? WHERE device_id = ? AND state IN (?, ?)",
+            *(str(CertState.REVOKED), at, device_id, str(CertState.PENDING), str(CertState.CURRENT)),
+        )
+
+
+_OP_COLUMNS = (
+    "certificate_id, device_id, request_id, issuer_id, serial, state, issued_at, not_after, commit_by, "
+    "changed_at, sealed"
+)
+
+
+def _op_values(c: OperationalCertificate) -> tuple[Any, ...]:
+    return (
+        c.certificate_id,
+        c.device_id,
+        c.request_id,
+        c.issuer_id,
+        format(c.serial, "x"),
+        str(c.state),
+        c.issued_at,
+        c.not_after,
+        c.commit_by,
+        c.changed_at,
+    )

@@ -78,6 +78,24 @@ _TEMPLATES: tuple[str, ...] = (
     CREATE TABLE cert_history (device_id TEXT NOT NULL, fp_index TEXT NOT NULL, sealed_fp {blob} NOT NULL,
         superseded_at {time} NOT NULL, PRIMARY KEY (device_id, fp_index));
     """,
+    # 4: the operational issuing CA (jitp.crypto.issuer) and the certificates it issued. The CA's key is
+    # wrapped under the master key like the registry keys (keyring.registry_keys, name
+    # "issuer:<ca_id>"), so key rotation re-wraps it too. A certificate's DER and fingerprint are
+    # sealed under its device's data key (erasure shreds them); its serial stays in clear for the CRL,
+    # and revocations outlive the rows (an erased device's certificates stay listed).
+    """
+    CREATE TABLE issuers (ca_id TEXT PRIMARY KEY, cert_der {blob} NOT NULL, active {flag},
+        created_at {time} NOT NULL);
+    CREATE TABLE op_certs (certificate_id TEXT PRIMARY KEY, device_id TEXT NOT NULL, request_id TEXT NOT NULL,
+        issuer_id TEXT NOT NULL, fp_index TEXT NOT NULL, serial TEXT NOT NULL, state TEXT NOT NULL,
+        issued_at {time} NOT NULL, not_after {time} NOT NULL, commit_by {time} NOT NULL,
+        changed_at {time}, sealed {blob} NOT NULL);
+    CREATE UNIQUE INDEX op_certs_request ON op_certs (device_id, request_id);
+    CREATE INDEX op_certs_fp_index ON op_certs (fp_index);
+    CREATE INDEX op_certs_device ON op_certs (device_id);
+    CREATE TABLE issuer_revocations (issuer_id TEXT NOT NULL, serial TEXT NOT NULL,
+        revoked_at {time} NOT NULL, PRIMARY KEY (issuer_id, serial));
+    """,
 )
 
 

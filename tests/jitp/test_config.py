@@ -517,6 +517,14 @@ VALID: dict[str, dict[str, st.SearchStrategy[Any]]] = {
             for k in ("expiry_ca_days", "expiry_crl_hours", "expiry_device_days")
         },
     },
+    "issuer": {
+        "validity": st.sampled_from(["30d", "12h", "3600", "1.5w"]),
+        "commit_window": st.floats(min_value=1.0, max_value=86400.0),
+        "rate": st.floats(min_value=0.0, max_value=100.0),
+        "burst": st.integers(min_value=1, max_value=1000),
+        "max_request_bytes": st.integers(min_value=1024, max_value=1024 * 1024),
+        "crl_validity": st.sampled_from(["7d", "1d", "86400"]),
+    },
 }
 SECTIONS = (
     "listener",
@@ -531,6 +539,7 @@ SECTIONS = (
     "metrics",
     "logging",
     "alerts",
+    "issuer",
 )
 
 

@@ -481,7 +481,7 @@ def test_version_2_registry_is_sealed_on_upgrade(postgres: Backend, keys_a: Mast
     async def body() -> None:
         await build_v2()
         async with make(postgres, LocalKeys([keys_a])) as registry:
-            assert await registry.schema_version() == len(pg_registry.MIGRATIONS) == 3
+            assert await registry.schema_version() == len(pg_registry.MIGRATIONS) == 4  # 4: operational certificates
             assert await registry.get_device("legacy-dev") == record
             assert await registry.find_by_fingerprint(current.cert_fingerprint) == record
             events = await registry.events()

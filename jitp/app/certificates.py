@@ -1,0 +1,279 @@
+"""Operational certificates over MQTT: ``$jitp/certificates/<device_id>/create-from-csr``.
+
+A connected device publishes ``{"request_id": "...", "csr": "<PEM>"}``; the answer goes to
+``$jitp/certificates/<device_id>/accepted`` (``request_id, certificate_pem, chain_pem,
+certificate_id, not_after``) or ``.../rejected`` (``request_id, reason, message``, a stable reason:
+see :class:`~jitp.errors.EnrollmentRejected`). Nothing is issued for a rejected request. The new
+certificate is *pending* until the device connects with it (:meth:`ProvisioningService.admit`
+commits it), or until ``issuer.commit_window`` passes. The same ``request_id`` returns the same
+pending certificate (an answer lost on the way is asked for again, never minted twice).
+
+It never imports amqtt: the broker hands over (admission, topic, payload) and routes the answer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from types import MappingProxyType
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from jitp import errors
+from jitp.app.admission import KeyedBuckets, Monotonic
+from jitp.app.service import Admission, ProvisioningService
+from jitp.config import IssuerConfig
+from jitp.crypto.issuer import (
+    Signer,
+    build_crl,
+    build_operational,
+    load_signer,
+    parse_csr,
+    parse_duration,
+    same_public_key,
+)
+from jitp.domain.audit import AuditDraft
+from jitp.domain.certificates import CertState, OperationalCertificate, answer_topic, request_topic
+from jitp.trust import fingerprint_der
+
+log = logging.getLogger("jitp.certificates")
+
+MAX_REQUEST_ID = 128
+SignerFactory = Callable[[bytes, bytes], Signer]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What the broker publishes (QoS 1) in reply to one request."""
+
+    topic: str
+    payload: bytes
+    reason: str | None  # None: accepted
+
+    @property
+    def accepted(self) -> bool:
+        return self.reason is None
+
+
+class CertificateService:
+    """Signs device CSRs with the active issuing CA (behind a :class:`Signer`)."""
+
+    def __init__(
+        self,
+        service: ProvisioningService,
+        config: IssuerConfig,
+        *,
+        signer_factory: SignerFactory = load_signer,
+        monotonic: Monotonic = time.monotonic,
+    ) -> None:
+        self.service = service
+        self.config = config
+        self.validity = parse_duration(config.validity, what="issuer.validity")
+        self.commit_window = timedelta(seconds=config.commit_window)
+        self.rates = KeyedBuckets(config.rate, config.burst, clock=monotonic)
+        self._signer_factory = signer_factory
+        self._signer: tuple[bytes, Signer] | None = None  # by the CA certificate's DER
+        self._audited_floods: dict[str, float] = {}
+        self._monotonic = monotonic
+
+    async def signer(self) -> Signer:
+        """The active issuer's signer (IssuerMissing without one); rebuilt when the issuer changes."""
+        found = await self.service.registry.issuer()
+        if found is None:
+            raise errors.IssuerMissing("no issuing CA is configured (jitp issuer init)")
+        cert_der, key_der = found
+        if self._signer is None or self._signer[0] != cert_der:
+            self._signer = (cert_der, self._signer_factory(cert_der, key_der))
+        return self._signer[1]
+
+    # -- one request -------------------------------------------------------------------------
+    async def handle(
+        self, admission: Admission, topic: str, payload: bytes, *, allowed: bool, peer: str | None = None
+    ) -> Answer:
+        """Answer one request from ``admission``'s device; ``allowed``: the topic ACL let it publish;
+        ``peer``: its address, for the audit trail."""
+        device_id = admission.record.device_id if admission.record is not None else admission.client_id
+        # Echoed in every answer it can be read from, so that the device can match even a rejection.
+        request_id = _peek_request_id(payload) if len(payload) <= self.config.max_request_bytes else None
+        now = self.service.clock()
+        try:
+            if not allowed or topic != request_topic(device_id):
+                raise errors.ForbiddenTopic(
+                    f"a device may only send requests to {request_topic(device_id)}", detail=topic[:160]
+                )
+            if len(payload) > self.config.max_request_bytes:
+                raise errors.PayloadTooLarge(
+                    f"request of {len(payload)} bytes is over the limit of {self.config.max_request_bytes}"
+                )
+            if not self.rates.unlimited and not self.rates.bucket(device_id).take():
+                raise errors.RateLimited(
+                    f"over issuer.rate ({self.config.rate:g}/s, burst {self.config.burst}); retry later"
+                )
+            request_id, csr_pem = _parse(payload)
+            cert, issued = await self._issue(device_id, request_id, csr_pem, now=now, peer=peer)
+        except (errors.EnrollmentRejected, errors.Unavailable) as exc:
+            await self._audit_rejection(device_id, exc, request_id=request_id, now=now, peer=peer)
+            body = {"request_id": request_id, "reason": exc.reason, "message": exc.message}
+            return Answer(answer_topic(device_id, accepted=False), _json(body), exc.reason)
+        signer = await self.signer()
+        body = {
+            "request_id": request_id,
+            "certificate_pem": x509.load_der_x509_certificate(cert.cert_der)
+            .public_bytes(Encoding.PEM)
+            .decode(),
+            "chain_pem": signer.certificate.public_bytes(Encoding.PEM).decode(),
+            "certificate_id": cert.certificate_id,
+            "not_after": cert.not_after.isoformat(),
+            "renew_after": cert.renew_after.isoformat(),
+            "commit_by": cert.commit_by.isoformat(),
+        }
+        log.info(
+            "%s certificate %s for %s", "issued" if issued else "re-sent", cert.certificate_id, device_id
+        )
+        return Answer(answer_topic(device_id, accepted=True), _json(body), None)
+
+    async def _issue(
+        self, device_id: str, request_id: str, csr_pem: str, *, now: datetime, peer: str | None
+    ) -> tuple[OperationalCertificate, bool]:
+        signer = await self.signer()
+        ca = signer.certificate
+        if now >= ca.not_valid_after_utc:
+            raise errors.IssuerExpired(f"the issuing CA expired at {ca.not_valid_after_utc.isoformat()}")
+        csr = parse_csr(csr_pem)
+        for known in await self.service.registry.device_certificates(device_id):
+            if known.request_id != request_id:
+                continue
+            cert = x509.load_der_x509_certificate(known.cert_der)
+            if not same_public_key(cert, csr):
+                raise errors.RequestIdConflict("this request_id was used with another key; use a new one")
+            if known.effective_state(now) in (CertState.PENDING, CertState.CURRENT):
+                return known, False
+            raise errors.RequestIdConflict(
+                f"the certificate of this request_id is {known.effective_state(now)}"
+            )
+        cert = build_operational(signer, csr, device_id=device_id, validity=self.validity, now=now)
+        der = cert.public_bytes(Encoding.DER)
+        op = OperationalCertificate(
+            certificate_id=uuid.uuid4().hex,
+            device_id=device_id,
+            request_id=request_id,
+            issuer_id=fingerprint_der(ca.public_bytes(Encoding.DER)),
+            fingerprint=fingerprint_der(der),
+            serial=cert.serial_number,
+            state=CertState.PENDING,
+            issued_at=now,
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+            commit_by=now + self.commit_window,
+            changed_at=None,
+            cert_der=der,
+        )
+        draft = AuditDraft(
+            at=now,
+            action="certificate-requested",
+            actor="device",
+            device_id=device_id,
+            fingerprint=op.fingerprint,
+            peer=peer,
+            details=MappingProxyType(
+                {
+                    "certificate_id": op.certificate_id,
+                    "request_id": request_id[:MAX_REQUEST_ID],
+                    "commit_by": op.commit_by.isoformat(),
+                    "not_after": op.not_after.isoformat(),
+                }
+            ),
+        )
+        stored, issued = await self.service.registry.add_certificate(op, audit=draft)
+        if issued:
+            return stored, True
+        if not same_public_key(x509.load_der_x509_certificate(stored.cert_der), csr):
+            raise errors.RequestIdConflict("this request_id was used with another key; use a new one")
+        return stored, False
+
+    async def _audit_rejection(
+        self,
+        device_id: str,
+        exc: errors.EnrollmentRejected | errors.Unavailable,
+        *,
+        request_id: str | None,
+        now: datetime,
+        peer: str | None,
+    ) -> None:
+        """Every rejection is audited; a flood (rate_limited) at most once a second per device."""
+        if isinstance(exc, errors.RateLimited):
+            last = self._audited_floods.get(device_id)
+            tick = self._monotonic()
+            if last is not None and tick - last < 1.0:
+                return
+            if len(self._audited_floods) > 10_000:
+                self._audited_floods.clear()
+            self._audited_floods[device_id] = tick
+        details = {"message": exc.message[:200]}
+        if request_id is not None:
+            details["request_id"] = request_id[:MAX_REQUEST_ID]
+        log.warning("certificate request of %s rejected: %s (%s)", device_id, exc.reason, exc.message)
+        try:
+            await self.service.registry.append_audit(
+                [
+                    AuditDraft(
+                        at=now,
+                        action="certificate-rejected",
+                        actor="device",
+                        device_id=device_id,
+                        reason=exc.reason,
+                        peer=peer,
+                        details=MappingProxyType(details),
+                    )
+                ]
+            )
+        except errors.ProvisioningError as audit_exc:
+            log.error("could not audit a rejected certificate request: %s", audit_exc)
+
+    # -- operator views ----------------------------------------------------------------------
+    async def crl(self, *, now: datetime) -> x509.CertificateRevocationList:
+        """A signed CRL of every certificate the active issuer revoked."""
+        signer = await self.signer()
+        issuer_id = fingerprint_der(signer.certificate.public_bytes(Encoding.DER))
+        revoked = await self.service.registry.revoked_serials(issuer_id)
+        return build_crl(signer, revoked, now=now, next_update=parse_duration(self.config.crl_validity))
+
+
+def _json(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _peek_request_id(payload: bytes) -> str | None:
+    try:
+        doc = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    value = doc.get("request_id") if isinstance(doc, dict) else None
+    if isinstance(value, str) and 0 < len(value) <= MAX_REQUEST_ID and value.isprintable():
+        return value
+    return None
+
+
+def _parse(payload: bytes) -> tuple[str, str]:
+    try:
+        doc = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise errors.InvalidJson(f"the request is not UTF-8 JSON: {str(exc)[:120]}") from None
+    if not isinstance(doc, dict):
+        raise errors.InvalidJson("the request must be a JSON object")
+    for name in ("request_id", "csr"):
+        if name not in doc:
+            raise errors.MissingField(f"the request has no {name!r}")
+        if not isinstance(doc[name], str) or not doc[name]:
+            raise errors.MissingField(f"{name!r} must be a non-empty string")
+    request_id = str(doc["request_id"])
+    if len(request_id) > MAX_REQUEST_ID or not request_id.isprintable():
+        raise errors.MissingField(f"'request_id' must be at most {MAX_REQUEST_ID} printable characters")
+    return request_id, str(doc["csr"])
