@@ -65,6 +65,7 @@ def test_unknown_ca_even_with_a_same_named_forged_intermediate() -> None:
         MANUFACTURER.cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value,  # type: ignore[arg-type]
         key=certs.generate_key("ec"),
         issuer=ROGUE,
+        now=NOW,
     )
     cert = leaf("dev-1", issuer=forged)
     refused(errors.UntrustedChain, "unknown_ca", chain_of(cert, forged))
@@ -363,7 +364,7 @@ def test_a_forged_leaf_under_a_cached_path_is_refused() -> None:
     store.verify(chain_of(leaf("cache-ok")), now=NOW)
     # A CA with the manufacturer's name but another key: its leaf claims the cached issuer.
     twin = certs.make_ca(
-        "jitp test manufacturer CA", key=certs.generate_key("ec"), issuer=ROOT, path_length=0
+        "jitp test manufacturer CA", key=certs.generate_key("ec"), issuer=ROOT, path_length=0, now=NOW
     )
     forged = leaf("cache-forged", issuer=twin)
     with pytest.raises(errors.UntrustedChain):
@@ -401,7 +402,7 @@ def test_paths_through_a_name_constrained_ca_are_never_cached() -> None:
     )
     constrained = certs.make_ca(
         "jitp constrained CA", key=certs.generate_key("ec"), issuer=ROOT, path_length=0,
-        extra_extensions=(constraints,),
+        extra_extensions=(constraints,), now=NOW,
     )  # fmt: skip
     store = TrustStore.of([ROOT_ANCHOR])
     store.verify(chain_of(leaf("cache-nc", issuer=constrained), constrained), now=NOW)
