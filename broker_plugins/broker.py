@@ -16,16 +16,20 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from amqtt.adapters import BufferReader
 from amqtt.broker import Broker
-from amqtt.errors import AMQTTError, MQTTError, NoDataError
-from amqtt.mqtt.connack import NOT_AUTHORIZED, SERVER_UNAVAILABLE, ConnackPacket
+from amqtt.mqtt.connack import (
+    BAD_USERNAME_PASSWORD,
+    IDENTIFIER_REJECTED,
+    NOT_AUTHORIZED,
+    SERVER_UNAVAILABLE,
+    ConnackPacket,
+)
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
 
 from broker_plugins import enforcement
 from broker_plugins.compat import check_amqtt_internals, peer_chain_der, use_lean_sessions
-from broker_plugins.framing import connect_protocol
+from broker_plugins.framing import ConnectRequest, MalformedConnect, connect_protocol, parse_connect
 from broker_plugins.handler import JitpProtocolHandler
 from broker_plugins.relay import NO_RELAY, Relay
 from broker_plugins.session import ClientState, JitpSession
@@ -164,14 +168,19 @@ class JitpBroker(Broker):
         if not await self._supported_protocol(packet, connection):
             return
         try:
-            handler, session = await JitpProtocolHandler.init_from_connect(
-                BufferReader(packet), connection, self.plugins_manager
-            )
-        except (AMQTTError, MQTTError, NoDataError, ConnectionError, ValueError, UnicodeDecodeError) as exc:
-            log.debug("no valid CONNECT: %r", exc)
+            request = parse_connect(packet)  # in place: no stream, no plugin dispatch
+        except MalformedConnect as exc:
+            log.debug("no valid CONNECT from %s: %s", connection.address, exc)
             await _close(connection)
             return
-        assert isinstance(handler, JitpProtocolHandler) and isinstance(session, JitpSession)
+        if request.password is not None and request.username is None:
+            await self._refuse(connection, BAD_USERNAME_PASSWORD)  # [MQTT-3.1.2-22]
+            return
+        if not request.client_id and not request.clean_session:
+            await self._refuse(connection, IDENTIFIER_REJECTED)  # [MQTT-3.1.3-8]
+            return
+        session = _session_of(request, connection)
+        handler = JitpProtocolHandler(self.plugins_manager)
         if self.connected_clients >= self.listener_config.max_connections:
             log.warning(
                 "refusing %s: %d clients connected (max_connections)",
@@ -760,3 +769,22 @@ def _abort(handler: BrokerProtocolHandler) -> None:
     """Drop a connection now; its own task notices (end of stream) and ends the session."""
     if isinstance(handler.writer, TlsConnection):
         handler.writer.abort()
+
+
+def _session_of(request: ConnectRequest, connection: TlsConnection) -> JitpSession:
+    """A fresh session for a parsed CONNECT (what amqtt's ``init_from_connect`` filled in)."""
+    session = JitpSession()
+    session.client_id = request.client_id
+    session.clean_session = request.clean_session
+    session.keep_alive = request.keep_alive
+    will = request.will
+    session.will_flag = will is not None
+    if will is not None:
+        session.will_topic, session.will_message = will.topic, will.message
+        session.will_qos, session.will_retain = will.qos, will.retain
+    session.username = request.username
+    session.password = request.password.decode("utf-8", "replace") if request.password is not None else None
+    if connection.peer is not None:
+        session.remote_address, session.remote_port = connection.peer
+    session.ssl_object = connection.get_ssl_info()
+    return session

@@ -82,6 +82,8 @@ W18 SESSION_LOOP          amqtt runs, per client, a reader task, a message loop 
                           and the QoS 2 handshake handled in order, in the reader, yielding every
                           16 packets), one sender writes: two tasks. Inbound QoS 2 is routed once on
                           arrival and its id kept until PUBREL; subscriptions are granted QoS 1 at most.
+                          The CONNECT is parsed in place (:func:`broker_plugins.framing.parse_connect`),
+                          not by amqtt's ``init_from_connect`` with its plugin dispatch.
 """
 
 from __future__ import annotations
@@ -119,7 +121,6 @@ def check_amqtt_internals() -> None:
         (Broker, "_publish_retained_messages_for_subscription"),
         (Broker, "_publish_session_retained_messages"),
         (Broker, "add_subscription"),
-        (BrokerProtocolHandler, "init_from_connect"),
         (BrokerProtocolHandler, "mqtt_connack_authorize"),
         (BrokerProtocolHandler, "mqtt_acknowledge_subscription"),
         (BrokerProtocolHandler, "mqtt_acknowledge_unsubscription"),
