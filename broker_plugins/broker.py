@@ -28,7 +28,7 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
 
 from broker_plugins import enforcement
-from broker_plugins.compat import check_amqtt_internals, peer_chain_der, use_lean_sessions
+from broker_plugins.compat import check_amqtt_internals, peer_chain_der
 from broker_plugins.framing import ConnectRequest, MalformedConnect, connect_protocol, parse_connect
 from broker_plugins.handler import JitpProtocolHandler
 from broker_plugins.relay import NO_RELAY, Relay
@@ -72,7 +72,6 @@ class JitpBroker(Broker):
 
     def __init__(self, config: Config, *, service: ProvisioningService, admin: AdminHandler) -> None:
         check_amqtt_internals()
-        use_lean_sessions(JitpSession)
         # The listener is "external" (jitp's own, W1) and there are no amqtt plugins: the broker
         # calls the provisioning service itself.
         super().__init__({"listeners": {"default": {"type": "external"}}, "plugins": {}})
@@ -401,7 +400,7 @@ class JitpBroker(Broker):
         if topic.startswith(CERTIFICATES_PREFIX) and not will:
             # Before the profile's size and rate checks: a request gets an answer (payload_too_large,
             # rate_limited under issuer.rate), and is never routed to any subscriber.
-            return self._certificate_request(session, topic, data)
+            return await self._certificate_request(session, topic, data)
         profile = session.client.profile if session.client is not None else None
         if profile is not None:
             if len(data) > profile.max_message_size:
@@ -533,33 +532,23 @@ class JitpBroker(Broker):
         self.spawn(self.admin(session.client.admission, topic, data), "jitp-admin")
         return True
 
-    def _certificate_request(self, session: JitpSession, topic: str, data: bytes) -> bool:
+    async def _certificate_request(self, session: JitpSession, topic: str, data: bytes) -> bool:
+        """Answered in the reader, before the request's PUBACK: a device that floods requests is
+        slowed by its own answers (no task per request, nothing that grows while it sends)."""
         handler, client = self.certificates, session.client
         if handler is None or client is None or client.role is not Role.DEVICE:
             log.info("%s published to %s: dropped (devices only)", session.client_id, topic[:160])
             return True
         allowed = session.allows(Access.PUBLISH, topic)
-        peer = session.peer_address
-        self.spawn(
-            self._answer_certificate(handler, client.admission, topic, data, allowed, peer), "jitp-csr"
-        )
-        return True
-
-    async def _answer_certificate(
-        self,
-        handler: CertificateService,
-        admission: Admission,
-        topic: str,
-        data: bytes,
-        allowed: bool,
-        peer: str | None,
-    ) -> None:
         try:
-            answer = await handler.handle(admission, topic, data, allowed=allowed, peer=peer)
+            answer = await handler.handle(
+                client.admission, topic, data, allowed=allowed, peer=session.peer_address
+            )
         except Exception:
-            log.exception("certificate request of %s failed", admission.client_id)
-            return
+            log.exception("certificate request of %s failed", client.admission.client_id)
+            return True
         self.route(answer.topic, answer.payload, 1)
+        return True
 
     # amqtt's own publishing entry points (internal broadcasts)
     async def _broadcast_message(

@@ -189,14 +189,3 @@ class LeanSessionState:
 
     def is_disconnected(self) -> bool:
         return self.state == "disconnected"
-
-
-def use_lean_sessions(session_class: type[Session]) -> None:
-    """W11: amqtt's CONNECT path (``BrokerProtocolHandler.init_from_connect``) creates ``Session()``
-    by its module-level name; point that name at jitp's session class (a :class:`Session` whose
-    ``_init_states`` uses :class:`LeanSessionState`)."""
-    from amqtt.mqtt.protocol import broker_handler
-
-    if getattr(broker_handler, "Session", None) not in (Session, session_class):
-        raise AmqttIncompatible("amqtt.mqtt.protocol.broker_handler.Session moved; re-check W11")
-    broker_handler.Session = session_class  # type: ignore[attr-defined]

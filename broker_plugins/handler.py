@@ -186,8 +186,7 @@ class JitpProtocolHandler(BrokerProtocolHandler):
             session.client_id if session else "?",
             session.keep_alive if session else 0,
         )
-        if isinstance(self.writer, TlsConnection):
-            self.writer.abort()
+        self.abort()
 
     # -- W13: the session's delivery queue, written by one task ------------------------------
     def stop_sender(self) -> None:
@@ -238,12 +237,10 @@ class JitpProtocolHandler(BrokerProtocolHandler):
         except TimeoutError:  # W17: the write could not drain within the keep-alive period
             if self.broker is not None:
                 self.broker.stalled(session)
-            if isinstance(self.writer, TlsConnection):
-                self.writer.abort()
+            self.abort()
         except Exception as exc:  # the connection is gone; the reader notices and ends the session
             log.debug("sender of %s stopped: %r", session.client_id, exc)
-            if isinstance(self.writer, TlsConnection):
-                self.writer.abort()
+            self.abort()
 
     async def handle_puback(self, puback: PubackPacket) -> None:
         session = self.session
