@@ -24,16 +24,16 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
 from jitp import errors
 from jitp.app.operations import OPERATIONS, Context
 from jitp.app.service import Admission, ProvisioningService
 from jitp.domain.audit import AuditDraft
+from jitp.domain.routing import MessageProperties
 from jitp.trust import Role
 
 log = logging.getLogger("jitp.admin")
@@ -145,23 +145,35 @@ class _Outcome:
         )
 
 
+class Route(Protocol):
+    def __call__(self, topic: str, data: bytes, qos: int, *, properties: MessageProperties) -> object: ...
+
+
 class AdminApi:
     """Runs ``$jitp/admin/<operation>`` requests over the operations table; replies go out by ``route``."""
 
-    def __init__(
-        self, service: ProvisioningService, *, templates_dir: Path, route: Callable[[str, bytes, int], object]
-    ) -> None:
+    def __init__(self, service: ProvisioningService, *, templates_dir: Path, route: Route) -> None:
         self.service = service
         self.templates_dir = templates_dir
         self.route = route
 
-    async def handle(self, admission: Admission | None, topic: str, payload: bytes) -> None:
-        """Answer one request: exactly one audit entry and one reply, whatever happens inside."""
+    async def handle(
+        self,
+        admission: Admission | None,
+        topic: str,
+        payload: bytes,
+        *,
+        response_topic: str | None = None,
+        correlation_data: bytes | None = None,
+    ) -> None:
+        """Answer one request: exactly one audit entry and one reply, whatever happens inside.
+        MQTT 5: ``response_topic`` (within the caller's reply space, else ignored) replaces the
+        body's ``reply_to``, and ``correlation_data`` comes back with the reply."""
         if admission is None or admission.role is Role.DEVICE:
             return  # the topic ACL already keeps devices out; never answer them
         command = topic.removeprefix("$jitp/admin/")
         try:
-            outcome = await self._decide(admission, command, payload)
+            outcome = await self._decide(admission, command, payload, response_topic)
         except Exception:  # a bug must still answer and be audited, never kill the task silently
             log.exception("admin API: %s %s failed", admission.client_id, command[:80])
             outcome = _Outcome.failed(f"$jitp/admin/replies/{admission.client_id}/error", {})
@@ -172,13 +184,19 @@ class AdminApi:
         except Exception:  # the registry is down, say: the caller still gets its answer
             log.exception("admin API: cannot audit %s %s", admission.client_id, command[:80])
         try:
-            await self._reply(outcome.reply_to, outcome.response)
+            await self._reply(outcome.reply_to, outcome.response, correlation_data)
         except Exception:
             log.exception("admin API: cannot reply to %s on %s", admission.client_id, outcome.reply_to)
 
-    async def _decide(self, admission: Admission, command: str, payload: bytes) -> _Outcome:
+    async def _decide(
+        self, admission: Admission, command: str, payload: bytes, response_topic: str | None = None
+    ) -> _Outcome:
         client_id = admission.client_id
         replies = f"$jitp/admin/replies/{client_id}/"
+        if response_topic is not None and _within(response_topic, replies):
+            replies_to: str | None = response_topic
+        else:
+            replies_to = None
         try:
             request = parse_request(payload)
         except RequestLimitExceeded as exc:
@@ -186,8 +204,8 @@ class AdminApi:
         except ValueError as exc:
             return _Outcome.invalid(replies + "error", {}, f"bad JSON: {exc}", allowed=False)
         correlation = str(request.get("correlation_id", ""))[:128]
-        reply_to = str(request.get("reply_to") or "")
-        if not reply_to.startswith(replies) or "+" in reply_to or "#" in reply_to:
+        reply_to = replies_to or str(request.get("reply_to") or "")
+        if not _within(reply_to, replies):
             reply_to = replies + (correlation or "reply")
         head: dict[str, Any] = {"correlation_id": correlation}
         args = request.get("args") or {}
@@ -219,9 +237,18 @@ class AdminApi:
             return _Outcome.failed(reply_to, head)
         return _Outcome(reply_to, head | {"ok": True, "result": result}, allowed=True, reason=None)
 
-    async def _reply(self, topic: str, document: dict[str, Any]) -> None:
+    async def _reply(
+        self, topic: str, document: dict[str, Any], correlation_data: bytes | None = None
+    ) -> None:
         data = json.dumps(document, sort_keys=True, default=str).encode()
-        self.route(topic, data, 1)
+        self.route(
+            topic,
+            data,
+            1,
+            properties=MessageProperties(
+                payload_format_indicator=1, content_type="application/json", correlation_data=correlation_data
+            ),
+        )
 
     async def _audit(
         self,
@@ -248,6 +275,11 @@ class AdminApi:
         )
         if not allowed:
             log.warning("admin API: %s %s denied (%s)", admission.client_id, command[:80], reason)
+
+
+def _within(topic: str, replies: str) -> bool:
+    """A reply topic the caller may name: under its own reply space, no wildcard."""
+    return topic.startswith(replies) and "+" not in topic and "#" not in topic
 
 
 def _error(reason: str, message: str) -> dict[str, str]:

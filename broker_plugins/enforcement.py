@@ -16,9 +16,10 @@ from jitp.domain.records import DeviceStatus
 from jitp.domain.templates import Profile
 
 
-def keepalive(requested: int, *, limits: LimitsConfig, profile: Profile | None) -> float:
-    """W5/W8: the keep-alive clamped to the limits and profile (0, none, gets the ceiling), times
-    ``keepalive_grace``: silence that long closes the connection."""
+def clamp_keepalive(requested: int, *, limits: LimitsConfig, profile: Profile | None) -> int:
+    """W5/W8: the keep-alive clamped to the limits and profile (0, none, gets the ceiling): what an
+    MQTT 5 client is told as Server Keep Alive when it differs from what it asked for. Silence for
+    this times ``keepalive_grace`` closes the connection."""
     ceiling = limits.max_keepalive
     floor = 0
     if profile is not None:
@@ -26,7 +27,12 @@ def keepalive(requested: int, *, limits: LimitsConfig, profile: Profile | None) 
         floor = profile.keepalive_min
     if requested <= 0 or requested > ceiling:
         requested = ceiling
-    return max(requested, floor) * limits.keepalive_grace
+    return max(requested, floor)
+
+
+def keepalive(requested: int, *, limits: LimitsConfig, profile: Profile | None) -> float:
+    """Seconds of silence that close the connection."""
+    return clamp_keepalive(requested, limits=limits, profile=profile) * limits.keepalive_grace
 
 
 def check_will(session: JitpSession) -> errors.Refused | None:

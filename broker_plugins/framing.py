@@ -1,8 +1,20 @@
-"""MQTT framing helpers that need no stream: what a CONNECT asks for, before amqtt parses it."""
+"""MQTT framing helpers that need no stream: the CONNECT, parsed from the bytes the transport cut.
+
+MQTT 3.1.1 is parsed here; MQTT 5 by the ``mqtt5`` codec (Rust, strict: duplicate or misplaced
+properties, zero Receive Maximum, bad UTF-8), whose errors become :class:`MalformedConnect` with
+the v5 reason code the specification asks for.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
+
+import mqtt5
+
+from jitp.domain.routing import NO_PROPERTIES, MessageProperties
+
+MALFORMED, PROTOCOL_ERROR, TOPIC_ALIAS_INVALID = 0x81, 0x82, 0x94
 
 
 def connect_protocol(packet: bytes) -> tuple[str, int] | None:
@@ -26,7 +38,12 @@ def connect_protocol(packet: bytes) -> tuple[str, int] | None:
 
 
 class MalformedConnect(ValueError):
-    """A CONNECT that breaks MQTT 3.1.1's rules: the connection is closed without CONNACK."""
+    """A CONNECT that breaks the specification. MQTT 3.1.1: the connection is closed without
+    CONNACK; MQTT 5: CONNACK with ``code`` (0x81 Malformed Packet, 0x82 Protocol Error), then closed."""
+
+    def __init__(self, message: str, *, code: int = MALFORMED) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -35,11 +52,16 @@ class Will:
     message: bytes
     qos: int  # 0-3 as sent: QoS 3 is refused after admission, audited with the device's id
     retain: bool
+    properties: MessageProperties = NO_PROPERTIES  # MQTT 5 (expires_at holds the interval, relative)
+    delay: int = 0  # MQTT 5 Will Delay Interval, seconds
 
 
 @dataclass(frozen=True)
 class ConnectRequest:
-    """An MQTT 3.1.1 CONNECT, parsed from the bytes the transport cut (no stream, no plugin)."""
+    """A CONNECT, parsed from the bytes the transport cut (no stream, no plugin).
+
+    ``clean_session`` is MQTT 3.1.1's flag and MQTT 5's Clean Start; a v5 session outlives its
+    connection for ``session_expiry`` seconds (``0xFFFFFFFF``: until the broker's cap)."""
 
     client_id: str
     clean_session: bool
@@ -47,6 +69,106 @@ class ConnectRequest:
     will: Will | None
     username: str | None
     password: bytes | None
+    protocol: int = 4
+    session_expiry: int = 0
+    receive_max: int = 65535
+    max_packet_size: int | None = None
+    request_problem_info: bool = True
+    auth_method: str | None = None
+    user_properties: tuple[tuple[str, str], ...] = field(default=())
+
+    @property
+    def persistent(self) -> bool:
+        """Whether the session outlives the connection (3.1.1: clean session 0; 5: expiry > 0)."""
+        return self.session_expiry > 0 if self.protocol == 5 else not self.clean_session
+
+
+def codec_error(exc: Exception) -> tuple[int, str]:
+    """(v5 reason code, message) for an error the ``mqtt5`` codec raised on a whole packet."""
+    text = str(exc)[:200] or type(exc).__name__
+    if "alias" in text.lower():
+        return TOPIC_ALIAS_INVALID, text
+    if "Duplicate" in text or "must be != 0" in text:
+        return PROTOCOL_ERROR, text  # [MQTT-2.2.2-2], Receive Maximum or Maximum Packet Size 0
+    return MALFORMED, text
+
+
+def parse_connect5(packet: bytes) -> ConnectRequest:
+    """Parse a whole MQTT 5 CONNECT with the ``mqtt5`` codec [MQTT-3.1]."""
+    try:
+        parsed, used = mqtt5.read(memoryview(packet))
+    except (ValueError, IndexError, UnicodeDecodeError) as exc:
+        code, text = codec_error(exc)
+        raise MalformedConnect(f"MQTT 5 CONNECT: {text}", code=code) from None
+    if not isinstance(parsed, mqtt5.ConnectPacket) or used != len(packet):
+        raise MalformedConnect("MQTT 5 CONNECT with bytes after its payload")
+    will = None
+    if parsed.will is not None:
+        w = parsed.will
+        will = Will(
+            topic=w.topic,
+            message=bytes(w.payload or b""),
+            qos=int(w.qos),
+            retain=w.retain,
+            properties=message_properties(
+                payload_format_indicator=w.payload_format_indicator,
+                content_type=w.content_type,
+                response_topic=w.response_topic,
+                correlation_data=w.correlation_data,
+                user_properties=w.user_properties,
+                expires_at=w.message_expiry_interval,
+            ),
+            delay=w.will_delay_interval,
+        )
+    return ConnectRequest(
+        client_id=parsed.client_id,
+        clean_session=parsed.clean_start,
+        keep_alive=parsed.keep_alive,
+        will=will,
+        username=parsed.username,
+        password=parsed.password,
+        protocol=5,
+        session_expiry=parsed.session_expiry_interval,
+        receive_max=parsed.receive_max,
+        max_packet_size=parsed.max_packet_size,
+        request_problem_info=parsed.request_problem_info,
+        auth_method=parsed.authentication_method,
+        user_properties=tuple(parsed.user_properties),
+    )
+
+
+def message_properties(
+    *,
+    payload_format_indicator: int,
+    content_type: str | None,
+    response_topic: str | None,
+    correlation_data: bytes | None,
+    user_properties: list[tuple[str, str]],
+    expires_at: float | None,
+) -> MessageProperties:
+    """The shared :data:`NO_PROPERTIES` when a v5 message carries none (the common case)."""
+    if not (
+        payload_format_indicator
+        or content_type
+        or response_topic
+        or correlation_data
+        or user_properties
+        or expires_at is not None
+    ):
+        return NO_PROPERTIES
+    return MessageProperties(
+        payload_format_indicator=payload_format_indicator,
+        content_type=content_type,
+        response_topic=response_topic,
+        correlation_data=correlation_data,
+        user_properties=tuple(user_properties),
+        expires_at=expires_at,
+    )
+
+
+def remaining_seconds(deadline: float, now: float) -> int:
+    """A Message Expiry Interval to send: whole seconds left, at least 1."""
+    return max(1, math.ceil(deadline - now))
 
 
 def parse_connect(packet: bytes) -> ConnectRequest:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from amqtt.errors import AMQTTError, MQTTError
@@ -32,31 +34,74 @@ from amqtt.mqtt.pubcomp import PubcompPacket
 from amqtt.mqtt.publish import PublishPacket
 from amqtt.mqtt.pubrec import PubrecPacket
 from amqtt.mqtt.pubrel import PubrelPacket
+from amqtt.mqtt.suback import SubackPacket
 from amqtt.mqtt.subscribe import SubscribePacket
+from amqtt.mqtt.unsuback import UnsubackPacket
 from amqtt.mqtt.unsubscribe import UnsubscribePacket
 
+from broker_plugins.reasons import Goodbye
 from broker_plugins.session import JitpSession
 from broker_plugins.transport import PacketTooLarge, TlsConnection
 from jitp.domain.acl import Access
-from jitp.domain.routing import DeliveryQueue
+from jitp.domain.routing import NO_PROPERTIES, DeliveryQueue, MessageProperties, Outgoing, SubscriptionOptions
 
 log = logging.getLogger("jitp.broker")
 
 FAIR_SHARE = 16  # packets a connection handles before letting the event loop run other connections
 
 
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What :meth:`Inbound.receive` decided for one PUBLISH: the MQTT 5 PUBACK reason code, or a
+    reason to close the connection. A 3.1.1 client gets a plain PUBACK either way, or the close."""
+
+    puback: int = 0
+    close: Goodbye | None = None
+
+
+ACCEPTED = Verdict()
+NOT_AUTHORIZED = Verdict(puback=0x87)  # the ACL refused it: dropped, the client is told (v5)
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """What a CONNACK announces to an MQTT 5 client (3.1.1 has only Session Present)."""
+
+    session_present: bool
+    session_expiry: int | None = None  # when the broker changed what the client asked for
+    server_keep_alive: int | None = None  # likewise
+    receive_max: int = 65535
+    max_packet_size: int = 268_435_455
+    max_qos: int = 1
+
+
 class Inbound(Protocol):
     """What the handler hands to the broker (implemented by :class:`~broker_plugins.broker.JitpBroker`)."""
 
-    async def receive(self, session: JitpSession, topic: str, data: bytes, qos: int, retain: bool) -> bool:
-        """Check and route a message; False: close the connection."""
+    async def receive(
+        self,
+        session: JitpSession,
+        topic: str,
+        data: bytes,
+        qos: int,
+        retain: bool,
+        *,
+        properties: MessageProperties = NO_PROPERTIES,
+    ) -> Verdict:
+        """Check and route a message."""
 
     async def protocol_violation(
-        self, session: JitpSession, handler: BrokerProtocolHandler, what: str
+        self,
+        session: JitpSession,
+        handler: BrokerProtocolHandler,
+        what: str,
+        goodbye: Goodbye = Goodbye.PROTOCOL_ERROR,
     ) -> None:
         """Audit a malformed packet and close the connection."""
 
-    async def close_connection(self, session: JitpSession, handler: BrokerProtocolHandler) -> None: ...
+    async def close_connection(
+        self, session: JitpSession, handler: BrokerProtocolHandler, goodbye: Goodbye = Goodbye.PROTOCOL_ERROR
+    ) -> None: ...
 
     async def subscribe(
         self,
@@ -64,6 +109,7 @@ class Inbound(Protocol):
         handler: JitpProtocolHandler,
         packet_id: int,
         topics: list[tuple[str, int]],
+        options: list[SubscriptionOptions] | None = None,
     ) -> None:
         """Add the subscriptions, answer SUBACK, then queue the matching retained messages."""
 
@@ -82,8 +128,11 @@ class JitpProtocolHandler(BrokerProtocolHandler):
     """W5 keep-alive, W12 inline routing of PUBLISH, W13 one sender per connection, W16 strict
     packets, W17 one reader handling packets in order."""
 
+    protocol = 4
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.clock: Callable[[], float] = time.monotonic  # Message Expiry deadlines are on this clock
         self.broker: Inbound | None = None
         self.max_packet_size = 268_435_455  # MQTT's own bound; the broker sets limits.max_packet_size
         self._wake = asyncio.Event()
@@ -148,6 +197,12 @@ class JitpProtocolHandler(BrokerProtocolHandler):
                 except TimeoutError:
                     self.handle_read_timeout()
                     return False
+                except PacketTooLarge as exc:
+                    if self.broker is not None:
+                        await self.broker.protocol_violation(
+                            session, self, str(exc), Goodbye.PACKET_TOO_LARGE
+                        )
+                    return False
                 except (MQTTError, ValueError, UnicodeDecodeError) as exc:  # e.g. '+' in a PUBLISH topic
                     if self.broker is not None:
                         await self.broker.protocol_violation(session, self, f"malformed packet: {exc}")
@@ -179,6 +234,11 @@ class JitpProtocolHandler(BrokerProtocolHandler):
         if isinstance(self.writer, TlsConnection):
             self.writer.abort()
 
+    def goodbye(self, reason: Goodbye) -> None:
+        """Close the connection for ``reason`` (MQTT 3.1.1 has no DISCONNECT from the server: it is
+        dropped). Its own task notices the end of the stream and ends the session."""
+        self.abort()
+
     def handle_read_timeout(self) -> None:
         session = self.session
         log.info(
@@ -186,7 +246,26 @@ class JitpProtocolHandler(BrokerProtocolHandler):
             session.client_id if session else "?",
             session.keep_alive if session else 0,
         )
-        self.abort()
+        self.goodbye(Goodbye.KEEP_ALIVE_TIMEOUT)
+
+    # -- what the broker answers -------------------------------------------------------------------
+    async def accept(self, welcome: Welcome) -> None:
+        """CONNACK 0 (Session Present from the session)."""
+        await self.mqtt_connack_authorize(True)
+
+    async def suback(self, packet_id: int, codes: list[int]) -> None:
+        """3.1.1 knows one failure code, 0x80."""
+        await self._send_packet(SubackPacket.build(packet_id, [c if c < 0x80 else 0x80 for c in codes]))
+
+    async def unsuback(self, packet_id: int, codes: list[int]) -> None:
+        await self._send_packet(UnsubackPacket.build(packet_id))
+
+    def encode_publish(self, message: Outgoing) -> bytes | None:
+        """The PUBLISH to write (3.1.1: the payload alone; properties are MQTT 5's)."""
+        packet = PublishPacket.build(
+            message.topic, message.data, message.packet_id, message.dup, message.qos, message.retain
+        )
+        return bytes(packet.to_bytes())
 
     # -- W13: the session's delivery queue, written by one task ------------------------------
     def stop_sender(self) -> None:
@@ -220,16 +299,23 @@ class JitpProtocolHandler(BrokerProtocolHandler):
                         await self._wake.wait()
                         continue
                 # The ACL again at delivery: a message queued before the client's namespace shrank
-                # (quarantine while offline or busy) is not delivered after it.
-                if not session.allows(Access.RECEIVE, message.topic):
+                # (quarantine while offline or busy) is not delivered after it. A message past its
+                # Message Expiry Interval is not delivered either [MQTT-3.3.2-5].
+                expires_at = message.properties.expires_at
+                if not session.allows(Access.RECEIVE, message.topic) or (
+                    expires_at is not None and self.clock() >= expires_at
+                ):
                     queue.withdraw(message)
                     continue
-                packet = PublishPacket.build(
-                    message.topic, message.data, message.packet_id, message.dup, message.qos, message.retain
-                )
+                data = self.encode_publish(message)
+                if data is None:  # over the client's Maximum Packet Size: as if delivered [MQTT-3.1.2-25]
+                    queue.withdraw(message)
+                    continue
                 async with self._write_lock:
-                    assert self.writer is not None
-                    await packet.to_stream(self.writer)
+                    writer = self.writer
+                    assert writer is not None
+                    writer.write(data)
+                    await writer.drain()
                 if not message.qos and self.broker is not None:
                     self.broker.delivered()
         except asyncio.CancelledError:
@@ -283,9 +369,10 @@ class JitpProtocolHandler(BrokerProtocolHandler):
             await broker.protocol_violation(session, self, "too many QoS 2 messages in flight")
             return
         data = bytes(publish_packet.data or b"")
-        if not await broker.receive(session, topic, data, qos, bool(publish_packet.retain_flag)):
-            await broker.close_connection(session, self)
-            return
+        verdict = await broker.receive(session, topic, data, qos, bool(publish_packet.retain_flag))
+        if verdict.close is not None and verdict.close is not Goodbye.MESSAGE_RATE_TOO_HIGH:
+            await broker.close_connection(session, self, verdict.close)
+            return  # over the rate, a 3.1.1 message is dropped (and acknowledged) instead
         if qos == 1 and packet_id is not None:
             await self._send_packet(PubackPacket.build(packet_id))
         elif qos == 2 and packet_id is not None:  # routed on arrival, once; the id is kept until PUBREL

@@ -22,6 +22,7 @@ from jitp import errors
 from jitp.app.service import ProvisioningService
 from jitp.config import Config
 from jitp.domain.events import CONFIG_EVENTS, ProvisioningEvent, config_payload, config_topic
+from jitp.domain.routing import MessageProperties
 from jitp.integration.nats_sink import NatsSink
 from jitp.registry import Registry
 
@@ -30,12 +31,18 @@ log = logging.getLogger("jitp.events")
 RECENT_IDS = 20_000
 POLL_INTERVAL = 1.0  # s; also picks up events written by other processes (the CLI)
 BATCH = 500
+# What an MQTT 5 subscriber sees beside the JSON (a 3.1.1 subscriber gets the JSON alone).
+EVENT_PROPERTIES = MessageProperties(
+    payload_format_indicator=1,
+    content_type="application/json",
+    user_properties=(("schema", "jitp.event/1"),),
+)
 
 
 class Delivery(Protocol):
     """Where events go (the broker)."""
 
-    def route(self, topic: str, data: bytes, qos: int) -> int: ...
+    def route(self, topic: str, data: bytes, qos: int, *, properties: MessageProperties = ...) -> int: ...
 
     def retain_own(self, topic: str, data: bytes, qos: int) -> None:
         """Retain a message of the broker's own (never refused by a quota)."""
@@ -102,7 +109,7 @@ class OutboxPublisher:
         for event in events:
             if event.event_id in self._recent:
                 continue
-            self.delivery.route(event.topic, event.payload, 1)
+            self.delivery.route(event.topic, event.payload, 1, properties=EVENT_PROPERTIES)
             if event.type in CONFIG_EVENTS:
                 payload = config_payload(event.document())
                 topic = config_topic(event.device_id)

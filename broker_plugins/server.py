@@ -127,7 +127,9 @@ class JitpServer:
             self.admin = AdminApi(
                 self._service,
                 templates_dir=cfg.templates_dir,
-                route=lambda topic, data, qos: self.broker.route(topic, data, qos),
+                route=lambda topic, data, qos, *, properties: self.broker.route(
+                    topic, data, qos, properties=properties
+                ),
             )
             self._broker = JitpBroker(cfg, service=self._service, admin=self.admin.handle)
             self.certificates = CertificateService(self._service, cfg.issuer)
@@ -192,6 +194,8 @@ class JitpServer:
         if self.relay is not None:
             self.relay.close()
         if self._listener is not None:
+            if self._broker is not None:
+                self._broker.say_goodbye()
             await self._listener.abort_all()
             self._listener = None
         if self._broker is not None:

@@ -19,7 +19,7 @@ from jitp.app.admission import TokenBucket
 from jitp.app.service import Admission, PeerCredentials
 from jitp.domain.acl import NOBODY, Access, Namespace, enrollment_namespace, namespace_for
 from jitp.domain.records import DeviceRecord
-from jitp.domain.routing import DeliveryQueue
+from jitp.domain.routing import NO_PROPERTIES, DeliveryQueue, MessageProperties, SubscriptionOptions
 from jitp.domain.templates import Profile
 from jitp.trust import Role
 
@@ -105,6 +105,15 @@ class JitpSession(Session):
         self.closed_by_operator: str | None = None  # W14: a lifecycle decision closed it: no will
         self.closing = False  # a limit is closing it (act once, however many messages overflow)
         self.connected_at = 0.0  # time.monotonic() of its connection's admission (one clock per machine)
+        # MQTT 5 (issue 15); a 3.1.1 session keeps the defaults.
+        self.protocol = 4
+        self.clean_start = False  # 3.1.1: the clean session flag; 5: Clean Start
+        self.session_expiry = 0  # seconds an offline persistent session lives (capped by the broker)
+        self.expiry_timer: Any = None  # asyncio.TimerHandle of an offline persistent session
+        self.will_timer: Any = None  # asyncio.TimerHandle of a will held back by Will Delay Interval
+        self.will_properties: MessageProperties = NO_PROPERTIES
+        self.will_delay = 0
+        self.options: dict[str, SubscriptionOptions] = {}  # v5 filters with non-default options
 
     def _init_states(self) -> None:
         self.transitions = LeanSessionState(self)  # type: ignore[assignment]

@@ -320,6 +320,10 @@ class TlsConnection(asyncio.Protocol, ReaderAdapter, WriterAdapter):
 
     async def close(self) -> None:
         """Say close_notify and close once written; abort a client that does not take it."""
+        self.shut()
+
+    def shut(self) -> None:
+        """:meth:`close` without a caller to wait: what was written goes first (an MQTT 5 DISCONNECT)."""
         if self.is_closed:
             return
         self.is_closed = True

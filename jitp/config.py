@@ -72,10 +72,14 @@ class LimitsConfig:
     max_retained_bytes_per_client: int = 1024 * 1024  # payload bytes one client may retain
     max_retained_bytes: int = 256 * 1024 * 1024  # all retained payloads in the broker
     shutdown_drain_timeout: float = 5.0  # s a graceful stop waits for queued QoS 1 deliveries
+    # s an offline persistent session is kept (MQTT 5 Session Expiry Interval is capped here, and a
+    # 3.1.1 persistent session, which has no expiry of its own, gets this): memory is finite.
+    max_session_expiry: int = 7 * 24 * 3600
 
     def __post_init__(self) -> None:
         _positive(
             self,
+            "max_session_expiry",
             "max_packet_size",
             "max_inflight",
             "max_keepalive",

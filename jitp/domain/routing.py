@@ -137,11 +137,64 @@ def _merge(out: dict[K, int], subscribers: dict[K, int]) -> None:
 
 
 @dataclass(frozen=True, slots=True)
+class MessageProperties:
+    """What an MQTT 5 PUBLISH carries beside its payload, passed through to v5 subscribers (a 3.1.1
+    subscriber gets the payload alone). ``expires_at`` is the Message Expiry Interval turned into a
+    deadline on the broker's monotonic clock: a queued message past it is never delivered."""
+
+    payload_format_indicator: int = 0
+    content_type: str | None = None
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+    user_properties: tuple[tuple[str, str], ...] = ()
+    expires_at: float | None = None
+
+    @property
+    def size(self) -> int:
+        """Bytes counted toward queue bounds (what a publisher could inflate)."""
+        return (
+            len(self.content_type or "")
+            + len(self.response_topic or "")
+            + len(self.correlation_data or b"")
+            + sum(len(k) + len(v) for k, v in self.user_properties)
+        )
+
+
+NO_PROPERTIES = MessageProperties()
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionOptions:
+    """MQTT 5 subscription options beside the QoS [MQTT-3.8.3.1]: No Local (never send a client its
+    own messages), Retain As Published (keep the RETAIN flag of live messages), Retain Handling
+    (0: send retained messages at subscribe, 1: only for a new subscription, 2: never)."""
+
+    no_local: bool = False
+    retain_as_published: bool = False
+    retain_handling: int = 0
+
+
+DEFAULT_OPTIONS = SubscriptionOptions()
+
+
+def shared_filter(topic_filter: str) -> tuple[str, str] | None:
+    """(share name, inner filter) of ``$share/<name>/<filter>``, or None for a plain filter.
+    Raises ValueError for a malformed one (empty or wildcard name, no filter) [MQTT-4.8.2-1, -2]."""
+    if not topic_filter.startswith("$share/"):
+        return None
+    name, sep, inner = topic_filter[len("$share/") :].partition("/")
+    if not sep or not name or not inner or "+" in name or "#" in name:
+        raise ValueError(f"malformed shared subscription {topic_filter[:120]!r}")
+    return name, inner
+
+
+@dataclass(frozen=True, slots=True)
 class RetainedMessage:
     topic: str
     data: bytes
     qos: int
     owner: str | None  # the client that retained it; None: the broker itself (device configs)
+    properties: MessageProperties = NO_PROPERTIES
 
 
 class RetainVerdict(enum.Enum):
@@ -178,7 +231,15 @@ class RetainedStore:
     def __contains__(self, topic: object) -> bool:
         return topic in self.messages
 
-    def put(self, topic: str, data: bytes, qos: int, *, owner: str | None) -> RetainVerdict:
+    def put(
+        self,
+        topic: str,
+        data: bytes,
+        qos: int,
+        *,
+        owner: str | None,
+        properties: MessageProperties = NO_PROPERTIES,
+    ) -> RetainVerdict:
         """Store (or, with empty ``data``, clear) the retained message of ``topic`` [MQTT-3.3.1-10]."""
         if not data:
             self.remove(topic)
@@ -196,18 +257,26 @@ class RetainedStore:
             if self.total_bytes - old_size + len(data) > self.limits.max_total_bytes:
                 return RetainVerdict.TOTAL_BYTES
         self.remove(topic)
-        self.messages[topic] = RetainedMessage(topic, bytes(data), qos, owner)
+        self.messages[topic] = RetainedMessage(topic, bytes(data), qos, owner, properties)
         self.total_bytes += len(data)
         if owner is not None:
             self._owned.setdefault(owner, {})[topic] = len(data)
         return RetainVerdict.STORED
 
-    def replicate(self, topic: str, data: bytes, qos: int, *, owner: str | None) -> None:
+    def replicate(
+        self,
+        topic: str,
+        data: bytes,
+        qos: int,
+        *,
+        owner: str | None,
+        properties: MessageProperties = NO_PROPERTIES,
+    ) -> None:
         """Store (or clear) a retained message another broker process already admitted under its
         quotas: never refused here, so the copies stay the same."""
         self.remove(topic)
         if data:
-            self.messages[topic] = RetainedMessage(topic, bytes(data), qos, owner)
+            self.messages[topic] = RetainedMessage(topic, bytes(data), qos, owner, properties)
             self.total_bytes += len(data)
             if owner is not None:
                 self._owned.setdefault(owner, {})[topic] = len(data)
@@ -252,10 +321,12 @@ class Outgoing:
     retain: bool
     packet_id: int | None = None
     dup: bool = False  # sent before on an earlier connection, not acknowledged
+    properties: MessageProperties = NO_PROPERTIES
+    share: str | None = None  # the shared subscription that chose this session (redelivered elsewhere)
 
     @property
     def size(self) -> int:
-        return len(self.topic) + len(self.data)
+        return len(self.topic) + len(self.data) + self.properties.size
 
 
 class Offer(enum.Enum):
@@ -329,6 +400,16 @@ class DeliveryQueue:
         no longer receive its topic): it leaves the queue as if acknowledged."""
         if message.qos and message.packet_id is not None:
             self.acknowledge(message.packet_id)
+
+    def take_shared(self) -> list[Outgoing]:
+        """Remove and return the messages a shared subscription gave this session (after
+        :meth:`connection_lost`, so unacknowledged ones are among them): another member of the
+        group gets them [MQTT-4.8.2-5]."""
+        taken = [m for m in self.pending if m.share is not None]
+        if taken:
+            self.pending = deque(m for m in self.pending if m.share is None)
+            self.bytes -= sum(m.size for m in taken)
+        return taken
 
     def connection_lost(self) -> None:
         """Unacknowledged messages go back to the front, in the order they were sent, marked DUP."""
