@@ -342,12 +342,16 @@ class MqttClient:
         *,
         protocol: int = 4,
         connack: mqtt5.ConnAckPacket | None = None,
+        keepalive: int = 60,
     ) -> None:
         self.reader = reader
         self.writer = writer
         self.protocol = protocol
         self.connack = connack
         self.client_id = (connack.assigned_client_id if connack else None) or client_id
+        #: The keep-alive in force: the requested one, or a 5.0 server's Server Keep Alive.
+        server_keepalive = connack.server_keep_alive if connack is not None else None
+        self.keepalive = keepalive if server_keepalive is None else server_keepalive
         self.timing = timing
         self.on_message = on_message
         self._next_id = 0
@@ -440,7 +444,16 @@ class MqttClient:
             if isinstance(exc, Exception):
                 raise classify(exc) from None
             raise
-        return cls(reader, writer, client_id, timing, on_message, protocol=protocol, connack=connack)
+        return cls(
+            reader,
+            writer,
+            client_id,
+            timing,
+            on_message,
+            protocol=protocol,
+            connack=connack,
+            keepalive=keepalive,
+        )
 
     # -- operations ----------------------------------------------------------------------
     def _packet_id(self) -> int:
