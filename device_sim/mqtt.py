@@ -195,9 +195,11 @@ def connect_packet_v5(
     receive_max: int = 65535,
     max_packet_size: int | None = None,
     user_properties: tuple[tuple[str, str], ...] = (),
+    authentication_method: str | None = None,
 ) -> bytes:
     """An MQTT 5 CONNECT. ``session_expiry`` None: 0 with ``clean``, else 0xFFFFFFFF (never expires,
-    as a 3.1.1 persistent session); the server may cap it. Topic Alias Maximum 0: no aliases to us."""
+    as a 3.1.1 persistent session); the server may cap it. Topic Alias Maximum 0: no aliases to us.
+    ``authentication_method`` only probes a server's answer (0x8C): the client has no AUTH exchange."""
     if session_expiry is None:
         session_expiry = 0 if clean else 0xFFFFFFFF
     return mqtt5.ConnectPacket(
@@ -208,6 +210,7 @@ def connect_packet_v5(
         receive_max=receive_max,
         max_packet_size=max_packet_size,
         user_properties=list(user_properties),
+        authentication_method=authentication_method,
     ).write()
 
 
@@ -383,20 +386,24 @@ class MqttClient:
         receive_max: int = 65535,
         max_packet_size: int | None = None,
         user_properties: tuple[tuple[str, str], ...] = (),
+        authentication_method: str | None = None,
     ) -> MqttClient:
         """TCP connect, TLS handshake, CONNECT, CONNACK; raises :class:`ConnectFailed`.
 
-        ``session_expiry``, ``receive_max``, ``max_packet_size`` and ``user_properties`` are MQTT 5
-        CONNECT properties (see :func:`connect_packet_v5`); with ``protocol=4`` they must stay unset.
+        ``session_expiry``, ``receive_max``, ``max_packet_size``, ``user_properties`` and
+        ``authentication_method`` are MQTT 5 CONNECT properties (see :func:`connect_packet_v5`); with
+        ``protocol=4`` they must stay unset.
         """
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be 4 (MQTT 3.1.1) or 5 (MQTT 5.0), not {protocol!r}")
         if protocol == 4 and (
-            session_expiry is not None or receive_max != 65535 or max_packet_size or user_properties
+            session_expiry is not None
+            or receive_max != 65535
+            or max_packet_size
+            or user_properties
+            or authentication_method is not None
         ):
-            raise ValueError(
-                "session_expiry, receive_max, max_packet_size and user_properties need protocol=5"
-            )
+            raise ValueError("MQTT 5 CONNECT properties need protocol=5")
         started = time.perf_counter()
         writer: asyncio.StreamWriter | None = None
         connack: mqtt5.ConnAckPacket | None = None
@@ -425,6 +432,7 @@ class MqttClient:
                             receive_max=receive_max,
                             max_packet_size=max_packet_size,
                             user_properties=user_properties,
+                            authentication_method=authentication_method,
                         )
                     )
                     connack = await _read_connack_v5(reader)
