@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import subprocess
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import mqtt5
 import pytest
 
 from device_sim.mqtt import TRANSIENT_REASONS, ConnectFailed, Message, MqttClient, PublishProperties
-from tests.helpers import wait_until_async
+from tests.helpers import wait_until, wait_until_async
 
 T = TypeVar("T")
 ADDRESS = os.environ.get("JITP_TEST_MOSQUITTO", "127.0.0.1:1883")
@@ -263,3 +266,55 @@ def test_properties_need_protocol_5(mosquitto: tuple[str, int]) -> None:
             await connect(mosquitto, protocol=3)
 
     run(scenario())
+
+
+@pytest.fixture
+def acl_mosquitto(mosquitto_binary: Path, tmp_path: Path) -> Iterator[tuple[str, int]]:
+    """A Mosquitto of this test's own (plain TCP) whose ACL lets anyone write ``open/#`` only."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    (tmp_path / "acl").write_text("topic readwrite open/#\n")
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(
+        ("user root\n" if os.geteuid() == 0 else "")
+        + f"persistence false\nlistener {port} 127.0.0.1\nallow_anonymous true\nacl_file {tmp_path / 'acl'}\n"
+    )
+    log = tmp_path / "mosquitto.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(mosquitto_binary), "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT
+        )
+
+    def listening() -> bool:
+        assert proc.poll() is None, log.read_text()
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    try:
+        assert wait_until(listening, 15), log.read_text()
+        yield "127.0.0.1", port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_v5_refused_publish_raises_its_puback_reason_code(acl_mosquitto: tuple[str, int]) -> None:
+    """3.1.1 cannot refuse a PUBLISH; 5.0 answers PUBACK 0x87 Not authorized, and the connection stays up."""
+
+    async def scenario() -> tuple[ConnectFailed, bool]:
+        client = await connect(acl_mosquitto)
+        await client.publish("open/a", b"fine", qos=1)
+        with pytest.raises(ConnectFailed) as caught:
+            await client.publish("closed/a", b"refused", qos=1)
+        await client.publish("open/b", b"still fine", qos=1)
+        still_open = client.is_open
+        await client.disconnect()
+        return caught.value, still_open
+
+    refused, still_open = run(scenario())
+    assert refused.reason == "puback:0x87"
+    assert still_open

@@ -10,15 +10,14 @@ from __future__ import annotations
 import asyncio
 import asyncio.sslproto
 import json
-import os
-import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from benchmarks.join_storm import MOSQUITTO, Broker, start_mosquitto, stop
+from benchmarks import join_storm
+from benchmarks.join_storm import Broker
 from device_sim import Fleet, Report, Target
 from device_sim.cli import SCENARIOS, build_parser, main
 from tests.helpers import Pki, wait_until
@@ -54,12 +53,11 @@ def test_target_and_report_name_the_protocol() -> None:
 
 
 @pytest.fixture
-def mosquitto_tls(pki: Pki, tmp_path: Path) -> Iterator[Broker]:
-    if not Path(MOSQUITTO).exists() and shutil.which("mosquitto") is None:
-        if os.environ.get("CI"):
-            pytest.fail("mosquitto is not installed, and CI is set: apt-get install mosquitto", pytrace=False)
-        pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
-    broker = start_mosquitto(pki.layout, tmp_path)
+def mosquitto_tls(
+    pki: Pki, tmp_path: Path, mosquitto_binary: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Broker]:
+    monkeypatch.setattr(join_storm, "MOSQUITTO", str(mosquitto_binary))
+    broker = join_storm.start_mosquitto(pki.layout, tmp_path)
 
     def listening() -> bool:
         assert broker.proc.poll() is None, broker.log.read_text()
@@ -73,7 +71,7 @@ def mosquitto_tls(pki: Pki, tmp_path: Path) -> Iterator[Broker]:
         assert wait_until(listening, 15), broker.log.read_text()
         yield broker
     finally:
-        stop(broker)
+        join_storm.stop(broker)
 
 
 @pytest.fixture
