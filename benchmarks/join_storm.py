@@ -16,6 +16,11 @@ Targets, each its own process (CPU and RSS read from /proc):
 (e) ``floor`` and ``floor-bio`` (benchmarks/tls_floor.py): mutual TLS and CONNACK only, with stdlib
     asyncio TLS or a MemoryBIO protocol: the floor for a Python broker, measured in the same run
 
+MQTT 5 (issue 15): a target spelled ``NAME/v5`` is NAME with every device (and the service) on MQTT
+5.0, e.g. ``--targets jitp,jitp/v5,mosquitto,mosquitto/v5 --repeat 3``: 3.1.1 and 5 side by side in
+one table, and a line per pair with the ratio of CPU per join (v5 / 3.1.1, medians). Not for amqtt,
+which has no MQTT 5.
+
 The cost of the observability layer, paired: ``--targets jitp@BASE,jitp,jitp+metrics --repeat 3``
 (BASE: a revision before it), ratios of medians.
 
@@ -50,6 +55,7 @@ import certs  # noqa: E402
 from device_sim import Fleet, Report, ServiceCreds, Target, create_fleet, run_hold, run_storm  # noqa: E402
 from device_sim.backoff import Backoff  # noqa: E402
 from device_sim.fleet import lean_tls_buffers, raise_fd_limit  # noqa: E402
+from device_sim.mqtt import ConnectFailed  # noqa: E402
 from device_sim.procstat import try_sample  # noqa: E402
 
 MOSQUITTO = "/usr/sbin/mosquitto"
@@ -284,12 +290,12 @@ def running(broker: Broker) -> Iterator[Broker]:
 
 
 async def storm_phase(broker: Broker, layout: certs.PkiLayout, fleet: Fleet, *, n: int,
-                      concurrency: int) -> tuple[Report, float | None, float | None]:
+                      concurrency: int, protocol: int = 4) -> tuple[Report, float | None, float | None]:
     """The storm; returns the report, broker CPU ms per join and load generator CPU ms per join.
 
     Broker CPU is sampled before the storm and after 1 s of quiet, so deferred clean-up counts too.
     """
-    target = Target("127.0.0.1", broker.port, ca=layout.root_cert, broker_pid=broker.proc.pid)
+    target = Target("127.0.0.1", broker.port, ca=layout.root_cert, broker_pid=broker.proc.pid, protocol=protocol)
     registry = broker.data_dir / "registry.db" if broker.data_dir is not None else None
     me = os.getpid()
     stop_scraping = asyncio.Event()
@@ -313,12 +319,33 @@ async def storm_phase(broker: Broker, layout: certs.PkiLayout, fleet: Fleet, *, 
 
 
 async def hold_phase(broker: Broker, layout: certs.PkiLayout, fleet: Fleet, *, n: int, concurrency: int,
-                     seconds: float) -> Report:
+                     seconds: float, protocol: int = 4) -> Report:
     """Hold ``n`` connections on a freshly started broker process (a clean RSS baseline)."""
     await asyncio.sleep(0.5)
-    target = Target("127.0.0.1", broker.port, ca=layout.root_cert, broker_pid=broker.proc.pid)
+    target = Target("127.0.0.1", broker.port, ca=layout.root_cert, broker_pid=broker.proc.pid, protocol=protocol)
     return await run_hold(target, fleet, n=n, seconds=seconds, concurrency=concurrency, keepalive=30,
                           publish_interval=None, progress=True)
+
+
+V5 = "/v5"
+NO_V5 = ("amqtt",)  # stock amqtt 0.12.1 speaks 3.1.1 only
+
+
+def split_protocol(name: str) -> tuple[str, int]:
+    """``jitp/v5`` -> (``jitp``, 5); ``jitp`` -> (``jitp``, 4)."""
+    return (name.removesuffix(V5), 5) if name.endswith(V5) else (name, 4)
+
+
+def protocol_lines(cpu: dict[str, float]) -> list[str]:
+    """MQTT 5 against 3.1.1 for each target measured both ways: v5 CPU per join / 3.1.1's."""
+    lines = []
+    for name in sorted(cpu):
+        base, protocol = split_protocol(name)
+        if protocol == 5 and cpu.get(base):
+            ratio = cpu[name] / cpu[base]
+            lines.append(f"CPU per join, MQTT 5 / 3.1.1, {base}: {ratio:.3f}x ({(ratio - 1) * 100:+.1f}%: "
+                         f"{cpu[name]:.2f} vs {cpu[base]:.2f} ms)")
+    return lines
 
 
 def _fmt(value: float | None, spec: str = ".1f", unit: str = "") -> str:
@@ -359,6 +386,7 @@ def table(rows: list[Row], *, n: int, concurrency: int, hold: int) -> str:
         if jitp and other != "jitp" and cpu[other]:
             note = f"  (medians of {len(samples['jitp'])} and {len(samples[other])} runs)" if repeated else ""
             lines.append(f"CPU per join, jitp / {other}: {jitp / cpu[other]:.3f}x{note}")
+    lines.extend(protocol_lines(cpu))
     lines.append("CPU ms/join: broker CPU from just before the storm to 1 s after it / joins (jitp: includes the "
                  "registry write, audit and event delivery). p50/p99/max: TCP connect -> CONNACK. event: TCP "
                  "connect -> provisioned event at the service subscriber. KiB/held: broker RSS delta / held "
@@ -376,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", default="amqtt,mosquitto,jitp",
                         help="comma-separated: amqtt, mosquitto, jitp, jitp:workers=N (jitp serve --workers N), "
                         "jitp@REV (jitp as of git revision REV), floor (stdlib asyncio TLS + CONNACK only), "
-                        "floor-bio (MemoryBIO TLS + CONNACK only)")
+                        "floor-bio (MemoryBIO TLS + CONNACK only); NAME/v5: NAME with MQTT 5.0 clients (not amqtt)")
     parser.add_argument("--repeat", type=int, default=1, help="run the targets this many times, interleaved; "
                         "ratios then use each target's median")
     parser.add_argument("--inject-refusals", type=int, default=50,
@@ -398,21 +426,32 @@ def main(argv: list[str] | None = None) -> int:
     starters = {"amqtt": start_amqtt, "mosquitto": start_mosquitto, "jitp": start_jitp, "floor": start_floor,
                 "floor-bio": start_floor_bio, "jitp+metrics": functools.partial(start_jitp, metrics=True)}
     checks: list[str] = []
-    for name in args.targets.split(","):
-        if name.strip().startswith("jitp@"):
-            starters[name.strip()] = functools.partial(start_jitp, revision=name.strip().removeprefix("jitp@"))
-        if name.strip().startswith("jitp:workers="):
-            starters[name.strip()] = functools.partial(start_jitp, workers=int(name.strip().split("=", 1)[1]))
-    rows: list[Row] = []
     names = [t.strip() for t in args.targets.split(",") if t.strip()]
+    for name in names:
+        base, protocol = split_protocol(name)
+        if base.startswith("jitp@"):
+            starters[base] = functools.partial(start_jitp, revision=base.removeprefix("jitp@"))
+        if base.startswith("jitp:workers="):
+            starters[base] = functools.partial(start_jitp, workers=int(base.split("=", 1)[1]))
+        if base not in starters:
+            parser.error(f"unknown target {name!r}")
+        if protocol == 5 and base in NO_V5:
+            parser.error(f"{name}: {base} has no MQTT 5")
+    rows: list[Row] = []
     for name in names * args.repeat:
-        if name == "mosquitto" and not Path(MOSQUITTO).exists() and shutil.which("mosquitto") is None:
+        base, protocol = split_protocol(name)
+        if base == "mosquitto" and not Path(MOSQUITTO).exists() and shutil.which("mosquitto") is None:
             rows.append(Row(name, None, None, None, None,
                             skipped="not installed: sudo apt-get install mosquitto"))
             continue
         print(f"\n== {name}", file=sys.stderr)
-        with running(starters[name](layout, work)) as broker:
-            storm, broker_ms, gen_ms = asyncio.run(storm_phase(broker, layout, fleet, n=args.n, concurrency=args.c))
+        with running(starters[base](layout, work)) as broker:
+            try:
+                storm, broker_ms, gen_ms = asyncio.run(storm_phase(broker, layout, fleet, n=args.n,
+                                                                   concurrency=args.c, protocol=protocol))
+            except ConnectFailed as exc:  # the event subscriber refused, e.g. a broker without MQTT 5
+                rows.append(Row(name, None, None, None, None, skipped=f"the service could not connect: {exc}"))
+                continue
             if broker.metrics_port is not None:
                 inject_refusals(broker, layout, work, args.inject_refusals)
                 checks.append(f"{name}: {check_counts(broker, storm, args.inject_refusals)}")
@@ -421,9 +460,9 @@ def main(argv: list[str] | None = None) -> int:
         held = None
         if args.hold:
             time.sleep(1.0)
-            with running(starters[name](layout, work, fresh=False)) as broker:
+            with running(starters[base](layout, work, fresh=False)) as broker:
                 held = asyncio.run(hold_phase(broker, layout, fleet, n=args.hold, concurrency=args.c,
-                                              seconds=args.hold_seconds))
+                                              seconds=args.hold_seconds, protocol=protocol))
             print(held.table(), file=sys.stderr)
         rows.append(Row(name, storm, held, broker_ms, gen_ms))
         time.sleep(1.0)

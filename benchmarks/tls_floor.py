@@ -19,6 +19,13 @@ import signal
 import ssl
 
 CONNACK = b"\x20\x02\x00\x00"
+CONNACK_V5 = b"\x20\x03\x00\x00\x00"  # reason code 0, no properties
+
+
+def connack_for(connect: bytes | bytearray) -> bytes:
+    """CONNACK 0 in the CONNECT's own protocol: after the fixed header, "MQTT" (6 bytes), the level."""
+    header = 2 + next((i for i in range(4) if not connect[1 + i] & 0x80), 0)
+    return CONNACK_V5 if connect[header + 6 : header + 7] == b"\x05" else CONNACK
 
 
 def context(certfile: str, keyfile: str, cafile: str) -> ssl.SSLContext:
@@ -54,7 +61,7 @@ async def _streams_client(reader: asyncio.StreamReader, writer: asyncio.StreamWr
             size = _connect_length(data)
             if size is not None and len(data) >= size:
                 break
-        writer.write(CONNACK)
+        writer.write(connack_for(data))
         await reader.read(4096)  # until the client goes
     except (OSError, ssl.SSLError):
         pass
@@ -96,7 +103,7 @@ class BioConnection(asyncio.Protocol):
             size = _connect_length(self.buffer)
             if size is not None and len(self.buffer) >= size:
                 self.answered = True
-                self.ssl.write(CONNACK)
+                self.ssl.write(connack_for(self.buffer))
         out = self.outgoing.read()
         if out:
             self.transport.write(out)

@@ -1,7 +1,7 @@
 """device_sim: a fleet simulator and load generator for mTLS MQTT brokers (jitp first).
 
 One asyncio process drives thousands of simulated devices, each with its own certificate, over
-a lean MQTT 3.1.1 client. The Python API::
+a lean MQTT 3.1.1 client (MQTT 5.0 with ``Target(..., protocol=5)``). The Python API::
 
     fleet = create_fleet(pki_dir, 1000, out)            # or Fleet.load(out)
     # or one CA per region: create_region_fleet(pki_dir, {"eu-west": 500, "us-east": 500}, out),

@@ -133,6 +133,7 @@ class EventWatcher(_Arrivals):
             clean=False,
             time_limit=t.connect_timeout,
             on_message=self._on_message,
+            protocol=t.protocol,
         )
         filters = [(EVENTS_FILTER, 1)]
         if self.telemetry is not None:

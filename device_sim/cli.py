@@ -20,6 +20,7 @@ from device_sim.fleet import (
     parse_regions,
     raise_fd_limit,
 )
+from device_sim.mqtt import PROTOCOLS
 from device_sim.report import Report, write_histogram
 from device_sim.scenarios import run_chaos, run_hold, run_ramp, run_reconnect, run_storm, run_telemetry
 
@@ -31,6 +32,17 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
+
+
+def _protocol_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--protocol",
+        type=int,
+        choices=PROTOCOLS,
+        default=4,
+        help="MQTT protocol level of every connection (devices and service): 4 = MQTT 3.1.1 "
+        "(default), 5 = MQTT 5.0",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--service-key", type=Path, required=True)
     p.add_argument("--service-client-id")
     p.add_argument("--json", type=Path, help="write the summary as JSON")
+    _protocol_argument(p)
 
     for name in SCENARIOS:
         p = sub.add_parser(name, help=_HELP[name])
@@ -120,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--timeout", type=float, default=30.0, help="per connect attempt, seconds")
         p.add_argument("--json", type=Path, help="write the report as JSON")
         p.add_argument("--no-progress", action="store_true")
+        _protocol_argument(p)
         if name == "chaos":
             p.add_argument("--pki", required=True, type=Path, help="the PKI dir (signs the bad identities)")
             continue
@@ -198,6 +212,7 @@ async def _run(args: argparse.Namespace) -> Report:
         broker_pid=args.broker_pid,
         source_addresses=tuple(args.source_ip),
         connect_timeout=args.timeout,
+        protocol=args.protocol,
     )
     service = _service(args)
     registry = args.data_dir / "registry.db" if args.data_dir else None
@@ -322,6 +337,7 @@ def _rotate(args: argparse.Namespace) -> int:
             service_key=service.key,
             service_client_id=service.mqtt_client_id,
             concurrency=args.concurrency,
+            protocol=args.protocol,
         )
     )
     summary = report.to_json()

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 import certs
+from device_sim.mqtt import PROTOCOLS
 
 MANIFEST = "manifest.json"
 FLEET_META = "fleet.json"
@@ -430,6 +431,11 @@ class Target:
     broker_pid: int | None = None  # a local broker process: CPU and RSS are read from /proc
     source_addresses: tuple[str, ...] = ()  # e.g. 127.0.0.2.. to go beyond ~28k ports per source IP
     connect_timeout: float = 30.0
+    protocol: int = 4  # MQTT protocol level of every connection: 4 (3.1.1) or 5 (5.0)
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be 4 (MQTT 3.1.1) or 5 (MQTT 5.0), not {self.protocol!r}")
 
     def source_for(self, index: int) -> str | None:
         if not self.source_addresses:

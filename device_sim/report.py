@@ -211,6 +211,7 @@ class Report:
     telemetry: TelemetryCheck | None = None
     notes: tuple[str, ...] = field(default=())  # informational
     issues: tuple[str, ...] = field(default=())  # further failures found by the scenario
+    protocol: int = 4  # MQTT protocol level the devices spoke: 4 (3.1.1) or 5 (5.0)
 
     # -- derived ---------------------------------------------------------------------------
     @property
@@ -329,7 +330,10 @@ class Report:
     def table(self) -> str:
         rows: list[tuple[str, str]] = []
         conc = f"   concurrency {self.concurrency}" if self.concurrency else ""
-        rows.append(("scenario", f"{self.scenario}   target {self.target}   devices {self.devices}{conc}"))
+        mqtt = "MQTT 5.0" if self.protocol == 5 else "MQTT 3.1.1"
+        rows.append(
+            ("scenario", f"{self.scenario}   target {self.target} ({mqtt})   devices {self.devices}{conc}")
+        )
         if self.chaos:
             for c in self.chaos:
                 verdict = "ok" if c.ok else "FAIL"
@@ -457,6 +461,7 @@ class Report:
         doc: dict[str, Any] = {
             "scenario": self.scenario,
             "target": self.target,
+            "protocol": self.protocol,
             "concurrency": self.concurrency,
             "devices": self.devices,
             "joined": self.joined,

@@ -115,8 +115,17 @@ def _csr(key: ec.EllipticCurvePrivateKey, *, corrupt: bool = False) -> str:
 
 class _Device:
     def __init__(
-        self, creds: DeviceCreds, fault: str, *, host: str, port: int, ca: Path, workdir: Path
+        self,
+        creds: DeviceCreds,
+        fault: str,
+        *,
+        host: str,
+        port: int,
+        ca: Path,
+        workdir: Path,
+        protocol: int = 4,
     ) -> None:
+        self.protocol = protocol
         self.creds, self.fault, self.host, self.port, self.ca, self.workdir = (
             creds,
             fault,
@@ -134,7 +143,12 @@ class _Device:
 
     async def _connect(self, ctx: ssl.SSLContext) -> MqttClient:
         return await MqttClient.connect(
-            self.host, self.port, ssl_context=ctx, client_id=self.creds.device_id, on_message=self._on_message
+            self.host,
+            self.port,
+            ssl_context=ctx,
+            client_id=self.creds.device_id,
+            on_message=self._on_message,
+            protocol=self.protocol,
         )
 
     async def _ask(self, client: MqttClient, request_id: str, csr: str) -> tuple[str, dict[str, Any]]:
@@ -204,6 +218,7 @@ async def rotate(
     service_client_id: str,
     concurrency: int = 50,
     event_timeout: float = 30.0,
+    protocol: int = 4,
 ) -> RotateReport:
     report = RotateReport()
     issued: list[dict[str, Any]] = []
@@ -219,6 +234,7 @@ async def rotate(
         ssl_context=client_context(ca, service_cert, service_key),
         client_id=service_client_id,
         on_message=on_event,
+        protocol=protocol,
     )
     await service.subscribe([("$jitp/events/certificate-issued/+", 1)])
     semaphore = asyncio.Semaphore(concurrency)
@@ -227,7 +243,13 @@ async def rotate(
         async def one(i: int, creds: DeviceCreds) -> DeviceResult:
             async with semaphore:
                 return await _Device(
-                    creds, FAULTS[i % len(FAULTS)], host=host, port=port, ca=ca, workdir=Path(tmp)
+                    creds,
+                    FAULTS[i % len(FAULTS)],
+                    host=host,
+                    port=port,
+                    ca=ca,
+                    workdir=Path(tmp),
+                    protocol=protocol,
                 ).run()
 
         report.devices = list(await asyncio.gather(*(one(i, d) for i, d in enumerate(devices))))

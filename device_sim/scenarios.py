@@ -193,6 +193,7 @@ class _Run:
                         keepalive=self.keepalive,
                         time_limit=t.connect_timeout,
                         source_address=t.source_for(index),
+                        protocol=t.protocol,
                     )
                     if not keep:
                         await client.disconnect()
@@ -302,6 +303,7 @@ class _Run:
         return Report(
             scenario=self.scenario,
             target=f"{t.host}:{t.port}",
+            protocol=t.protocol,
             concurrency=self.concurrency,
             outcomes=tuple(self.outcomes),
             duration=duration,
@@ -613,7 +615,7 @@ async def _hold_loop(
     rng: random.Random,
 ) -> None:
     now = time.monotonic()
-    ping_every = keepalive / 2
+    ping_every = (client.keepalive or keepalive) / 2  # a 5.0 server's Server Keep Alive wins
     next_ping = now + rng.uniform(0.5, 1.0) * ping_every
     next_pub = now + rng.uniform(0, publish_interval) if publish_interval else float("inf")
     seq = 0
@@ -825,8 +827,14 @@ class ChaosCase:
     expected: tuple[str, ...]
 
 
-def make_chaos_cases(pki_dir: Path, out: Path, *, tag: str | None = None) -> list[ChaosCase]:
-    """Bad identities, generated on the fly under ``out``: each must be refused by a jitp broker."""
+def make_chaos_cases(
+    pki_dir: Path, out: Path, *, tag: str | None = None, protocol: int = 4
+) -> list[ChaosCase]:
+    """Bad identities, generated on the fly under ``out``: each must be refused by a jitp broker.
+
+    With ``protocol=5`` the refusals are MQTT 5 reason codes (issue 15): 0x85 Client Identifier not
+    valid for a client id that is not the device id, 0x87 Not authorized (or 0x85) for unsafe ids.
+    """
     layout = certs.PkiLayout(Path(pki_dir))
     manufacturer = certs.load_issuer(layout.manufacturer_cert, layout.manufacturer_key)
     rogue = certs.make_ca("chaos rogue CA", key=certs.generate_key("ec"))
@@ -839,7 +847,8 @@ def make_chaos_cases(pki_dir: Path, out: Path, *, tag: str | None = None) -> lis
     def tls(alert: str) -> tuple[str, ...]:
         return (f"tls:{alert}", "eof", "reset")
 
-    refused = ("connack:5",)
+    refused = ("connack:0x87", "connack:0x85") if protocol == 5 else ("connack:5",)
+    mismatch = ("connack:0x85",) if protocol == 5 else refused
     specs: list[tuple[str, str, str | None, certs.Issuer, dict[str, datetime], tuple[str, ...]]] = [
         (
             "expired",
@@ -850,7 +859,7 @@ def make_chaos_cases(pki_dir: Path, out: Path, *, tag: str | None = None) -> lis
             tls("certificate_expired"),
         ),
         ("unknown_ca", f"chaos-rogue-{tag}", None, rogue, {}, tls("unknown_ca")),
-        ("client_id_mismatch", f"chaos-mismatch-{tag}", f"chaos-other-{tag}", manufacturer, {}, refused),
+        ("client_id_mismatch", f"chaos-mismatch-{tag}", f"chaos-other-{tag}", manufacturer, {}, mismatch),
         ("unsafe_id_slash", f"chaos/{tag}", None, manufacturer, {}, refused),
         ("unsafe_id_hash", f"chaos#{tag}", None, manufacturer, {}, refused),
         ("unsafe_id_dollar", f"$chaos-{tag}", None, manufacturer, {}, refused),
@@ -891,7 +900,7 @@ async def run_chaos(
     recorded in the registry.
     """
     with tempfile.TemporaryDirectory(prefix="jitp-chaos-") as tmp:
-        cases = make_chaos_cases(Path(pki_dir), Path(tmp))
+        cases = make_chaos_cases(Path(pki_dir), Path(tmp), protocol=target.protocol)
         run = _Run(
             "chaos",
             target,

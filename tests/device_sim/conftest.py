@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -28,3 +30,16 @@ def service(pki: Pki) -> ServiceCreds:
 @pytest.fixture
 def registry_path(broker: BrokerThread) -> Path:
     return broker.config.registry_path
+
+
+@pytest.fixture(scope="session")
+def mosquitto_binary() -> Path:
+    """The mosquitto broker binary, for tests that start their own; skip without it (fail under CI)."""
+    found = shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None
+    )
+    if found is not None:
+        return Path(found)
+    if os.environ.get("CI"):
+        pytest.fail("mosquitto is not installed, and CI is set: apt-get install mosquitto", pytrace=False)
+    pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
