@@ -374,6 +374,7 @@ class Gmqtt(AsyncDriver):
 # -- Debian's mosquitto clients ---------------------------------------------------------------------
 _CONNACK_DEBUG = re.compile(r"received CONNACK \((\d+)\)")
 _SUBACK_DEBUG = re.compile(r"received SUBACK")
+_GRANTED_DEBUG = re.compile(r"Subscribed \(mid: \d+\): ([\d, ]+)$")
 
 
 class Mosquitto:
@@ -399,6 +400,9 @@ class Mosquitto:
             common.append("-c")
         if job.version == 5 and job.session_expiry is not None:
             common += ["-x", str(job.session_expiry)]
+        subs = [s for s in steps if isinstance(s, Subscribe)]
+        topics = [arg for s in subs for arg in ("-t", s.filter)]
+        qos = ["-q", str(max((s.qos for s in subs), default=0))]
         match steps:
             case (Publish() as p,):
                 return self._tool("mosquitto_pub", common, "-t", p.topic, "-m", p.payload.decode(),
@@ -406,17 +410,15 @@ class Mosquitto:
             case (Subscribe() as s, Publish() as p, Expect(count=1)) if s.filter == p.topic:
                 return self._tool("mosquitto_rr", common, "-e", s.filter, "-t", p.topic,
                                   "-m", p.payload.decode(), "-q", str(p.qos), "-W", str(int(DEADLINE)), "-F", "%j")  # fmt: skip
-            case (Subscribe() as s,):
-                return self._tool("mosquitto_sub", common, "-t", s.filter, "-q", str(s.qos), "-E")
-            case (Subscribe() as s, Expect() as e):
+            case () | (Subscribe(), *_) if len(subs) == len(steps):
+                # Subscribe and leave once the SUBACK is in (just connect: a filter it may read).
+                topics = topics or ["-t", f"devices/{job.client_id}/cmd/none"]
+                return self._tool("mosquitto_sub", common, *topics, *qos, "-E")
+            case (Subscribe(), *_, Expect() as e) if len(subs) == len(steps) - 1:
                 # On a resumed session the repeated subscription would bring retained messages again.
                 fresh = ["-R"] if not job.clean else []
-                return self._tool("mosquitto_sub", common, "-t", s.filter, "-q", str(s.qos), *fresh,
+                return self._tool("mosquitto_sub", common, *topics, *qos, *fresh,
                                   "-C", str(e.count), "-W", str(int(DEADLINE)), "-F", "%j")  # fmt: skip
-            case (Expect() as e,):
-                raise ValueError(f"mosquitto_sub needs a topic to resume a session: {e}")
-            case ():
-                return self._tool("mosquitto_sub", common, "-t", f"devices/{job.client_id}/cmd/none", "-E")
         raise ValueError(f"no mosquitto program runs {steps}")
 
     def _tool(self, program: str, common: list[str], *args: str) -> list[str]:
@@ -435,8 +437,10 @@ class Mosquitto:
                 out.messages.append(Message(doc["topic"], payload.encode(), bool(doc.get("retain"))))
             elif m := _CONNACK_DEBUG.search(line):
                 out.connack = int(m.group(1))
-            elif _SUBACK_DEBUG.search(line):
-                out.granted.append(-1)  # mosquitto prints no granted QoS: it only shows the SUBACK came
+            elif m := _GRANTED_DEBUG.match(line):
+                out.granted += [int(q) for q in m.group(1).split(",")]
+            elif _SUBACK_DEBUG.search(line) and "mosquitto_rr" in proc.args[0]:
+                out.granted.append(-1)  # mosquitto_rr prints no granted QoS, only that the SUBACK came
         if proc.returncode:
             out.error = f"exit {proc.returncode}: {proc.stderr.strip()}"
             said = [line for line in proc.stderr.splitlines() if "Connection error" in line]

@@ -29,6 +29,7 @@ from jitp.trust import Role
 from tests.helpers import BrokerThread, Identity, Pki, wait_until
 from tests.interop.clients import (
     CLIENTS,
+    USER_PROPERTY,
     Client,
     Expect,
     Job,
@@ -42,7 +43,9 @@ from tests.interop.clients import (
 MQTT5_BROKER = False  # set when the broker speaks MQTT 5 (issue 15); the MQTT 5 rows then must pass
 DEADLINE = 10.0
 SESSION_EXPIRY = 300  # seconds, for the persistent sessions
-REFUSED_REVOKED = {4: 5, 5: 0x8A}  # 3.1.1: not authorised; 5: Banned
+REFUSED_REVOKED = {4: 5, 5: 0x8A}  # CONNACK 3.1.1: not authorised; 5: Banned
+# SUBACK for a filter outside the namespace; 3.1.1: failure; 5: Not authorized (0x80 is allowed too)
+SUBSCRIBE_DENIED = {4: {0x80}, 5: {0x80, 0x87}}
 
 
 def _v5_pending(*versions: int) -> list[pytest.MarkDecorator]:
@@ -128,7 +131,7 @@ def left(broker: BrokerThread, client_id: str) -> bool:
 
 
 def check_granted(out: Outcome, expected: list[int]) -> None:
-    # mosquitto's programs print only that a SUBACK came (-1 for each), not what it granted.
+    # mosquitto_rr prints only that the SUBACK came (-1), not what it granted.
     assert out.granted in (expected, [-1] * len(expected)), out
 
 
@@ -145,6 +148,9 @@ def test_first_join_publish_and_subscribe_in_own_namespace(
     out = r.accepted(pki.device(device_id), Subscribe(echo), Publish(echo, payload), Expect(1))
     check_granted(out, [1])
     assert [(m.topic, m.payload, m.retain) for m in out.messages] == [(echo, payload, False)]
+    if name == "paho-props":
+        # MQTT 5 PUBLISH properties are passed through (issue 15).
+        assert USER_PROPERTY in out.messages[0].user_properties, out
     record = device_record(broker, device_id)
     assert record is not None and str(record.status) == "active", record
     assert "provisioned" in [e.type for e in broker.events(device_id)]
@@ -160,6 +166,19 @@ def test_retained_config_on_first_join(broker: BrokerThread, pki: Pki, name: str
     [message] = out.messages
     assert (message.topic, message.retain) == (topic, True)
     assert json.loads(message.payload)["device_id"] == device_id
+
+
+@pytest.mark.parametrize(("name", "version"), MATRIX)
+def test_subscribing_outside_own_namespace_is_refused_in_the_suback(
+    broker: BrokerThread, pki: Pki, name: str, version: int
+) -> None:
+    r = Runner(broker, pki, CLIENTS[name](), version)
+    device_id = tag(name, version, "acl")
+    neighbour = tag(name, version, "acl-neighbour")
+    own, other = f"devices/{device_id}/cmd/#", f"devices/{neighbour}/cmd/#"
+    out = r.accepted(pki.device(device_id), Subscribe(own), Subscribe(other))
+    assert len(out.granted) == 2 and out.granted[0] == 1, out
+    assert out.granted[1] in SUBSCRIBE_DENIED[version], out
 
 
 def persistent_delivery(r: Runner, name: str, pub: int, sub: int, what: str) -> None:
@@ -196,6 +215,25 @@ def test_persistent_session_gets_what_was_published_while_away(
     persistent_delivery(Runner(broker, pki, CLIENTS[name](), version), name, version, version, "persist")
 
 
+@pytest.mark.parametrize(
+    "name", [pytest.param("paho", marks=_v5_pending(5)), pytest.param("mqttjs", marks=_v5_pending(5))]
+)
+def test_session_expiry_ends_a_persistent_session(broker: BrokerThread, pki: Pki, name: str) -> None:
+    """MQTT 5: a session kept for 1 s after the client leaves is gone after it: a message published
+    then is not kept, and the next connect is told there is no session."""
+    r = Runner(broker, pki, CLIENTS[name](), 5)
+    svc = pki.service(tag(name, 5, "expiry-svc"))
+    telemetry = f"devices/{tag(name, 5, 'expiry-dev')}/telemetry"
+    r.accepted(svc, Subscribe(telemetry), clean=False, session_expiry=1)
+    assert wait_until(lambda: svc.name not in broker.server.broker.sessions, DEADLINE), (
+        "the session outlived its expiry interval"
+    )
+    r.accepted(pki.device(tag(name, 5, "expiry-dev")), Publish(telemetry, b"nobody is there"))
+    back = r.accepted(svc, clean=False, session_expiry=SESSION_EXPIRY)
+    assert back.session_present is False, back
+    assert back.messages == [], back
+
+
 @pytest.mark.parametrize(("name", "pub", "sub"), CROSS)
 def test_cross_version_delivery(broker: BrokerThread, pki: Pki, name: str, pub: int, sub: int) -> None:
     persistent_delivery(Runner(broker, pki, CLIENTS[name](), pub), name, pub, sub, f"cross{pub}{sub}")
@@ -212,8 +250,8 @@ def test_revoked_device_is_refused(broker: BrokerThread, pki: Pki, name: str, ve
     out = r.run(device)
     assert out.connack == REFUSED_REVOKED[version], out
     assert out.reason, f"{name} showed no refusal: {out}"
-    if version == 5 and name.startswith("paho"):
-        # paho shows the CONNACK's Reason String where there is one: jitp's reason, not just "Banned".
+    if version == 5 and name in ("paho", "paho-props", "mqttjs"):
+        # These show the CONNACK's Reason String: jitp's refusal reason, not just "Banned".
         assert "device_blocked" in out.reason, out
     refused = [e for e in broker.audit() if e.draft.action == "refused" and e.draft.device_id == device_id]
     assert [e.draft.reason for e in refused] == ["device_blocked"], refused

@@ -54,10 +54,15 @@ client.on("message", (topic, payload, packet) => {
   if (waiting && out.messages.length >= waiting.count) waiting.resolve();
 });
 
+let reasonString = null; // MQTT 5: the CONNACK's Reason String, which MQTT.js keeps on the packet
+client.on("packetreceive", (packet) => {
+  if (packet.cmd === "connack") reasonString = packet.properties?.reasonString ?? null;
+});
+
 client.on("error", (err) => {
   // A refused CONNACK: MQTT.js reports it as an error with the return or reason code.
   if (typeof err.code === "number") out.connack = err.code;
-  out.reason = err.message;
+  out.reason = reasonString ? `${err.message} (${reasonString})` : err.message;
   out.error = err.message;
   clearTimeout(timer);
   client.end(true, () => finish(0));
@@ -77,9 +82,16 @@ client.once("connect", async (connack) => {
 
 function run(step) {
   if ("subscribe" in step) {
-    return client.subscribeAsync(step.subscribe, { qos: step.qos }).then((granted) => {
-      for (const g of granted) out.granted.push(g.qos);
-    });
+    return client.subscribeAsync(step.subscribe, { qos: step.qos }).then(
+      (granted) => {
+        for (const g of granted) out.granted.push(g.qos);
+      },
+      (err) => {
+        // A refused subscription: MQTT.js rejects, with the SUBACK packet on the error.
+        if (!Array.isArray(err.packet?.granted)) throw err;
+        out.granted.push(...err.packet.granted);
+      },
+    );
   }
   if ("publish" in step) {
     return client.publishAsync(step.publish, step.payload, { qos: step.qos, retain: step.retain });
