@@ -30,7 +30,6 @@ from tests.helpers import BrokerThread, Identity, Pki, wait_until
 from tests.interop.clients import (
     CLIENTS,
     USER_PROPERTY,
-    Client,
     Expect,
     Job,
     Missing,
@@ -59,7 +58,7 @@ MATRIX = [
     for name, make in CLIENTS.items()
     for version in make().versions
 ]
-CROSS = [
+CROSS = [  # (client, publisher's level, subscriber's level)
     pytest.param(name, pub, sub, id=f"{name}-pub-v{pub}-sub-v{sub}", marks=_v5_pending(pub, sub))
     for name, make in CLIENTS.items()
     if make().versions == (4, 5)
@@ -68,10 +67,16 @@ CROSS = [
 
 
 class Runner:
-    """Runs jobs with one client against the module's broker; a missing program skips or fails."""
+    """Runs jobs with one client (by name) against the test's broker; a missing program fails the
+    test, or skips it where node is missing and CI is unset."""
 
-    def __init__(self, broker: BrokerThread, pki: Pki, client: Client, version: int) -> None:
-        self.broker, self.pki, self.client, self.version = broker, pki, client, version
+    def __init__(self, broker: BrokerThread, pki: Pki, name: str, version: int) -> None:
+        self.broker, self.pki, self.name, self.version = broker, pki, name, version
+        self.client = CLIENTS[name]()
+
+    def id(self, what: str, version: int | None = None) -> str:
+        """A device id or service name of this test's own."""
+        return f"io-{self.name}-{version or self.version}-{what}"
 
     def run(self, ident: Identity, *steps: Step, version: int | None = None, **kw: Any) -> Outcome:
         job = Job(
@@ -85,25 +90,23 @@ class Runner:
         try:
             return self.client.run(job)
         except Missing as exc:
-            if (
-                self.client.name == "mqttjs"
-                and "node is not installed" in str(exc)
-                and not os.environ.get("CI")
-            ):
+            if self.name == "mqttjs" and "node is not installed" in str(exc) and not os.environ.get("CI"):
                 pytest.skip(str(exc))
             pytest.fail(str(exc))
 
     def accepted(self, ident: Identity, *steps: Step, **kw: Any) -> Outcome:
         out = self.run(ident, *steps, **kw)
-        assert out.accepted, f"{self.client.name}: {out}"
-        assert out.error is None, f"{self.client.name}: {out}"
+        assert out.accepted, f"{self.name}: {out}"
+        assert out.error is None, f"{self.name}: {out}"
         if out.protocol is not None:
             assert out.protocol == (kw.get("version") or self.version), f"spoke another version: {out}"
         return out
 
 
-def tag(name: str, version: int, what: str) -> str:
-    return f"io-{name}-{version}-{what}"
+@pytest.fixture
+def r(broker: BrokerThread, pki: Pki, name: str, version: int) -> Runner:
+    """The client ``name`` at protocol level ``version`` (the test's parameters)."""
+    return Runner(broker, pki, name, version)
 
 
 def device_record(broker: BrokerThread, device_id: str) -> Any:
@@ -137,31 +140,27 @@ def check_granted(out: Outcome, expected: list[int]) -> None:
 
 # -- the matrix -------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("name", "version"), MATRIX)
-def test_first_join_publish_and_subscribe_in_own_namespace(
-    broker: BrokerThread, pki: Pki, name: str, version: int
-) -> None:
-    r = Runner(broker, pki, CLIENTS[name](), version)
-    device_id = tag(name, version, "join")
-    assert device_record(broker, device_id) is None
+def test_first_join_publish_and_subscribe_in_own_namespace(r: Runner) -> None:
+    device_id = r.id("join")
+    assert device_record(r.broker, device_id) is None
     echo = f"devices/{device_id}/cmd/echo"
-    payload = f"hello from {name} v{version}".encode()
-    out = r.accepted(pki.device(device_id), Subscribe(echo), Publish(echo, payload), Expect(1))
+    payload = f"hello from {r.name} v{r.version}".encode()
+    out = r.accepted(r.pki.device(device_id), Subscribe(echo), Publish(echo, payload), Expect(1))
     check_granted(out, [1])
     assert [(m.topic, m.payload, m.retain) for m in out.messages] == [(echo, payload, False)]
-    if name == "paho-props":
+    if r.name == "paho-props":
         # MQTT 5 PUBLISH properties are passed through (issue 15).
         assert USER_PROPERTY in out.messages[0].user_properties, out
-    record = device_record(broker, device_id)
+    record = device_record(r.broker, device_id)
     assert record is not None and str(record.status) == "active", record
-    assert "provisioned" in [e.type for e in broker.events(device_id)]
+    assert "provisioned" in [e.type for e in r.broker.events(device_id)]
 
 
 @pytest.mark.parametrize(("name", "version"), MATRIX)
-def test_retained_config_on_first_join(broker: BrokerThread, pki: Pki, name: str, version: int) -> None:
-    r = Runner(broker, pki, CLIENTS[name](), version)
-    device_id = tag(name, version, "config")
+def test_retained_config_on_first_join(r: Runner) -> None:
+    device_id = r.id("config")
     topic = config_topic(device_id)
-    out = r.accepted(pki.device(device_id), Subscribe(topic), Expect(1))
+    out = r.accepted(r.pki.device(device_id), Subscribe(topic), Expect(1))
     check_granted(out, [1])
     [message] = out.messages
     assert (message.topic, message.retain) == (topic, True)
@@ -169,89 +168,82 @@ def test_retained_config_on_first_join(broker: BrokerThread, pki: Pki, name: str
 
 
 @pytest.mark.parametrize(("name", "version"), MATRIX)
-def test_subscribing_outside_own_namespace_is_refused_in_the_suback(
-    broker: BrokerThread, pki: Pki, name: str, version: int
-) -> None:
-    r = Runner(broker, pki, CLIENTS[name](), version)
-    device_id = tag(name, version, "acl")
-    neighbour = tag(name, version, "acl-neighbour")
-    own, other = f"devices/{device_id}/cmd/#", f"devices/{neighbour}/cmd/#"
-    out = r.accepted(pki.device(device_id), Subscribe(own), Subscribe(other))
+def test_subscribing_outside_own_namespace_is_refused_in_the_suback(r: Runner) -> None:
+    device_id = r.id("acl")
+    own, other = f"devices/{device_id}/cmd/#", f"devices/{r.id('acl-neighbour')}/cmd/#"
+    out = r.accepted(r.pki.device(device_id), Subscribe(own), Subscribe(other))
     assert len(out.granted) == 2 and out.granted[0] == 1, out
-    assert out.granted[1] in SUBSCRIBE_DENIED[version], out
+    assert out.granted[1] in SUBSCRIBE_DENIED[r.version], out
 
 
-def persistent_delivery(r: Runner, name: str, pub: int, sub: int, what: str) -> None:
+def persistent_delivery(r: Runner, pub: int, sub: int, what: str) -> None:
     """A subscriber (a service) at ``sub`` with a persistent session leaves; the device at ``pub``
     publishes a QoS 1 message and a retained one; the subscriber comes back and gets the first, and a
     new subscriber at ``sub`` gets the retained one."""
-    broker, pki = r.broker, r.pki
-    device_id = tag(name, pub, f"{what}-dev")
-    telemetry, state = f"devices/{device_id}/telemetry", f"devices/{device_id}/state"
-    svc = pki.service(tag(name, sub, f"{what}-svc"))
+    device = r.pki.device(r.id(f"{what}-dev", pub))
+    telemetry, state = f"devices/{device.name}/telemetry", f"devices/{device.name}/state"
+    svc = r.pki.service(r.id(f"{what}-svc", sub))
     persistent: dict[str, Any] = {"clean": False, "session_expiry": SESSION_EXPIRY if sub == 5 else None}
 
     first = r.accepted(svc, Subscribe(telemetry), version=sub, **persistent)
     check_granted(first, [1])
-    assert wait_until(lambda: left(broker, svc.name), DEADLINE), "the subscriber's connection stayed"
+    assert wait_until(lambda: left(r.broker, svc.name), DEADLINE), "the subscriber's connection stayed"
 
     away = f"published at v{pub} while the v{sub} subscriber was away".encode()
-    device = pki.device(device_id)
     r.accepted(device, Publish(telemetry, away, qos=1), version=pub)
     r.accepted(device, Publish(state, b"on", qos=1, retain=True), version=pub)
 
     back = r.accepted(svc, Subscribe(telemetry), Expect(1), version=sub, **persistent)
-    assert back.session_present in (True, None), back
+    assert back.session_present in (True, None), back  # None: the client does not tell
     assert [(m.topic, m.payload, m.retain) for m in back.messages] == [(telemetry, away, False)]
 
-    late = r.accepted(pki.service(tag(name, sub, f"{what}-late")), Subscribe(state), Expect(1), version=sub)
+    late = r.accepted(r.pki.service(r.id(f"{what}-late", sub)), Subscribe(state), Expect(1), version=sub)
     assert [(m.topic, m.payload, m.retain) for m in late.messages] == [(state, b"on", True)]
 
 
 @pytest.mark.parametrize(("name", "version"), MATRIX)
-def test_persistent_session_gets_what_was_published_while_away(
-    broker: BrokerThread, pki: Pki, name: str, version: int
-) -> None:
-    persistent_delivery(Runner(broker, pki, CLIENTS[name](), version), name, version, version, "persist")
+def test_persistent_session_gets_what_was_published_while_away(r: Runner) -> None:
+    persistent_delivery(r, r.version, r.version, "persist")
+
+
+@pytest.mark.parametrize(("name", "version", "sub"), CROSS)
+def test_cross_version_delivery(r: Runner, sub: int) -> None:
+    """The client publishing at ``version`` reaches itself subscribed at ``sub``."""
+    persistent_delivery(r, r.version, sub, f"cross{sub}")
 
 
 @pytest.mark.parametrize(
-    "name", [pytest.param("paho", marks=_v5_pending(5)), pytest.param("mqttjs", marks=_v5_pending(5))]
+    ("name", "version"), [pytest.param(n, 5, marks=_v5_pending(5)) for n in ("paho", "mqttjs")]
 )
-def test_session_expiry_ends_a_persistent_session(broker: BrokerThread, pki: Pki, name: str) -> None:
+def test_session_expiry_ends_a_persistent_session(r: Runner) -> None:
     """MQTT 5: a session kept for 1 s after the client leaves is gone after it: a message published
     then is not kept, and the next connect is told there is no session."""
-    r = Runner(broker, pki, CLIENTS[name](), 5)
-    svc = pki.service(tag(name, 5, "expiry-svc"))
-    telemetry = f"devices/{tag(name, 5, 'expiry-dev')}/telemetry"
+    svc, device = r.pki.service(r.id("expiry-svc")), r.pki.device(r.id("expiry-dev"))
+    telemetry = f"devices/{device.name}/telemetry"
     r.accepted(svc, Subscribe(telemetry), clean=False, session_expiry=1)
-    assert wait_until(lambda: svc.name not in broker.server.broker.sessions, DEADLINE), (
+    assert wait_until(lambda: svc.name not in r.broker.server.broker.sessions, DEADLINE), (
         "the session outlived its expiry interval"
     )
-    r.accepted(pki.device(tag(name, 5, "expiry-dev")), Publish(telemetry, b"nobody is there"))
+    r.accepted(device, Publish(telemetry, b"nobody is there"))
     back = r.accepted(svc, clean=False, session_expiry=SESSION_EXPIRY)
     assert back.session_present is False, back
     assert back.messages == [], back
 
 
-@pytest.mark.parametrize(("name", "pub", "sub"), CROSS)
-def test_cross_version_delivery(broker: BrokerThread, pki: Pki, name: str, pub: int, sub: int) -> None:
-    persistent_delivery(Runner(broker, pki, CLIENTS[name](), pub), name, pub, sub, f"cross{pub}{sub}")
-
-
 @pytest.mark.parametrize(("name", "version"), MATRIX)
-def test_revoked_device_is_refused(broker: BrokerThread, pki: Pki, name: str, version: int) -> None:
-    r = Runner(broker, pki, CLIENTS[name](), version)
-    device_id = tag(name, version, "revoked")
-    device = pki.device(device_id)
+def test_revoked_device_is_refused(r: Runner) -> None:
+    device = r.pki.device(r.id("revoked"))
     r.accepted(device)
-    revoke(broker, device_id)
-    assert str(device_record(broker, device_id).status) == "revoked"
+    revoke(r.broker, device.name)
+    assert str(device_record(r.broker, device.name).status) == "revoked"
     out = r.run(device)
-    assert out.connack == REFUSED_REVOKED[version], out
-    assert out.reason, f"{name} showed no refusal: {out}"
-    if version == 5 and name in ("paho", "paho-props", "mqttjs"):
+    assert out.connack == REFUSED_REVOKED[r.version], out
+    assert out.reason, f"{r.name} showed no refusal: {out}"
+    if r.version == 5 and r.name in ("paho", "paho-props", "mqttjs"):
         # These show the CONNACK's Reason String: jitp's refusal reason, not just "Banned".
         assert "device_blocked" in out.reason, out
-    refused = [e for e in broker.audit() if e.draft.action == "refused" and e.draft.device_id == device_id]
-    assert [e.draft.reason for e in refused] == ["device_blocked"], refused
+    audit = r.broker.audit()
+    refused = [
+        e.draft.reason for e in audit if e.draft.action == "refused" and e.draft.device_id == device.name
+    ]
+    assert refused == ["device_blocked"], refused
