@@ -72,15 +72,16 @@ Step = Subscribe | Publish | Expect
 class Job:
     port: int
     ca: Path
-    identity: Identity  # the client id is the identity's name (a device's id, a service's name)
+    identity: Identity  # the client id is its name (a device's id, a service's name) unless as_id
     version: int  # 4 (MQTT 3.1.1) or 5
     steps: tuple[Step, ...] = ()
     clean: bool = True  # 3.1.1 clean session / 5 clean start
     session_expiry: int | None = None  # MQTT 5 Session Expiry Interval (seconds); 3.1.1 has none
+    as_id: str | None = None  # a client id other than the identity's name
 
     @property
     def client_id(self) -> str:
-        return self.identity.name
+        return self.as_id or self.identity.name
 
     def tls(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.ca))

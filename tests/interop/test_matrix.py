@@ -4,10 +4,12 @@ For each client (paho-mqtt bare and with MQTT 5 properties, aiomqtt, gmqtt, Debi
 clients, MQTT.js) at each protocol level (3.1.1 and 5):
 - first join: a device's first connect provisions it and is accepted;
 - it publishes and subscribes in its own namespace (``devices/<id>/cmd/#``) and gets its message back;
+  a subscription outside that namespace is refused in the SUBACK;
 - it reads its retained configuration on ``$jitp/devices/<id>/config``;
 - a persistent session (3.1.1 clean session 0; 5 Session Expiry Interval) gets the QoS 1 message
   published while it was away;
-- a revoked device sees the refusal (3.1.1: return code 5; 5: 0x8A Banned, with a reason string);
+- a revoked device sees the refusal (3.1.1: return code 5; 5: 0x8A Banned, with a reason string),
+  and so does a client id other than the device id (5: 0x85);
 and across versions: a 5 publisher reaches a 3.1.1 subscriber and the reverse (queued QoS 1 and
 retained messages).
 
@@ -43,6 +45,7 @@ MQTT5_BROKER = False  # set when the broker speaks MQTT 5 (issue 15); the MQTT 5
 DEADLINE = 10.0
 SESSION_EXPIRY = 300  # seconds, for the persistent sessions
 REFUSED_REVOKED = {4: 5, 5: 0x8A}  # CONNACK 3.1.1: not authorised; 5: Banned
+REFUSED_CLIENT_ID = {4: 5, 5: 0x85}  # CONNACK 3.1.1: not authorised; 5: Client Identifier not valid
 # SUBACK for a filter outside the namespace; 3.1.1: failure; 5: Not authorized (0x80 is allowed too)
 SUBSCRIBE_DENIED = {4: {0x80}, 5: {0x80, 0x87}}
 
@@ -247,3 +250,14 @@ def test_revoked_device_is_refused(r: Runner) -> None:
         e.draft.reason for e in audit if e.draft.action == "refused" and e.draft.device_id == device.name
     ]
     assert refused == ["device_blocked"], refused
+
+
+@pytest.mark.parametrize(("name", "version"), MATRIX)
+def test_a_client_id_other_than_the_device_id_is_refused(r: Runner) -> None:
+    device = r.pki.device(r.id("cid"))
+    out = r.run(device, as_id=f"{device.name}-other")
+    assert out.connack == REFUSED_CLIENT_ID[r.version], out
+    assert out.reason, f"{r.name} showed no refusal: {out}"
+    assert device_record(r.broker, device.name) is None, "provisioned on a refused connect"
+    audit = r.broker.audit()
+    assert "client_id_mismatch" in [e.draft.reason for e in audit if e.draft.action == "refused"], audit
