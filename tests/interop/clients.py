@@ -2,8 +2,9 @@
 
 A :class:`Job` is one connection: who connects (a certificate and key on disk, the client id being
 the certificate's name), at which protocol level, with a clean or a persistent session, and the steps
-to take once accepted: subscribe (waits for the SUBACK), publish (QoS 1 waits for the PUBACK) and
-expect (waits until that many messages have arrived). A client driver runs the job with the real
+to take once accepted: subscribe (waits for the SUBACK), publish (QoS 1 waits for the PUBACK),
+ready (tells a test running the job in a thread that the steps before are done) and expect (waits
+until that many messages have arrived). A client driver runs the job with the real
 client and reports what that client showed in an :class:`Outcome`: the CONNACK code, the session
 present flag, the refusal text, the protocol level it really spoke, the granted QoS and the messages.
 
@@ -43,6 +44,7 @@ from tests.helpers import Identity, wait_until
 DEADLINE = 10.0  # seconds a job may take, each wait in it included
 NODE_DIR = Path(__file__).parent / "node"
 MQTTJS_SCRIPT = NODE_DIR / "client.mjs"
+MQTTJS_READY = '{"ready":true}'  # the line the script prints at a ready step
 
 
 # -- the job language ---------------------------------------------------------------------------
@@ -65,7 +67,14 @@ class Expect:
     count: int  # wait until this many messages have arrived on this connection
 
 
-Step = Subscribe | Publish | Expect
+@dataclass(frozen=True)
+class Ready:
+    """Tells the test that the steps before it are done (a subscriber is live): sets ``event``."""
+
+    event: threading.Event = field(default_factory=threading.Event, compare=False)
+
+
+Step = Subscribe | Publish | Expect | Ready
 
 
 @dataclass(frozen=True)
@@ -247,6 +256,8 @@ class Paho:
             info.wait_for_publish(DEADLINE)
             if not info.is_published():
                 raise TimeoutError(f"no PUBACK for {step.topic}")
+        elif isinstance(step, Ready):
+            step.event.set()
         elif not wait_until(lambda: len(out.messages) >= step.count, DEADLINE):
             raise TimeoutError(f"{len(out.messages)} of {step.count} messages arrived")
 
@@ -294,6 +305,8 @@ class Aiomqtt(AsyncDriver):
                         out.granted.extend(g.value if isinstance(g, ReasonCode) else g for g in granted)
                     elif isinstance(step, Publish):
                         await client.publish(step.topic, step.payload, step.qos, step.retain)
+                    elif isinstance(step, Ready):
+                        step.event.set()
                     else:
                         async for m in client.messages:
                             assert isinstance(m.payload, bytes)
@@ -363,6 +376,8 @@ class Gmqtt(AsyncDriver):
                     # messages empties when it arrives.
                     client.publish(step.topic, step.payload, qos=step.qos, retain=step.retain)
                     await client._persistent_storage.wait_empty()
+                elif isinstance(step, Ready):
+                    step.event.set()
                 else:
                     while len(out.messages) < step.count:
                         arrived.clear()
@@ -370,6 +385,39 @@ class Gmqtt(AsyncDriver):
         finally:
             await client.disconnect()
         return out
+
+
+# -- client programs ---------------------------------------------------------------------------------
+def run_program(
+    cmd: list[str], ready: Ready | None = None, is_ready: Callable[[str], bool] = lambda line: False
+) -> tuple[int, list[str], str]:
+    """Run a client program to its end, reading its output as it comes: ``ready`` is set at the
+    first line ``is_ready`` accepts. Returns the exit code, the output's lines and the error output."""
+    errors: list[str] = []
+    with subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "NODE_NO_WARNINGS": "1"},
+    ) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        stderr = proc.stderr
+        reader = threading.Thread(target=lambda: errors.append(stderr.read()), daemon=True)
+        reader.start()
+        watchdog = threading.Timer(DEADLINE + 5, proc.kill)
+        watchdog.start()
+        lines = []
+        try:
+            for raw in proc.stdout:
+                lines.append(raw.rstrip("\n"))
+                if ready is not None and is_ready(lines[-1]):
+                    ready.event.set()
+            proc.wait()
+        finally:
+            watchdog.cancel()
+        reader.join(DEADLINE)
+    return proc.returncode, lines, "".join(errors)
 
 
 # -- Debian's mosquitto clients ---------------------------------------------------------------------
@@ -391,7 +439,7 @@ class Mosquitto:
     versions: tuple[int, ...] = (4, 5)
 
     def command(self, job: Job) -> list[str]:
-        steps = job.steps
+        steps = tuple(s for s in job.steps if not isinstance(s, Ready))  # ready: at the SUBACK
         common = [
             "-h", "127.0.0.1", "-p", str(job.port), "-V", "mqttv5" if job.version == 5 else "mqttv311",
             "--cafile", str(job.ca), "--cert", str(job.identity.cert_path), "--key", str(job.identity.key_path),
@@ -426,12 +474,16 @@ class Mosquitto:
         path = shutil.which(program)
         if path is None:
             raise Missing(f"{program} is not installed (Debian package mosquitto-clients)")
-        return [path, *common, *args]
+        # Into a pipe its output is block-buffered: line-buffered, the SUBACK line comes when it does.
+        stdbuf = shutil.which("stdbuf")
+        return [*([stdbuf, "-oL"] if stdbuf else []), path, *common, *args]
 
     def run(self, job: Job) -> Outcome:
-        proc = subprocess.run(self.command(job), capture_output=True, text=True, timeout=DEADLINE + 5)
+        cmd = self.command(job)
+        ready = next((s for s in job.steps if isinstance(s, Ready)), None)
+        returncode, lines, stderr = run_program(cmd, ready, lambda line: bool(_GRANTED_DEBUG.match(line)))
         out = Outcome(protocol=job.version)
-        for line in proc.stdout.splitlines():
+        for line in lines:
             if line.startswith("{"):
                 doc = json.loads(line)
                 payload = doc.get("payload", "")
@@ -440,12 +492,12 @@ class Mosquitto:
                 out.connack = int(m.group(1))
             elif m := _GRANTED_DEBUG.match(line):
                 out.granted += [int(q) for q in m.group(1).split(",")]
-            elif _SUBACK_DEBUG.search(line) and "mosquitto_rr" in proc.args[0]:
+            elif _SUBACK_DEBUG.search(line) and any(part.endswith("mosquitto_rr") for part in cmd[:3]):
                 out.granted.append(-1)  # mosquitto_rr prints no granted QoS, only that the SUBACK came
-        if proc.returncode:
-            out.error = f"exit {proc.returncode}: {proc.stderr.strip()}"
-            said = [line for line in proc.stderr.splitlines() if "Connection error" in line]
-            out.reason = (said or proc.stderr.strip().splitlines() or [out.error])[0]
+        if returncode:
+            out.error = f"exit {returncode}: {stderr.strip()}"
+            said = [line for line in stderr.splitlines() if "Connection error" in line]
+            out.reason = (said or stderr.strip().splitlines() or [out.error])[0]
         return out
 
 
@@ -475,16 +527,13 @@ class MqttJs:
             "deadlineMs": int(DEADLINE * 1000),
             "steps": [_js_step(s) for s in job.steps],
         }
-        proc = subprocess.run(
-            [self.node(), str(MQTTJS_SCRIPT), json.dumps(spec)],
-            capture_output=True,
-            text=True,
-            timeout=DEADLINE + 5,
-            env={**os.environ, "NODE_NO_WARNINGS": "1"},
+        ready = next((s for s in job.steps if isinstance(s, Ready)), None)
+        returncode, lines, stderr = run_program(
+            [self.node(), str(MQTTJS_SCRIPT), json.dumps(spec)], ready, lambda line: line == MQTTJS_READY
         )
-        if proc.returncode or not proc.stdout.strip():
-            return Outcome(error=f"node exit {proc.returncode}: {proc.stderr.strip()}")
-        doc = json.loads(proc.stdout.strip().splitlines()[-1])
+        if returncode or not lines or lines[-1] == MQTTJS_READY:
+            return Outcome(error=f"node exit {returncode}: {stderr.strip()}")
+        doc = json.loads(lines[-1])
         return Outcome(
             connack=doc["connack"],
             session_present=doc["sessionPresent"],
@@ -506,6 +555,8 @@ def _js_step(step: Step) -> dict[str, Any]:
             "qos": step.qos,
             "retain": step.retain,
         }
+    if isinstance(step, Ready):
+        return {"ready": True}
     return {"expect": step.count}
 
 

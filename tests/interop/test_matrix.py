@@ -10,8 +10,8 @@ clients, MQTT.js) at each protocol level (3.1.1 and 5):
   published while it was away;
 - a revoked device sees the refusal (3.1.1: return code 5; 5: 0x8A Banned, with a reason string),
   and so does a client id other than the device id (5: 0x85);
-and across versions: a 5 publisher reaches a 3.1.1 subscriber and the reverse (queued QoS 1 and
-retained messages).
+and across versions: a 5 publisher reaches a 3.1.1 subscriber and the reverse (queued QoS 1,
+retained, and live QoS 0 and 1 messages).
 
 MQTT 5 rows are expected to fail until the broker speaks MQTT 5 (``MQTT5_BROKER``); strict, so that
 the broker's MQTT 5 turns them into failures until the flag is set.
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -28,7 +29,7 @@ import pytest
 from jitp.app.operations import OPERATIONS, Context, LifecycleArgs
 from jitp.domain.events import config_topic
 from jitp.trust import Role
-from tests.helpers import BrokerThread, Identity, Pki, wait_until
+from tests.helpers import BrokerThread, Identity, Pki, connect, wait_until
 from tests.interop.clients import (
     CLIENTS,
     USER_PROPERTY,
@@ -37,6 +38,7 @@ from tests.interop.clients import (
     Missing,
     Outcome,
     Publish,
+    Ready,
     Step,
     Subscribe,
 )
@@ -213,6 +215,41 @@ def test_persistent_session_gets_what_was_published_while_away(r: Runner) -> Non
 def test_cross_version_delivery(r: Runner, sub: int) -> None:
     """The client publishing at ``version`` reaches itself subscribed at ``sub``."""
     persistent_delivery(r, r.version, sub, f"cross{sub}")
+
+
+def release(r: Runner, device: Identity, topic: str, count: int) -> None:
+    """A listener waits for ``count`` messages on ``topic``: when the client under test could not
+    publish them, paho at 3.1.1 does, so that the test fails at once rather than at the deadline."""
+    conn = connect(r.broker.port, r.pki, device)
+    try:
+        for i in range(count):
+            conn.client.publish(topic, f"release {i}", qos=1).wait_for_publish(DEADLINE)
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(("name", "version", "sub"), CROSS)
+def test_cross_version_live_delivery_at_qos_0_and_1(r: Runner, sub: int) -> None:
+    """The client at ``version`` publishes at QoS 0 and at QoS 1 to itself, live at ``sub``."""
+    device = r.pki.device(r.id(f"live{sub}-dev"))
+    topic = f"devices/{device.name}/telemetry"
+    svc = r.pki.service(r.id(f"live{sub}-svc", sub))
+    ready = Ready()
+    with ThreadPoolExecutor(1) as pool:
+        listening = pool.submit(r.accepted, svc, Subscribe(topic), ready, Expect(2), version=sub)
+        assert wait_until(lambda: ready.event.is_set() or listening.done(), DEADLINE), "no SUBACK"
+        if not ready.event.is_set():
+            listening.result()  # raises what went wrong
+            pytest.fail("the subscriber ended before it was ready")
+        try:
+            r.accepted(device, Publish(topic, b"at qos 0", qos=0))
+            r.accepted(device, Publish(topic, b"at qos 1", qos=1))
+        except BaseException:
+            release(r, device, topic, 2)
+            raise
+        got = listening.result(DEADLINE + 5)
+    # Two connections of the publisher: the order in which the broker routes them is not asserted.
+    assert sorted((m.payload, m.retain) for m in got.messages) == [(b"at qos 0", False), (b"at qos 1", False)]
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,8 @@
 // Runs one job on one connection and prints one JSON line with what the client saw:
 //   node client.mjs '<job as JSON>'
 // The job: {port, ca, cert, key, clientId, version (4 or 5), clean, sessionExpiry (or null),
-// deadlineMs, steps: [{subscribe: filter, qos} | {publish: topic, payload, qos, retain} | {expect: n}]}.
+// deadlineMs, steps: [{subscribe: filter, qos} | {publish: topic, payload, qos, retain} | {ready: true}
+// | {expect: n}]}; a ready step prints the line {"ready":true}.
 // The answer: {connack, sessionPresent, reason, protocol, granted, messages: [{topic, payload, retain}],
 // error}. Every step waits for the broker's acknowledgement (SUBACK, PUBACK) or for the messages.
 import { readFileSync } from "node:fs";
@@ -95,6 +96,10 @@ function run(step) {
   }
   if ("publish" in step) {
     return client.publishAsync(step.publish, step.payload, { qos: step.qos, retain: step.retain });
+  }
+  if ("ready" in step) {
+    process.stdout.write('{"ready":true}\n'); // the steps before are done (pipes are written at once)
+    return Promise.resolve();
   }
   if ("expect" in step) {
     if (out.messages.length >= step.expect) return Promise.resolve();
