@@ -212,9 +212,11 @@ class Paho:
                 out.error = "no CONNACK"
                 return out
             if out.accepted:
-                for step in job.steps:
-                    self._step(client, step, out, v5)
-                client.disconnect()
+                try:
+                    for step in job.steps:
+                        self._step(client, step, out, v5)
+                finally:
+                    client.disconnect()
                 if not gone.wait(DEADLINE):
                     out.error = "DISCONNECT not completed"
             return out
