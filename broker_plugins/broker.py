@@ -400,7 +400,7 @@ class JitpBroker(Broker):
         if topic.startswith(CERTIFICATES_PREFIX) and not will:
             # Before the profile's size and rate checks: a request gets an answer (payload_too_large,
             # rate_limited under issuer.rate), and is never routed to any subscriber.
-            return await self._certificate_request(session, topic, data)
+            return await self.certificate_request(session, topic, data)
         profile = session.client.profile if session.client is not None else None
         if profile is not None:
             if len(data) > profile.max_message_size:
@@ -532,9 +532,12 @@ class JitpBroker(Broker):
         self.spawn(self.admin(session.client.admission, topic, data), "jitp-admin")
         return True
 
-    async def _certificate_request(self, session: JitpSession, topic: str, data: bytes) -> bool:
+    async def certificate_request(
+        self, session: JitpSession, topic: str, data: bytes, *, size: int | None = None
+    ) -> bool:
         """Answered in the reader, before the request's PUBACK: a device that floods requests is
-        slowed by its own answers (no task per request, nothing that grows while it sends)."""
+        slowed by its own answers (no task per request, nothing that grows while it sends).
+        ``size``: a request over limits.max_packet_size whose body the handler read past (oversize.py)."""
         handler, client = self.certificates, session.client
         if handler is None or client is None or client.role is not Role.DEVICE:
             log.info("%s published to %s: dropped (devices only)", session.client_id, topic[:160])
@@ -542,7 +545,7 @@ class JitpBroker(Broker):
         allowed = session.allows(Access.PUBLISH, topic)
         try:
             answer = await handler.handle(
-                client.admission, topic, data, allowed=allowed, peer=session.peer_address
+                client.admission, topic, data, allowed=allowed, peer=session.peer_address, size=size
             )
         except Exception:
             log.exception("certificate request of %s failed", client.admission.client_id)

@@ -95,22 +95,31 @@ class CertificateService:
 
     # -- one request -------------------------------------------------------------------------
     async def handle(
-        self, admission: Admission, topic: str, payload: bytes, *, allowed: bool, peer: str | None = None
+        self,
+        admission: Admission,
+        topic: str,
+        payload: bytes,
+        *,
+        allowed: bool,
+        peer: str | None = None,
+        size: int | None = None,
     ) -> Answer:
         """Answer one request from ``admission``'s device; ``allowed``: the topic ACL let it publish;
-        ``peer``: its address, for the audit trail."""
+        ``peer``: its address, for the audit trail; ``size``: the request's size when the broker
+        discarded its body unread (a request over ``limits.max_packet_size``), else ``len(payload)``."""
         device_id = admission.record.device_id if admission.record is not None else admission.client_id
+        size = len(payload) if size is None else size
         # Echoed in every answer it can be read from, so that the device can match even a rejection.
-        request_id = _peek_request_id(payload) if len(payload) <= self.config.max_request_bytes else None
+        request_id = _peek_request_id(payload) if size <= self.config.max_request_bytes else None
         now = self.service.clock()
         try:
             if not allowed or topic != request_topic(device_id):
                 raise errors.ForbiddenTopic(
                     f"a device may only send requests to {request_topic(device_id)}", detail=topic[:160]
                 )
-            if len(payload) > self.config.max_request_bytes:
+            if size > self.config.max_request_bytes:
                 raise errors.PayloadTooLarge(
-                    f"request of {len(payload)} bytes is over the limit of {self.config.max_request_bytes}"
+                    f"request of {size} bytes is over the limit of {self.config.max_request_bytes}"
                 )
             if not self.rates.unlimited and not self.rates.bucket(device_id).take():
                 raise errors.RateLimited(
