@@ -157,7 +157,7 @@ class AdminApi:
 
     async def handle(self, admission: Admission | None, topic: str, payload: bytes) -> None:
         """Answer one request: exactly one audit entry and one reply, whatever happens inside."""
-        if admission is None or admission.role is Role.DEVICE:
+        if admission is None or admission.role in (Role.DEVICE, Role.CLAIM):
             return  # the topic ACL already keeps devices out; never answer them
         command = topic.removeprefix("$jitp/admin/")
         try:

@@ -217,7 +217,9 @@ class JitpBroker(Broker):
         session = await self._attach_session(session)
         session.closing, session.closed_by_operator = False, None
         session.delivery.limits = (
-            self.device_queue_limits if admission.role is Role.DEVICE else self.service_queue_limits
+            self.device_queue_limits
+            if admission.role in (Role.DEVICE, Role.CLAIM)
+            else self.service_queue_limits
         )
         session.keep_alive = enforcement.keepalive(  # type: ignore[assignment]
             session.keep_alive, limits=self.limits, profile=session.client.profile if session.client else None
@@ -401,6 +403,10 @@ class JitpBroker(Broker):
             # Before the profile's size and rate checks: a request gets an answer (payload_too_large,
             # rate_limited under issuer.rate), and is never routed to any subscriber.
             return await self.certificate_request(session, topic, data)
+        if session.client is not None and session.client.role is Role.CLAIM and not will:
+            # A claim certificate reaches its certificate API only: anything else closes, audited.
+            self._report(session, errors.ClaimOnly, f"a claim connection published to {topic[:160]!r}")
+            return False
         profile = session.client.profile if session.client is not None else None
         if profile is not None:
             if len(data) > profile.max_message_size:
@@ -539,7 +545,7 @@ class JitpBroker(Broker):
         slowed by its own answers (no task per request, nothing that grows while it sends).
         ``size``: a request over limits.max_packet_size whose body the handler read past (oversize.py)."""
         handler, client = self.certificates, session.client
-        if handler is None or client is None or client.role is not Role.DEVICE:
+        if handler is None or client is None or client.role not in (Role.DEVICE, Role.CLAIM):
             log.info("%s published to %s: dropped (devices only)", session.client_id, topic[:160])
             return True
         allowed = session.allows(Access.PUBLISH, topic)
