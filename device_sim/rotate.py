@@ -204,7 +204,9 @@ async def rotate(
     service_client_id: str,
     concurrency: int = 50,
     event_timeout: float = 30.0,
+    faults: tuple[str, ...] = FAULTS,
 ) -> RotateReport:
+    """Device ``i`` gets ``faults[i % len(faults)]`` (``("none",)``: every device the plain flow)."""
     report = RotateReport()
     issued: list[dict[str, Any]] = []
     changed = asyncio.Event()
@@ -227,7 +229,7 @@ async def rotate(
         async def one(i: int, creds: DeviceCreds) -> DeviceResult:
             async with semaphore:
                 return await _Device(
-                    creds, FAULTS[i % len(FAULTS)], host=host, port=port, ca=ca, workdir=Path(tmp)
+                    creds, faults[i % len(faults)], host=host, port=port, ca=ca, workdir=Path(tmp)
                 ).run()
 
         report.devices = list(await asyncio.gather(*(one(i, d) for i, d in enumerate(devices))))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import random
 import secrets
@@ -361,13 +362,21 @@ async def run_storm(
     seed: int | None = None,
     event_timeout: float = 30.0,
     progress: bool = False,
+    enroll: bool = False,
 ) -> Report:
     """All ``n`` devices (default: the whole fleet) join with at most ``concurrency`` connects in flight.
 
     Expects a fresh fleet: every joined device should produce exactly one provisioned event
     (with ``registry_path``, only the devices the registry shows as provisioned during the run).
+    ``enroll``: then every joined device enrolls (CSR over MQTT) and reconnects with its operational
+    certificate (``jitp-sim rotate``'s flow without faults), cross-checked the same way.
     """
-    return await _scenario(
+    if enroll and service is None:
+        raise ValueError(
+            "--enroll needs a service identity (--service-cert/--service-key): it counts the events"
+        )
+    devices = fleet.take(n)
+    report = await _scenario(
         "storm",
         target,
         fleet.take(n),
@@ -381,6 +390,75 @@ async def run_storm(
         progress=progress,
         expect_new=True,
     )
+    if not enroll:
+        return report
+    assert service is not None
+    joined = {o.device_id for o in report.outcomes if o.joined}
+    return await _enroll_after(
+        report,
+        target,
+        [d for d in devices if d.device_id in joined],
+        service=service,
+        concurrency=concurrency,
+        event_timeout=event_timeout,
+    )
+
+
+async def _enroll_after(
+    report: Report,
+    target: Target,
+    devices: Sequence[DeviceCreds],
+    *,
+    service: ServiceCreds,
+    concurrency: int,
+    event_timeout: float,
+) -> Report:
+    """The enrollment phase of ``storm --enroll``: each joined device reconnects with its birth
+    certificate, sends a CSR, reconnects with the issued certificate (the commit) and once more;
+    every one must end on its new certificate, with exactly one certificate-issued event carrying
+    its birth and new fingerprints. Issuances per second and broker CPU per issuance are noted."""
+    from device_sim.rotate import rotate
+
+    before = try_sample(target.broker_pid)
+    started = time.perf_counter()
+    enrolled = await rotate(
+        list(devices),
+        host=target.host,
+        port=target.port,
+        ca=target.ca,
+        service_cert=service.cert,
+        service_key=service.key,
+        service_client_id=service.mqtt_client_id,
+        concurrency=concurrency,
+        event_timeout=event_timeout,
+        faults=("none",),
+    )
+    seconds = time.perf_counter() - started
+    after = try_sample(target.broker_pid)
+    summary = enrolled.to_json()
+    issued = summary["certificate_issued_events"]
+    notes = [
+        f"enroll: {len(devices)} device(s) enrolled and reconnected in {seconds:.2f} s "
+        f"({len(devices) / seconds if seconds else 0:.1f} issuances/s, each: 1 birth connect, 1 CSR, "
+        f"2 connects with the new certificate); {issued} certificate-issued event(s)"
+    ]
+    if before is not None and after is not None and devices:
+        cpu = after.cpu_seconds - before.cpu_seconds
+        notes.append(
+            f"enroll: broker CPU {cpu:.2f} s, {1000 * cpu / len(devices):.2f} ms per device "
+            "(the issuance with its three mTLS connects)"
+        )
+    issues = []
+    if enrolled.stranded:
+        issues.append(f"enroll: {len(enrolled.stranded)} device(s) stranded: {enrolled.stranded[:5]}")
+    if enrolled.duplicate_events:
+        issues.append(f"enroll: {enrolled.duplicate_events} duplicate certificate-issued event(s)")
+    if enrolled.mismatched_events:
+        issues.append(
+            f"enroll: {len(enrolled.mismatched_events)} device(s) whose certificate-issued event is "
+            f"missing or wrong: {enrolled.mismatched_events[:5]}"
+        )
+    return dataclasses.replace(report, notes=(*report.notes, *notes), issues=(*report.issues, *issues))
 
 
 async def run_ramp(
