@@ -404,19 +404,63 @@ async def run_storm(
     )
 
 
-async def _enroll_after(
-    report: Report,
+@dataclass(frozen=True)
+class Enrollment:
+    """What the enrollment phase of ``storm --enroll`` did: each device reconnected with its birth
+    certificate, sent a CSR, reconnected with the issued certificate (the commit) and once more."""
+
+    devices: int
+    seconds: float
+    broker_cpu_seconds: float | None
+    summary: dict[str, Any]  # RotateReport.to_json()
+
+    @property
+    def issuances_per_second(self) -> float:
+        return self.devices / self.seconds if self.seconds else 0.0
+
+    @property
+    def broker_cpu_ms_per_issuance(self) -> float | None:
+        if self.broker_cpu_seconds is None or not self.devices:
+            return None
+        return 1000 * self.broker_cpu_seconds / self.devices
+
+    def notes(self) -> list[str]:
+        out = [
+            f"enroll: {self.devices} device(s) enrolled and reconnected in {self.seconds:.2f} s "
+            f"({self.issuances_per_second:.1f} issuances/s, each: 1 birth connect, 1 CSR, 2 connects with "
+            f"the new certificate); {self.summary['certificate_issued_events']} certificate-issued event(s)"
+        ]
+        if self.broker_cpu_seconds is not None:
+            out.append(
+                f"enroll: broker CPU {self.broker_cpu_seconds:.2f} s, {self.broker_cpu_ms_per_issuance:.2f} ms "
+                "per device (the issuance with its three mTLS connects)"
+            )
+        return out
+
+    def issues(self) -> list[str]:
+        s, out = self.summary, []
+        if s["stranded"]:
+            out.append(f"enroll: {len(s['stranded'])} device(s) stranded: {s['stranded'][:5]}")
+        if s["duplicate_events"]:
+            out.append(f"enroll: {s['duplicate_events']} duplicate certificate-issued event(s)")
+        if s["mismatched_events"]:
+            out.append(
+                f"enroll: {len(s['mismatched_events'])} device(s) whose certificate-issued event is "
+                f"missing or wrong: {s['mismatched_events'][:5]}"
+            )
+        return out
+
+
+async def enroll_devices(
     target: Target,
     devices: Sequence[DeviceCreds],
     *,
     service: ServiceCreds,
     concurrency: int,
-    event_timeout: float,
-) -> Report:
-    """The enrollment phase of ``storm --enroll``: each joined device reconnects with its birth
-    certificate, sends a CSR, reconnects with the issued certificate (the commit) and once more;
-    every one must end on its new certificate, with exactly one certificate-issued event carrying
-    its birth and new fingerprints. Issuances per second and broker CPU per issuance are noted."""
+    event_timeout: float = 30.0,
+) -> Enrollment:
+    """Every device enrolls (``jitp-sim rotate``'s flow, no faults); every one must end on its new
+    certificate, with exactly one certificate-issued event carrying its birth and new fingerprints."""
     from device_sim.rotate import rotate
 
     before = try_sample(target.broker_pid)
@@ -435,30 +479,29 @@ async def _enroll_after(
     )
     seconds = time.perf_counter() - started
     after = try_sample(target.broker_pid)
-    summary = enrolled.to_json()
-    issued = summary["certificate_issued_events"]
-    notes = [
-        f"enroll: {len(devices)} device(s) enrolled and reconnected in {seconds:.2f} s "
-        f"({len(devices) / seconds if seconds else 0:.1f} issuances/s, each: 1 birth connect, 1 CSR, "
-        f"2 connects with the new certificate); {issued} certificate-issued event(s)"
-    ]
-    if before is not None and after is not None and devices:
-        cpu = after.cpu_seconds - before.cpu_seconds
-        notes.append(
-            f"enroll: broker CPU {cpu:.2f} s, {1000 * cpu / len(devices):.2f} ms per device "
-            "(the issuance with its three mTLS connects)"
-        )
-    issues = []
-    if enrolled.stranded:
-        issues.append(f"enroll: {len(enrolled.stranded)} device(s) stranded: {enrolled.stranded[:5]}")
-    if enrolled.duplicate_events:
-        issues.append(f"enroll: {enrolled.duplicate_events} duplicate certificate-issued event(s)")
-    if enrolled.mismatched_events:
-        issues.append(
-            f"enroll: {len(enrolled.mismatched_events)} device(s) whose certificate-issued event is "
-            f"missing or wrong: {enrolled.mismatched_events[:5]}"
-        )
-    return dataclasses.replace(report, notes=(*report.notes, *notes), issues=(*report.issues, *issues))
+    cpu = after.cpu_seconds - before.cpu_seconds if before is not None and after is not None else None
+    return Enrollment(len(devices), seconds, cpu, enrolled.to_json())
+
+
+async def _enroll_after(
+    report: Report,
+    target: Target,
+    devices: Sequence[DeviceCreds],
+    *,
+    service: ServiceCreds,
+    concurrency: int,
+    event_timeout: float,
+) -> Report:
+    """The enrollment phase of ``storm --enroll``, its figures in the report's notes, its failures
+    in its issues."""
+    enrollment = await enroll_devices(
+        target, devices, service=service, concurrency=concurrency, event_timeout=event_timeout
+    )
+    return dataclasses.replace(
+        report,
+        notes=(*report.notes, *enrollment.notes()),
+        issues=(*report.issues, *enrollment.issues()),
+    )
 
 
 async def run_ramp(
