@@ -228,6 +228,21 @@ class CertificateService:
                     device_id=device_id,
                 )
             return await self._issue(device_id, request_id, csr_pem, now=now, peer=peer)
+        # A new device is a first join of the claim CA: its per-CA and per-region rates (admission:
+        # per_ca_rate, per_region_rate) and a pause of its CA (a spike alert) apply as to any.
+        ca_id = admission.ca_id or ""
+        if ca_id in self.service.paused_cas:
+            raise errors.Overloaded(
+                f"first joins of CA {ca_id[:16]} are paused ({self.service.paused_cas[ca_id]})",
+                scope=f"ca:{ca_id}",
+            )
+        refusal = self.service.rates.take(ca_id, region)
+        if refusal is not None:
+            raise errors.Overloaded(
+                f"first joins of {refusal.scope} over their rate; retry in {refusal.retry_after:.1f} s",
+                scope=refusal.scope,
+                retry_after=refusal.retry_after,
+            )
         op = self._new_certificate(signer, csr, device_id, request_id, now=now)
         leaf = x509.load_der_x509_certificate(op.cert_der)
         record = DeviceRecord(

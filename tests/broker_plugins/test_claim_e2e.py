@@ -13,12 +13,14 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 import certs
+from jitp.config import AdmissionConfig
 from jitp.trust import Role
 from tests.certflow import answer_for, init_issuer, make_csr, new_key, request, save_identity
 from tests.helpers import BrokerThread, Conn, Identity, Pki, connect, test_config, wait_until
@@ -39,11 +41,13 @@ reprovision: %s
 """
 
 
-def start(tmp_path: Path, pki: Pki, policy: str = "reject") -> tuple[BrokerThread, certs.Issuer]:
+def start(
+    tmp_path: Path, pki: Pki, policy: str = "reject", **sections: Any
+) -> tuple[BrokerThread, certs.Issuer]:
     tdir = tmp_path / "templates"
     tdir.mkdir(exist_ok=True)
     (tdir / "factory.yaml").write_text(CLAIM_TEMPLATE % policy)
-    broker = BrokerThread(test_config(tmp_path, pki, templates_dir=tdir)).start()
+    broker = BrokerThread(test_config(tmp_path, pki, templates_dir=tdir, **sections)).start()
     claim_ca = certs.make_ca("Acme claim CA, batch 7", key=certs.generate_key("ec"))
     broker.register_ca(claim_ca.cert, role=Role.CLAIM, template="factory")
     broker.register_ca(pki.manufacturer.cert)
@@ -268,3 +272,32 @@ def test_a_claim_connection_reaches_nothing_but_its_certificate_api(
         assert bad.rc == 5
     finally:
         bad.close()
+
+
+def test_new_devices_from_a_claim_ca_count_against_its_first_join_rate(
+    tmp_path: Path, pki: Pki, clients: Callable[[Conn], Conn]
+) -> None:
+    """One shared claim certificate and many client ids must not mint devices without bound: a claim
+    that creates a device takes a first-join token of the claim CA (admission.per_ca_rate)."""
+    broker, claim_ca = start(tmp_path, pki, admission=AdmissionConfig(per_ca_rate=0.001, per_ca_burst=1))
+    try:
+        batch = pki.identity("batch-9", issuer=claim_ca)
+        one = claimer(broker, pki, batch, "boot-1", clients)
+        two = claimer(broker, pki, batch, "boot-2", clients)
+        request(
+            one,
+            "boot-1",
+            {"request_id": "a", "csr": make_csr(new_key()), "parameters": {"serial": "KL000005"}},
+        )
+        assert answer_for(one, "boot-1", "a")[0] == "accepted"
+        request(
+            two,
+            "boot-2",
+            {"request_id": "b", "csr": make_csr(new_key()), "parameters": {"serial": "KL000006"}},
+        )
+        kind, doc = answer_for(two, "boot-2", "b")
+        assert (kind, doc["reason"]) == ("rejected", "overloaded"), doc
+        assert "over their rate" in doc["message"]
+        assert [d.device_id for d in broker.devices()] == ["meter-KL000005"]
+    finally:
+        broker.stop()
