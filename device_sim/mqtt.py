@@ -78,9 +78,7 @@ def frame(kind: int, flags: int, body: bytes) -> bytes:
 def connect_packet(client_id: str, *, keepalive: int, clean: bool) -> bytes:
     flags = 0x02 if clean else 0x00
     return frame(
-        CONNECT,
-        0,
-        encode_str("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive) + encode_str(client_id),
+        CONNECT, 0, encode_str("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive) + encode_str(client_id)
     )
 
 
