@@ -57,6 +57,7 @@ from device_sim.backoff import Backoff  # noqa: E402
 from device_sim.fleet import lean_tls_buffers, raise_fd_limit  # noqa: E402
 from device_sim.mqtt import ConnectFailed  # noqa: E402
 from device_sim.procstat import try_sample  # noqa: E402
+from device_sim.scenarios import Enrollment, enroll_devices  # noqa: E402
 
 MOSQUITTO = "/usr/sbin/mosquitto"
 
@@ -80,6 +81,7 @@ class Row:
     broker_cpu_ms: float | None  # per join
     loadgen_cpu_ms: float | None  # per join
     skipped: str | None = None
+    enrollment: Enrollment | None = None  # --enroll: the CSR phase after the storm (jitp targets)
 
 
 def free_port() -> int:
@@ -155,7 +157,7 @@ def start_mosquitto(layout: certs.PkiLayout, work: Path, *, fresh: bool = True) 
 
 
 def start_jitp(layout: certs.PkiLayout, work: Path, *, fresh: bool = True, revision: str | None = None,
-               workers: int = 1, metrics: bool = False) -> Broker:
+               workers: int = 1, metrics: bool = False, issuer: bool = False) -> Broker:
     """``fresh``: a new data dir with the CAs registered; else reuse the last one (devices provisioned).
 
     ``revision``: run jitp as of that git revision (a worktree under ``work``), as a baseline.
@@ -177,6 +179,9 @@ def start_jitp(layout: certs.PkiLayout, work: Path, *, fresh: bool = True, revis
         for cert, role in ((layout.manufacturer_cert, "device"), (layout.service_ca_cert, "service")):
             subprocess.run([*jitp, "ca", "register", str(cert), "--role", role, "--data-dir", str(data)],
                            check=True, capture_output=True, cwd=source, env=env)
+        if issuer:  # --enroll: an operational issuing CA (ECDSA P-256) signs the devices' CSRs
+            subprocess.run([*jitp, "issuer", "init", "--data-dir", str(data)], check=True, capture_output=True,
+                           cwd=source, env=env)
     port = free_port()
     # Since --workers exists its default is one per core: say how many.
     many = ["--workers", str(workers)] if (source / "broker_plugins" / "workers.py").exists() else []
@@ -318,6 +323,17 @@ async def storm_phase(broker: Broker, layout: certs.PkiLayout, fleet: Fleet, *, 
     return storm, broker_ms, gen_ms
 
 
+async def enroll_phase(broker: Broker, layout: certs.PkiLayout, fleet: Fleet, storm: Report, *,
+                       concurrency: int) -> Enrollment:
+    """After the storm and 1 s of quiet: every joined device enrolls (device_sim.scenarios.enroll_devices)."""
+    assert broker.service is not None
+    await asyncio.sleep(1.0)
+    target = Target("127.0.0.1", broker.port, ca=layout.root_cert, broker_pid=broker.proc.pid)
+    joined = {o.device_id for o in storm.outcomes if o.joined}
+    devices = [d for d in fleet.devices if d.device_id in joined]
+    return await enroll_devices(target, devices, service=broker.service, concurrency=concurrency)
+
+
 async def hold_phase(broker: Broker, layout: certs.PkiLayout, fleet: Fleet, *, n: int, concurrency: int,
                      seconds: float, protocol: int = 4) -> Report:
     """Hold ``n`` connections on a freshly started broker process (a clean RSS baseline)."""
@@ -356,12 +372,18 @@ def table(rows: list[Row], *, n: int, concurrency: int, hold: int) -> str:
     width = max([10, *(len(r.name) for r in rows)])
     header = (f"{'target':{width}} {'joins':>10} {'joins/s':>8} {'CPU ms/join':>12} {'p50 ms':>8} {'p99 ms':>8} "
               f"{'max ms':>8} {'event p50':>10} {'event p99':>10} {'KiB/held':>9} {'gen ms/join':>12}  failures")
+    enroll_lines: list[str] = []
     lines = [f"join storm: n={n} c={concurrency} hold={hold}  ({os.cpu_count()} cores, broker and load generator "
              "share them)", header, "-" * len(header)]
     for row in rows:
         if row.storm is None:
             lines.append(f"{row.name:{width}} skipped: {row.skipped}")
             continue
+        if row.enrollment is not None:
+            enrolled = row.enrollment
+            fails_e = "; ".join(enrolled.issues()) or "-"
+            enroll_lines.append(f"{row.name:{width}} {enrolled.devices:>8} {enrolled.issuances_per_second:>8.1f} "
+                                f"{_fmt(enrolled.broker_cpu_ms_per_issuance, '.2f'):>13}  {fails_e}")
         s = row.storm
         c = s.to_json()["latency_connack_ms"] or {}
         e = s.to_json()["latency_event_ms"] or {}
@@ -375,6 +397,11 @@ def table(rows: list[Row], *, n: int, concurrency: int, hold: int) -> str:
                      f"{_fmt(c.get('max')):>8} {_fmt(e.get('p50')):>10} {_fmt(e.get('p99')):>10} "
                      f"{_fmt(per_conn / 1024 if per_conn is not None else None):>9} "
                      f"{_fmt(row.loadgen_cpu_ms, '.2f'):>12}  {fails}{held_ok}")
+    if enroll_lines:
+        head = f"{'target':{width}} {'enrolled':>8} {'iss/s':>8} {'CPU ms/iss':>13}  problems"
+        lines += ["", "enrollment after the storm (--enroll): each device reconnects with its birth certificate, "
+                  "sends a CSR, reconnects with the issued certificate (commit) and once more", head, "-" * len(head),
+                  *enroll_lines]
     samples: dict[str, list[float]] = {}
     for r in rows:
         if r.storm is not None and r.broker_cpu_ms is not None:
@@ -392,6 +419,10 @@ def table(rows: list[Row], *, n: int, concurrency: int, hold: int) -> str:
                  "connect -> provisioned event at the service subscriber. KiB/held: broker RSS delta / held "
                  "connections, on a freshly started broker (jitp: devices already provisioned). gen: load "
                  "generator CPU per join.")
+    if enroll_lines:
+        lines.append("iss/s: enrolled devices / wall time of the enrollment phase. CPU ms/iss: broker CPU over that "
+                     "phase / enrolled devices: one CSR (parse, proof of possession, ECDSA signature, sealed audited "
+                     "registry write) with its three mTLS connects (birth, commit, final).")
     return "\n".join(lines)
 
 
@@ -409,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
                         "ratios then use each target's median")
     parser.add_argument("--inject-refusals", type=int, default=50,
                         help="jitp+metrics: unknown-CA connects after the storm, counted in /metrics")
+    parser.add_argument("--enroll", action="store_true",
+                        help="jitp targets: an issuing CA (jitp issuer init), and after the storm every joined "
+                        "device enrolls over MQTT (CSR) and commits; adds issuances/s and broker CPU per issuance")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "jitp-bench",
                         help="PKI, fleet (cached) and broker logs")
     args = parser.parse_args(argv)
@@ -425,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fleet of {len(fleet)} devices ready in {time.perf_counter() - t0:.1f} s ({fleet.dir})", file=sys.stderr)
     starters = {"amqtt": start_amqtt, "mosquitto": start_mosquitto, "jitp": start_jitp, "floor": start_floor,
                 "floor-bio": start_floor_bio, "jitp+metrics": functools.partial(start_jitp, metrics=True)}
+    if args.enroll:
+        starters["jitp"] = functools.partial(start_jitp, issuer=True)
     checks: list[str] = []
     names = [t.strip() for t in args.targets.split(",") if t.strip()]
     for name in names:
@@ -445,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
                             skipped="not installed: sudo apt-get install mosquitto"))
             continue
         print(f"\n== {name}", file=sys.stderr)
+        enrollment = None
         with running(starters[base](layout, work)) as broker:
             try:
                 storm, broker_ms, gen_ms = asyncio.run(storm_phase(broker, layout, fleet, n=args.n,
@@ -452,6 +489,9 @@ def main(argv: list[str] | None = None) -> int:
             except ConnectFailed as exc:  # the event subscriber refused, e.g. a broker without MQTT 5
                 rows.append(Row(name, None, None, None, None, skipped=f"the service could not connect: {exc}"))
                 continue
+            if args.enroll and name == "jitp":
+                enrollment = asyncio.run(enroll_phase(broker, layout, fleet, storm, concurrency=args.c))
+                print("\n".join(enrollment.notes() + enrollment.issues()), file=sys.stderr)
             if broker.metrics_port is not None:
                 inject_refusals(broker, layout, work, args.inject_refusals)
                 checks.append(f"{name}: {check_counts(broker, storm, args.inject_refusals)}")
@@ -464,13 +504,14 @@ def main(argv: list[str] | None = None) -> int:
                 held = asyncio.run(hold_phase(broker, layout, fleet, n=args.hold, concurrency=args.c,
                                               seconds=args.hold_seconds, protocol=protocol))
             print(held.table(), file=sys.stderr)
-        rows.append(Row(name, storm, held, broker_ms, gen_ms))
+        rows.append(Row(name, storm, held, broker_ms, gen_ms, enrollment=enrollment))
         time.sleep(1.0)
     print()
     print(table(rows, n=args.n, concurrency=args.c, hold=args.hold))
     for line in checks:
         print(line)
     ok = all(r.storm is None or r.storm.ok for r in rows) and not any("MISMATCH" in c for c in checks)
+    ok = ok and all(r.enrollment is None or not r.enrollment.issues() for r in rows)
     return 0 if ok else 1
 
 

@@ -169,7 +169,7 @@ class AdminApi:
         """Answer one request: exactly one audit entry and one reply, whatever happens inside.
         MQTT 5: ``response_topic`` (within the caller's reply space, else ignored) replaces the
         body's ``reply_to``, and ``correlation_data`` comes back with the reply."""
-        if admission is None or admission.role is Role.DEVICE:
+        if admission is None or admission.role in (Role.DEVICE, Role.CLAIM):
             return  # the topic ACL already keeps devices out; never answer them
         command = topic.removeprefix("$jitp/admin/")
         try:

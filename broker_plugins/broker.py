@@ -274,7 +274,11 @@ class JitpBroker(Broker):
         session = await self._attach_session(session)
         session.closing, session.closed_by_operator = False, None
         profile = session.client.profile if session.client else None
-        limits = self.device_queue_limits if admission.role is Role.DEVICE else self.service_queue_limits
+        limits = (
+            self.device_queue_limits
+            if admission.role in (Role.DEVICE, Role.CLAIM)
+            else self.service_queue_limits
+        )
         if request.receive_max < limits.max_inflight:  # MQTT 5 Receive Maximum [MQTT-3.3.4-9]
             limits = dataclasses.replace(limits, max_inflight=request.receive_max)
         session.delivery.limits = limits
@@ -545,7 +549,11 @@ class JitpBroker(Broker):
         if topic.startswith(CERTIFICATES_PREFIX) and not will:
             # Before the profile's size and rate checks: a request gets an answer (payload_too_large,
             # rate_limited under issuer.rate), and is never routed to any subscriber.
-            return await self._certificate_request(session, topic, data, properties)
+            return await self.certificate_request(session, topic, data, properties)
+        if session.client is not None and session.client.role is Role.CLAIM and not will:
+            # A claim certificate reaches its certificate API only: anything else closes, audited.
+            self._report(session, errors.ClaimOnly, f"a claim connection published to {topic[:160]!r}")
+            return Verdict(close=Goodbye.NOT_AUTHORIZED)
         profile = session.client.profile if session.client is not None else None
         if profile is not None:
             if len(data) > profile.max_message_size:
@@ -759,21 +767,28 @@ class JitpBroker(Broker):
         )
         return ACCEPTED
 
-    async def _certificate_request(
-        self, session: JitpSession, topic: str, data: bytes, properties: MessageProperties
+    async def certificate_request(
+        self,
+        session: JitpSession,
+        topic: str,
+        data: bytes,
+        properties: MessageProperties = NO_PROPERTIES,
+        *,
+        size: int | None = None,
     ) -> Verdict:
         """Answered in the reader, before the request's PUBACK: a device that floods requests is
         slowed by its own answers (no task per request, nothing that grows while it sends).
+        ``size``: a request over limits.max_packet_size whose body the handler read past (oversize.py).
         An MQTT 5 device may name the answer's topic (Response Topic, within its own
         ``$jitp/certificates/<id>/``) and gets its Correlation Data back."""
         handler, client = self.certificates, session.client
-        if handler is None or client is None or client.role is not Role.DEVICE:
+        if handler is None or client is None or client.role not in (Role.DEVICE, Role.CLAIM):
             log.info("%s published to %s: dropped (devices only)", session.client_id, topic[:160])
             return NOT_AUTHORIZED
         allowed = session.allows(Access.PUBLISH, topic)
         try:
             answer = await handler.handle(
-                client.admission, topic, data, allowed=allowed, peer=session.peer_address
+                client.admission, topic, data, allowed=allowed, peer=session.peer_address, size=size
             )
         except Exception:
             log.exception("certificate request of %s failed", client.admission.client_id)

@@ -39,6 +39,7 @@ from amqtt.mqtt.subscribe import SubscribePacket
 from amqtt.mqtt.unsuback import UnsubackPacket
 from amqtt.mqtt.unsubscribe import UnsubscribePacket
 
+from broker_plugins.oversize import OversizedRequest, skip_certificate_request
 from broker_plugins.reasons import Goodbye
 from broker_plugins.session import JitpSession
 from broker_plugins.transport import PacketTooLarge, TlsConnection
@@ -98,6 +99,17 @@ class Inbound(Protocol):
         goodbye: Goodbye = Goodbye.PROTOCOL_ERROR,
     ) -> None:
         """Audit a malformed packet and close the connection."""
+
+    async def certificate_request(
+        self,
+        session: JitpSession,
+        topic: str,
+        data: bytes,
+        properties: MessageProperties = NO_PROPERTIES,
+        *,
+        size: int | None = None,
+    ) -> Verdict:
+        """Answer a certificate request (``size``: its body was read past, over max_packet_size)."""
 
     async def close_connection(
         self, session: JitpSession, handler: BrokerProtocolHandler, goodbye: Goodbye = Goodbye.PROTOCOL_ERROR
@@ -175,6 +187,8 @@ class JitpProtocolHandler(BrokerProtocolHandler):
             PINGREQ: self.handle_pingreq,
         }
         handled = 0
+        packet: Any = None
+        handle: Callable[[Any], Awaitable[None]] | None
         try:
             while True:
                 # W5/W16: the whole next packet, not only its first byte, must arrive within the
@@ -186,14 +200,21 @@ class JitpProtocolHandler(BrokerProtocolHandler):
                         if header is None:
                             return False
                         if header.remaining_length > self.max_packet_size:  # W6: before its body
-                            raise PacketTooLarge(
-                                f"packet of {header.remaining_length} bytes, over {self.max_packet_size}"
+                            # Issue 16: a certificate request is read past and answered; else closed.
+                            packet = await skip_certificate_request(
+                                reader, header, max_read=self.max_packet_size
                             )
-                        if header.packet_type == DISCONNECT:
-                            return True
-                        handle = handlers.get(header.packet_type)
-                        if handle is not None:
-                            packet = await packet_class(header).from_stream(reader, fixed_header=header)
+                            if packet is None:
+                                raise PacketTooLarge(
+                                    f"packet of {header.remaining_length} bytes, over {self.max_packet_size}"
+                                )
+                            handle = self.handle_oversized_request
+                        else:
+                            if header.packet_type == DISCONNECT:
+                                return True
+                            handle = handlers.get(header.packet_type)
+                            if handle is not None:
+                                packet = await packet_class(header).from_stream(reader, fixed_header=header)
                 except TimeoutError:
                     self.handle_read_timeout()
                     return False
@@ -378,6 +399,21 @@ class JitpProtocolHandler(BrokerProtocolHandler):
         elif qos == 2 and packet_id is not None:  # routed on arrival, once; the id is kept until PUBREL
             session.qos2_received.add(packet_id)
             await self._send_packet(PubrecPacket.build(packet_id))
+
+    async def handle_oversized_request(self, request: OversizedRequest) -> None:
+        """A certificate request over max_packet_size, its body read past: answered (payload_too_large),
+        then acknowledged like any PUBLISH of its QoS."""
+        session, broker = self.session, self.broker
+        if not isinstance(session, JitpSession) or broker is None:
+            return
+        verdict = await broker.certificate_request(session, request.topic, b"", size=request.size)
+        if verdict.close is not None:
+            await broker.close_connection(session, self, verdict.close)
+        elif request.qos == 1 and request.packet_id:
+            await self._send_packet(PubackPacket.build(request.packet_id))
+        elif request.qos == 2 and request.packet_id:
+            session.qos2_received.add(request.packet_id)
+            await self._send_packet(PubrecPacket.build(request.packet_id))
 
     async def handle_pubrel(self, pubrel: PubrelPacket) -> None:
         """QoS 2, second half: forget the packet id, answer PUBCOMP (also for an unknown id, as the

@@ -145,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--backoff-cap", type=float, default=30.0)
         p.add_argument("--event-timeout", type=float, default=30.0)
         p.add_argument("--histogram", type=Path, help="latency histogram PNG (needs matplotlib)")
+        if name == "storm":
+            p.add_argument(
+                "--enroll",
+                action="store_true",
+                help="then every joined device enrolls (CSR over MQTT) and reconnects with its operational "
+                "certificate; cross-checks certificate-issued events (needs --service-cert/--service-key "
+                "and an issuing CA: jitp issuer init)",
+            )
         if name == "ramp":
             p.add_argument("--rate", type=float, required=True, help="joins started per second")
             p.add_argument("-c", "--concurrency", type=int, help="optional cap on connects in flight")
@@ -229,8 +237,16 @@ async def _run(args: argparse.Namespace) -> Report:
         "progress": progress,
     }
     if args.command == "storm":
+        if args.enroll and service is None:
+            raise SystemExit("jitp-sim: storm --enroll needs --service-cert and --service-key")
         return await run_storm(
-            target, fleet, n=args.n, concurrency=args.concurrency, event_timeout=args.event_timeout, **common
+            target,
+            fleet,
+            n=args.n,
+            concurrency=args.concurrency,
+            event_timeout=args.event_timeout,
+            enroll=args.enroll,
+            **common,
         )
     if args.command == "ramp":
         return await run_ramp(

@@ -219,7 +219,9 @@ async def rotate(
     concurrency: int = 50,
     event_timeout: float = 30.0,
     protocol: int = 4,
+    faults: tuple[str, ...] = FAULTS,
 ) -> RotateReport:
+    """Device ``i`` gets ``faults[i % len(faults)]`` (``("none",)``: every device the plain flow)."""
     report = RotateReport()
     issued: list[dict[str, Any]] = []
     changed = asyncio.Event()
@@ -244,7 +246,7 @@ async def rotate(
             async with semaphore:
                 return await _Device(
                     creds,
-                    FAULTS[i % len(FAULTS)],
+                    faults[i % len(faults)],
                     host=host,
                     port=port,
                     ca=ca,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import random
 import secrets
@@ -363,13 +364,21 @@ async def run_storm(
     seed: int | None = None,
     event_timeout: float = 30.0,
     progress: bool = False,
+    enroll: bool = False,
 ) -> Report:
     """All ``n`` devices (default: the whole fleet) join with at most ``concurrency`` connects in flight.
 
     Expects a fresh fleet: every joined device should produce exactly one provisioned event
     (with ``registry_path``, only the devices the registry shows as provisioned during the run).
+    ``enroll``: then every joined device enrolls (CSR over MQTT) and reconnects with its operational
+    certificate (``jitp-sim rotate``'s flow without faults), cross-checked the same way.
     """
-    return await _scenario(
+    if enroll and service is None:
+        raise ValueError(
+            "--enroll needs a service identity (--service-cert/--service-key): it counts the events"
+        )
+    devices = fleet.take(n)
+    report = await _scenario(
         "storm",
         target,
         fleet.take(n),
@@ -382,6 +391,118 @@ async def run_storm(
         event_timeout=event_timeout,
         progress=progress,
         expect_new=True,
+    )
+    if not enroll:
+        return report
+    assert service is not None
+    joined = {o.device_id for o in report.outcomes if o.joined}
+    return await _enroll_after(
+        report,
+        target,
+        [d for d in devices if d.device_id in joined],
+        service=service,
+        concurrency=concurrency,
+        event_timeout=event_timeout,
+    )
+
+
+@dataclass(frozen=True)
+class Enrollment:
+    """What the enrollment phase of ``storm --enroll`` did: each device reconnected with its birth
+    certificate, sent a CSR, reconnected with the issued certificate (the commit) and once more."""
+
+    devices: int
+    seconds: float
+    broker_cpu_seconds: float | None
+    summary: dict[str, Any]  # RotateReport.to_json()
+
+    @property
+    def issuances_per_second(self) -> float:
+        return self.devices / self.seconds if self.seconds else 0.0
+
+    @property
+    def broker_cpu_ms_per_issuance(self) -> float | None:
+        if self.broker_cpu_seconds is None or not self.devices:
+            return None
+        return 1000 * self.broker_cpu_seconds / self.devices
+
+    def notes(self) -> list[str]:
+        out = [
+            f"enroll: {self.devices} device(s) enrolled and reconnected in {self.seconds:.2f} s "
+            f"({self.issuances_per_second:.1f} issuances/s, each: 1 birth connect, 1 CSR, 2 connects with "
+            f"the new certificate); {self.summary['certificate_issued_events']} certificate-issued event(s)"
+        ]
+        if self.broker_cpu_seconds is not None:
+            out.append(
+                f"enroll: broker CPU {self.broker_cpu_seconds:.2f} s, {self.broker_cpu_ms_per_issuance:.2f} ms "
+                "per device (the issuance with its three mTLS connects)"
+            )
+        return out
+
+    def issues(self) -> list[str]:
+        s, out = self.summary, []
+        if s["stranded"]:
+            out.append(f"enroll: {len(s['stranded'])} device(s) stranded: {s['stranded'][:5]}")
+        if s["duplicate_events"]:
+            out.append(f"enroll: {s['duplicate_events']} duplicate certificate-issued event(s)")
+        if s["mismatched_events"]:
+            out.append(
+                f"enroll: {len(s['mismatched_events'])} device(s) whose certificate-issued event is "
+                f"missing or wrong: {s['mismatched_events'][:5]}"
+            )
+        return out
+
+
+async def enroll_devices(
+    target: Target,
+    devices: Sequence[DeviceCreds],
+    *,
+    service: ServiceCreds,
+    concurrency: int,
+    event_timeout: float = 30.0,
+) -> Enrollment:
+    """Every device enrolls (``jitp-sim rotate``'s flow, no faults); every one must end on its new
+    certificate, with exactly one certificate-issued event carrying its birth and new fingerprints."""
+    from device_sim.rotate import rotate
+
+    before = try_sample(target.broker_pid)
+    started = time.perf_counter()
+    enrolled = await rotate(
+        list(devices),
+        host=target.host,
+        port=target.port,
+        ca=target.ca,
+        service_cert=service.cert,
+        service_key=service.key,
+        service_client_id=service.mqtt_client_id,
+        concurrency=concurrency,
+        event_timeout=event_timeout,
+        faults=("none",),
+    )
+    seconds = time.perf_counter() - started
+    after = try_sample(target.broker_pid)
+    cpu = after.cpu_seconds - before.cpu_seconds if before is not None and after is not None else None
+    return Enrollment(len(devices), seconds, cpu, enrolled.to_json())
+
+
+async def _enroll_after(
+    report: Report,
+    target: Target,
+    devices: Sequence[DeviceCreds],
+    *,
+    service: ServiceCreds,
+    concurrency: int,
+    event_timeout: float,
+) -> Report:
+    """The enrollment phase of ``storm --enroll``, its figures in the report's notes, its failures
+    in its issues."""
+    enrollment = await enroll_devices(
+        target, devices, service=service, concurrency=concurrency, event_timeout=event_timeout
+    )
+    return dataclasses.replace(
+        report,
+        notes=(*report.notes, *enrollment.notes()),
+        issues=(*report.issues, *enrollment.issues()),
     )
 
 

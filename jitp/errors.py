@@ -33,7 +33,8 @@ that explain it. Only ``broker_plugins`` maps these to MQTT outcomes (CONNACK co
     │       ├── QueueFull            queue_full           (a session's outgoing queue is full)
     │       ├── RetainedQuota        retained_quota       (per client, or the broker's total)
     │       ├── SubscriptionLimit    subscription_limit   (limits.max_subscriptions)
-    │       └── ProtocolViolation    protocol_violation   (a malformed packet: the connection is closed)
+    │       ├── ProtocolViolation    protocol_violation   (a malformed packet: the connection is closed)
+    │       └── ClaimOnly            claim_only           (a claim connection went outside $jitp/certificates/<client_id>/)
     ├── Unavailable                  the server cannot decide now (CONNACK 3)
     │   ├── RegistryUnavailable      registry_unavailable
     │   └── Overloaded               overloaded           (admission queue full, CA/region over its rate)
@@ -50,7 +51,9 @@ that explain it. Only ``broker_plugins`` maps these to MQTT outcomes (CONNACK co
     │   ├── RequestIdConflict        request_id_conflict  (a request id reused with another key)
     │   ├── EnrollmentNotAllowed     device_blocked       (the device is not active)
     │   ├── IssuerMissing            issuer_missing
-    │   └── IssuerExpired            issuer_expired
+    │   ├── IssuerExpired            issuer_expired
+    │   ├── ClaimConflict            identity_conflict    (a claim for a device id that exists; template reprovision: reject)
+    │   └── InvalidParameters        invalid_parameters   (a claim's parameters fail its CA's template)
     ├── ConfigError                  bad configuration (file, line, key)
     │   └── MasterKeyError           the master key cannot be used (the broker refuses to start)
     │       ├── MasterKeyMissing     no key file and no environment variable
@@ -213,6 +216,12 @@ class ProtocolViolation(LimitExceeded):
     reason = "protocol_violation"
 
 
+class ClaimOnly(LimitExceeded):
+    """A connection with a claim certificate published outside ``$jitp/certificates/<client_id>/``."""
+
+    reason = "claim_only"
+
+
 class CertificateSuperseded(Refused):
     reason = "superseded"
 
@@ -285,6 +294,19 @@ class IssuerMissing(EnrollmentRejected):
 
 class IssuerExpired(EnrollmentRejected):
     reason = "issuer_expired"
+
+
+class ClaimConflict(EnrollmentRejected):
+    """A claim whose parameters name a device that exists (one claim certificate shared by a batch
+    must not let one device take another's id), unless the template's reprovision policy allows it."""
+
+    reason = "identity_conflict"
+
+
+class InvalidParameters(EnrollmentRejected):
+    """A claim's ``parameters`` fail its CA's template (unknown, missing, malformed, unsafe id)."""
+
+    reason = "invalid_parameters"
 
 
 class Unavailable(ProvisioningError):
@@ -406,5 +428,6 @@ REFUSAL_REASONS: tuple[str, ...] = tuple(
         RetainedQuota,
         SubscriptionLimit,
         ProtocolViolation,
+        ClaimOnly,
     )
 )

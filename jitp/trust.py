@@ -46,6 +46,9 @@ class Role(enum.StrEnum):
     AUDITOR = "auditor"  # reads devices and the audit trail through the admin API
     OPERATOR = "operator"  # lifecycle, CA and template management through the admin API
     ADMIN = "admin"  # everything
+    # A claim (fleet-provisioning) certificate, possibly shared by a batch: reaches only
+    # $jitp/certificates/<client_id>/ to enroll with template parameters; never a device itself.
+    CLAIM = "claim"
 
 
 def fingerprint_der(der: bytes) -> str:

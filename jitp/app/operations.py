@@ -333,7 +333,7 @@ async def _ca_list(ctx: Context, _: NoArgs) -> list[TrustAnchor]:
 
 
 async def _ca_register(ctx: Context, args: CaRegisterArgs) -> TrustAnchor:
-    if args.role not in (Role.DEVICE, Role.SERVICE) and ctx.role not in ANY_CA_ROLE:
+    if args.role not in (Role.DEVICE, Role.SERVICE, Role.CLAIM) and ctx.role not in ANY_CA_ROLE:
         # An operator registering an admin CA could issue itself an admin certificate.
         raise errors.Forbidden(f"only an admin may register a CA with role {args.role}")
     cert = _one_certificate(args.cert_pem)

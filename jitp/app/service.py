@@ -37,8 +37,8 @@ from jitp.config import AdmissionConfig
 from jitp.domain.audit import AuditDraft
 from jitp.domain.certificates import BirthPolicy, CertState
 from jitp.domain.events import ProvisioningEvent
-from jitp.domain.identity import DEFAULT_REGION, DeviceIdentity, ServiceIdentity, derive_service
-from jitp.domain.records import ADMITTED, Command, DeviceRecord, ReprovisionPolicy
+from jitp.domain.identity import DEFAULT_REGION, DeviceIdentity, ServiceIdentity, derive_service, id_problem
+from jitp.domain.records import ADMITTED, Command, DeviceRecord, EventType, ReprovisionPolicy
 from jitp.domain.templates import EnrollmentTemplate, TemplateSet
 from jitp.observability.port import JoinOutcome, NullObserver, Observer
 from jitp.registry import Erasure, ProvisionOutcome, Registry, StatusChange
@@ -75,6 +75,9 @@ class Admission:
     reprovisioned: bool = False
     # A factory certificate under ``birth_certificate: enroll_only`` once enrolled: re-enrollment only.
     enroll_only: bool = False
+    # A claim certificate (role claim): the CA that vouched for it and its template (claim section).
+    ca_id: str | None = None
+    template: str | None = None
 
 
 MAX_COALESCED_CAUSES = 10_000  # distinct causes (refusals, coalesced events) held open at once
@@ -343,6 +346,8 @@ class ProvisioningService:
             verified = self.trust.verify(peer.chain_der, now=now)
             labels["ca"] = verified.anchor.ca_id
             role = self.roles.get(verified.fingerprint, verified.anchor.role)
+            if role is Role.CLAIM:
+                return self._admit_claim(peer, verified, now, started, labels)
             if role is not Role.DEVICE:  # a named backend principal, never provisioned
                 service = derive_service(verified)
                 self._bind(peer, service.name, verified.fingerprint)
@@ -401,6 +406,34 @@ class ProvisioningService:
             )
             raise
 
+    def _admit_claim(
+        self,
+        peer: PeerCredentials,
+        verified: VerifiedChain,
+        now: datetime,
+        started: float,
+        labels: dict[str, str],
+    ) -> Admission:
+        """A claim certificate (possibly shared by a batch): no device record, no telemetry; the
+        connection reaches only ``$jitp/certificates/<client_id>/``, so the client id must be safe
+        as a topic level (any id: the device's own comes from the claim's parameters)."""
+        problem = id_problem(peer.client_id)
+        if problem is not None:
+            raise errors.UnsafeIdentity(
+                f"a claim connection's client id names its topics: {problem}",
+                fingerprint=verified.fingerprint,
+                detail=repr(peer.client_id)[:80],
+            )
+        labels["template"] = verified.anchor.template or "default"
+        self._observe(JoinOutcome.RECONNECTED, now, started, peer, labels)
+        return Admission(
+            role=Role.CLAIM,
+            client_id=peer.client_id,
+            fingerprint=verified.fingerprint,
+            ca_id=verified.anchor.ca_id,
+            template=verified.anchor.template,
+        )
+
     async def _admit_operational(self, peer: PeerCredentials, fingerprint: str, now: datetime) -> Admission:
         """A certificate of the operational issuing CA: the device it was issued to, for that id only.
         Its first use commits it (pending -> current, certificate-issued/-rotated event); a superseded,
@@ -439,7 +472,9 @@ class ProvisioningService:
             client_id=peer.client_id,
             fingerprint=fingerprint,
             record=record,
-            reprovisioned=event is not None,
+            # A claimed device's first certificate committed: the device itself is new (provisioned).
+            created=event is not None and event.type is EventType.PROVISIONED,
+            reprovisioned=event is not None and event.type is not EventType.PROVISIONED,
         )
 
     def _observe(

@@ -155,7 +155,10 @@ def enrollment_namespace(device_id: str) -> Namespace:
 
 def namespace_for(role: Role, client_id: str, record: DeviceRecord | None) -> Namespace:
     """The namespace an admitted client gets: a principal's by its role; a device's from its record
-    (its template's namespace, or the default; quarantined: status and configuration only)."""
+    (its template's namespace, or the default; quarantined: status and configuration only); a claim
+    certificate's: its own certificate API under its client id, nothing else."""
+    if role is Role.CLAIM:
+        return with_certificates(NOBODY, client_id)
     if role is not Role.DEVICE:
         return principal_namespace(str(role), client_id)
     if record is None:

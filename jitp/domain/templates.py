@@ -288,6 +288,69 @@ class Profile:
         }
 
 
+MAX_PARAMETERS = 32  # parameters a claim may carry
+
+
+@dataclass(frozen=True)
+class ParameterRule:
+    """One parameter a claim request may (or must) carry: a string, matched whole by ``regex``."""
+
+    name: str
+    regex: IdPattern | None = None
+    required: bool = True
+
+
+@dataclass(frozen=True)
+class ClaimRule:
+    """A template's ``claim:`` section: how a claim request's ``parameters`` become a device.
+
+    Every declared parameter that is present becomes an attribute of the device (beside the
+    template's static attributes); ``device_id`` is a format over the parameters (``{serial}``)."""
+
+    parameters: tuple[ParameterRule, ...]
+    device_id: str
+
+    def render(self, parameters: object) -> tuple[str, dict[str, str]]:
+        """(device id, attributes) from a claim's ``parameters``, or InvalidParameters saying which."""
+        if not isinstance(parameters, dict):
+            raise errors.InvalidParameters("'parameters' must be a JSON object of strings")
+        rules = {rule.name: rule for rule in self.parameters}
+        unknown = sorted(str(k) for k in parameters if k not in rules)
+        if unknown:
+            raise errors.InvalidParameters(
+                f"unknown parameter(s) {', '.join(repr(u[:40]) for u in unknown[:5])}; "
+                f"the template accepts {', '.join(sorted(rules)) or 'none'}"
+            )
+        values: dict[str, str] = {}
+        for name, rule in rules.items():
+            value = parameters.get(name)
+            if value is None:
+                if rule.required:
+                    raise errors.InvalidParameters(f"parameter {name!r} is required")
+                continue
+            if not isinstance(value, str) or not value:
+                raise errors.InvalidParameters(f"parameter {name!r} must be a non-empty string")
+            if len(value) > MAX_MATCH_CHARS or not value.isprintable():
+                raise errors.InvalidParameters(
+                    f"parameter {name!r} must be printable text of at most {MAX_MATCH_CHARS} characters"
+                )
+            if rule.regex is not None and rule.regex.fullmatch(value) is None:
+                raise errors.InvalidParameters(
+                    f"parameter {name!r} does not match the template's pattern {rule.regex.pattern!r}"
+                )
+            values[name] = value
+        try:
+            device_id = self.device_id.format(**values)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise errors.InvalidParameters(
+                f"the device id {self.device_id!r} cannot be formed: {exc} is missing"
+            ) from None
+        problem = id_problem(device_id)
+        if problem is not None:
+            raise errors.InvalidParameters(f"the device id {device_id[:80]!r} would be unsafe: {problem}")
+        return device_id, values
+
+
 DEFAULT_PUBLISH: tuple[str, ...] = ("devices/{device_id}/#",)
 DEFAULT_SUBSCRIBE: tuple[str, ...] = ("devices/{device_id}/cmd/#",)
 
@@ -305,6 +368,25 @@ class EnrollmentTemplate:
     reprovision: ReprovisionPolicy = ReprovisionPolicy.REJECT
     # Once an operational certificate is current: may the factory certificate still connect?
     birth_certificate: BirthPolicy = BirthPolicy.KEEP
+    # For a CA registered with --role claim: how a claim's parameters become a device.
+    claim: ClaimRule | None = None
+
+    def render_claim(
+        self, parameters: object, *, ca_id: str, default_region: str
+    ) -> tuple[str, str, dict[str, str], dict[str, Any]]:
+        """A claim's parameters -> (device id, region, attributes, configuration), or InvalidParameters."""
+        if self.claim is None:
+            raise errors.InvalidParameters(f"template {self.name!r} has no claim section: it takes no claims")
+        device_id, values = self.claim.render(parameters)
+        static = {rule.name: rule.value for rule in self.attributes if rule.value is not None}
+        attributes = {**static, **values}
+        region = self.region or default_region
+        namespace = self.namespace(device_id, region, attributes)
+        config = {
+            "namespace": {"publish": list(namespace.publish), "subscribe": list(namespace.subscribe)},
+            "profile": self.profile.to_json(),
+        }
+        return device_id, region, attributes, config
 
     def render(self, verified: VerifiedChain, *, default_region: str) -> DeviceIdentity:
         """Certificate -> DeviceIdentity, or a Refused with the precise reason."""
@@ -439,7 +521,7 @@ def load_template(path: Path) -> EnrollmentTemplate:
         "",
         {
             *("name", "version", "device_id", "attributes", "region", "namespace", "profile"),
-            *("reprovision", "birth_certificate"),
+            *("reprovision", "birth_certificate", "claim"),
         },
     )
     name = str(top["name"][1]) if "name" in top else path.stem
@@ -503,8 +585,11 @@ def load_template(path: Path) -> EnrollmentTemplate:
         region = str(top["region"][1])
         if id_problem(region) is not None:
             raise _err(where, top["region"][0], "region", "must be a safe topic level")
+    claim = _claim(top["claim"][0], where) if "claim" in top else None
     publish, subscribe = DEFAULT_PUBLISH, DEFAULT_SUBSCRIBE
-    declared = frozenset(rule.name for rule in attributes)
+    declared = frozenset(rule.name for rule in attributes) | frozenset(
+        p.name for p in (claim.parameters if claim else ())
+    )
     if "namespace" in top:
         ns = _mapping(top["namespace"][0], where, "namespace", {"publish", "subscribe"})
         if "publish" in ns:
@@ -539,7 +624,63 @@ def load_template(path: Path) -> EnrollmentTemplate:
         profile=profile,
         reprovision=reprovision,
         birth_certificate=birth,
+        claim=claim,
     )
+
+
+def _claim(node: yaml.Node, where: str) -> ClaimRule:
+    """``claim: {parameters: {NAME: {regex, required}}, device_id: "prefix-{NAME}"}``."""
+    spec = _mapping(node, where, "claim", {"parameters", "device_id"})
+    if "parameters" not in spec or "device_id" not in spec:
+        raise _err(where, node, "claim", "needs 'parameters' and 'device_id'")
+    pnode = spec["parameters"][0]
+    if not isinstance(pnode, yaml.MappingNode) or not pnode.value:
+        raise _err(where, pnode, "claim.parameters", "expected a mapping of parameter name to rule")
+    if len(pnode.value) > MAX_PARAMETERS:
+        raise _err(where, pnode, "claim.parameters", f"at most {MAX_PARAMETERS} parameters")
+    rules = []
+    for k, v in pnode.value:
+        pname = str(k.value)
+        key = f"claim.parameters.{pname}"
+        if id_problem(pname) is not None or not pname.isidentifier():
+            raise _err(where, k, key, "parameter names must be identifiers")
+        rule = _mapping(v, where, key, {"regex", "required"}) if not _is_null(v) else {}
+        required = rule.get("required", (None, True))[1]
+        if not isinstance(required, bool):
+            raise _err(where, rule["required"][0], f"{key}.required", "must be true or false")
+        rules.append(
+            ParameterRule(
+                name=pname, regex=_regex(rule.get("regex"), where, f"{key}.regex"), required=required
+            )
+        )
+    fnode, fmt = spec["device_id"]
+    names = {r.name for r in rules}
+    try:
+        parsed = list(string.Formatter().parse(str(fmt)))
+    except ValueError as exc:
+        raise _err(where, fnode, "claim.device_id", f"bad format: {exc}") from None
+    used = set()
+    for _, fname, fspec, conv in parsed:
+        if fname is not None and (fname not in names or fspec or conv):
+            raise _err(
+                where, fnode, "claim.device_id", f"unknown placeholder {{{fname}}} (declared parameters only)"
+            )
+        if fname is not None:
+            used.add(fname)
+    optional = sorted(r.name for r in rules if r.name in used and not r.required)
+    if not used or optional:
+        raise _err(
+            where,
+            fnode,
+            "claim.device_id",
+            "must use at least one parameter, and only required ones"
+            + (f" ({optional[0]!r} is not)" if optional else ""),
+        )
+    return ClaimRule(parameters=tuple(rules), device_id=str(fmt))
+
+
+def _is_null(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null")
 
 
 def _source(item: tuple[yaml.Node, Any] | None, where: str, key: str) -> Source | None:

@@ -283,6 +283,12 @@ class Registry(Protocol):
 
     async def certificates_in(self, states: Sequence[CertState]) -> list[OperationalCertificate]: ...
 
+    async def claim_device(
+        self, record: DeviceRecord, cert: OperationalCertificate, *, audit: AuditDraft
+    ) -> bool:
+        """A claimed device's record and its first (pending) certificate; False if the id exists."""
+        ...
+
     async def add_certificate(
         self, cert: OperationalCertificate, *, audit: AuditDraft
     ) -> tuple[OperationalCertificate, bool]:

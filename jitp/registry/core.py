@@ -1389,6 +1389,44 @@ class RegistryCore:
         keys = self._unwrap(await self._fetch(_DATA_KEYS, ids)) if ids else {}
         return [self._open_op(r, keys[str(r[1])]) for r in rows if str(r[1]) in keys]
 
+    async def claim_device(
+        self, record: DeviceRecord, cert: OperationalCertificate, *, audit: AuditDraft
+    ) -> bool:
+        """A device claimed with template parameters (a claim certificate): its record and its first
+        operational certificate, pending, in one transaction, audited; no event yet (``provisioned``
+        is published when the device connects with ``cert``). False, nothing written, when the id
+        exists: a claim never takes over a device."""
+        device_id = record.device_id
+        if self._store.keyring_apart:
+            await self._ensure_keys({device_id: [privacy.tombstone_ref(self._salt, cert.fingerprint)]})
+
+        async def body(tx: Tx) -> bool:
+            if await tx.fetch("SELECT 1 FROM devices WHERE device_id = ?", device_id):
+                return False
+            keys = await self._data_keys(
+                tx, [device_id], create=not self._store.keyring_apart, live_only=True
+            )
+            if device_id not in keys:
+                raise errors.RegistryUnavailable(f"device {device_id!r} is being erased; try again")
+            row = self._device_row(record, keys[device_id])
+            await tx.executemany(_INSERT_DEVICE + " ON CONFLICT DO NOTHING", [row])
+            written = await tx.fetch("SELECT sealed FROM devices WHERE device_id = ?", device_id)
+            if not written or bytes(written[0][0]) != row[-1]:
+                return False  # another node created it meanwhile
+            await self._insert_certificate(tx, cert, keys[device_id])
+            await self._log(tx, [], [audit], keys)
+            return True
+
+        return await self._write(body)
+
+    async def _insert_certificate(self, tx: Tx, cert: OperationalCertificate, key: bytes) -> None:
+        await tx.execute(
+            f"INSERT INTO op_certs ({_OP_COLUMNS}, fp_index) VALUES ({', '.join('?' * 12)})",
+            *_op_values(cert),
+            envelope.seal_certificate(key, cert.device_id, cert.cert_der),
+            envelope.fingerprint_index(self._index_key, cert.fingerprint),
+        )
+
     async def add_certificate(
         self, cert: OperationalCertificate, *, audit: AuditDraft
     ) -> tuple[OperationalCertificate, bool]:
@@ -1405,12 +1443,7 @@ class RegistryCore:
             )
             if rows:
                 return self._open_op(rows[0], key), False
-            await tx.execute(
-                f"INSERT INTO op_certs ({_OP_COLUMNS}, fp_index) VALUES ({', '.join('?' * 12)})",
-                *_op_values(cert),
-                envelope.seal_certificate(key, cert.device_id, cert.cert_der),
-                envelope.fingerprint_index(self._index_key, cert.fingerprint),
-            )
+            await self._insert_certificate(tx, cert, key)
             await self._log(tx, [], [audit], {cert.device_id: key})
             return cert, True
 
@@ -1472,18 +1505,22 @@ class RegistryCore:
                 device_id,
             )
             kind = EventType.CERTIFICATE_ROTATED if previous is not None else EventType.CERTIFICATE_ISSUED
+            if previous is None and old_fp == cert.fingerprint:
+                kind = EventType.PROVISIONED  # a claimed device (claim_device): new with this certificate
             extra = {
                 "previous_fingerprint": old_fp,
                 "new_fingerprint": cert.fingerprint,
                 "certificate_id": cert.certificate_id,
                 "certificate": certificate_config(cert),
             }
+            if kind is EventType.PROVISIONED:
+                extra = {"certificate_id": cert.certificate_id, "certificate": certificate_config(cert)}
             event = provisioned_event(record, event_id=new_event_id(), at=at, type=kind, **extra)
-            details = {
-                "certificate_id": cert.certificate_id,
-                "previous_fingerprint": old_fp,
-                "event_id": event.event_id,
-            }
+            details = {"certificate_id": cert.certificate_id, "event_id": event.event_id}
+            if kind is not EventType.PROVISIONED:
+                details["previous_fingerprint"] = old_fp
+            else:
+                details["claimed"] = "true"
             draft = AuditDraft(
                 at=at,
                 action=str(kind),

@@ -16,6 +16,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from broker_plugins.oversize import DISCARD_LIMIT
 from jitp.config import IssuerConfig
 from jitp.domain.acl import topic_matches
 from jitp.trust import Role
@@ -206,16 +207,47 @@ def test_each_bad_input_is_rejected_with_its_reason_and_nothing_is_issued(
     for *_, reason in cases:
         assert reason in reasons
     assert "rate_limited" in reasons and "payload_too_large" in reasons
-    # A 1 MB payload is over limits.max_packet_size (256 KiB): the connection is closed before the
-    # body is read (protocol_violation, audited), nothing is issued, and everyone else is served.
-    request_big = dev.client.publish("$jitp/certificates/bad-0001/create-from-csr", b"x" * 1_000_000, qos=0)
-    del request_big
+    # A 1 MB request is over limits.max_packet_size (256 KiB) too: its body is read past, unheld, and
+    # answered payload_too_large; the connection stays up (the same connection enrolls afterwards).
+    assert broker.server.config.limits.max_packet_size < 1_000_000
+    huge = b'{"request_id": "huge", "csr": "' + b"A" * 1_000_000 + b'"}'
+    request(dev, "bad-0001", huge)
+    kind, doc = answer_for(dev, "bad-0001", None, index=2)
+    assert (kind, doc["reason"]) == ("rejected", "payload_too_large")
+    assert f"request of {len(huge)} bytes" in doc["message"]
+    assert not dev.disconnected.is_set()
+    assert reasons.count("payload_too_large") == 1
+    assert wait_until(lambda: _reasons(broker, "certificate-rejected").count("payload_too_large") == 2)
+    # Over oversize.DISCARD_LIMIT (4 MiB) the connection is closed before the body is read (W6),
+    # nothing is issued, and everyone else is served.
+    dev.client.publish("$jitp/certificates/bad-0001/create-from-csr", b"x" * (DISCARD_LIMIT + 1), qos=0)
     assert dev.disconnected.wait(10)
     other = clients(connect(broker.port, pki, pki.device("bad-0003")))
     assert other.rc == 0
     assert other.subscribe("$jitp/certificates/bad-0003/#") == [1]
     enroll(pki, other, "bad-0003", "fine")
     assert len(broker.call(broker.registry().device_certificates("bad-0001"))) == len(accepted)
+
+
+def test_an_oversized_request_keeps_the_connection_and_the_device_enrolls_on_it(
+    broker: BrokerThread, pki: Pki, clients: Callable[[Conn], Conn]
+) -> None:
+    """QoS 1, then QoS 2: each over max_packet_size is acknowledged and answered, and the same
+    connection then enrolls; a telemetry PUBLISH over max_packet_size still closes (W6)."""
+    init_issuer(broker)
+    dev = clients(connect(broker.port, pki, pki.device("big-0001")))
+    assert dev.rc == 0 and dev.subscribe("$jitp/certificates/big-0001/#") == [1]
+    for n, qos in enumerate((1, 2)):
+        payload = b'{"request_id": "big", "csr": "' + b"A" * (1024 * 1024) + b'"}'
+        info = dev.client.publish("$jitp/certificates/big-0001/create-from-csr", payload, qos=qos)
+        info.wait_for_publish(10)
+        assert info.is_published()  # PUBACK (QoS 1) or PUBCOMP (QoS 2) came back
+        kind, doc = answer_for(dev, "big-0001", None, index=n)
+        assert (kind, doc["reason"]) == ("rejected", "payload_too_large")
+    enroll(pki, dev, "big-0001", "small")
+    assert not dev.disconnected.is_set()
+    dev.client.publish("big-0001/telemetry", b"x" * (300 * 1024), qos=1)
+    assert dev.disconnected.wait(10)
 
 
 def test_a_device_cannot_subscribe_to_another_devices_answers(broker: BrokerThread, pki: Pki) -> None:

@@ -21,6 +21,7 @@ from device_sim import (
 from device_sim.fleet import client_context
 from device_sim.mqtt import MqttClient
 from jitp.trust import Role
+from tests.certflow import init_issuer
 from tests.helpers import BrokerThread, Pki, test_config
 
 
@@ -207,3 +208,39 @@ def test_connack_3_backs_off_until_everyone_joins(
         assert all(n == 1 for n in events.values()) and len(events) == 16 + len(blockers)
     finally:
         broker.stop()
+
+
+def test_storm_enroll_joins_then_enrolls_every_device_and_cross_checks(
+    broker: BrokerThread, fleet: Fleet, target: Target, service: ServiceCreds, registry_path: Path
+) -> None:
+    init_issuer(broker)
+    report = asyncio.run(
+        run_storm(
+            target, fleet, n=12, concurrency=6, service=service, registry_path=registry_path, enroll=True
+        )
+    )
+    assert report.ok, report.table()
+    assert report.joined == 12 and report.issues == ()
+    joined = {o.device_id for o in report.outcomes if o.joined}
+    assert provisioned_events(broker) == Counter(joined)  # the first join, once each
+    # Every device ends on exactly one current (operational) certificate, and the notes say so.
+    for device_id in joined:
+        states = [str(c.state) for c in broker.call(broker.registry().device_certificates(device_id))]
+        assert states == ["current"], (device_id, states)
+    issued = [e for e in broker.events() if str(e.type) == "certificate-issued"]
+    assert Counter(e.device_id for e in issued) == Counter(joined)
+    [note] = [n for n in report.notes if "issuances/s" in n]
+    assert "12 device(s) enrolled" in note and "12 certificate-issued event(s)" in note
+
+
+def test_storm_enroll_reports_devices_it_could_not_enroll(
+    broker: BrokerThread, fleet: Fleet, target: Target, service: ServiceCreds, registry_path: Path
+) -> None:
+    """No issuing CA: every CSR is rejected (issuer_missing), and the run says so instead of passing."""
+    report = asyncio.run(
+        run_storm(
+            target, fleet, n=3, concurrency=3, service=service, registry_path=registry_path, enroll=True
+        )
+    )
+    assert not report.ok
+    assert any("3 device(s) stranded" in issue for issue in report.issues), report.issues

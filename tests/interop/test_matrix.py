@@ -43,7 +43,7 @@ from tests.interop.clients import (
     Subscribe,
 )
 
-MQTT5_BROKER = False  # set when the broker speaks MQTT 5 (issue 15); the MQTT 5 rows then must pass
+MQTT5_BROKER = True  # set when the broker speaks MQTT 5 (issue 15); the MQTT 5 rows then must pass
 DEADLINE = 10.0
 SESSION_EXPIRY = 300  # seconds, for the persistent sessions
 REFUSED_REVOKED = {4: 5, 5: 0x8A}  # CONNACK 3.1.1: not authorised; 5: Banned

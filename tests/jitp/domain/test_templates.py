@@ -260,6 +260,33 @@ BAD = [
     ("attributes:\n  v: {from: san.phone}  # <-\n", "attributes.v.from", "unknown source"),
     ("attributes:\n  v: {from: 'ext:caps'}  # <-\n", "attributes.v.from", "unknown source"),
     ("attributes:\n  v: {from: serial.number}  # <-\n", "attributes.v.from", "unknown source"),
+    # claim sections (claim certificates)
+    ("claim:\n  device_id: 'm-{s}'  # <-\n", "claim", "needs 'parameters' and 'device_id'"),
+    (
+        "claim:\n  parameters: {s: {}}\n  device_id: 'm-{t}'  # <-\n",
+        "claim.device_id",
+        "unknown placeholder {t}",
+    ),
+    (
+        "claim:\n  parameters: {s: {}}\n  device_id: 'fixed'  # <-\n",
+        "claim.device_id",
+        "at least one parameter",
+    ),
+    (
+        "claim:\n  parameters: {s: {required: false}}\n  device_id: 'm-{s}'  # <-\n",
+        "claim.device_id",
+        "only required ones",
+    ),
+    (
+        "claim:\n  parameters: {s: {regex: '(a'}}  # <-\n  device_id: 'm-{s}'\n",
+        "claim.parameters.s.regex",
+        "bad regular",
+    ),
+    (
+        "claim:\n  parameters: {s: {colour: red}}  # <-\n  device_id: 'm-{s}'\n",
+        "claim.parameters.s.colour",
+        "unknown key",
+    ),
 ]
 
 
@@ -1003,3 +1030,28 @@ def test_any_file_content_loads_or_is_a_config_error(
             load_template(write(directory, stem, body))
         except errors.ConfigError as exc:
             assert exc.where is not None and exc.where.startswith(str(directory))
+
+
+def test_a_claim_section_turns_parameters_into_the_id_and_attributes(tmp_path: Path) -> None:
+    body = (
+        "attributes:\n  plant: {value: lyon}\n"
+        "claim:\n  parameters:\n    serial: {regex: '[0-9]{4}'}\n    model:\n  device_id: 'm-{serial}'\n"
+        "namespace:\n  publish: ['m/{attributes.serial}/{device_id}/#']\n"
+    )
+    template = load_template(write(tmp_path, "t", body))
+    device_id, region, attributes, config = template.render_claim(
+        {"serial": "0042", "model": "x1"}, ca_id="ca", default_region="eu"
+    )
+    assert (device_id, region) == ("m-0042", "eu")
+    assert attributes == {"plant": "lyon", "serial": "0042", "model": "x1"}
+    assert config["namespace"]["publish"][0] == "m/0042/m-0042/#"
+    for bad, words in [
+        ({"serial": "42"}, "does not match"),
+        ({"model": "x1"}, "'serial' is required"),
+        ({"serial": "0042", "x": "1"}, "unknown parameter"),
+        (["0042"], "JSON object"),
+    ]:
+        with pytest.raises(errors.InvalidParameters, match=words):
+            template.render_claim(bad, ca_id="ca", default_region="eu")
+    with pytest.raises(errors.InvalidParameters, match="no claim section"):
+        DEFAULT_TEMPLATE.render_claim({"serial": "0042"}, ca_id="ca", default_region="eu")

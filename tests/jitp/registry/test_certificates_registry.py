@@ -230,3 +230,72 @@ def test_template_file_reads_birth_certificate(tmp_path: Path) -> None:
     (tmp_path / "meter.yaml").write_text("name: meter\nbirth_certificate: sometimes\n")
     with pytest.raises(errors.ConfigError, match="keep, enroll_only or retire"):
         TemplateSet.load(tmp_path)
+
+
+CLAIM_CA = certs.make_ca("test claim CA", key=certs.generate_key("ec"))
+CLAIM_TEMPLATE = "claim:\n  parameters:\n    serial: {regex: '[0-9]{6}'}\n  device_id: 'claimed-{serial}'\nreprovision: reject\n"
+
+
+def test_a_claim_writes_the_device_and_its_pending_certificate_then_provisions_at_commit(
+    backend: Backend, tmp_path: Path
+) -> None:
+    """On both backends: the claim's record and certificate in one transaction; a second claim of the
+    id (another key) is identity_conflict and writes nothing; a restart before the commit loses
+    nothing; the commit publishes provisioned (not certificate-issued), once."""
+    from jitp.domain.templates import load_template
+    from jitp.trust import Role
+
+    (tmp_path / "factory.yaml").write_text(CLAIM_TEMPLATE)
+    templates = TemplateSet({"factory": load_template(tmp_path / "factory.yaml")})
+    clock = Clock()
+    key = new_key()
+    batch = certs.make_leaf("batch", certs.generate_key("ec").public_key(), issuer=CLAIM_CA)
+    batch_der = batch.public_bytes(Encoding.DER)
+
+    async def claim(
+        certs_: CertificateService, service: ProvisioningService, client: str, k: Any
+    ) -> dict[str, Any]:
+        await service.refresh_trust()
+        admission = await service.admit(PeerCredentials(chain_der=(batch_der,), client_id=client))
+        assert admission.role is Role.CLAIM and admission.record is None
+        payload = json.dumps({"request_id": "c", "csr": make_csr(k), "parameters": {"serial": "000042"}})
+        answer = await certs_.handle(
+            admission, f"$jitp/certificates/{client}/create-from-csr", payload.encode(), allowed=True
+        )
+        doc: dict[str, Any] = json.loads(answer.payload)
+        return doc
+
+    async def first(registry: Registry) -> dict[str, Any]:
+        await _anchors(registry)
+        await registry.register_anchor(
+            TrustAnchor.from_certificate(CLAIM_CA.cert, role=Role.CLAIM, template="factory"),
+            audit=AuditDraft(at=NOW, action="ca-registered", actor="t"),
+        )
+        service, issuer = await _setup(registry, clock)
+        service.templates = templates
+        doc = await claim(issuer, service, "boot-1", key)
+        assert doc["device_id"] == "claimed-000042", doc
+        record = await registry.get_device("claimed-000042")
+        assert record is not None and dict(record.attributes) == {"serial": "000042"}
+        conflict = await claim(issuer, service, "boot-2", new_key())
+        assert conflict["reason"] == "identity_conflict", conflict
+        [pending] = await registry.device_certificates("claimed-000042")
+        assert pending.state is CertState.PENDING and pending.certificate_id == doc["certificate_id"]
+        assert await registry.events("claimed-000042") == []
+        return doc
+
+    doc = run(backend, first)  # the broker restarts before the device reconnects
+
+    async def commit(registry: Registry) -> None:
+        service, _ = await _setup(registry, clock)
+        service.templates = templates
+        await service.refresh_trust()
+        admitted = await service.admit(PeerCredentials(chain_der=(_der(doc),), client_id="claimed-000042"))
+        assert admitted.created and not admitted.reprovisioned
+        await service.admit(PeerCredentials(chain_der=(_der(doc),), client_id="claimed-000042"))
+        kinds = [e.type for e in await registry.events("claimed-000042")]
+        assert kinds == [EventType.PROVISIONED]
+        [current] = await registry.device_certificates("claimed-000042")
+        assert current.state is CertState.CURRENT
+
+    run(backend, commit)
