@@ -86,7 +86,7 @@ class ConnectRequest:
 def codec_error(exc: Exception) -> tuple[int, str]:
     """(v5 reason code, message) for an error the ``mqtt5`` codec raised on a whole packet."""
     text = str(exc)[:200] or type(exc).__name__
-    if "alias" in text.lower():
+    if "alias" in text.lower() and "Invalid property type" not in text:
         return TOPIC_ALIAS_INVALID, text
     if "Duplicate" in text or "must be != 0" in text:
         return PROTOCOL_ERROR, text  # [MQTT-2.2.2-2], Receive Maximum or Maximum Packet Size 0

@@ -71,7 +71,7 @@ def admin_request(data_dir: Path, role: Role, command: str, args: dict[str, Any]
             api = admin.AdminApi(
                 ProvisioningService(registry),
                 templates_dir=data_dir / "templates",
-                route=lambda topic, data, qos: replies.append((topic, json.loads(data))),
+                route=lambda topic, data, qos, **_: replies.append((topic, json.loads(data))),
             )
             who = Admission(role=role, client_id="olga", fingerprint="00" * 32)
             request = {"correlation_id": "1", "args": args}

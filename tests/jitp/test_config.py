@@ -439,6 +439,7 @@ VALID: dict[str, dict[str, st.SearchStrategy[Any]]] = {
         "max_retained_bytes_per_client": st.integers(1, 2**40),
         "max_retained_bytes": st.integers(1, 2**40),
         "shutdown_drain_timeout": st.floats(min_value=0.0, max_value=3600.0),
+        "max_session_expiry": st.integers(min_value=1, max_value=2**32 - 1),
     },
     "trust": {
         "reload_interval": st.floats(min_value=0.01, max_value=3600),

@@ -1,0 +1,98 @@
+"""Issue 15, bad input over MQTT 5: each gets a CONNACK or DISCONNECT with the reason code the
+specification asks for, and the broker keeps serving (raw bytes over real mutual TLS)."""
+
+from __future__ import annotations
+
+import socket
+
+import mqtt5
+import pytest
+
+from tests.helpers import BrokerThread, Pki
+from tests.rawmqtt import tls_connect
+
+DEADLINE = 10.0
+
+
+def read_packet(sock: socket.socket) -> mqtt5.Packet:
+    """The next whole MQTT 5 packet from the broker."""
+    sock.settimeout(DEADLINE)
+    buf = b""
+    while True:
+        try:
+            packet, _ = mqtt5.read(memoryview(buf))
+            return packet
+        except IndexError:
+            chunk = sock.recv(4096)
+            assert chunk, f"connection closed after {buf!r}"
+            buf += chunk
+
+
+def connect_bytes(client_id: str, props: bytes) -> bytes:
+    """A v5 CONNECT (clean start, keep-alive 30) with the raw property bytes ``props``."""
+    cid = client_id.encode()
+    body = b"\x00\x04MQTT\x05\x02\x00\x1e" + bytes([len(props)]) + props + len(cid).to_bytes(2, "big") + cid
+    return b"\x10" + bytes([len(body)]) + body
+
+
+@pytest.mark.parametrize(
+    ("props", "code"),
+    [
+        (b"\x21\x00\x05\x21\x00\x06", 0x82),  # Receive Maximum twice [MQTT-2.2.2-2]
+        (b"\x21\x00\x00", 0x82),  # Receive Maximum 0 [MQTT-3.1.2-21]
+        (b"\x23\x00\x05", 0x81),  # Topic Alias: not a CONNECT property
+        (b"\x99", 0x81),  # no such property
+    ],
+    ids=["duplicate", "receive-max-0", "misplaced", "unknown"],
+)
+def test_a_bad_connect_property_gets_its_reason_code(broker: BrokerThread, pki: Pki, props: bytes, code: int) -> None:
+    device = pki.device(f"v5-bad-{code:x}-{len(props)}")
+    sock = tls_connect(broker.port, pki, device)
+    sock.sendall(connect_bytes(device.name, props))
+    connack = read_packet(sock)
+    assert isinstance(connack, mqtt5.ConnAckPacket)
+    assert int(connack.reason_code) == code
+    assert device.name not in broker.server.broker.sessions
+
+
+def test_an_authentication_method_gets_0x8c(broker: BrokerThread, pki: Pki) -> None:
+    device = pki.device("v5-auth-method")
+    sock = tls_connect(broker.port, pki, device)
+    sock.sendall(mqtt5.ConnectPacket(device.name, clean_start=True, authentication_method="SCRAM-SHA-1").write())
+    connack = read_packet(sock)
+    assert isinstance(connack, mqtt5.ConnAckPacket)
+    assert int(connack.reason_code) == 0x8C
+
+
+def joined(broker: BrokerThread, pki: Pki, name: str) -> socket.socket:
+    device = pki.device(name)
+    sock = tls_connect(broker.port, pki, device)
+    sock.sendall(mqtt5.ConnectPacket(device.name, clean_start=True, keep_alive=30).write())
+    connack = read_packet(sock)
+    assert isinstance(connack, mqtt5.ConnAckPacket) and int(connack.reason_code) == 0
+    return sock
+
+
+@pytest.mark.parametrize(
+    ("packet", "code"),
+    [
+        (bytes.fromhex("3209" + "0001" + "61" + "0001" + "03" + "230005"), 0x94),  # Topic Alias 5 (max 0)
+        (bytes.fromhex("3209" + "0001" + "61" + "0001" + "03" + "230000"), 0x94),  # Topic Alias 0
+        (bytes.fromhex("f000"), 0x81),  # AUTH without its properties: malformed
+        (bytes.fromhex("f0020000"), 0x82),  # AUTH: no enhanced authentication
+        (bytes.fromhex("3407" + "0001" + "61" + "0001" + "00" + "78"), 0x9B),  # QoS 2 over Maximum QoS 1
+    ],
+    ids=["alias-over-max", "alias-0", "auth-malformed", "auth", "qos2"],
+)
+def test_a_bad_packet_after_connack_gets_a_disconnect_with_its_reason(
+    broker: BrokerThread, pki: Pki, packet: bytes, code: int
+) -> None:
+    sock = joined(broker, pki, f"v5-bad-packet-{code:x}-{packet.hex()[:6]}")
+    sock.sendall(packet)
+    disconnect = read_packet(sock)
+    assert isinstance(disconnect, mqtt5.DisconnectPacket)
+    assert int(disconnect.reason_code) == code
+    assert disconnect.reason_str
+    # the broker keeps serving everyone else
+    other = joined(broker, pki, f"v5-after-{code:x}-{packet.hex()[:6]}")
+    other.close()
