@@ -129,6 +129,9 @@ class Mqtt5Handler(JitpProtocolHandler):
                 except PacketTooLarge as exc:
                     await self._violation(session, str(exc), Goodbye.PACKET_TOO_LARGE)
                     return False
+                except ValueError as exc:  # a remaining length over four bytes
+                    await self._violation(session, f"malformed packet: {exc}", Goodbye.MALFORMED_PACKET)
+                    return False
                 try:
                     packet, _ = mqtt5.read(memoryview(raw))
                 except (ValueError, IndexError, UnicodeDecodeError) as exc:

@@ -78,11 +78,12 @@ def joined(broker: BrokerThread, pki: Pki, name: str) -> socket.socket:
     [
         (bytes.fromhex("3209" + "0001" + "61" + "0001" + "03" + "230005"), 0x94),  # Topic Alias 5 (max 0)
         (bytes.fromhex("3209" + "0001" + "61" + "0001" + "03" + "230000"), 0x94),  # Topic Alias 0
+        (bytes.fromhex("30ffffffff7f"), 0x81),  # a remaining length of five bytes
         (bytes.fromhex("f000"), 0x81),  # AUTH without its properties: malformed
         (bytes.fromhex("f0020000"), 0x82),  # AUTH: no enhanced authentication
         (bytes.fromhex("3407" + "0001" + "61" + "0001" + "00" + "78"), 0x9B),  # QoS 2 over Maximum QoS 1
     ],
-    ids=["alias-over-max", "alias-0", "auth-malformed", "auth", "qos2"],
+    ids=["alias-over-max", "alias-0", "length-5-bytes", "auth-malformed", "auth", "qos2"],
 )
 def test_a_bad_packet_after_connack_gets_a_disconnect_with_its_reason(
     broker: BrokerThread, pki: Pki, packet: bytes, code: int
