@@ -196,6 +196,11 @@ class RetainedMessage:
     owner: str | None  # the client that retained it; None: the broker itself (device configs)
     properties: MessageProperties = NO_PROPERTIES
 
+    @property
+    def size(self) -> int:
+        """Bytes counted toward the quotas: payload and MQTT 5 properties."""
+        return len(self.data) + self.properties.size
+
 
 class RetainVerdict(enum.Enum):
     STORED = "stored"
@@ -245,22 +250,23 @@ class RetainedStore:
             self.remove(topic)
             return RetainVerdict.CLEARED
         old = self.messages.get(topic)
-        old_size = len(old.data) if old is not None else 0
+        old_size = old.size if old is not None else 0
+        size = len(data) + properties.size  # properties count: a device could hide bytes there
         if owner is not None:
             owned = self._owned.get(owner, {})
             replacing_own = old is not None and old.owner == owner
             if not replacing_own and len(owned) >= self.limits.max_per_owner:
                 return RetainVerdict.OWNER_COUNT
             owner_bytes = sum(owned.values()) - (old_size if replacing_own else 0)
-            if owner_bytes + len(data) > self.limits.max_bytes_per_owner:
+            if owner_bytes + size > self.limits.max_bytes_per_owner:
                 return RetainVerdict.OWNER_BYTES
-            if self.total_bytes - old_size + len(data) > self.limits.max_total_bytes:
+            if self.total_bytes - old_size + size > self.limits.max_total_bytes:
                 return RetainVerdict.TOTAL_BYTES
         self.remove(topic)
         self.messages[topic] = RetainedMessage(topic, bytes(data), qos, owner, properties)
-        self.total_bytes += len(data)
+        self.total_bytes += size
         if owner is not None:
-            self._owned.setdefault(owner, {})[topic] = len(data)
+            self._owned.setdefault(owner, {})[topic] = size
         return RetainVerdict.STORED
 
     def replicate(
@@ -276,16 +282,16 @@ class RetainedStore:
         quotas: never refused here, so the copies stay the same."""
         self.remove(topic)
         if data:
-            self.messages[topic] = RetainedMessage(topic, bytes(data), qos, owner, properties)
-            self.total_bytes += len(data)
+            message = self.messages[topic] = RetainedMessage(topic, bytes(data), qos, owner, properties)
+            self.total_bytes += message.size
             if owner is not None:
-                self._owned.setdefault(owner, {})[topic] = len(data)
+                self._owned.setdefault(owner, {})[topic] = message.size
 
     def remove(self, topic: str) -> bool:
         old = self.messages.pop(topic, None)
         if old is None:
             return False
-        self.total_bytes -= len(old.data)
+        self.total_bytes -= old.size
         if old.owner is not None:
             owned = self._owned.get(old.owner)
             if owned is not None:

@@ -237,3 +237,17 @@ def test_a_withdrawn_message_leaves_the_queue_and_its_bytes() -> None:
     q.withdraw(first)
     q.withdraw(second)
     assert len(q) == 0 and q.bytes == 0 and not q.inflight
+
+
+def test_retained_properties_count_toward_the_owner_quota() -> None:
+    """An MQTT 5 device cannot hide bytes from the retained quota in user properties."""
+    from jitp.domain.routing import MessageProperties, RetainedLimits, RetainedStore, RetainVerdict
+
+    store = RetainedStore(RetainedLimits(max_per_owner=10, max_bytes_per_owner=1000, max_total_bytes=10_000))
+    fat = MessageProperties(user_properties=(("k", "v" * 2000),))
+    assert store.put("devices/d/a", b"x", 0, owner="d", properties=fat) is RetainVerdict.OWNER_BYTES
+    assert "devices/d/a" not in store
+    assert store.put("devices/d/a", b"x", 0, owner="d") is RetainVerdict.STORED
+    assert store.total_bytes == 1
+    store.remove("devices/d/a")
+    assert store.total_bytes == 0
