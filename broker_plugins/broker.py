@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Collection
 from typing import Any, Protocol
 
 import mqtt5
@@ -583,8 +583,14 @@ class JitpBroker(Broker):
             if will:
                 self._report(session, errors.WillNotAllowed, f"will on {topic!r} refused at publication")
             return NOT_AUTHORIZED
-        self.route(topic, data, qos, properties=properties, origin=session.client_id, retain=retain)
-        self.relay.publish(topic, data, qos)  # before the PUBACK, like the local routing
+        served: list[str] = []
+        self.route(
+            topic, data, qos, properties=properties, origin=session.client_id, retain=retain, served=served
+        )
+        # Before the PUBACK, like the local routing; with the properties and RETAIN for the other
+        # workers' v5 subscribers (the publisher is never on another worker: No Local holds there),
+        # and the shared subscriptions served here, which the other workers skip.
+        self.relay.publish(topic, data, qos, properties=properties, retain=retain, shares=served)
         if retain:
             self._retain(session, topic, data, qos, properties)
         return ACCEPTED
@@ -598,19 +604,28 @@ class JitpBroker(Broker):
         properties: MessageProperties = NO_PROPERTIES,
         origin: str | None = None,
         retain: bool = False,
+        skip_shares: Collection[str] = (),
+        served: list[str] | None = None,
     ) -> int:
         """Queue ``data`` for every session subscribed to ``topic`` and allowed to receive it, and for
         one member of each matching shared subscription. ``origin`` (the publishing client) and
-        ``retain`` serve MQTT 5's No Local and Retain As Published.
+        ``retain`` serve MQTT 5's No Local and Retain As Published. ``skip_shares``: shared
+        subscriptions another worker gave this message to already; ``served`` collects those given
+        it here.
 
         Synchronous: when it returns, every matching subscription has the message, so a PUBACK
         sent afterwards is a promise kept whatever the publisher does next."""
         routed = 0
         for client_id, sub_qos in self.subscription_tree.match(topic).items():
             if client_id[:1] == SHARED:
-                routed += self._route_shared(
+                if client_id in skip_shares:
+                    continue
+                given = self._route_shared(
                     client_id, Outgoing(topic, data, qos, False, properties=properties)
                 )
+                if given and served is not None:
+                    served.append(client_id)
+                routed += given
                 continue
             entry = self._sessions.get(client_id)
             if entry is None:
@@ -628,6 +643,25 @@ class JitpBroker(Broker):
             )
             routed += self._enqueue(target, message)
         return routed
+
+    def shares_served(self, topic: str) -> list[str]:
+        """The shared subscriptions matching ``topic`` with a member here that a message would go to
+        now (see :meth:`_route_shared`): another worker leaves them to this one."""
+        keys = []
+        for key in self.subscription_tree.match(topic):
+            group = self.shares.get(key) if key[:1] == SHARED else None
+            if group is not None and any(self._share_target(m, topic) for m in group.members):
+                keys.append(key)
+        return keys
+
+    def _share_target(self, client_id: str, topic: str) -> bool:
+        entry = self._sessions.get(client_id)
+        target = entry[0] if entry is not None else None
+        return (
+            isinstance(target, JitpSession)
+            and target.allows(Access.RECEIVE, topic)
+            and (target.transitions.is_connected() or not target.clean_session)
+        )
 
     def _route_shared(self, key: str, message: Outgoing, *, exclude: str | None = None) -> int:
         """Give ``message`` to one member of the shared subscription ``key``, in turn: the next
@@ -689,7 +723,7 @@ class JitpBroker(Broker):
     ) -> None:
         verdict = self.retained.put(topic, data, qos, owner=session.client_id, properties=properties)
         if verdict in (RetainVerdict.STORED, RetainVerdict.CLEARED):
-            self.relay.retain(topic, data, qos, session.client_id)
+            self.relay.retain(topic, data, qos, session.client_id, properties=properties)
             return
         count, nbytes = self.retained.owner_usage(session.client_id or "")
         self._report(
@@ -842,12 +876,20 @@ class JitpBroker(Broker):
     def retain_own(self, topic: str, data: bytes, qos: int) -> None:
         """Retain a message of the broker's own (a device's configuration): never refused."""
         self.retained.put(topic, data, qos, owner=None)
-        self.relay.retain(topic, data, qos, None)
+        self.relay.retain(topic, data, qos, None, properties=NO_PROPERTIES)
 
-    def replicate_retained(self, topic: str, data: bytes, qos: int, owner: str | None) -> None:
+    def replicate_retained(
+        self,
+        topic: str,
+        data: bytes,
+        qos: int,
+        owner: str | None,
+        *,
+        properties: MessageProperties = NO_PROPERTIES,
+    ) -> None:
         """A retained message stored (or cleared) on another worker: the same here, without quota
         checks (the origin applied them) and without relaying it again."""
-        self.retained.replicate(topic, data, qos, owner=owner)
+        self.retained.replicate(topic, data, qos, owner=owner, properties=properties)
 
     async def _publish_session_retained_messages(self, session: Session) -> None:
         """W13: queued messages live in the session's delivery queue and go out as they were
@@ -1068,7 +1110,7 @@ class JitpBroker(Broker):
             doomed.update(t for t in self.retained.messages if t.startswith(prefix))
         for topic in doomed:
             self.retained.remove(topic)
-            self.relay.retain(topic, b"", 0, None)
+            self.relay.retain(topic, b"", 0, None, properties=NO_PROPERTIES)
         return len(doomed)
 
     def live_clients(self) -> list[tuple[str, ClientState]]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Protocol
 
 from jitp import errors
@@ -42,7 +42,15 @@ EVENT_PROPERTIES = MessageProperties(
 class Delivery(Protocol):
     """Where events go (the broker)."""
 
-    def route(self, topic: str, data: bytes, qos: int, *, properties: MessageProperties = ...) -> int: ...
+    def route(
+        self,
+        topic: str,
+        data: bytes,
+        qos: int,
+        *,
+        properties: MessageProperties = ...,
+        skip_shares: Collection[str] = ...,
+    ) -> int: ...
 
     def retain_own(self, topic: str, data: bytes, qos: int) -> None:
         """Retain a message of the broker's own (never refused by a quota)."""
@@ -68,6 +76,7 @@ class OutboxPublisher:
         self._node_cursor = f"mqtt:{config.node_id}" if config.node_id else None
         self._relay_from: int | None = None  # that cursor, once read
         self._from_peers: list[ProvisioningEvent] = []  # committed by other workers of this machine
+        self._served_by_peer: dict[str, tuple[str, ...]] = {}  # event id -> shared subscriptions
         self._recent: dict[str, None] = {}  # ids published lately (insertion-ordered), never twice
         self.nats_sink: NatsSink | None = None
 
@@ -93,11 +102,13 @@ class OutboxPublisher:
                 await self._task
             self._task = None
 
-    def relayed(self, events: list[ProvisioningEvent]) -> None:
+    def relayed(self, events: list[ProvisioningEvent], shares: dict[str, tuple[str, ...]]) -> None:
         """Events another worker of the same `jitp serve` committed (handed over by the relay right
-        after its commit): published here at once. This node's cursor still reads them from the
-        outbox at its next poll, and skips them then (see :mod:`broker_plugins.relay`)."""
+        after its commit): published here at once, except to the shared subscriptions ``shares``
+        (event id -> keys) that worker serves. This node's cursor still reads them from the outbox
+        at its next poll, and skips them then (see :mod:`broker_plugins.relay`)."""
         self._from_peers.extend(events)
+        self._served_by_peer.update(shares)
         self._wake.set()
 
     def _fresh_events(self, events: list[ProvisioningEvent]) -> None:
@@ -107,9 +118,10 @@ class OutboxPublisher:
     async def _publish(self, events: list[ProvisioningEvent]) -> list[str]:
         published = []
         for event in events:
+            skip = self._served_by_peer.pop(event.event_id, ())
             if event.event_id in self._recent:
                 continue
-            self.delivery.route(event.topic, event.payload, 1, properties=EVENT_PROPERTIES)
+            self.delivery.route(event.topic, event.payload, 1, properties=EVENT_PROPERTIES, skip_shares=skip)
             if event.type in CONFIG_EVENTS:
                 payload = config_payload(event.document())
                 topic = config_topic(event.device_id)

@@ -8,11 +8,11 @@ every other worker, which applies it locally and never forwards it again.
 
 What travels:
 
-- ``PUBLISH`` (topic, payload, QoS): a message a client published, already checked against the
+- ``PUBLISH`` (topic, payload, QoS, RETAIN, MQTT 5 properties): a message a client published, already checked against the
   publisher's ACL and profile on its worker, routed locally there. A peer routes it into its own
   subscribers' queues exactly as a local message (:meth:`JitpBroker.route`: receive ACL, QoS
   downgrade, queue limits).
-- ``RETAIN`` (topic, payload, QoS, owner): a retained message stored or cleared (empty payload).
+- ``RETAIN`` (topic, payload, QoS, owner, MQTT 5 properties): a retained message stored or cleared (empty payload).
   Peers store it without quota checks (the origin applied them); the supervisor keeps a mirror
   and hands it to a worker it (re)starts before anything else.
 - ``EVENTS``: outbox events this worker committed (after the commit). Peers publish them to their
@@ -43,13 +43,14 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
 from jitp.domain.events import ProvisioningEvent
 from jitp.domain.records import EventType
+from jitp.domain.routing import NO_PROPERTIES, MessageProperties
 
 log = logging.getLogger("jitp.relay")
 
@@ -59,16 +60,32 @@ MAX_FRAME = 16 * 1024 * 1024  # bytes; far above limits.max_packet_size
 _HEADER = struct.Struct("!I")  # body length; the body starts with its kind (one byte)
 _WHEN = struct.Struct("!d")
 _NO_OWNER = 0xFFFF  # owner length marking "the broker's own" (owner None)
+_PROPS = struct.Struct("!I")  # length of the MQTT 5 properties (JSON; 0: none)
+_RETAIN_FLAG = 0x04  # in a PUBLISH frame's first byte, beside the QoS
 STATUS_CLIENTS = 1000  # client ids listed per worker in a status reply
+Shares = dict[str, tuple[str, ...]]  # event id -> shared subscriptions its origin worker serves
 
 
 class Relay(Protocol):
     """Where a worker's broker sends what other workers must also see. A no-op with one process."""
 
-    def publish(self, topic: str, data: bytes, qos: int) -> None:
-        """A client's message, routed here already: route it on the other workers too."""
+    def publish(
+        self,
+        topic: str,
+        data: bytes,
+        qos: int,
+        *,
+        properties: MessageProperties,
+        retain: bool,
+        shares: Sequence[str],
+    ) -> None:
+        """A client's message, routed here already: route it on the other workers too (with its
+        MQTT 5 properties, and RETAIN for subscribers asking Retain As Published), except to the
+        shared subscriptions ``shares`` it was given to here (one member of a group gets it)."""
 
-    def retain(self, topic: str, data: bytes, qos: int, owner: str | None) -> None:
+    def retain(
+        self, topic: str, data: bytes, qos: int, owner: str | None, *, properties: MessageProperties
+    ) -> None:
         """A retained message stored (or cleared, ``data`` empty) here: the same on the other workers."""
 
     def events_committed(self, events: list[ProvisioningEvent]) -> None:
@@ -82,10 +99,21 @@ class Relay(Protocol):
 class NoRelay:
     """A single process: nothing to relay."""
 
-    def publish(self, topic: str, data: bytes, qos: int) -> None:
+    def publish(
+        self,
+        topic: str,
+        data: bytes,
+        qos: int,
+        *,
+        properties: MessageProperties,
+        retain: bool,
+        shares: Sequence[str],
+    ) -> None:
         pass
 
-    def retain(self, topic: str, data: bytes, qos: int, owner: str | None) -> None:
+    def retain(
+        self, topic: str, data: bytes, qos: int, owner: str | None, *, properties: MessageProperties
+    ) -> None:
         pass
 
     def events_committed(self, events: list[ProvisioningEvent]) -> None:
@@ -103,16 +131,76 @@ def frame(kind: bytes, body: bytes = b"") -> bytes:
     return _HEADER.pack(len(body) + 1) + kind + body
 
 
-def publish_frame(topic: str, data: bytes, qos: int) -> bytes:
+def encode_properties(properties: MessageProperties) -> bytes:
+    """A message's MQTT 5 properties for the relay (empty: none). ``expires_at`` travels as is: it
+    is on ``time.monotonic()``, CLOCK_MONOTONIC, which every process of one machine shares."""
+    if properties == NO_PROPERTIES:
+        return b""
+    doc: dict[str, Any] = {"u": properties.user_properties}
+    if properties.payload_format_indicator:
+        doc["f"] = properties.payload_format_indicator
+    if properties.content_type is not None:
+        doc["c"] = properties.content_type
+    if properties.response_topic is not None:
+        doc["r"] = properties.response_topic
+    if properties.correlation_data is not None:
+        doc["d"] = properties.correlation_data.hex()
+    if properties.expires_at is not None:
+        doc["e"] = properties.expires_at
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def decode_properties(data: bytes) -> MessageProperties:
+    if not data:
+        return NO_PROPERTIES
+    doc = json.loads(data)
+    correlation = doc.get("d")
+    expires_at = doc.get("e")
+    return MessageProperties(
+        payload_format_indicator=int(doc.get("f", 0)),
+        content_type=doc.get("c"),
+        response_topic=doc.get("r"),
+        correlation_data=bytes.fromhex(correlation) if correlation is not None else None,
+        user_properties=tuple((str(k), str(v)) for k, v in doc["u"]),
+        expires_at=float(expires_at) if expires_at is not None else None,
+    )
+
+
+def _with_properties(properties: MessageProperties, data: bytes) -> bytes:
+    p = encode_properties(properties)
+    return _PROPS.pack(len(p)) + p + data
+
+
+def _split_properties(body: bytes, at: int) -> tuple[MessageProperties, bytes]:
+    (plen,) = _PROPS.unpack_from(body, at)
+    start = at + _PROPS.size
+    return decode_properties(body[start : start + plen]), bytes(body[start + plen :])
+
+
+def publish_frame(
+    topic: str,
+    data: bytes,
+    qos: int,
+    *,
+    properties: MessageProperties = NO_PROPERTIES,
+    retain: bool = False,
+    shares: Sequence[str] = (),
+) -> bytes:
     t = topic.encode()
-    return frame(PUBLISH, bytes((qos,)) + len(t).to_bytes(2, "big") + t + data)
+    flags = qos | (_RETAIN_FLAG if retain else 0)
+    s = json.dumps(list(shares)).encode() if shares else b""
+    head = bytes((flags,)) + len(t).to_bytes(2, "big") + t + _PROPS.pack(len(s)) + s
+    return frame(PUBLISH, head + _with_properties(properties, data))
 
 
-def retain_frame(topic: str, data: bytes, qos: int, owner: str | None) -> bytes:
+def retain_frame(
+    topic: str, data: bytes, qos: int, owner: str | None, *, properties: MessageProperties = NO_PROPERTIES
+) -> bytes:
     o = owner.encode() if owner is not None else b""
     t = topic.encode()
     olen = _NO_OWNER if owner is None else len(o)
-    return frame(RETAIN, bytes((qos,)) + olen.to_bytes(2, "big") + o + len(t).to_bytes(2, "big") + t + data)
+    head = bytes((qos,)) + olen.to_bytes(2, "big") + o + len(t).to_bytes(2, "big") + t
+    return frame(RETAIN, head + _with_properties(properties, data))
 
 
 @dataclass(frozen=True)
@@ -120,6 +208,9 @@ class Published:
     topic: str
     data: bytes
     qos: int
+    properties: MessageProperties = NO_PROPERTIES
+    retain: bool = False
+    shares: tuple[str, ...] = ()  # the shared subscriptions its origin served
 
 
 @dataclass(frozen=True)
@@ -128,38 +219,56 @@ class Retained:
     data: bytes
     qos: int
     owner: str | None
+    properties: MessageProperties = NO_PROPERTIES
+
+    def expired(self, now: float) -> bool:
+        expires_at = self.properties.expires_at
+        return expires_at is not None and expires_at <= now
 
 
-def events_frame(events: list[ProvisioningEvent]) -> bytes:
-    docs = [
-        {
+def events_frame(events: list[ProvisioningEvent], shares: Shares | None = None) -> bytes:
+    """``shares``: event id -> the shared subscriptions the origin serves that event to."""
+    docs = []
+    for e in events:
+        doc: dict[str, Any] = {
             "id": e.event_id,
             "type": str(e.type),
             "device": e.device_id,
             "at": e.occurred_at.isoformat(),
             "payload": e.payload.decode(),
         }
-        for e in events
-    ]
+        served = (shares or {}).get(e.event_id)
+        if served:
+            doc["shares"] = list(served)
+        docs.append(doc)
     return frame(EVENTS, json.dumps(docs, separators=(",", ":")).encode())
 
 
-def parse_events(body: bytes) -> list[ProvisioningEvent]:
-    return [
-        ProvisioningEvent(
-            event_id=d["id"],
-            type=EventType(d["type"]),
-            device_id=d["device"],
-            occurred_at=datetime.fromisoformat(d["at"]),
-            payload=d["payload"].encode(),
+def parse_events(body: bytes) -> tuple[list[ProvisioningEvent], Shares]:
+    events, shares = [], {}
+    for d in json.loads(body[1:]):
+        events.append(
+            ProvisioningEvent(
+                event_id=d["id"],
+                type=EventType(d["type"]),
+                device_id=d["device"],
+                occurred_at=datetime.fromisoformat(d["at"]),
+                payload=d["payload"].encode(),
+            )
         )
-        for d in json.loads(body[1:])
-    ]
+        if d.get("shares"):
+            shares[d["id"]] = tuple(str(key) for key in d["shares"])
+    return events, shares
 
 
 def parse_publish(body: bytes) -> Published:
-    qos, tlen = body[1], int.from_bytes(body[2:4], "big")
-    return Published(body[4 : 4 + tlen].decode(), bytes(body[4 + tlen :]), qos)
+    flags, tlen = body[1], int.from_bytes(body[2:4], "big")
+    at = 4 + tlen
+    (slen,) = _PROPS.unpack_from(body, at)
+    shares = tuple(str(key) for key in json.loads(body[at + 4 : at + 4 + slen])) if slen else ()
+    properties, data = _split_properties(body, at + 4 + slen)
+    topic = body[4 : 4 + tlen].decode()
+    return Published(topic, data, flags & 0x03, properties, bool(flags & _RETAIN_FLAG), shares)
 
 
 def parse_retain(body: bytes) -> Retained:
@@ -168,7 +277,8 @@ def parse_retain(body: bytes) -> Retained:
     owner = None if olen == _NO_OWNER else body[4:at].decode()
     tlen = int.from_bytes(body[at : at + 2], "big")
     topic = body[at + 2 : at + 2 + tlen].decode()
-    return Retained(topic, bytes(body[at + 2 + tlen :]), qos, owner)
+    properties, data = _split_properties(body, at + 2 + tlen)
+    return Retained(topic, data, qos, owner, properties)
 
 
 class FrameReader:
@@ -197,9 +307,24 @@ class FrameReader:
 class RelayTarget(Protocol):
     """What a worker applies relayed frames to (the broker)."""
 
-    def route(self, topic: str, data: bytes, qos: int) -> int: ...
+    def route(
+        self,
+        topic: str,
+        data: bytes,
+        qos: int,
+        *,
+        properties: MessageProperties,
+        retain: bool,
+        skip_shares: Collection[str],
+    ) -> int: ...
 
-    def replicate_retained(self, topic: str, data: bytes, qos: int, owner: str | None) -> None: ...
+    def shares_served(self, topic: str) -> list[str]:
+        """The shared subscriptions matching ``topic`` that have a member here to give it to."""
+        ...
+
+    def replicate_retained(
+        self, topic: str, data: bytes, qos: int, owner: str | None, *, properties: MessageProperties
+    ) -> None: ...
 
     def live_clients(self) -> list[tuple[str, Any]]: ...
 
@@ -216,11 +341,14 @@ class WorkerRelay(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._reader = FrameReader()
         self._target: RelayTarget | None = None
-        self._on_events: Callable[[list[ProvisioningEvent]], None] = lambda events: None
+        self._on_events: Callable[[list[ProvisioningEvent], Shares], None] = lambda events, shares: None
         self.forwarded = self.applied = 0
 
     async def start(
-        self, target: RelayTarget, *, on_events: Callable[[list[ProvisioningEvent]], None]
+        self,
+        target: RelayTarget,
+        *,
+        on_events: Callable[[list[ProvisioningEvent], Shares], None],
     ) -> None:
         """Start applying what the other workers send (the retained mirror comes first)."""
         self._target, self._on_events = target, on_events
@@ -234,15 +362,30 @@ class WorkerRelay(asyncio.Protocol):
             self._transport.close()
 
     # Relay ---------------------------------------------------------------------------------
-    def publish(self, topic: str, data: bytes, qos: int) -> None:
-        self._send(publish_frame(topic, data, qos))
+    def publish(
+        self,
+        topic: str,
+        data: bytes,
+        qos: int,
+        *,
+        properties: MessageProperties,
+        retain: bool,
+        shares: Sequence[str],
+    ) -> None:
+        self._send(publish_frame(topic, data, qos, properties=properties, retain=retain, shares=shares))
 
-    def retain(self, topic: str, data: bytes, qos: int, owner: str | None) -> None:
-        self._send(retain_frame(topic, data, qos, owner))
+    def retain(
+        self, topic: str, data: bytes, qos: int, owner: str | None, *, properties: MessageProperties
+    ) -> None:
+        self._send(retain_frame(topic, data, qos, owner, properties=properties))
 
     def events_committed(self, events: list[ProvisioningEvent]) -> None:
         if events:
-            self._send(events_frame(events))
+            # This worker publishes them moments later: its shared subscriptions' members get them
+            # here, and the other workers skip those groups (one member of a group gets an event).
+            target = self._target
+            shares = {e.event_id: tuple(target.shares_served(e.topic)) for e in events} if target else {}
+            self._send(events_frame(events, shares))
 
     def attached(self, client_id: str, at: float) -> None:
         self._send(frame(ATTACHED, _WHEN.pack(at) + client_id.encode()))
@@ -281,12 +424,19 @@ class WorkerRelay(asyncio.Protocol):
             try:
                 if kind == PUBLISH:
                     p = parse_publish(body)
-                    target.route(p.topic, p.data, p.qos)
+                    target.route(
+                        p.topic,
+                        p.data,
+                        p.qos,
+                        properties=p.properties,
+                        retain=p.retain,
+                        skip_shares=frozenset(p.shares),
+                    )
                 elif kind == RETAIN:
                     r = parse_retain(body)
-                    target.replicate_retained(r.topic, r.data, r.qos, r.owner)
+                    target.replicate_retained(r.topic, r.data, r.qos, r.owner, properties=r.properties)
                 elif kind == EVENTS:
-                    self._on_events(parse_events(body))
+                    self._on_events(*parse_events(body))
                 elif kind == ATTACHED:
                     (at,) = _WHEN.unpack_from(body, 1)
                     target.taken_over_elsewhere(body[1 + _WHEN.size :].decode(), at)

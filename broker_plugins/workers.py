@@ -272,8 +272,10 @@ class Supervisor:
         link = HubLink(self, worker)
         await loop.create_unix_connection(lambda: link, sock=parent)
         # The retained messages first, then what the others relay from now on (one ordered stream).
+        now = time.monotonic()
         for r in self.retained.values():
-            link.send(retain_frame(r.topic, r.data, r.qos, r.owner))
+            if not r.expired(now):  # a Message Expiry Interval that ran out: not handed on
+                link.send(retain_frame(r.topic, r.data, r.qos, r.owner, properties=r.properties))
         worker.link = link
         log.info("worker %s started (pid %d, node %s)", worker.name, worker.proc.pid, worker.node_id)
 

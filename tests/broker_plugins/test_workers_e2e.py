@@ -15,15 +15,22 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from broker_plugins.workers import Supervisor
 from jitp import errors
-from tests.helpers import Conn, Identity, Pki, connect, test_config, wait_until
+from tests.helpers import Conn, Identity, Pki, client_context, connect, test_config, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_TRIES = 40  # clients added while looking for one on each worker (each lands on either: 2^-40)
@@ -225,6 +232,126 @@ def test_two_workers_route_events_telemetry_and_retained_across_workers(
         assert wait_until(lambda svc=svc: any(m.payload == barrier for m in list(svc.messages)), 10)
         state = [(m.topic, m.payload, m.retain) for m in list(svc.messages)]
         assert state == [(f"devices/{a_id}/state", b"on", True), (f"devices/{a_id}/state", barrier, False)]
+
+
+def _connect5(cluster: Cluster, pki: Pki, ident: Identity, *filters: str) -> Conn:
+    """A paho MQTT 5 client subscribed to ``filters`` (with Retain As Published, unless shared)."""
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2, client_id=ident.name, protocol=mqtt.MQTTv5, reconnect_on_failure=False
+    )
+    client.tls_set_context(client_context(pki, ident))
+    conn = Conn(rc=None, client=client)
+    connected, subscribed = threading.Event(), threading.Event()
+
+    def on_connect(c: Any, u: Any, flags: Any, rc: Any, props: Any) -> None:
+        conn.rc = rc.value
+        connected.set()
+
+    client.on_connect = on_connect
+    client.on_subscribe = lambda c, u, mid, codes, props: subscribed.set()
+    client.on_message = lambda c, u, m: conn.messages.append(m)
+    client.connect("127.0.0.1", cluster.port, keepalive=30)
+    client.loop_start()
+    assert connected.wait(10) and conn.rc == 0, conn.rc
+    if filters:
+        client.subscribe(
+            [(f, SubscribeOptions(qos=1, retainAsPublished=not f.startswith("$share/"))) for f in filters]
+        )
+        assert subscribed.wait(10), "no SUBACK"
+    return conn
+
+
+def test_mqtt5_properties_and_retain_as_published_cross_workers(
+    cluster: Cluster, pki: Pki, clients: Callable[[Conn], Conn]
+) -> None:
+    """Issue 15: a v5 message routed to the other worker keeps its properties and, for a Retain As
+    Published subscriber, its RETAIN flag; a retained one found there keeps its properties too."""
+    run = uuid.uuid4().hex[:6]
+    services = _spread(
+        cluster, lambda i: clients(_connect5(cluster, pki, pki.service(f"s5-{run}-{i}"), "devices/+/state"))
+    )
+    devices = _spread(cluster, lambda i: clients(_connect5(cluster, pki, pki.device(f"d5-{run}-{i}"))))
+    for node, dev in devices.items():
+        dev_id = dev.client._client_id.decode()
+        props = Properties(PacketTypes.PUBLISH)
+        props.UserProperty = [("origin", node), ("origin", "again")]
+        props.ContentType = "application/json"
+        props.CorrelationData = b"\x00" + node.encode()
+        props.ResponseTopic = f"devices/{dev_id}/reply"
+        props.MessageExpiryInterval = 3600
+        dev.client.publish(
+            f"devices/{dev_id}/state", b'{"on":1}', qos=1, retain=True, properties=props
+        ).wait_for_publish(5)
+
+    def seen(conn: Conn) -> dict[str, Any]:
+        return {m.properties.UserProperty[0][1]: m for m in list(conn.messages) if m.properties}
+
+    for svc in services.values():
+        assert wait_until(lambda svc=svc: set(seen(svc)) == set(devices), 10), _topics(svc)
+        for node, m in seen(svc).items():
+            dev_id = devices[node].client._client_id.decode()
+            p = m.properties
+            assert (m.retain, m.qos, m.payload) == (True, 1, b'{"on":1}')
+            assert p.UserProperty == [("origin", node), ("origin", "again")]
+            assert (p.ContentType, p.CorrelationData) == ("application/json", b"\x00" + node.encode())
+            assert p.ResponseTopic == f"devices/{dev_id}/reply"
+            assert 3500 < p.MessageExpiryInterval <= 3600
+
+    # A new subscriber on each worker gets both retained messages, with their properties.
+    late = _spread(
+        cluster, lambda i: clients(_connect5(cluster, pki, pki.service(f"l5-{run}-{i}"), "devices/+/state"))
+    )
+    for svc in late.values():
+        assert wait_until(lambda svc=svc: set(seen(svc)) == set(devices), 10), _topics(svc)
+        assert {m.properties.ContentType for m in seen(svc).values()} == {"application/json"}
+
+
+def test_a_shared_subscription_across_workers_gets_each_message_and_event_once(
+    cluster: Cluster, pki: Pki, clients: Callable[[Conn], Conn]
+) -> None:
+    """Issue 15: members of one shared subscription on different workers. Each message a device
+    publishes, and each provisioned event, goes to one member only: the origin worker serves the
+    groups it has a member of, and the other workers skip those."""
+    run = uuid.uuid4().hex[:6]
+    group = ("$share/ingest/devices/+/telemetry", "$share/ingest/$jitp/events/provisioned/#")
+    every: list[Conn] = []  # _spread may make more than one member per worker: all are in the group
+
+    def member(i: int) -> Conn:
+        every.append(clients(_connect5(cluster, pki, pki.service(f"m-{run}-{i}"), *group)))
+        return every[-1]
+
+    members = _spread(cluster, member)
+    devices = _spread(cluster, lambda i: clients(_connect5(cluster, pki, pki.device(f"sd-{run}-{i}"))))
+    ids = [dev.client._client_id.decode() for dev in devices.values()]
+    sent = []
+    for node, dev in devices.items():
+        dev_id = dev.client._client_id.decode()
+        for n in range(10):
+            payload = f"{node}-{n}".encode()
+            dev.client.publish(f"devices/{dev_id}/telemetry", payload, qos=1).wait_for_publish(5)
+            sent.append(payload)
+
+    def received() -> list[bytes]:
+        return [m.payload for c in every for m in list(c.messages) if m.topic.endswith("/telemetry")]
+
+    def events() -> list[str]:
+        return [m.topic for c in every for m in list(c.messages) if m.topic.startswith("$jitp/events/")]
+
+    # Every device that joined after the members subscribed has its provisioned event in the group.
+    assert wait_until(lambda: {t.rsplit("/", 1)[1] for t in events()} >= set(ids), 15), events()
+    assert wait_until(lambda: sorted(received()) == sorted(sent), 10), (sorted(received()), sorted(sent))
+    # A marker from each worker, behind everything else on the same paths: any second copy of an
+    # earlier message would have arrived before it.
+    for node, dev in devices.items():
+        dev.client.publish(
+            f"devices/{dev.client._client_id.decode()}/telemetry", b"end-" + node.encode(), qos=1
+        )
+    assert wait_until(lambda: sum(p.startswith(b"end-") for p in received()) == len(devices), 10)
+    assert sorted(p for p in received() if not p.startswith(b"end-")) == sorted(sent)  # once each
+    mine = [t for t in events() if t.rsplit("/", 1)[1] in ids]
+    assert sorted(mine) == sorted(set(mine))  # each provisioned event once across the group
+    # A member on each worker took a share (the origin worker serves its own members).
+    assert all(any(m.topic.endswith("/telemetry") for m in list(c.messages)) for c in members.values())
 
 
 def test_sigterm_stops_every_worker_cleanly(cluster: Cluster) -> None:
