@@ -13,12 +13,10 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Awaitable, Collection
 from typing import Any, Protocol
 
-import mqtt5
 from amqtt.broker import Broker
 from amqtt.mqtt.connack import BAD_USERNAME_PASSWORD, IDENTIFIER_REJECTED
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
@@ -387,15 +385,7 @@ class JitpBroker(Broker):
 
     async def _refuse(self, connection: TlsConnection, refusal: reasons.Refusal, level: int) -> None:
         """CONNACK with the refusal (3.1.1: its return code; 5: reason code and Reason String), then close."""
-        if level == MQTT_5:
-            retry = refusal.retry_after
-            data = mqtt5.ConnAckPacket(
-                reason_code=mqtt5.ConnAckReasonCode(refusal.v5),
-                reason_str=refusal.text,
-                user_properties=[("retry-after", str(math.ceil(retry)))] if retry else None,
-            ).write()
-        else:
-            data = bytes((0x20, 2, 0, refusal.v3))
+        data = reasons.connack(refusal, mqtt5_format=level == MQTT_5)
         with contextlib.suppress(Exception):
             connection.write(data)
             await connection.drain()

@@ -15,6 +15,7 @@ import ssl
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+from broker_plugins import reasons
 from broker_plugins.transport import TlsConnection
 from jitp import errors
 from jitp.config import LimitsConfig, ListenerConfig
@@ -119,12 +120,28 @@ class Listener:
             log.exception("unexpected error on connection from %s", connection.address)
             connection.abort()
 
+    def oversized_connect(self, connection: TlsConnection, size: int, level: int | None) -> None:
+        """A CONNECT over ``limits.max_packet_size``, unread: MQTT 5 gets CONNACK 0x95 (Packet too large),
+        3.1.1 (no such code) a close; audited either way."""
+        if level == 5:
+            connection.write(reasons.connack(reasons.TOO_LARGE, mqtt5_format=True))
+        connection.shut()
+        version = f"level {level}" if level is not None else "no protocol level"
+        refusal = errors.PacketTooLarge(
+            f"CONNECT of {size} bytes, over limits.max_packet_size {self.limits.max_packet_size}",
+            detail=f"{size} bytes, {version}",
+        )
+        self._audit(connection, self._record_refusal(refusal, peer=connection.address))
+
     def handshake_refused(self, connection: TlsConnection, refusal: tuple[str, str]) -> None:
         """Audit a refusal OpenSSL decided; the connection counts as open until it is written."""
         reason, message = refusal
-        task = asyncio.get_running_loop().create_task(
-            self._record_refusal(HandshakeRefused(reason, message), peer=connection.address)
+        self._audit(
+            connection, self._record_refusal(HandshakeRefused(reason, message), peer=connection.address)
         )
+
+    def _audit(self, connection: TlsConnection, record: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(record)
         self._tasks.add(task)
         self._auditing.add(connection)
 

@@ -9,7 +9,10 @@ device's data (a stable code, not the refusal's message).
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
+
+import mqtt5
 
 from jitp import errors
 
@@ -66,7 +69,21 @@ def refusal_of(exc: errors.ProvisioningError) -> Refusal:
     return Refusal(V3_NOT_AUTHORIZED, NOT_AUTHORIZED, exc.reason)
 
 
+def connack(refusal: Refusal, *, mqtt5_format: bool) -> bytes:
+    """The CONNACK refusing a connection: 3.1.1 its return code; 5 its reason code, Reason String
+    and, when shedding, a ``retry-after`` User Property."""
+    if not mqtt5_format:
+        return bytes((0x20, 2, 0, refusal.v3))
+    retry = refusal.retry_after
+    return mqtt5.ConnAckPacket(
+        reason_code=mqtt5.ConnAckReasonCode(refusal.v5),
+        reason_str=refusal.text,
+        user_properties=[("retry-after", str(math.ceil(retry)))] if retry else None,
+    ).write()
+
+
 BUSY = Refusal(V3_SERVER_UNAVAILABLE, SERVER_BUSY, "max_connections")
+TOO_LARGE = Refusal(0, PACKET_TOO_LARGE, errors.PacketTooLarge.reason)  # 3.1.1: closed, no CONNACK
 WILL_REFUSED = Refusal(V3_NOT_AUTHORIZED, NOT_AUTHORIZED, errors.WillNotAllowed.reason)
 
 

@@ -227,8 +227,18 @@ class TlsConnection(asyncio.Protocol, ReaderAdapter, WriterAdapter):
                 self.abort()  # malformed remaining length
                 return
         if length > self.max_packet_size:
-            log.debug("CONNECT of %d bytes from %s, over max_packet_size: closing", length, self.address)
-            self.abort()
+            # Its protocol level decides the answer (MQTT 5: CONNACK 0x95); the body is never read.
+            head = bytes(buffer[i : i + 7])
+            if len(head) < 7 and not self._eof:
+                return  # the level is not in yet (the CONNECT deadline still runs)
+            level = head[6] if head[:6] == b"\x00\x04MQTT" and len(head) == 7 else None
+            log.debug("CONNECT of %d bytes from %s, over max_packet_size: refused", length, self.address)
+            buffer.clear()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._state = _ADMITTING
+            self._listener.oversized_connect(self, length, level)
             return
         if len(buffer) < i + length:
             if self._eof:

@@ -34,6 +34,7 @@ that explain it. Only ``broker_plugins`` maps these to MQTT outcomes (CONNACK co
     │       ├── RetainedQuota        retained_quota       (per client, or the broker's total)
     │       ├── SubscriptionLimit    subscription_limit   (limits.max_subscriptions)
     │       ├── ProtocolViolation    protocol_violation   (a malformed packet: the connection is closed)
+    │       ├── PacketTooLarge       packet_too_large     (a CONNECT over limits.max_packet_size; MQTT 5: CONNACK 0x95)
     │       └── ClaimOnly            claim_only           (a claim connection went outside $jitp/certificates/<client_id>/)
     ├── Unavailable                  the server cannot decide now (CONNACK 3)
     │   ├── RegistryUnavailable      registry_unavailable
@@ -214,6 +215,12 @@ class ProtocolViolation(LimitExceeded):
     """A packet the MQTT specification says closes the connection."""
 
     reason = "protocol_violation"
+
+
+class PacketTooLarge(LimitExceeded):
+    """A CONNECT over ``limits.max_packet_size``: refused before it is read (MQTT 5: CONNACK 0x95)."""
+
+    reason = "packet_too_large"
 
 
 class ClaimOnly(LimitExceeded):
