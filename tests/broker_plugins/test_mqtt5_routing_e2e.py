@@ -3,7 +3,8 @@ Retain As Published and Retain Handling, Message Expiry, the properties of provi
 of messages across protocol versions.
 
 Real broker, real mutual TLS, real paho-mqtt clients (MQTT 5 and 3.1.1); raw MQTT 5 bytes (the
-``mqtt5`` codec) for a shared-subscription member that never acknowledges and drops its socket.
+``mqtt5`` codec) where paho cannot express the case: a shared-subscription member that never
+acknowledges and then drops its socket, and share names with wildcards.
 Nothing sleeps to synchronise. Where a message must NOT arrive, a marker that the broker routed
 after it into the same session queue arrives instead: queues are FIFO and each connection's packets
 are handled in order, so the marker's arrival proves the earlier message was never queued.
