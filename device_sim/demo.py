@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 import certs
@@ -62,24 +62,39 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> 
     raise SystemExit("the broker did not start listening")
 
 
-def mqtt_client(client_id: str, ca: Path, cert: Path, key: Path, *, clean: bool = True) -> mqtt.Client:
-    client = mqtt.Client(
-        CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean, protocol=mqtt.MQTTv311
-    )
+def mqtt_client(
+    client_id: str,
+    ca: Path,
+    cert: Path,
+    key: Path,
+    *,
+    clean: bool = True,
+    protocol: MQTTProtocolVersion = mqtt.MQTTv311,
+) -> mqtt.Client:
+    if protocol == mqtt.MQTTv5:  # clean start; MQTT 5 has no clean_session
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
+    else:
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean, protocol=protocol
+        )
     ctx = ssl.create_default_context(cafile=str(ca))
     ctx.load_cert_chain(str(cert), str(key))
     client.tls_set_context(ctx)
     return client
 
 
-def join(device: certs.DeviceFiles, ca: Path, port: int) -> str:
-    """One device: connect (its first connect is its enrollment), publish one reading, disconnect."""
+def join(
+    device: certs.DeviceFiles, ca: Path, port: int, *, protocol: MQTTProtocolVersion = mqtt.MQTTv311
+) -> str:
+    """One device: connect (its first connect is its enrollment), publish one reading, disconnect.
+    The CONNACK's reason, with its MQTT 5 Reason String when there is one."""
     result: dict[str, str] = {}
     connected = threading.Event()
-    client = mqtt_client(device.device_id, ca, device.cert_path, device.key_path)
+    client = mqtt_client(device.device_id, ca, device.cert_path, device.key_path, protocol=protocol)
 
     def on_connect(c: mqtt.Client, u: object, f: object, rc: ReasonCode, p: object) -> None:
-        result["rc"] = rc.getName()
+        why = getattr(p, "ReasonString", None)
+        result["rc"] = rc.getName() + (f" ({why})" if why else "")
         connected.set()
 
     client.on_connect = on_connect
@@ -200,6 +215,21 @@ def main() -> int:
         svc.loop_stop()
         svc.disconnect()
 
+        step("7b. MQTT 5 on the same port: a device joins; a revoked one is told why")
+        v5_joined = join(devices[1], layout.root_cert, port, protocol=mqtt.MQTTv5)
+        print(f"{devices[1].device_id} (MQTT 5): {v5_joined}")
+        run("devices", "revoke", devices[2].device_id, "--data-dir", data)
+        # The broker learns of a revocation by the CLI (another process) from the outbox, within a second.
+        deadline = time.monotonic() + 5
+        while (
+            not (v5_refused := join(devices[2], layout.root_cert, port, protocol=mqtt.MQTTv5)).startswith(
+                "Banned"
+            )
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.2)
+        print(f"{devices[2].device_id} (MQTT 5, revoked): {v5_refused}")
+
         step("8. jitp devices show sensor-00001 (decrypted; on disk it is sealed)")
         shown = run("devices", "show", devices[0].device_id, "--data-dir", data, "--json")
         print(shown)
@@ -235,7 +265,14 @@ def main() -> int:
         code = proc.wait(20)
         log.close()
         step(f"11. broker stopped on SIGTERM (exit code {code})")
-    ok = outcomes.count("Success") == DEVICES and len(events) == DEVICES and report.ok and sealed
+    ok = (
+        outcomes.count("Success") == DEVICES
+        and len(events) == DEVICES
+        and v5_joined == "Success"
+        and v5_refused.startswith("Banned (jitp refused the connection:")
+        and report.ok
+        and sealed
+    )
     print("\ndemo OK" if ok else "\ndemo FAILED")
     return 0 if ok else 1
 
