@@ -341,3 +341,78 @@ def test_a_message_over_the_profiles_rate_gets_0x96(slow_broker: BrokerThread, p
     finally:
         conn.close()
         service.close()
+
+
+# -- the client's Maximum Packet Size bounds the DISCONNECT too -------------------------------------
+SMALL_PACKETS = 32  # a client's Maximum Packet Size: CONNACK fits, a Reason String of 44 bytes not
+
+
+def test_a_disconnect_drops_its_reason_string_to_fit_the_clients_maximum_packet_size(
+    broker: BrokerThread, pki: Pki, v5: Callable[..., V5]
+) -> None:
+    """[MQTT-3.14.2-3]: the Reason String is left out if it would take the DISCONNECT over the
+    Maximum Packet Size the client announced; the reason code still says why."""
+    device = pki.device("v5-bye-small-packets")
+    sock = tls_connect(broker.port, pki, device)
+    sock.sendall(
+        mqtt5.ConnectPacket(
+            device.name, clean_start=True, keep_alive=30, max_packet_size=SMALL_PACKETS
+        ).write()
+    )
+    buf = bytearray()
+    connack = read_packet(sock, buf)
+    assert isinstance(connack, mqtt5.ConnAckPacket) and int(connack.reason_code) == 0, connack
+    assert len(Goodbye.SESSION_TAKEN_OVER.text) > SMALL_PACKETS  # with its Reason String it could not fit
+    joined(v5(device))  # takes over
+    sock.settimeout(DEADLINE)
+    while True:
+        try:
+            packet, used = mqtt5.read(memoryview(bytes(buf)))
+            break
+        except IndexError:
+            chunk = sock.recv(4096)
+            assert chunk, f"connection closed after {bytes(buf)!r}"
+            buf += chunk
+    assert used <= SMALL_PACKETS, (
+        f"a DISCONNECT of {used} bytes to a client that takes {SMALL_PACKETS} at most: {bytes(buf)!r}"
+    )
+    assert isinstance(packet, mqtt5.DisconnectPacket), packet
+    assert int(packet.reason_code) == Goodbye.SESSION_TAKEN_OVER and packet.reason_str is None
+    del buf[:used]
+    assert at_eof(sock, buf)
+    sock.close()
+
+
+def test_a_refused_publish_drops_its_reason_string_to_fit_the_clients_maximum_packet_size(
+    broker: BrokerThread, pki: Pki
+) -> None:
+    """[MQTT-3.4.2-2], the same rule for the PUBACK of a message the ACL refuses."""
+    device = pki.device("v5-bye-small-puback")
+    sock = tls_connect(broker.port, pki, device)
+    sock.sendall(
+        mqtt5.ConnectPacket(
+            device.name, clean_start=True, keep_alive=30, max_packet_size=SMALL_PACKETS
+        ).write()
+    )
+    buf = bytearray()
+    connack = read_packet(sock, buf)
+    assert isinstance(connack, mqtt5.ConnAckPacket) and int(connack.reason_code) == 0, connack
+    sock.sendall(
+        mqtt5.PublishPacket("devices/someone-else/t", b"x", qos=mqtt5.QoS.AT_LEAST_ONCE, packet_id=7).write()
+    )
+    sock.sendall(
+        mqtt5.PublishPacket(
+            f"devices/{device.name}/t", b"x", qos=mqtt5.QoS.AT_LEAST_ONCE, packet_id=8
+        ).write()
+    )
+    refused, accepted = read_packet(sock, buf), read_packet(sock, buf)
+    assert isinstance(refused, mqtt5.PubAckPacket) and refused.packet_id == 7, refused
+    assert int(refused.reason_code) == 0x87 and refused.reason_str is None
+    assert len(refused.write()) <= SMALL_PACKETS
+    assert (
+        isinstance(accepted, mqtt5.PubAckPacket)
+        and accepted.packet_id == 8
+        and int(accepted.reason_code) == 0
+        and accepted.reason_str is None
+    )
+    sock.close()
