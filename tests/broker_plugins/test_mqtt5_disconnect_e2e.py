@@ -123,18 +123,23 @@ def audit_of(broker: BrokerThread, device_id: str) -> list[tuple[str, str | None
 
 
 # -- raw MQTT 5 ------------------------------------------------------------------------------------
-def read_packet(sock: socket.socket, buf: bytearray) -> mqtt5.Packet:
-    """The next whole MQTT 5 packet from the broker (``buf`` keeps what follows it)."""
+def read_sized(sock: socket.socket, buf: bytearray) -> tuple[mqtt5.Packet, int]:
+    """The next whole MQTT 5 packet from the broker and its size on the wire (``buf`` keeps what
+    follows it)."""
     sock.settimeout(DEADLINE)
     while True:
         try:
             packet, used = mqtt5.read(memoryview(bytes(buf)))
             del buf[:used]
-            return packet
+            return packet, used
         except IndexError:
             chunk = sock.recv(4096)
             assert chunk, f"connection closed after {bytes(buf)!r}"
             buf += chunk
+
+
+def read_packet(sock: socket.socket, buf: bytearray) -> mqtt5.Packet:
+    return read_sized(sock, buf)[0]
 
 
 def raw_join(port: int, pki: Pki, ident: Identity, *, keep_alive: int) -> tuple[socket.socket, bytearray]:
@@ -364,21 +369,12 @@ def test_a_disconnect_drops_its_reason_string_to_fit_the_clients_maximum_packet_
     assert isinstance(connack, mqtt5.ConnAckPacket) and int(connack.reason_code) == 0, connack
     assert len(Goodbye.SESSION_TAKEN_OVER.text) > SMALL_PACKETS  # with its Reason String it could not fit
     joined(v5(device))  # takes over
-    sock.settimeout(DEADLINE)
-    while True:
-        try:
-            packet, used = mqtt5.read(memoryview(bytes(buf)))
-            break
-        except IndexError:
-            chunk = sock.recv(4096)
-            assert chunk, f"connection closed after {bytes(buf)!r}"
-            buf += chunk
+    packet, used = read_sized(sock, buf)
     assert used <= SMALL_PACKETS, (
         f"a DISCONNECT of {used} bytes to a client that takes {SMALL_PACKETS} at most: {bytes(buf)!r}"
     )
     assert isinstance(packet, mqtt5.DisconnectPacket), packet
     assert int(packet.reason_code) == Goodbye.SESSION_TAKEN_OVER and packet.reason_str is None
-    del buf[:used]
     assert at_eof(sock, buf)
     sock.close()
 
@@ -405,10 +401,10 @@ def test_a_refused_publish_drops_its_reason_string_to_fit_the_clients_maximum_pa
             f"devices/{device.name}/t", b"x", qos=mqtt5.QoS.AT_LEAST_ONCE, packet_id=8
         ).write()
     )
-    refused, accepted = read_packet(sock, buf), read_packet(sock, buf)
+    (refused, size), accepted = read_sized(sock, buf), read_packet(sock, buf)
     assert isinstance(refused, mqtt5.PubAckPacket) and refused.packet_id == 7, refused
     assert int(refused.reason_code) == 0x87 and refused.reason_str is None
-    assert len(refused.write()) <= SMALL_PACKETS
+    assert size <= SMALL_PACKETS
     assert (
         isinstance(accepted, mqtt5.PubAckPacket)
         and accepted.packet_id == 8
@@ -416,3 +412,27 @@ def test_a_refused_publish_drops_its_reason_string_to_fit_the_clients_maximum_pa
         and accepted.reason_str is None
     )
     sock.close()
+
+
+def test_a_refusal_drops_its_reason_string_to_fit_the_clients_maximum_packet_size(
+    broker: BrokerThread, pki: Pki
+) -> None:
+    """[MQTT-3.2.2-19], the same rule for a refused CONNECT's CONNACK (here 0x85: the client id is
+    not the device id); the refusal is audited as ever."""
+    device = pki.device("v5-bye-small-connack")
+    sock = tls_connect(broker.port, pki, device)
+    connect = mqtt5.ConnectPacket(f"{device.name}-x", clean_start=True, max_packet_size=SMALL_PACKETS)
+    sock.sendall(connect.write())
+    buf = bytearray()
+    connack, size = read_sized(sock, buf)
+    assert isinstance(connack, mqtt5.ConnAckPacket), connack
+    assert int(connack.reason_code) == 0x85 and connack.reason_str is None
+    assert size <= SMALL_PACKETS
+    assert at_eof(sock, buf)
+    sock.close()
+    assert wait_until(
+        lambda: (
+            "client_id_mismatch" in [e.draft.reason for e in broker.audit() if e.draft.action == "refused"]
+        ),
+        DEADLINE,
+    )
