@@ -287,6 +287,33 @@ def slow_broker(tmp_path: Path, pki: Pki) -> Iterator[BrokerThread]:
     b.stop()
 
 
+@pytest.fixture
+def brisk_broker(tmp_path: Path, pki: Pki) -> Iterator[BrokerThread]:
+    b = profile_broker(tmp_path, pki, "profile:\n  keepalive: {min: 1, max: 1}\n")
+    yield b
+    b.stop()
+
+
+def test_the_keep_alive_enforced_is_the_server_keep_alive_announced(
+    brisk_broker: BrokerThread, pki: Pki
+) -> None:
+    """A device asks for 30 s; its profile allows 1 s at most: CONNACK says Server Keep Alive 1, and
+    the broker holds it to that (0x8D after 1.5 s of silence), not to what it asked for."""
+    device = pki.device("v5-bye-brisk")
+    sock = tls_connect(brisk_broker.port, pki, device)
+    sock.sendall(mqtt5.ConnectPacket(device.name, clean_start=True, keep_alive=30).write())
+    buf = bytearray()
+    connack = read_packet(sock, buf)
+    assert isinstance(connack, mqtt5.ConnAckPacket) and int(connack.reason_code) == 0, connack
+    assert connack.server_keep_alive == 1
+    disconnect = read_packet(sock, buf)
+    assert isinstance(disconnect, mqtt5.DisconnectPacket), disconnect
+    assert int(disconnect.reason_code) == Goodbye.KEEP_ALIVE_TIMEOUT
+    assert disconnect.reason_str == Goodbye.KEEP_ALIVE_TIMEOUT.text
+    assert at_eof(sock, buf)
+    sock.close()
+
+
 def test_a_message_over_the_profiles_size_gets_0x95(
     small_broker: BrokerThread, pki: Pki, caplog: pytest.LogCaptureFixture
 ) -> None:
