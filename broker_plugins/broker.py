@@ -214,7 +214,7 @@ class JitpBroker(Broker):
                 client_id=request.client_id,
             )
             refusal = reasons.Refusal(0, reasons.BAD_AUTHENTICATION_METHOD, "bad_authentication_method")
-            await self._refuse(connection, refusal, level)
+            await self._refuse(connection, refusal, level, request.max_packet_size)
             return
         if level == MQTT_311 and request.password is not None and request.username is None:
             await self._refuse(
@@ -238,7 +238,7 @@ class JitpBroker(Broker):
                 session.client_id,
                 self.connected_clients,
             )
-            await self._refuse(connection, reasons.BUSY, level)
+            await self._refuse(connection, reasons.BUSY, level, request.max_packet_size)
             return
 
         # W2: admit before any session state is touched. The service audits its refusals.
@@ -251,7 +251,8 @@ class JitpBroker(Broker):
             admission = await self.service.admit(peer)
         except errors.ProvisioningError as exc:
             refusal = reasons.refusal_of(exc)
-            await self._refuse(connection, refusal, level)  # W3: never entered the session table
+            # W3: never entered the session table
+            await self._refuse(connection, refusal, level, request.max_packet_size)
             shed = refusal.v3 == reasons.V3_SERVER_UNAVAILABLE
             self._joined(connection, JoinOutcome.SHED if shed else JoinOutcome.REFUSED)
             return
@@ -264,7 +265,9 @@ class JitpBroker(Broker):
                 refusal_will, peer=session.peer_address, client_id=session.client_id
             )
             if not enforcement.will_allowed_once_released(session):
-                await self._refuse(connection, reasons.refusal_of(refusal_will), level)
+                await self._refuse(
+                    connection, reasons.refusal_of(refusal_will), level, request.max_packet_size
+                )
                 self._joined(connection, JoinOutcome.REFUSED)
                 return
             session.will_flag = False  # quarantined: admitted, its will dropped (and audited above)
@@ -383,9 +386,13 @@ class JitpBroker(Broker):
         await _close(connection)
         return None
 
-    async def _refuse(self, connection: TlsConnection, refusal: reasons.Refusal, level: int) -> None:
-        """CONNACK with the refusal (3.1.1: its return code; 5: reason code and Reason String), then close."""
-        data = reasons.connack(refusal, mqtt5_format=level == MQTT_5)
+    async def _refuse(
+        self, connection: TlsConnection, refusal: reasons.Refusal, level: int, max_packet: int | None = None
+    ) -> None:
+        """CONNACK with the refusal (3.1.1: its return code; 5: reason code and Reason String), then close.
+        ``max_packet``: the client's Maximum Packet Size; the Reason String and the Retry-After are left
+        out rather than exceed it [MQTT-3.2.2-19, MQTT-3.2.2-20]."""
+        data = reasons.connack(refusal, mqtt5_format=level == MQTT_5, max_packet=max_packet)
         with contextlib.suppress(Exception):
             connection.write(data)
             await connection.drain()

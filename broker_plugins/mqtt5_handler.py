@@ -75,12 +75,16 @@ class Mqtt5Handler(JitpProtocolHandler):
         writer = self.writer
         if not isinstance(writer, TlsConnection) or writer.is_closed:
             return
-        writer.write(
-            mqtt5.DisconnectPacket(
-                reason_code=mqtt5.DisconnectReasonCode(int(reason)), reason_str=reason.text
-            ).write()
-        )
+        code = mqtt5.DisconnectReasonCode(int(reason))
+        data = mqtt5.DisconnectPacket(reason_code=code, reason_str=reason.text).write()
+        if not self._fits(data):  # the Reason String is left out rather [MQTT-3.14.2-3]
+            data = mqtt5.DisconnectPacket(reason_code=code).write()
+        writer.write(data)
         writer.shut()
+
+    def _fits(self, data: bytes) -> bool:
+        """Within the client's Maximum Packet Size [MQTT-3.1.2-24]."""
+        return self.client_max_packet is None or len(data) <= self.client_max_packet
 
     def encode_publish(self, message: Outgoing) -> bytes | None:
         props = message.properties
@@ -101,9 +105,7 @@ class Mqtt5Handler(JitpProtocolHandler):
             correlation_data=props.correlation_data,
             user_properties=list(props.user_properties),
         ).write()
-        if self.client_max_packet is not None and len(data) > self.client_max_packet:
-            return None
-        return data
+        return data if self._fits(data) else None
 
     async def _send(self, data: bytes) -> None:
         async with self._write_lock:
@@ -251,13 +253,15 @@ class Mqtt5Handler(JitpProtocolHandler):
             return False
         if qos and packet.packet_id is not None:
             code = verdict.puback
-            await self._send(
-                mqtt5.PubAckPacket(
-                    packet.packet_id,
-                    reason_code=mqtt5.PubAckReasonCode(code),
-                    reason_str="not authorized for this topic" if code and self.problem_info else None,
-                ).write()
-            )
+            reason = mqtt5.PubAckReasonCode(code)
+            data = mqtt5.PubAckPacket(
+                packet.packet_id,
+                reason_code=reason,
+                reason_str="not authorized for this topic" if code and self.problem_info else None,
+            ).write()
+            if not self._fits(data):  # the Reason String is left out rather [MQTT-3.4.2-2]
+                data = mqtt5.PubAckPacket(packet.packet_id, reason_code=reason).write()
+            await self._send(data)
         return None
 
     async def _subscribe(self, session: JitpSession, packet: mqtt5.SubscribePacket) -> bool | None:

@@ -69,17 +69,22 @@ def refusal_of(exc: errors.ProvisioningError) -> Refusal:
     return Refusal(V3_NOT_AUTHORIZED, NOT_AUTHORIZED, exc.reason)
 
 
-def connack(refusal: Refusal, *, mqtt5_format: bool) -> bytes:
+def connack(refusal: Refusal, *, mqtt5_format: bool, max_packet: int | None = None) -> bytes:
     """The CONNACK refusing a connection: 3.1.1 its return code; 5 its reason code, Reason String
-    and, when shedding, a ``retry-after`` User Property."""
+    and, when shedding, a ``retry-after`` User Property; those two are left out rather than exceed
+    the client's Maximum Packet Size ``max_packet`` [MQTT-3.2.2-19, MQTT-3.2.2-20]."""
     if not mqtt5_format:
         return bytes((0x20, 2, 0, refusal.v3))
     retry = refusal.retry_after
-    return mqtt5.ConnAckPacket(
-        reason_code=mqtt5.ConnAckReasonCode(refusal.v5),
+    code = mqtt5.ConnAckReasonCode(refusal.v5)
+    data = mqtt5.ConnAckPacket(
+        reason_code=code,
         reason_str=refusal.text,
         user_properties=[("retry-after", str(math.ceil(retry)))] if retry else None,
     ).write()
+    if max_packet is not None and len(data) > max_packet:
+        return mqtt5.ConnAckPacket(reason_code=code).write()
+    return data
 
 
 BUSY = Refusal(V3_SERVER_UNAVAILABLE, SERVER_BUSY, "max_connections")
