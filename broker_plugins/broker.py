@@ -554,18 +554,19 @@ class JitpBroker(Broker):
         profile = session.client.profile if session.client is not None else None
         if profile is not None:
             if len(data) > profile.max_message_size:
-                log.warning(
-                    "%s sent a %d-byte %s, over its profile's max_message_size %d: %s",
-                    session.client_id,
-                    len(data),
-                    what,
-                    profile.max_message_size,
-                    "dropped" if will else "disconnecting",
+                self._report(
+                    session,
+                    errors.ProfileLimit,
+                    f"a {len(data)}-byte {what}, over its profile's max_message_size "
+                    f"{profile.max_message_size}: {'dropped' if will else 'disconnected'}",
                 )
                 return Verdict(close=Goodbye.PACKET_TOO_LARGE)
             if not will and session.rate is not None and not session.rate.take():
-                log.info("%s is over its message rate; message on %s dropped", session.client_id, topic)
-                return Verdict(close=Goodbye.MESSAGE_RATE_TOO_HIGH)  # 3.1.1: dropped, connection kept
+                # 3.1.1: dropped, the connection kept; MQTT 5: DISCONNECT 0x96
+                self._report(
+                    session, errors.ProfileLimit, f"over its profile's message rate; {topic[:160]!r}"
+                )
+                return Verdict(close=Goodbye.MESSAGE_RATE_TOO_HIGH)
             qos = min(qos, profile.max_qos)  # W8: max_qos also caps what the device publishes
         if topic.startswith(JITP_ADMIN_TOPICS) and not will:
             return await self._admin_request(session, topic, data, properties)

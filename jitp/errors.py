@@ -34,6 +34,7 @@ that explain it. Only ``broker_plugins`` maps these to MQTT outcomes (CONNACK co
     │       ├── RetainedQuota        retained_quota       (per client, or the broker's total)
     │       ├── SubscriptionLimit    subscription_limit   (limits.max_subscriptions)
     │       ├── ProtocolViolation    protocol_violation   (a malformed packet: the connection is closed)
+    │       ├── ProfileLimit         profile_limit        (a message over the profile's size or rate: MQTT 5 DISCONNECT 0x95/0x96)
     │       ├── PacketTooLarge       packet_too_large     (a CONNECT over limits.max_packet_size; MQTT 5: CONNACK 0x95)
     │       └── ClaimOnly            claim_only           (a claim connection went outside $jitp/certificates/<client_id>/)
     ├── Unavailable                  the server cannot decide now (CONNACK 3)
@@ -215,6 +216,12 @@ class ProtocolViolation(LimitExceeded):
     """A packet the MQTT specification says closes the connection."""
 
     reason = "protocol_violation"
+
+
+class ProfileLimit(LimitExceeded):
+    """A message over the device profile's ``max_message_size`` or message rate (W8)."""
+
+    reason = "profile_limit"
 
 
 class PacketTooLarge(LimitExceeded):

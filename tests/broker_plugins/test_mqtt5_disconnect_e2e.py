@@ -9,7 +9,6 @@ the case needs a client that stops talking (keep-alive) or a look at what comes 
 
 from __future__ import annotations
 
-import logging
 import socket
 import subprocess
 import sys
@@ -314,9 +313,15 @@ def test_the_keep_alive_enforced_is_the_server_keep_alive_announced(
     sock.close()
 
 
-def test_a_message_over_the_profiles_size_gets_0x95(
-    small_broker: BrokerThread, pki: Pki, caplog: pytest.LogCaptureFixture
-) -> None:
+def profile_limits(b: BrokerThread, device: str) -> list[str]:
+    return [
+        e.draft.details.get("message", "")
+        for e in b.audit()
+        if e.draft.reason == "profile_limit" and e.draft.device_id == device
+    ]
+
+
+def test_a_message_over_the_profiles_size_gets_0x95(small_broker: BrokerThread, pki: Pki) -> None:
     b = small_broker
     device = pki.device("v5-bye-big")
     topic = f"devices/{device.name}/t"
@@ -328,10 +333,12 @@ def test_a_message_over_the_profiles_size_gets_0x95(
         joined(conn)
         # At the limit: routed and acknowledged. One byte over: closed with 0x95.
         assert published(conn, topic, b"x" * 64)
-        with caplog.at_level(logging.WARNING, logger="jitp.broker"):
-            conn.client.publish(topic, b"y" * 65, qos=1)
-            told(conn, Goodbye.PACKET_TOO_LARGE)
-        assert any("max_message_size 64" in r.getMessage() for r in caplog.records), caplog.text
+        conn.client.publish(topic, b"y" * 65, qos=1)
+        told(conn, Goodbye.PACKET_TOO_LARGE)
+        # Audited, with the sizes.
+        assert wait_until(
+            lambda: any("max_message_size 64" in m for m in profile_limits(b, device.name)), DEADLINE
+        )
         # Not routed either: the device's next message, sent on a new connection after the
         # DISCONNECT, arrives right after the first one.
         assert wait_until(lambda: b.server.broker.live_session(device.name) is None, DEADLINE)
@@ -370,6 +377,7 @@ def test_a_message_over_the_profiles_rate_gets_0x96(slow_broker: BrokerThread, p
             marker.close()
         assert wait_until(lambda: any(m.payload == b"marker" for m in service.messages), DEADLINE)
         assert [m.payload for m in service.messages] == [b"1", b"2", b"marker"]
+        assert wait_until(lambda: any("message rate" in m for m in profile_limits(b, device.name)), DEADLINE)
     finally:
         conn.close()
         service.close()
