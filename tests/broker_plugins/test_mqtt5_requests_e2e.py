@@ -201,6 +201,29 @@ def test_admin_request_is_answered_on_its_response_topic_with_its_correlation_da
     ]
 
 
+def test_admin_request_with_an_unreadable_body_is_answered_on_its_response_topic(
+    broker: BrokerThread, pki: Pki, v5: Callable[[Identity], V5]
+) -> None:
+    """The body cannot say where to answer, but the Response Topic can: the error goes there."""
+    [alice] = operator(broker, pki, "rr-alice-bad")
+    op = v5(alice)
+    op.subscribe(f"{REPLIES}/{alice.name}/#")
+    here = f"{REPLIES}/{alice.name}/v5/bad"
+    op.publish(f"{ADMIN}/devices.list", b"{not json", response_topic=here, correlation=b"bad-1")
+    [answer] = op.wait_on(here)
+    doc = json.loads(answer.payload)
+    assert doc["ok"] is False and doc["error"]["reason"] == "invalid_request", doc
+    assert props_of(answer) == (b"bad-1", "application/json", 1)
+    assert op.on(f"{REPLIES}/{alice.name}/error") == []
+    assert wait_until(lambda: admin_entries(broker, f"operator:{alice.name}"), WAIT)
+    [entry] = admin_entries(broker, f"operator:{alice.name}")
+    assert (entry["command"], entry["allowed"], entry["reason"]) == (
+        "devices.list",
+        "false",
+        "invalid_request",
+    )
+
+
 @pytest.mark.parametrize("foreign", ["another-principal", "device-topic"])
 def test_admin_response_topic_outside_the_callers_reply_space_is_not_used(
     broker: BrokerThread, pki: Pki, v5: Callable[[Identity], V5], foreign: str
