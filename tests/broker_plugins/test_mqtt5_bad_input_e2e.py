@@ -8,8 +8,8 @@ import socket
 import mqtt5
 import pytest
 
-from tests.helpers import BrokerThread, Pki
-from tests.rawmqtt import tls_connect
+from tests.helpers import BrokerThread, Pki, wait_until
+from tests.rawmqtt import closed_within, tls_connect
 
 DEADLINE = 10.0
 
@@ -45,7 +45,9 @@ def connect_bytes(client_id: str, props: bytes) -> bytes:
     ],
     ids=["duplicate", "receive-max-0", "misplaced", "unknown"],
 )
-def test_a_bad_connect_property_gets_its_reason_code(broker: BrokerThread, pki: Pki, props: bytes, code: int) -> None:
+def test_a_bad_connect_property_gets_its_reason_code(
+    broker: BrokerThread, pki: Pki, props: bytes, code: int
+) -> None:
     device = pki.device(f"v5-bad-{code:x}-{len(props)}")
     sock = tls_connect(broker.port, pki, device)
     sock.sendall(connect_bytes(device.name, props))
@@ -58,7 +60,9 @@ def test_a_bad_connect_property_gets_its_reason_code(broker: BrokerThread, pki: 
 def test_an_authentication_method_gets_0x8c(broker: BrokerThread, pki: Pki) -> None:
     device = pki.device("v5-auth-method")
     sock = tls_connect(broker.port, pki, device)
-    sock.sendall(mqtt5.ConnectPacket(device.name, clean_start=True, authentication_method="SCRAM-SHA-1").write())
+    sock.sendall(
+        mqtt5.ConnectPacket(device.name, clean_start=True, authentication_method="SCRAM-SHA-1").write()
+    )
     connack = read_packet(sock)
     assert isinstance(connack, mqtt5.ConnAckPacket)
     assert int(connack.reason_code) == 0x8C
@@ -97,3 +101,23 @@ def test_a_bad_packet_after_connack_gets_a_disconnect_with_its_reason(
     # the broker keeps serving everyone else
     other = joined(broker, pki, f"v5-after-{code:x}-{packet.hex()[:6]}")
     other.close()
+
+
+# -- strings that are not UTF-8 ---------------------------------------------------------------
+def protocol_violations(broker: BrokerThread) -> list[str]:
+    return [
+        e.draft.details.get("message", "") for e in broker.audit() if e.draft.reason == "protocol_violation"
+    ]
+
+
+def test_a_packet_with_a_string_that_is_not_utf8_gets_a_disconnect_0x81(
+    broker: BrokerThread, pki: Pki
+) -> None:
+    sock = joined(broker, pki, "v5-bad-utf8-topic")
+    sock.sendall(bytes.fromhex("3206" + "0002" + "c328" + "0001" + "00"))  # topic b"\xc3\x28", QoS 1
+    disconnect = read_packet(sock)
+    assert isinstance(disconnect, mqtt5.DisconnectPacket)
+    assert int(disconnect.reason_code) == 0x81 and disconnect.reason_str
+    assert closed_within(sock, DEADLINE)
+    assert wait_until(lambda: any("UTF-8" in m for m in protocol_violations(broker)), DEADLINE)
+    joined(broker, pki, "v5-after-bad-utf8-topic").close()
