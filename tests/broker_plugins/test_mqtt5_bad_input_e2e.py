@@ -8,8 +8,9 @@ import socket
 import mqtt5
 import pytest
 
+from device_sim.mqtt import encode_varint
 from tests.helpers import BrokerThread, Pki, wait_until
-from tests.rawmqtt import closed_within, tls_connect
+from tests.rawmqtt import closed_within, connect_packet, mqtt_connect, tls_connect
 
 DEADLINE = 10.0
 
@@ -103,11 +104,57 @@ def test_a_bad_packet_after_connack_gets_a_disconnect_with_its_reason(
     other.close()
 
 
-# -- strings that are not UTF-8 ---------------------------------------------------------------
+# -- a will with an invalid property -----------------------------------------------------------
+def will_connect_bytes(client_id: str, will_props: bytes, *, declared: int | None = None) -> bytes:
+    """A v5 CONNECT (clean start, QoS 0 will on the device's own topic) whose Will Properties are the
+    raw bytes ``will_props``, announced as ``declared`` bytes long (default: their length)."""
+    cid = client_id.encode()
+    topic = f"devices/{client_id}/will".encode()
+    body = b"\x00\x04MQTT\x05\x06\x00\x1e\x00" + len(cid).to_bytes(2, "big") + cid
+    body += encode_varint(len(will_props) if declared is None else declared) + will_props
+    body += len(topic).to_bytes(2, "big") + topic + b"\x00\x04gone"
+    return b"\x10" + encode_varint(len(body)) + body
+
+
 def protocol_violations(broker: BrokerThread) -> list[str]:
     return [
         e.draft.details.get("message", "") for e in broker.audit() if e.draft.reason == "protocol_violation"
     ]
+
+
+@pytest.mark.parametrize(
+    ("props", "declared", "code", "audited"),
+    [
+        # Not a Will Property: an identifier not valid there makes a Malformed Packet (section 2.2.2.2).
+        (b"\x23\x00\x05", None, 0x81, "TopicAlias"),
+        (b"\x11\x00\x00\x00\x3c", None, 0x81, "SessionExpiryInterval"),
+        # Twice: a Protocol Error [MQTT-2.2.2-2].
+        (b"\x18\x00\x00\x00\x01\x18\x00\x00\x00\x02", None, 0x82, "Duplicate"),
+        (b"\x03\x00\x01a\x03\x00\x01b", None, 0x82, "Duplicate"),
+        # A Content Type whose string runs past the end of the Will Properties.
+        (b"\x03\x00\x05ab", 3, 0x81, "Invalid remaining length"),
+        # A Content Type that is not UTF-8 [MQTT-1.5.4-1].
+        (b"\x03\x00\x02\xc3\x28", None, 0x81, "UTF-8"),
+    ],
+    ids=["topic-alias", "session-expiry", "duplicate-delay", "duplicate-content-type", "length", "not-utf8"],
+)
+def test_a_will_with_an_invalid_property_gets_its_reason_code_and_is_audited(
+    broker: BrokerThread, pki: Pki, props: bytes, declared: int | None, code: int, audited: str
+) -> None:
+    device = pki.device(f"v5-bad-will-{props.hex()[:12]}-{declared}")
+    sock = tls_connect(broker.port, pki, device)
+    sock.sendall(will_connect_bytes(device.name, props, declared=declared))
+    connack = read_packet(sock)
+    assert isinstance(connack, mqtt5.ConnAckPacket)
+    assert int(connack.reason_code) == code, connack
+    assert connack.reason_str and audited.lower() in connack.reason_str.lower(), connack.reason_str
+    assert closed_within(sock, DEADLINE), "the connection stays open after the refusal"
+    assert wait_until(lambda: any(audited in m for m in protocol_violations(broker)), DEADLINE), (
+        broker.audit()
+    )
+    assert device.name not in broker.server.broker.sessions
+    assert device.name not in [d.device_id for d in broker.devices()]  # refused before admission
+    joined(broker, pki, f"v5-after-will-{props.hex()[:12]}-{declared}").close()
 
 
 def test_a_packet_with_a_string_that_is_not_utf8_gets_a_disconnect_0x81(
@@ -121,3 +168,25 @@ def test_a_packet_with_a_string_that_is_not_utf8_gets_a_disconnect_0x81(
     assert closed_within(sock, DEADLINE)
     assert wait_until(lambda: any("UTF-8" in m for m in protocol_violations(broker)), DEADLINE)
     joined(broker, pki, "v5-after-bad-utf8-topic").close()
+
+
+# -- MQTT 5 property bytes on an MQTT 3.1.1 connection -------------------------------------------
+def v311_joined(broker: BrokerThread, pki: Pki, name: str) -> socket.socket:
+    sock = tls_connect(broker.port, pki, pki.device(name))
+    assert mqtt_connect(sock, name, keepalive=60) == 0
+    return sock
+
+
+def test_a_311_connect_with_trailing_property_bytes_is_closed_without_connack_and_audited(
+    broker: BrokerThread, pki: Pki
+) -> None:
+    device = pki.device("v311-connect-props")
+    sock = tls_connect(broker.port, pki, device)
+    packet = connect_packet(device.name, keepalive=60)
+    props = b"\x03\x21\x00\x14"  # what mosquitto -V mqttv5 sends: Receive Maximum 20
+    sock.sendall(b"\x10" + encode_varint(len(packet) - 2 + len(props)) + packet[2:] + props)
+    sock.settimeout(DEADLINE)
+    assert sock.recv(16) == b"", "a CONNACK for a malformed 3.1.1 CONNECT"
+    assert wait_until(lambda: any("after the CONNECT" in m for m in protocol_violations(broker)), DEADLINE)
+    assert device.name not in [d.device_id for d in broker.devices()]
+    v311_joined(broker, pki, "v311-after-connect-props").close()
