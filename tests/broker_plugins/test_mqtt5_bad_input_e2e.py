@@ -10,7 +10,7 @@ import pytest
 
 from device_sim.mqtt import encode_varint
 from tests.helpers import BrokerThread, Pki, wait_until
-from tests.rawmqtt import closed_within, connect_packet, mqtt_connect, tls_connect
+from tests.rawmqtt import closed_within, connect_packet, mqtt_connect, publish_packet, recv_exact, tls_connect
 
 DEADLINE = 10.0
 
@@ -177,6 +177,51 @@ def v311_joined(broker: BrokerThread, pki: Pki, name: str) -> socket.socket:
     return sock
 
 
+def with_header(first: int, body: bytes) -> bytes:
+    return bytes([first]) + encode_varint(len(body)) + body
+
+
+def v5_style_packet(case: str, device_id: str) -> bytes:
+    """An MQTT 5 packet (or its v5-only bits) as a client that forgot it speaks 3.1.1 sends it."""
+    tf = f"devices/{device_id}/cmd/a".encode()
+    filter_bytes = len(tf).to_bytes(2, "big") + tf
+    if case == "subscribe-props":  # a property length (0) before the topic filters
+        return with_header(0x82, b"\x00\x01" + b"\x00" + filter_bytes + b"\x01")
+    if case == "subscribe-user-property":  # read as 3.1.1, a filter that runs past the packet
+        return with_header(0x82, b"\x00\x01" + b"\x07\x26\x00\x01k\x00\x01v" + filter_bytes + b"\x01")
+    if case == "subscribe-no-local":  # v5 subscription options: reserved bits in 3.1.1 [MQTT-3.8.3-4]
+        return with_header(0x82, b"\x00\x01" + filter_bytes + b"\x05")
+    if case == "unsubscribe-props":
+        return with_header(0xA2, b"\x00\x01" + b"\x00" + filter_bytes)
+    assert case == "puback"  # a v5 reason code and property length: 3.1.1's PUBACK is 2 bytes
+    return with_header(0x40, b"\x00\x01" + b"\x10\x00")
+
+
+@pytest.mark.parametrize(
+    ("case", "audited"),
+    [
+        ("subscribe-props", "SubscribePacket: its fields do not fill its remaining length"),
+        ("subscribe-user-property", "SubscribePacket: its fields do not fill its remaining length"),
+        ("subscribe-no-local", "reserved bits set [MQTT-3.8.3-4]"),
+        ("unsubscribe-props", "UnsubscribePacket: its fields do not fill its remaining length"),
+        ("puback", "PubackPacket: its fields do not fill its remaining length"),
+    ],
+)
+def test_v5_property_bytes_on_a_311_connection_close_it_at_once_and_are_audited(
+    broker: BrokerThread, pki: Pki, case: str, audited: str
+) -> None:
+    name = f"v311-props-{case}"
+    sock = v311_joined(broker, pki, name)
+    sock.sendall(v5_style_packet(case, name))
+    # 3.1.1 has no reason codes: the connection is closed, long before its 60 s keep-alive.
+    assert closed_within(sock, DEADLINE), "the connection stays open"
+    assert wait_until(lambda: any(audited in m for m in protocol_violations(broker)), DEADLINE), (
+        protocol_violations(broker)
+    )
+    assert wait_until(lambda: name not in broker.server.broker.sessions, DEADLINE)
+    v311_joined(broker, pki, f"v311-after-{case}").close()
+
+
 def test_a_311_connect_with_trailing_property_bytes_is_closed_without_connack_and_audited(
     broker: BrokerThread, pki: Pki
 ) -> None:
@@ -190,3 +235,30 @@ def test_a_311_connect_with_trailing_property_bytes_is_closed_without_connack_an
     assert wait_until(lambda: any("after the CONNECT" in m for m in protocol_violations(broker)), DEADLINE)
     assert device.name not in [d.device_id for d in broker.devices()]
     v311_joined(broker, pki, "v311-after-connect-props").close()
+
+
+def test_v5_property_bytes_in_a_311_publish_are_payload_never_properties(
+    broker: BrokerThread, pki: Pki
+) -> None:
+    """A 3.1.1 PUBLISH has no property length: what a v5 client would read as properties is the
+    start of its payload, delivered byte for byte, and never becomes a property for a v5 subscriber."""
+    service = pki.service("v5-watch-311-props")  # a service may read every device's telemetry
+    sub = tls_connect(broker.port, pki, service)
+    sub.sendall(mqtt5.ConnectPacket(service.name, clean_start=True, keep_alive=30).write())
+    connack = read_packet(sub)
+    assert isinstance(connack, mqtt5.ConnAckPacket) and int(connack.reason_code) == 0
+    name = "v311-publish-props"
+    topic = f"devices/{name}/data"
+    sub.sendall(mqtt5.SubscribePacket(1, [mqtt5.TopicFilter(topic, max_qos=mqtt5.QoS(1))]).write())
+    suback = read_packet(sub)
+    assert isinstance(suback, mqtt5.SubAckPacket) and [int(c) for c in suback.reason_codes] == [1]
+    pub = v311_joined(broker, pki, name)
+    payload = b"\x06\x09\x00\x04corr\x03\x00\x10application/json" + b"{}"  # as if Correlation Data...
+    pub.sendall(publish_packet(topic, payload, packet_id=7))
+    assert recv_exact(pub, 4, timeout=DEADLINE) == b"\x40\x02\x00\x07"
+    message = read_packet(sub)
+    assert isinstance(message, mqtt5.PublishPacket)
+    assert (message.topic, bytes(message.payload)) == (topic, payload)
+    assert message.correlation_data is None and message.content_type is None
+    pub.close()
+    sub.close()
