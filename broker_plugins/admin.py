@@ -9,7 +9,7 @@ and gets ``{"correlation_id": "42", "ok": true, "result": ...}`` or ``{"ok": fal
 {"reason": ..., "message": ...}}`` at QoS 1 on ``reply_to`` (which must lie under its own
 ``$jitp/admin/replies/<client_id>/``; otherwise ``.../<correlation_id>`` there). Every request,
 allowed or denied, gets exactly one audit entry with the caller's identity and one reply (on
-``.../error`` when the request could not be read), whatever goes wrong inside: a ``forbidden``
+``.../error``, or the MQTT 5 Response Topic, when the request could not be read), whatever goes wrong inside: a ``forbidden``
 answer is always audited ``allowed: false``. A request over :data:`MAX_REQUEST_BYTES` or nested
 deeper than :data:`MAX_REQUEST_DEPTH` is refused (``invalid_request``) before it is parsed.
 Devices never reach ``$jitp/admin/#``.
@@ -197,12 +197,14 @@ class AdminApi:
             replies_to: str | None = response_topic
         else:
             replies_to = None
+        # An unreadable body cannot name its reply topic, but an MQTT 5 Response Topic still can.
+        error_to = replies_to or replies + "error"
         try:
             request = parse_request(payload)
         except RequestLimitExceeded as exc:
-            return _Outcome.invalid(replies + "error", {}, str(exc), allowed=False, limit=exc.limit)
+            return _Outcome.invalid(error_to, {}, str(exc), allowed=False, limit=exc.limit)
         except ValueError as exc:
-            return _Outcome.invalid(replies + "error", {}, f"bad JSON: {exc}", allowed=False)
+            return _Outcome.invalid(error_to, {}, f"bad JSON: {exc}", allowed=False)
         correlation = str(request.get("correlation_id", ""))[:128]
         reply_to = replies_to or str(request.get("reply_to") or "")
         if not _within(reply_to, replies):

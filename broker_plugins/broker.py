@@ -60,7 +60,7 @@ from jitp.domain.routing import (
     shared_filter,
 )
 from jitp.observability.port import JoinOutcome
-from jitp.trust import Role
+from jitp.trust import Role, fingerprint_der
 
 log = logging.getLogger("jitp.broker")
 
@@ -197,6 +197,7 @@ class JitpBroker(Broker):
             request = parse_connect5(packet) if level == MQTT_5 else parse_connect(packet)
         except MalformedConnect as exc:
             log.debug("no valid CONNECT from %s: %s", connection.address, exc)
+            await self._malformed_connect(connection, exc)
             if level == MQTT_5:  # v5 says why [MQTT-4.13.1-1]; 3.1.1 closes without CONNACK
                 await self._refuse(
                     connection, reasons.Refusal(0, exc.code, f"malformed CONNECT: {exc}"), level
@@ -385,6 +386,15 @@ class JitpBroker(Broker):
             await connection.drain()
         await _close(connection)
         return None
+
+    async def _malformed_connect(self, connection: TlsConnection, exc: MalformedConnect) -> None:
+        """Audit a CONNECT that breaks the specification as a protocol violation, like any later
+        packet that does; keyed by the peer's certificate, so that repeats coalesce."""
+        chain = peer_chain_der(connection.get_ssl_info())
+        refusal = errors.ProtocolViolation(
+            f"malformed CONNECT: {exc}", fingerprint=fingerprint_der(chain[0]) if chain else None
+        )
+        await self.service.record_refusal(refusal, peer=connection.address)
 
     async def _refuse(
         self, connection: TlsConnection, refusal: reasons.Refusal, level: int, max_packet: int | None = None

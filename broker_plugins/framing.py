@@ -93,10 +93,25 @@ def codec_error(exc: Exception) -> tuple[int, str]:
     return MALFORMED, text
 
 
+def read5(data: memoryview) -> tuple[mqtt5.Packet, int]:
+    """``mqtt5.read``, with the codec's panic turned into a ``ValueError`` (Malformed Packet).
+
+    ``mqtt5`` 0.8 does not raise ``UnicodeDecodeError`` for a string that is not UTF-8 (a topic, a
+    client id, a Content Type, ...): pyo3 panics, and its ``PanicException`` is a ``BaseException``,
+    which no ``except Exception`` catches. Uncaught, it ended the connection's task and left the
+    client hanging without a CONNACK or DISCONNECT."""
+    try:
+        return mqtt5.read(data)
+    except BaseException as exc:
+        if type(exc).__name__ != "PanicException":
+            raise
+        raise ValueError("a string that is not valid UTF-8, or another field the codec cannot read") from None
+
+
 def parse_connect5(packet: bytes) -> ConnectRequest:
     """Parse a whole MQTT 5 CONNECT with the ``mqtt5`` codec [MQTT-3.1]."""
     try:
-        parsed, used = mqtt5.read(memoryview(packet))
+        parsed, used = read5(memoryview(packet))
     except (ValueError, IndexError, UnicodeDecodeError) as exc:
         code, text = codec_error(exc)
         raise MalformedConnect(f"MQTT 5 CONNECT: {text}", code=code) from None

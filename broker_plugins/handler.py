@@ -14,7 +14,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from amqtt.errors import AMQTTError, MQTTError
+from amqtt.adapters import ReaderAdapter
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt import packet_class
 from amqtt.mqtt.packet import (
     DISCONNECT,
@@ -214,7 +215,7 @@ class JitpProtocolHandler(BrokerProtocolHandler):
                                 return True
                             handle = handlers.get(header.packet_type)
                             if handle is not None:
-                                packet = await packet_class(header).from_stream(reader, fixed_header=header)
+                                packet = await _parse_whole(reader, header)
                 except TimeoutError:
                     self.handle_read_timeout()
                     return False
@@ -224,7 +225,7 @@ class JitpProtocolHandler(BrokerProtocolHandler):
                             session, self, str(exc), Goodbye.PACKET_TOO_LARGE
                         )
                     return False
-                except (MQTTError, ValueError, UnicodeDecodeError) as exc:  # e.g. '+' in a PUBLISH topic
+                except (MQTTError, NoDataError, ValueError, UnicodeDecodeError) as exc:  # e.g. '+' in a topic
                     if self.broker is not None:
                         await self.broker.protocol_violation(session, self, f"malformed packet: {exc}")
                     return False
@@ -440,7 +441,7 @@ class JitpProtocolHandler(BrokerProtocolHandler):
         if not topics:
             violation = "SUBSCRIBE with no topic filter [MQTT-3.8.3-3]"
         elif any(not 0 <= qos <= 2 for _, qos in topics):
-            violation = "SUBSCRIBE with QoS 3 [MQTT-3-8.3-4]"
+            violation = "SUBSCRIBE with QoS 3 or reserved bits set [MQTT-3.8.3-4]"
         if violation is not None:
             await broker.protocol_violation(session, self, violation)
             return
@@ -453,3 +454,40 @@ class JitpProtocolHandler(BrokerProtocolHandler):
         topics = unsubscribe.payload.topics if unsubscribe.payload is not None else []
         packet_id = unsubscribe.variable_header.packet_id if unsubscribe.variable_header is not None else 0
         await broker.unsubscribe(session, self, packet_id, topics)
+
+
+class _Body(ReaderAdapter):
+    """One packet's body, read whole: amqtt's parsers read from it, never past the packet's end."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+        self.overrun = False  # a field asked for more bytes than the packet has
+
+    async def read(self, n: int = -1) -> bytes:
+        end = len(self.data) if n < 0 else self.pos + n
+        out = self.data[self.pos : end]
+        self.pos += len(out)
+        if len(out) < n:
+            self.overrun = True
+        return out
+
+    def feed_eof(self) -> None:
+        pass
+
+
+async def _parse_whole(reader: ReaderAdapter, header: MQTTFixedHeader) -> Any:
+    """Parse one MQTT 3.1.1 packet from exactly its remaining length.
+
+    amqtt's SUBSCRIBE and UNSUBSCRIBE parsers trust their string lengths over the remaining length:
+    fed the stream, a packet whose fields do not add up (an MQTT 5 property length, say) made them
+    read on into the following bytes, so the connection hung until its keep-alive ran out (or the
+    next packets were swallowed as topic filters). Parsed from its own bytes, a packet whose fields
+    run past its end, or leave bytes over, is malformed and closes the connection [MQTT-4.8.0-1]."""
+    body = _Body(await reader.read(header.remaining_length))
+    packet = await packet_class(header).from_stream(body, fixed_header=header)
+    if body.overrun or body.pos != len(body.data):
+        raise ValueError(
+            f"{type(packet).__name__}: its fields do not fill its remaining length of {header.remaining_length} bytes"
+        )
+    return packet
