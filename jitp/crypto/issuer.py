@@ -181,13 +181,13 @@ def device_uri(device_id: str) -> str:
     return "urn:jitp:device:" + urllib.parse.quote(device_id, safe="")
 
 
-MAX_CN = 64  # X.520 ub-common-name
+MAX_CN = 64  # X.520 ub-common-name, which cryptography counts in UTF-8 bytes
 
 
 def operational_subject(device_id: str) -> x509.Name:
-    """``CN=<device id>``; an id longer than a CN may be (jitp allows 128 characters) is carried by the
-    SAN alone, with an empty subject."""
-    if len(device_id) > MAX_CN:
+    """``CN=<device id>``; an id longer than a CN may be (jitp allows 128 characters; a CN 64 bytes of
+    UTF-8, so 16 to 64 characters) is carried by the SAN alone, with an empty subject."""
+    if len(device_id.encode()) > MAX_CN:
         return x509.Name([])
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)])
 
