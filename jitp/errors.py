@@ -442,6 +442,8 @@ REFUSAL_REASONS: tuple[str, ...] = tuple(
         RetainedQuota,
         SubscriptionLimit,
         ProtocolViolation,
+        ProfileLimit,
+        PacketTooLarge,
         ClaimOnly,
     )
 )
