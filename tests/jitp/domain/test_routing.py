@@ -251,3 +251,22 @@ def test_retained_properties_count_toward_the_owner_quota() -> None:
     assert store.total_bytes == 1
     store.remove("devices/d/a")
     assert store.total_bytes == 0
+
+
+def test_empty_user_properties_are_not_free() -> None:
+    """An MQTT 5 PUBLISH packed with empty user properties (5 bytes each on the wire, ~73 bytes each
+    held in the broker) counts what holding them costs, in the retained quota and the queue bound;
+    it used to count 0 bytes, so 100 retained messages of 50,000 empty pairs (~370 MB) fit in a
+    1 MiB quota."""
+    from jitp.domain.routing import USER_PROPERTY_OVERHEAD, MessageProperties
+
+    empty = MessageProperties(user_properties=(("", ""),) * 10_000)
+    assert empty.size == 10_000 * USER_PROPERTY_OVERHEAD
+    store = RetainedStore(RetainedLimits())  # the defaults: 1 MiB per owner
+    assert store.put("devices/d/a", b"x", 0, owner="d", properties=empty) is RetainVerdict.STORED
+    assert store.owner_usage("d") == (1, 1 + 10_000 * USER_PROPERTY_OVERHEAD)
+    assert store.put("devices/d/b", b"x", 0, owner="d", properties=empty) is RetainVerdict.OWNER_BYTES
+    queue = DeliveryQueue(QueueLimits(max_messages=1000, max_bytes=16 * 1024 * 1024))
+    offers = [queue.offer(Outgoing("t", b"x", 1, False, properties=empty)) for _ in range(30)]
+    assert offers.count(Offer.QUEUED) == 16 * 1024 * 1024 // (2 + empty.size) < 30
+    assert offers[-1] is Offer.OVERFLOW

@@ -1,0 +1,152 @@
+"""MQTT 5 attacked by an intruder holding one valid device certificate (or one service certificate):
+every path that publishes, Response Topic, shared subscriptions, properties as a resource.
+
+Real broker on a loopback port, real mutual TLS, real certificates, MQTT 5 in raw bytes through the
+``mqtt5`` codec (a client that misbehaves on purpose). Nothing sleeps to synchronise: where a message
+must NOT arrive, a marker routed after it on the same path arrives instead (queues are FIFO and a
+connection's packets are handled in order).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import mqtt5
+import pytest
+
+from tests.helpers import BrokerThread, Identity, Pki
+from tests.rawmqtt import tls_connect
+
+DEADLINE = 10.0
+QOS1 = mqtt5.QoS.AT_LEAST_ONCE
+
+
+class Raw:
+    """An MQTT 5 client in raw bytes over mutual TLS."""
+
+    def __init__(self, broker: BrokerThread, pki: Pki, ident: Identity, **connect: Any) -> None:
+        self.name = ident.name
+        self.sock = tls_connect(broker.port, pki, ident)
+        self.buf = b""
+        self.publishes: list[mqtt5.PublishPacket] = []
+        self.others: list[mqtt5.Packet] = []
+        self._id = 0
+        connect.setdefault("clean_start", True)
+        connect.setdefault("keep_alive", 30)
+        self.sock.sendall(mqtt5.ConnectPacket(ident.name, **connect).write())
+        connack = self.next(DEADLINE)
+        assert isinstance(connack, mqtt5.ConnAckPacket), connack
+        self.connack = connack
+
+    def packet_id(self) -> int:
+        self._id = self._id % 65535 + 1
+        return self._id
+
+    def next(self, timeout: float = DEADLINE) -> mqtt5.Packet | None:
+        """The next packet from the broker, None if none comes within ``timeout`` or it closed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                packet, size = mqtt5.read(memoryview(self.buf))
+                self.buf = self.buf[size:]
+                return packet
+            except IndexError:
+                pass
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(65536)
+            except (TimeoutError, OSError):
+                return None
+            if not chunk:
+                return None
+            self.buf += chunk
+
+    def expect(self, kind: type[Any], timeout: float = DEADLINE) -> Any:
+        """The next packet of type ``kind``; PUBLISHes met on the way are kept (and acknowledged)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            packet = self.next(max(0.0, deadline - time.monotonic()))
+            assert packet is not None, f"no {kind.__name__}"
+            if isinstance(packet, kind):
+                return packet
+            self._keep(packet)
+
+    def _keep(self, packet: mqtt5.Packet) -> None:
+        if isinstance(packet, mqtt5.PublishPacket):
+            self.publishes.append(packet)
+            if packet.packet_id is not None:
+                self.sock.sendall(mqtt5.PubAckPacket(packet.packet_id).write())
+        else:
+            self.others.append(packet)
+
+    def subscribe(self, *filters: str, **options: Any) -> list[int]:
+        self.sock.sendall(
+            mqtt5.SubscribePacket(
+                self.packet_id(), [mqtt5.TopicFilter(f, max_qos=QOS1, **options) for f in filters]
+            ).write()
+        )
+        return [int(c) for c in self.expect(mqtt5.SubAckPacket).reason_codes]
+
+    def publish(self, topic: str, payload: bytes, **props: Any) -> int:
+        """A QoS 1 PUBLISH; the PUBACK's reason code."""
+        pid = self.packet_id()
+        self.sock.sendall(mqtt5.PublishPacket(topic, payload, qos=QOS1, packet_id=pid, **props).write())
+        ack = self.expect(mqtt5.PubAckPacket)
+        assert ack.packet_id == pid
+        return int(ack.reason_code)
+
+    def wait_for(self, payload: bytes, timeout: float = DEADLINE) -> mqtt5.PublishPacket:
+        """Read until a PUBLISH with ``payload`` arrives (everything before it is kept)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for p in self.publishes:
+                if bytes(p.payload) == payload:
+                    return p
+            packet = self.next(max(0.0, deadline - time.monotonic()))
+            assert packet is not None, f"{payload!r} never arrived; got {self.payloads()}"
+            self._keep(packet)
+
+    def payloads(self) -> list[bytes]:
+        return [bytes(p.payload) for p in self.publishes]
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.sendall(mqtt5.DisconnectPacket().write())
+        self.sock.close()
+
+
+@pytest.fixture
+def raw(broker: BrokerThread, pki: Pki) -> Iterator[Callable[..., Raw]]:
+    opened: list[Raw] = []
+
+    def make(ident: Identity, **kw: Any) -> Raw:
+        client = Raw(broker, pki, ident, **kw)
+        opened.append(client)
+        return client
+
+    yield make
+    for client in opened:
+        client.sock.close()
+
+
+# -- properties as a resource -----------------------------------------------------------------------
+def test_empty_user_properties_count_toward_the_retained_quota(
+    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw]
+) -> None:
+    """Attack: retained messages packed with empty user properties (5 bytes each on the wire, ~73
+    held). They counted 0 bytes: one device retained 100 x 50,000 pairs (~370 MB) within its 1 MiB
+    quota, and the broker's 256 MiB cap did not see them either."""
+    device = raw(pki.device("att-empty-props"))
+    empty = [("", "")] * 50_000  # 250 kB on the wire, under limits.max_packet_size
+    for i in range(3):
+        assert device.publish(f"devices/att-empty-props/r{i}", b"x", retain=True, user_properties=empty) == 0
+    assert device.publish("devices/att-empty-props/marker", b"marker", retain=True) == 0
+    retained = broker.server.broker.retained
+    assert retained.owner_usage("att-empty-props") == (1, len(b"marker"))
+    assert "devices/att-empty-props/r0" not in retained
