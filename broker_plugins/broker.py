@@ -553,11 +553,12 @@ class JitpBroker(Broker):
             return Verdict(close=Goodbye.NOT_AUTHORIZED)
         profile = session.client.profile if session.client is not None else None
         if profile is not None:
-            if len(data) > profile.max_message_size:
+            size = len(data) + properties.wire_size  # MQTT 5 properties are part of the message
+            if size > profile.max_message_size:
                 self._report(
                     session,
                     errors.ProfileLimit,
-                    f"a {len(data)}-byte {what}, over its profile's max_message_size "
+                    f"a {size}-byte {what}, over its profile's max_message_size "
                     f"{profile.max_message_size}: {'dropped' if will else 'disconnected'}",
                 )
                 return Verdict(close=Goodbye.PACKET_TOO_LARGE)

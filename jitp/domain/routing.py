@@ -166,6 +166,23 @@ class MessageProperties:
             + sum(USER_PROPERTY_OVERHEAD + len(k) + len(v) for k, v in self.user_properties)
         )
 
+    @property
+    def wire_size(self) -> int:
+        """Bytes these properties take in a PUBLISH (identifier, length prefixes and UTF-8): what a
+        device's profile ``max_message_size`` counts beside the payload."""
+
+        def utf8(text: str | None) -> int:
+            return 0 if text is None else 3 + len(text.encode())
+
+        return (
+            (2 if self.payload_format_indicator else 0)
+            + (5 if self.expires_at is not None else 0)
+            + utf8(self.content_type)
+            + utf8(self.response_topic)
+            + (0 if self.correlation_data is None else 3 + len(self.correlation_data))
+            + sum(5 + len(k.encode()) + len(v.encode()) for k, v in self.user_properties)
+        )
+
 
 NO_PROPERTIES = MessageProperties()
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import mqtt5
 import pytest
 
+from tests.broker_plugins.test_mqtt5_disconnect_e2e import profile_broker
 from tests.helpers import BrokerThread, Identity, Pki
 from tests.rawmqtt import tls_connect
 
@@ -39,7 +41,7 @@ class Raw:
         self.sock.sendall(mqtt5.ConnectPacket(ident.name, **connect).write())
         connack = self.next(DEADLINE)
         assert isinstance(connack, mqtt5.ConnAckPacket), connack
-        self.connack = connack
+        assert int(connack.reason_code) == 0, connack
 
     def packet_id(self) -> int:
         self._id = self._id % 65535 + 1
@@ -150,3 +152,50 @@ def test_empty_user_properties_count_toward_the_retained_quota(
     retained = broker.server.broker.retained
     assert retained.owner_usage("att-empty-props") == (1, len(b"marker"))
     assert "devices/att-empty-props/r0" not in retained
+
+
+@pytest.fixture
+def small_broker(tmp_path: Path, pki: Pki) -> Iterator[BrokerThread]:
+    """Devices get a template whose profile allows 64-byte messages."""
+    b = profile_broker(tmp_path, pki, "profile:\n  max_message_size: 64\n")
+    yield b
+    b.stop()
+
+
+@pytest.mark.parametrize(
+    "props",
+    [
+        {"user_properties": [("k", "v" * 8000)]},
+        {"correlation_data": b"c" * 8000},
+        {"content_type": "t" * 8000},
+    ],
+    ids=["user-property", "correlation-data", "content-type"],
+)
+def test_properties_count_toward_the_profiles_message_size(
+    small_broker: BrokerThread, pki: Pki, props: dict[str, Any]
+) -> None:
+    """Attack: a device whose profile allows 64-byte messages sends a 1-byte payload with 8 kB of
+    properties. Only the payload was measured: it was accepted and routed to every subscriber."""
+    name = f"att-prof-{next(iter(props))}".replace("_", "-")
+    opened: list[Raw] = []
+    try:
+        service = Raw(small_broker, pki, pki.service(f"svc-{name}"))
+        opened.append(service)
+        assert service.subscribe(f"devices/{name}/#") == [1]
+        ident = pki.device(name)
+        opened.append(device := Raw(small_broker, pki, ident))
+        assert device.publish(f"devices/{name}/ok", b"fits") == 0  # a small message passes
+        service.wait_for(b"fits")
+        device.sock.sendall(
+            mqtt5.PublishPacket(f"devices/{name}/fat", b"x", qos=QOS1, packet_id=9, **props).write()
+        )
+        goodbye = device.expect(mqtt5.DisconnectPacket)
+        assert int(goodbye.reason_code) == 0x95
+        # the service never got it: a marker the device publishes after it arrives alone
+        opened.append(device := Raw(small_broker, pki, ident))
+        assert device.publish(f"devices/{name}/after", b"after") == 0
+        service.wait_for(b"after")
+        assert service.payloads() == [b"fits", b"after"]
+    finally:
+        for client in opened:
+            client.sock.close()

@@ -270,3 +270,32 @@ def test_empty_user_properties_are_not_free() -> None:
     offers = [queue.offer(Outgoing("t", b"x", 1, False, properties=empty)) for _ in range(30)]
     assert offers.count(Offer.QUEUED) == 16 * 1024 * 1024 // (2 + empty.size) < 30
     assert offers[-1] is Offer.OVERFLOW
+
+
+def test_wire_size_is_what_the_properties_take_in_a_publish() -> None:
+    """A profile's max_message_size counts the properties as sent (checked against the codec)."""
+    import mqtt5
+
+    from jitp.domain.routing import MessageProperties
+
+    props = MessageProperties(
+        payload_format_indicator=1,
+        content_type="application/é",
+        response_topic="r/t",
+        correlation_data=b"\x00" * 9,
+        user_properties=(("", ""), ("ké", "v" * 300)),
+        expires_at=5.0,
+    )
+    bare = len(mqtt5.PublishPacket("t", b"").write())
+    full = mqtt5.PublishPacket(
+        "t",
+        b"",
+        payload_format_indicator=1,
+        content_type=props.content_type,
+        response_topic=props.response_topic,
+        correlation_data=props.correlation_data,
+        user_properties=list(props.user_properties),
+        message_expiry_interval=5,
+    ).write()
+    # the property length and the remaining length grow by one byte each past 127
+    assert len(full) - bare - 2 == props.wire_size
