@@ -10,6 +10,8 @@ connection's packets are handled in order).
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,8 +20,9 @@ from typing import Any
 import mqtt5
 import pytest
 
+from broker_plugins.session import JitpSession
 from tests.broker_plugins.test_mqtt5_disconnect_e2e import profile_broker
-from tests.helpers import BrokerThread, Identity, Pki
+from tests.helpers import BrokerThread, Identity, Pki, wait_until
 from tests.rawmqtt import tls_connect
 
 DEADLINE = 10.0
@@ -199,3 +202,82 @@ def test_properties_count_toward_the_profiles_message_size(
     finally:
         for client in opened:
             client.sock.close()
+
+
+# -- the Last Will, held back by Will Delay ----------------------------------------------------------
+def session_of(broker: BrokerThread, client_id: str) -> JitpSession:
+    session = broker.server.broker._sessions[client_id][0]
+    assert isinstance(session, JitpSession)
+    return session
+
+
+def test_a_delayed_will_is_published_after_its_delay(
+    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw]
+) -> None:
+    """MQTT 5 Will Delay on a persistent session: the will goes after the delay [MQTT-3.1.3-9].
+    Before: the session's expiry timer cancelled the will's timer, so it was never published."""
+    service = raw(pki.service("svc-att-will-delay"))
+    assert service.subscribe("devices/att-will-delay/#") == [1]
+    will = mqtt5.Will("devices/att-will-delay/gone", payload=b"WILL", will_delay_interval=1)
+    device = raw(pki.device("att-will-delay"), session_expiry_interval=60, will=will)
+    device.sock.close()  # no DISCONNECT: the will is due
+    message = service.wait_for(b"WILL")
+    assert message.topic == "devices/att-will-delay/gone"
+
+
+def test_a_reconnect_within_the_will_delay_cancels_the_will_also_after_a_takeover(
+    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw]
+) -> None:
+    """The second connection takes over the first (its will held back by Will Delay): the first
+    connection's end must not schedule a will that fires while the client is connected."""
+    service = raw(pki.service("svc-att-will-takeover"))
+    assert service.subscribe("devices/att-will-takeover/#") == [1]
+    ident = pki.device("att-will-takeover")
+    will = mqtt5.Will("devices/att-will-takeover/gone", payload=b"WILL", will_delay_interval=1)
+    first = raw(ident, session_expiry_interval=60, will=will)
+    second = raw(ident, clean_start=False, session_expiry_interval=60)
+    assert int(first.expect(mqtt5.DisconnectPacket).reason_code) == 0x8E
+    session = session_of(broker, ident.name)
+    assert session.will_timer is None, "a will is pending while the client is connected"
+    assert second.publish("devices/att-will-takeover/marker", b"marker") == 0
+    service.wait_for(b"marker")
+    assert b"WILL" not in service.payloads()
+
+
+def test_revoking_an_offline_device_drops_its_delayed_will(
+    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw]
+) -> None:
+    """Attack: a device sets a retained will on its own topic, held back by Will Delay up to its
+    Session Expiry, drops the connection, and gets revoked. Its will would be published, and
+    retained, after the revocation cleared its retained messages."""
+    name = "att-will-revoked"
+    will = mqtt5.Will(f"devices/{name}/gone", payload=b"WILL", retain=True, will_delay_interval=30)
+    device = raw(pki.device(name), session_expiry_interval=60, will=will)
+    device.sock.close()
+    assert wait_until(lambda: broker.server.broker.live_session(name) is None, DEADLINE)
+    session = session_of(broker, name)
+    assert wait_until(lambda: session.will_timer is not None, DEADLINE), "no will pending"
+    data = broker.config.data_dir
+    proc = subprocess.run(
+        [sys.executable, "-m", "jitp.cli", "devices", "revoke", name, "--data-dir", str(data)],
+        cwd=data.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert wait_until(lambda: session.will_timer is None, DEADLINE), "the will is still pending"
+    assert f"devices/{name}/gone" not in broker.server.broker.retained
+
+
+def test_a_will_delay_past_the_session_expiry_goes_when_the_session_ends(
+    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw]
+) -> None:
+    """Will Delay 600 s, Session Expiry 1 s: the will goes when the session ends [MQTT-3.1.3-9]."""
+    service = raw(pki.service("svc-att-will-expiry"))
+    assert service.subscribe("devices/att-will-expiry/#") == [1]
+    will = mqtt5.Will("devices/att-will-expiry/gone", payload=b"WILL", will_delay_interval=600)
+    device = raw(pki.device("att-will-expiry"), session_expiry_interval=1, will=will)
+    device.sock.close()
+    service.wait_for(b"WILL")
+    assert wait_until(lambda: "att-will-expiry" not in broker.server.broker._sessions, DEADLINE)
