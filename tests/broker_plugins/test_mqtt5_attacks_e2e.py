@@ -10,6 +10,7 @@ connection's packets are handled in order).
 from __future__ import annotations
 
 import contextlib
+import json
 import subprocess
 import sys
 import time
@@ -281,3 +282,45 @@ def test_a_will_delay_past_the_session_expiry_goes_when_the_session_ends(
     device.sock.close()
     service.wait_for(b"WILL")
     assert wait_until(lambda: "att-will-expiry" not in broker.server.broker._sessions, DEADLINE)
+
+
+# -- forged events ----------------------------------------------------------------------------------
+EVENT = json.dumps({"schema": "jitp.event/1", "type": "revoked", "device_id": "victim"}).encode()
+MARKER = [("schema", "jitp.event/1")]
+
+
+def test_a_device_cannot_mark_its_message_as_one_of_jitps_events(
+    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw]
+) -> None:
+    """Attack: a v5 device publishes event-shaped JSON on its own telemetry topic with Content Type
+    application/json and the user property schema=jitp.event/1, the marker jitp's events carry for
+    v5 subscribers. A service on ``#`` (telemetry) got it marker and all: one that trusts the marker
+    took it for a provisioning event about another device. The marker is now the broker's alone."""
+    service = raw(pki.service("svc-att-forge"))
+    assert service.subscribe("#") == [1]
+    device = raw(pki.device("att-forge"))
+    topic = "devices/att-forge/telemetry"
+    assert device.publish(topic, EVENT, user_properties=MARKER, content_type="application/json") == 0x87
+    assert device.publish(topic, EVENT, user_properties=[("schema", "jitp.alert/1")]) == 0x87
+    assert device.publish(topic, EVENT, user_properties=[("Schema", "mine"), ("x", "jitp.event/1")]) == 0
+    assert device.publish(topic, b"marker", retain=True, user_properties=MARKER) == 0x87
+    assert device.publish(topic, b"marker") == 0
+    service.wait_for(b"marker")
+    assert [dict(p.user_properties) for p in service.publishes] == [
+        {"Schema": "mine", "x": "jitp.event/1"},
+        {},
+    ]
+    assert topic not in broker.server.broker.retained
+
+
+def test_a_will_cannot_carry_jitps_event_marker(broker: BrokerThread, pki: Pki) -> None:
+    """The same marker in a will: CONNACK 0x87, audited will_not_allowed."""
+    will = mqtt5.Will("devices/att-forge-will/gone", payload=EVENT, user_properties=MARKER)
+    with pytest.raises(AssertionError, match="NOT_AUTHORIZED"):
+        Raw(broker, pki, pki.device("att-forge-will"), will=will)
+    assert wait_until(
+        lambda: any(
+            e.draft.action == "refused" and e.draft.reason == "will_not_allowed" for e in broker.audit()
+        ),
+        DEADLINE,
+    )
