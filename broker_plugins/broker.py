@@ -589,7 +589,7 @@ class JitpBroker(Broker):
             if will:
                 self._report(session, errors.WillNotAllowed, f"will on {topic!r} refused at publication")
             return NOT_AUTHORIZED
-        forged = enforcement.forged_properties(properties)
+        forged = enforcement.forged_properties(session, properties)
         if forged is not None:  # v5: a client's message may not pass for one of the broker's own
             log.warning("%s: %s on %s; %s dropped", session.client_id, forged, topic[:160], what)
             if will:

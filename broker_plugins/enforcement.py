@@ -38,14 +38,21 @@ def keepalive(requested: int, *, limits: LimitsConfig, profile: Profile | None) 
     return clamp_keepalive(requested, limits=limits, profile=profile) * limits.keepalive_grace
 
 
-def forged_properties(properties: MessageProperties) -> str | None:
-    """What a client may not put in an MQTT 5 PUBLISH or will, or None: the user property
-    ``schema=jitp.*`` marks what the broker itself publishes (events, alerts), so that a v5
-    subscriber can trust it; a client's message never carries it."""
+def forged_properties(session: JitpSession, properties: MessageProperties) -> str | None:
+    """What a client may not put in an MQTT 5 PUBLISH or will, or None:
+
+    * the user property ``schema=jitp.*`` marks what the broker itself publishes (events, alerts),
+      so that a v5 subscriber can trust it; a client's message never carries it;
+    * a Response Topic under ``$`` the client could not receive itself (``$jitp/admin/...``,
+      another device's ``$jitp/devices/...`` or ``$jitp/certificates/...``): a responder that
+      answers where it is asked would publish there in its own name, for the client."""
     key, prefix = RESERVED_SCHEMA
     for name, value in properties.user_properties:
         if name == key and value.startswith(prefix):
             return f"user property {name}={value[:40]!r} is reserved for the broker's own messages"
+    response = properties.response_topic
+    if response is not None and response.startswith("$") and not session.allows(Access.RECEIVE, response):
+        return f"Response Topic {response[:120]!r} is a $-topic the client cannot receive"
     return None
 
 
@@ -70,7 +77,7 @@ def check_will(session: JitpSession) -> errors.Refused | None:
             fingerprint=fingerprint,
             detail=repr(topic)[:120],
         )
-    forged = forged_properties(session.will_properties)
+    forged = forged_properties(session, session.will_properties)
     if forged is not None:
         return errors.WillNotAllowed(
             f"the Last Will's properties: {forged}",

@@ -324,3 +324,34 @@ def test_a_will_cannot_carry_jitps_event_marker(broker: BrokerThread, pki: Pki) 
         ),
         DEADLINE,
     )
+
+
+def test_a_device_cannot_name_a_dollar_response_topic_it_cannot_read(
+    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw]
+) -> None:
+    """Attack (confused deputy): a v5 device's request names as Response Topic the admin API
+    (``$jitp/admin/<command>``), an event topic, or another device's configuration or certificate
+    answers. Before, it reached the service as sent, and a responder answering where it is asked
+    published there in its own name (a service may publish admin requests). Its own $-topics
+    (configuration, certificate answers) and its plain topics stay allowed."""
+    service = raw(pki.service("svc-att-deputy"))
+    assert service.subscribe("devices/+/request") == [1]
+    name = "att-deputy"
+    device = raw(pki.device(name))
+    topic = f"devices/{name}/request"
+    for response in (
+        "$jitp/admin/devices.list",
+        "$jitp/events/revoked/victim",
+        "$jitp/devices/victim/config",
+        "$jitp/certificates/victim/accepted",
+        "$jitp/admin/replies/svc-att-deputy/x",
+    ):
+        assert device.publish(topic, b"forged", response_topic=response) == 0x87, response
+    will = mqtt5.Will(topic, payload=b"will", response_topic="$jitp/admin/devices.list")
+    with pytest.raises(AssertionError, match="NOT_AUTHORIZED"):
+        Raw(broker, pki, pki.device(f"{name}-will"), will=will)
+    allowed = (f"$jitp/certificates/{name}/mine", f"devices/{name}/cmd/reply", "devices/elsewhere/reply")
+    for n, response in enumerate(allowed):
+        assert device.publish(topic, f"ok-{n}".encode(), response_topic=response) == 0, response
+    service.wait_for(f"ok-{len(allowed) - 1}".encode())
+    assert [p.response_topic for p in service.publishes] == list(allowed)
