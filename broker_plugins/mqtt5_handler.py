@@ -202,7 +202,7 @@ class Mqtt5Handler(JitpProtocolHandler):
             await broker.unsubscribe(session, self, packet.packet_id, list(packet.patterns))
             return None
         if isinstance(packet, mqtt5.DisconnectPacket):
-            return self._disconnect(session, packet)
+            return await self._disconnect(session, packet)
         if isinstance(packet, mqtt5.PubRelPacket):  # jitp takes no QoS 2: nothing to release
             await self._send(
                 mqtt5.PubCompPacket(
@@ -297,13 +297,18 @@ class Mqtt5Handler(JitpProtocolHandler):
         await broker.subscribe(session, self, packet.packet_id, topics, options)
         return None
 
-    def _disconnect(self, session: JitpSession, packet: mqtt5.DisconnectPacket) -> bool:
+    async def _disconnect(self, session: JitpSession, packet: mqtt5.DisconnectPacket) -> bool:
         expiry = packet.session_expiry_interval
         if expiry is not None:
             if session.session_expiry == 0 and expiry != 0:
                 # [MQTT-3.14.2-2]: a session that was to end with the connection cannot be extended.
-                log.info("%s: DISCONNECT sets a Session Expiry on a session without one", session.client_id)
-            else:
-                session.session_expiry = min(expiry, self.session_expiry_cap)
-                session.clean_session = session.session_expiry == 0
+                # A Protocol Error: DISCONNECT 0x82, and the will goes (not a normal disconnection).
+                await self._violation(
+                    session,
+                    "DISCONNECT sets a Session Expiry on a session without one [MQTT-3.14.2-2]",
+                    Goodbye.PROTOCOL_ERROR,
+                )
+                return False
+            session.session_expiry = min(expiry, self.session_expiry_cap)
+            session.clean_session = session.session_expiry == 0
         return int(packet.reason_code) != WITH_WILL

@@ -355,3 +355,20 @@ def test_a_device_cannot_name_a_dollar_response_topic_it_cannot_read(
         assert device.publish(topic, f"ok-{n}".encode(), response_topic=response) == 0, response
     service.wait_for(f"ok-{len(allowed) - 1}".encode())
     assert [p.response_topic for p in service.publishes] == list(allowed)
+
+
+# -- DISCONNECT --------------------------------------------------------------------------------------
+def test_a_disconnect_that_extends_a_session_without_expiry_is_a_protocol_error(
+    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw]
+) -> None:
+    """A session that ends with its connection (Session Expiry 0) cannot be extended by DISCONNECT
+    [MQTT-3.14.2-2]. Before: logged, taken as a normal DISCONNECT, so the will was suppressed and no
+    reason code was sent; now DISCONNECT 0x82, the session ends and the will goes."""
+    service = raw(pki.service("svc-att-extend"))
+    assert service.subscribe("devices/att-extend/#") == [1]
+    will = mqtt5.Will("devices/att-extend/gone", payload=b"WILL")
+    device = raw(pki.device("att-extend"), will=will)
+    device.sock.sendall(mqtt5.DisconnectPacket(session_expiry_interval=3600).write())
+    assert int(device.expect(mqtt5.DisconnectPacket).reason_code) == 0x82
+    service.wait_for(b"WILL")
+    assert wait_until(lambda: "att-extend" not in broker.server.broker._sessions, DEADLINE)
