@@ -93,10 +93,25 @@ def codec_error(exc: Exception) -> tuple[int, str]:
     return MALFORMED, text
 
 
+def read5(data: bytes) -> tuple[mqtt5.Packet, int]:
+    """``mqtt5.read``, whose every failure on bad input is a ValueError, IndexError (incomplete) or
+    UnicodeDecodeError. The codec panics on some input (invalid UTF-8 in a property: pyo3's
+    PanicException, a BaseException that no ``except Exception`` catches); that becomes a
+    UnicodeDecodeError-like ValueError here, a Malformed Packet for the caller."""
+    try:
+        return mqtt5.read(memoryview(data))
+    except (ValueError, IndexError):
+        raise
+    except BaseException as exc:
+        if type(exc).__name__ != "PanicException":
+            raise
+        raise ValueError(f"undecodable packet (invalid UTF-8?): {exc}") from None
+
+
 def parse_connect5(packet: bytes) -> ConnectRequest:
     """Parse a whole MQTT 5 CONNECT with the ``mqtt5`` codec [MQTT-3.1]."""
     try:
-        parsed, used = mqtt5.read(memoryview(packet))
+        parsed, used = read5(packet)
     except (ValueError, IndexError, UnicodeDecodeError) as exc:
         code, text = codec_error(exc)
         raise MalformedConnect(f"MQTT 5 CONNECT: {text}", code=code) from None

@@ -16,7 +16,7 @@ from typing import Any
 
 import mqtt5
 
-from broker_plugins.framing import codec_error, message_properties, remaining_seconds
+from broker_plugins.framing import codec_error, message_properties, read5, remaining_seconds
 from broker_plugins.handler import FAIR_SHARE, JitpProtocolHandler, Welcome
 from broker_plugins.reasons import Goodbye
 from broker_plugins.session import JitpSession
@@ -135,7 +135,7 @@ class Mqtt5Handler(JitpProtocolHandler):
                     await self._violation(session, f"malformed packet: {exc}", Goodbye.MALFORMED_PACKET)
                     return False
                 try:
-                    packet, _ = mqtt5.read(memoryview(raw))
+                    packet, _ = read5(raw)
                 except (ValueError, IndexError, UnicodeDecodeError) as exc:
                     code, text = codec_error(exc)
                     await self._violation(session, f"malformed packet: {text}", Goodbye(code))

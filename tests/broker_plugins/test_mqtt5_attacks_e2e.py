@@ -22,6 +22,7 @@ import mqtt5
 import pytest
 
 from broker_plugins.session import JitpSession
+from tests.broker_plugins.test_mqtt5_bad_input_e2e import connect_bytes, read_packet
 from tests.broker_plugins.test_mqtt5_disconnect_e2e import profile_broker
 from tests.helpers import BrokerThread, Identity, Pki, wait_until
 from tests.rawmqtt import tls_connect
@@ -372,3 +373,51 @@ def test_a_disconnect_that_extends_a_session_without_expiry_is_a_protocol_error(
     assert int(device.expect(mqtt5.DisconnectPacket).reason_code) == 0x82
     service.wait_for(b"WILL")
     assert wait_until(lambda: "att-extend" not in broker.server.broker._sessions, DEADLINE)
+
+
+# -- input the codec panics on -------------------------------------------------------------------
+BAD_UTF8_USER_PROPERTY = b"\x26" + b"\x00\x01\xff" + b"\x00\x01v"  # a key that is not UTF-8
+
+
+def publish_bytes(topic: str, props: bytes) -> bytes:
+    """A QoS 1 PUBLISH (packet id 5, payload "p") with the raw property bytes ``props``."""
+    name = topic.encode()
+    body = len(name).to_bytes(2, "big") + name + b"\x00\x05" + bytes([len(props)]) + props + b"p"
+    return b"\x32" + bytes([len(body)]) + body
+
+
+def test_a_connect_the_codec_panics_on_gets_0x81_and_is_closed(broker: BrokerThread, pki: Pki) -> None:
+    """Attack (any certificate the TLS layer trusts, even a revoked device's: this is before
+    admission): a CONNECT whose user property is not UTF-8. The ``mqtt5`` codec panics (pyo3's
+    PanicException, a BaseException): it escaped every handler, nothing answered and nothing closed
+    the connection, which stayed open and counted toward the listener's hard limit (max_connections
+    + 10%): a few hundred such CONNECTs locked everyone out."""
+    device = pki.device("att-panic-connect")
+    sock = tls_connect(broker.port, pki, device)
+    try:
+        sock.sendall(connect_bytes(device.name, BAD_UTF8_USER_PROPERTY))
+        connack = read_packet(sock)
+        assert isinstance(connack, mqtt5.ConnAckPacket) and int(connack.reason_code) == 0x81
+        sock.settimeout(DEADLINE)
+        assert sock.recv(1) == b"", "the connection stays open"
+    finally:
+        sock.close()
+    listener = broker.server.listener
+    assert wait_until(lambda: listener.open_connections == 0, DEADLINE)
+
+
+def test_a_publish_the_codec_panics_on_gets_0x81(
+    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw]
+) -> None:
+    """The same after CONNACK: DISCONNECT 0x81 and an audited protocol_violation (before: the panic
+    ended the connection without a word or an audit entry)."""
+    device = raw(pki.device("att-panic-publish"))
+    device.sock.sendall(publish_bytes("devices/att-panic-publish/x", BAD_UTF8_USER_PROPERTY))
+    assert int(device.expect(mqtt5.DisconnectPacket).reason_code) == 0x81
+    assert wait_until(
+        lambda: any(
+            e.draft.reason == "protocol_violation" and e.draft.device_id == "att-panic-publish"
+            for e in broker.audit()
+        ),
+        DEADLINE,
+    )
