@@ -120,6 +120,11 @@ def parse_connect5(packet: bytes) -> ConnectRequest:
     will = None
     if parsed.will is not None:
         w = parsed.will
+        bad = property_violation(
+            response_topic=w.response_topic, content_type=w.content_type, user_properties=w.user_properties
+        )
+        if bad is not None:
+            raise MalformedConnect(f"MQTT 5 CONNECT, the will: {bad[1]}", code=bad[0])
         will = Will(
             topic=w.topic,
             message=bytes(w.payload or b""),
@@ -150,6 +155,22 @@ def parse_connect5(packet: bytes) -> ConnectRequest:
         auth_method=parsed.authentication_method,
         user_properties=tuple(parsed.user_properties),
     )
+
+
+def property_violation(
+    *, response_topic: str | None, content_type: str | None, user_properties: list[tuple[str, str]]
+) -> tuple[int, str] | None:
+    """(v5 reason code, message) for a PUBLISH's or will's properties that break the specification
+    although the codec reads them (and would refuse to write them, or a subscriber to read them):
+    a Response Topic that is empty or has a wildcard [MQTT-3.3.2-14, MQTT-4.7.3-1], U+0000 in a
+    string [MQTT-1.5.4-2]. None if they are fine."""
+    if response_topic is not None and (not response_topic or "+" in response_topic or "#" in response_topic):
+        return PROTOCOL_ERROR, "Response Topic empty or with a wildcard [MQTT-3.3.2-14]"
+    strings = [response_topic or "", content_type or ""]
+    strings.extend(text for pair in user_properties for text in pair)
+    if any("\x00" in text for text in strings):
+        return MALFORMED, "U+0000 in a property [MQTT-1.5.4-2]"
+    return None
 
 
 def message_properties(

@@ -16,7 +16,13 @@ from typing import Any
 
 import mqtt5
 
-from broker_plugins.framing import codec_error, message_properties, read5, remaining_seconds
+from broker_plugins.framing import (
+    codec_error,
+    message_properties,
+    property_violation,
+    read5,
+    remaining_seconds,
+)
 from broker_plugins.handler import FAIR_SHARE, JitpProtocolHandler, Welcome
 from broker_plugins.reasons import Goodbye
 from broker_plugins.session import JitpSession
@@ -233,6 +239,12 @@ class Mqtt5Handler(JitpProtocolHandler):
             violation = (f"PUBLISH at QoS {qos}, over Maximum QoS {self.max_qos}", Goodbye.QOS_NOT_SUPPORTED)
         elif not packet.topic or "+" in packet.topic or "#" in packet.topic:
             violation = ("PUBLISH topic empty or with a wildcard [MQTT-3.3.2-2]", Goodbye.TOPIC_NAME_INVALID)
+        elif bad := property_violation(
+            response_topic=packet.response_topic,
+            content_type=packet.content_type,
+            user_properties=packet.user_properties,
+        ):
+            violation = (f"PUBLISH: {bad[1]}", Goodbye(bad[0]))
         if violation is not None:
             await self._violation(session, *violation)
             return False

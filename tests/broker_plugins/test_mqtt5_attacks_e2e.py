@@ -421,3 +421,60 @@ def test_a_publish_the_codec_panics_on_gets_0x81(
         ),
         DEADLINE,
     )
+
+
+# -- properties the codec reads but will not write -----------------------------------------------
+def string_property(identifier: int, text: bytes) -> bytes:
+    return bytes([identifier]) + len(text).to_bytes(2, "big") + text
+
+
+@pytest.mark.parametrize(
+    ("props", "code"),
+    [
+        (string_property(0x08, b"replies/+"), 0x82),  # Response Topic with a wildcard
+        (string_property(0x08, b"replies/#"), 0x82),
+        (string_property(0x08, b""), 0x82),  # an empty Response Topic
+        (string_property(0x08, b"replies/\x00"), 0x81),  # U+0000 [MQTT-1.5.4-2]
+        (string_property(0x03, b"text/\x00"), 0x81),  # in the Content Type
+        (b"\x26" + string_property(0x00, b"k")[1:] + string_property(0x00, b"\x00")[1:], 0x81),
+    ],
+    ids=["rt-plus", "rt-hash", "rt-empty", "rt-nul", "content-type-nul", "user-property-nul"],
+)
+def test_a_publish_whose_properties_cannot_be_forwarded_is_refused_and_subscribers_stay(
+    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw], props: bytes, code: int
+) -> None:
+    """Attack: a v5 device publishes with a Response Topic holding a wildcard. The codec reads it
+    but refuses to write it: before, the PUBLISH was acknowledged and routed, and the sender of every
+    v5 subscriber it reached raised and dropped that subscriber's connection; a persistent session
+    got it again at each reconnect, so one message locked a service out for good. Now the publisher
+    gets a DISCONNECT with the reason code, and subscribers never see it."""
+    service = raw(pki.service(f"svc-att-rt-{code:x}-{props.hex()[:12]}"), session_expiry_interval=300)
+    assert service.subscribe("devices/+/x") == [1]
+    name = f"att-rt-{code:x}-{props.hex()[:12]}"
+    device = raw(pki.device(name))
+    device.sock.sendall(publish_bytes(f"devices/{name}/x", props))
+    assert int(device.expect(mqtt5.DisconnectPacket).reason_code) == code
+    other = raw(pki.device(f"{name}-b"))
+    assert other.publish(f"devices/{name}-b/x", b"marker") == 0
+    service.wait_for(b"marker")
+    assert service.payloads() == [b"marker"]
+    assert broker.server.broker.live_session(service.name) is not None
+
+
+def test_a_will_whose_response_topic_has_a_wildcard_is_refused(broker: BrokerThread, pki: Pki) -> None:
+    """The same in a will: CONNACK 0x82 (it would have been published when the device went away)."""
+    device = pki.device("att-rt-will")
+    sock = tls_connect(broker.port, pki, device)
+    try:
+        connect = mqtt5.ConnectPacket(
+            device.name,
+            clean_start=True,
+            will=mqtt5.Will("devices/att-rt-will/gone", payload=b"w", response_topic="replies/xx"),
+        ).write()
+        # the codec will not write a wildcard: put one in place of "xx"
+        connect = connect.replace(b"replies/xx", b"replies/+#")
+        sock.sendall(connect)
+        connack = read_packet(sock)
+        assert isinstance(connack, mqtt5.ConnAckPacket) and int(connack.reason_code) == 0x82
+    finally:
+        sock.close()
