@@ -478,3 +478,38 @@ def test_a_will_whose_response_topic_has_a_wildcard_is_refused(broker: BrokerThr
         assert isinstance(connack, mqtt5.ConnAckPacket) and int(connack.reason_code) == 0x82
     finally:
         sock.close()
+
+
+# -- CPU ---------------------------------------------------------------------------------------------
+def test_a_subscribe_flood_does_not_scan_the_fleets_retained_messages(
+    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw]
+) -> None:
+    """Attack: a device sends SUBSCRIBEs to its own wildcard filter in a loop (SUBSCRIBE has no rate
+    limit; Retain Handling 0 asks for the retained messages each time). Each matched its filter
+    against every retained message in the broker, one configuration per device: with 100,000
+    devices ~85 ms of the event loop per SUBSCRIBE (300 took ~25 s, everyone else waiting). The
+    retained topics are now a tree of levels: a SUBSCRIBE costs its own branch."""
+    b = broker.server.broker
+
+    async def fleet() -> None:
+        for i in range(100_000):
+            b.retained.put(f"$jitp/devices/fleet-{i:06d}/config", b"{}", 1, owner=None)
+
+    broker.call(fleet(), timeout=120)
+    device = raw(pki.device("att-sub-flood"))
+    assert device.publish("devices/att-sub-flood/cmd/kept", b"kept", retain=True) == 0
+    count = 300
+    started = time.monotonic()
+    for n in range(count):
+        device.sock.sendall(
+            mqtt5.SubscribePacket(
+                n + 1, [mqtt5.TopicFilter("devices/att-sub-flood/cmd/#", max_qos=QOS1)]
+            ).write()
+        )
+    for _ in range(count):
+        device.expect(mqtt5.SubAckPacket, timeout=DEADLINE)
+    elapsed = time.monotonic() - started
+    assert elapsed < 5.0, f"{count} SUBSCRIBEs took {elapsed:.1f} s"
+    # the retained message of the device's own branch still comes, and nothing else
+    device.wait_for(b"kept")
+    assert set(device.payloads()) == {b"kept"}

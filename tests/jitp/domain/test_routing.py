@@ -299,3 +299,27 @@ def test_wire_size_is_what_the_properties_take_in_a_publish() -> None:
     ).write()
     # the property length and the remaining length grow by one byte each past 127
     assert len(full) - bare - 2 == props.wire_size
+
+
+@given(
+    st.lists(st.tuples(st.booleans(), TOPIC), max_size=40),
+    st.lists(FILTER, min_size=1, max_size=5),
+)
+@settings(max_examples=300, deadline=None)
+def test_retained_match_by_the_level_tree_is_the_scan(
+    ops: list[tuple[bool, str]], filters: list[str]
+) -> None:
+    """The level tree finds exactly what a scan of every retained message with topic_matches finds,
+    after any sequence of stores and clears."""
+    store = RetainedStore()
+    for keep, topic in ops:
+        if keep:
+            store.put(topic, b"x", 0, owner=None)
+        else:
+            store.remove(topic)
+    for topic_filter in filters:
+        found = sorted(m.topic for m in store.match(topic_filter))
+        assert found == sorted(t for t in store.messages if topic_matches(t, topic_filter)), topic_filter
+    for topic in list(store.messages):
+        store.remove(topic)
+    assert store.match("#") == [] and not store._root.children
