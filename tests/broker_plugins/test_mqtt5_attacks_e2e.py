@@ -24,6 +24,7 @@ import pytest
 from broker_plugins.session import JitpSession
 from tests.broker_plugins.test_mqtt5_bad_input_e2e import connect_bytes, read_packet
 from tests.broker_plugins.test_mqtt5_disconnect_e2e import profile_broker
+from tests.certflow import init_issuer, make_csr, new_key
 from tests.helpers import BrokerThread, Identity, Pki, wait_until
 from tests.rawmqtt import tls_connect
 
@@ -117,6 +118,14 @@ class Raw:
                     return p
             packet = self.next(max(0.0, deadline - time.monotonic()))
             assert packet is not None, f"{payload!r} never arrived; got {self.payloads()}"
+            self._keep(packet)
+
+    def until(self, done: Callable[[list[mqtt5.PublishPacket]], bool], timeout: float = DEADLINE) -> None:
+        """Read (keeping PUBLISHes) until ``done(self.publishes)``."""
+        deadline = time.monotonic() + timeout
+        while not done(self.publishes):
+            packet = self.next(max(0.0, deadline - time.monotonic()))
+            assert packet is not None, f"not done; got {[p.topic for p in self.publishes]}"
             self._keep(packet)
 
     def payloads(self) -> list[bytes]:
@@ -513,3 +522,169 @@ def test_a_subscribe_flood_does_not_scan_the_fleets_retained_messages(
     # the retained message of the device's own branch still comes, and nothing else
     device.wait_for(b"kept")
     assert set(device.payloads()) == {b"kept"}
+
+
+# -- defenses that hold (regression tests) -----------------------------------------------------------
+def test_shared_subscriptions_do_not_escape_the_acl(
+    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw]
+) -> None:
+    """A device reaches events, another device's topics or everything through no $share form; a
+    service does not reach another principal's admin replies or the admin requests either."""
+    device = raw(pki.device("att-share"))
+    assert (
+        device.subscribe(
+            "$share/g/$jitp/events/#",
+            "$share/a/$share/b/devices/att-share/cmd/#",
+            "$share/g/#",
+            "$share/g/+/att-share/cmd/#",
+            "$share/g/devices/other/cmd/#",
+            "$share/g/$jitp/devices/other/config",
+            "$SHARE/g/#",
+        )
+        == [0x87] * 7
+    )
+    assert device.subscribe("$share/g/devices/att-share/cmd/#") == [1]  # its own namespace: fine
+    service = raw(pki.service("svc-att-share"))
+    assert (
+        service.subscribe(
+            "$share/a/$share/b/#",
+            "$share/g/$jitp/admin/#",
+            "$share/g/$jitp/admin/replies/someone-else/#",
+            "$share/g/$jitp/certificates/att-share/#",
+        )
+        == [0x87] * 4
+    )
+    # the service's own filters work: an event and telemetry reach it
+    assert service.subscribe("$share/g/#", "$jitp/events/#") == [1, 1]
+    other = raw(pki.device("att-share-2"))  # its provisioning event is published now
+    assert other.publish("devices/att-share-2/x", b"marker") == 0
+    service.wait_for(b"marker")
+    assert any(p.topic == "$jitp/events/provisioned/att-share-2" for p in service.publishes)
+    device.sock.sendall(mqtt5.PingReqPacket().write())
+    device.expect(mqtt5.PingRespPacket)
+    assert device.publishes == []  # none of the refused filters was installed for it either
+
+
+def test_a_device_cannot_publish_under_jitp_events(
+    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw]
+) -> None:
+    """A PUBLISH to $jitp/events/...: DISCONNECT 0x90; a will there: CONNACK 0x87."""
+    device = raw(pki.device("att-events"))
+    device.sock.sendall(
+        mqtt5.PublishPacket(
+            "$jitp/events/revoked/victim", b"{}", qos=QOS1, packet_id=1, user_properties=MARKER
+        ).write()
+    )
+    assert int(device.expect(mqtt5.DisconnectPacket).reason_code) == 0x90
+    will = mqtt5.Will("$jitp/events/revoked/victim", payload=b"{}", content_type="application/json")
+    with pytest.raises(AssertionError, match="NOT_AUTHORIZED"):
+        Raw(broker, pki, pki.device("att-events-will"), will=will)
+
+
+def test_a_tiny_maximum_packet_size_drops_publishes_without_spinning(
+    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw]
+) -> None:
+    """Maximum Packet Size 2: no PUBLISH fits, so each is discarded as if delivered [MQTT-3.1.2-25]:
+    nothing arrives, nothing stays queued or in flight, and the connection keeps working."""
+    device = raw(pki.device("att-tiny"), max_packet_size=2)
+    assert device.subscribe("devices/att-tiny/cmd/#") == [1]
+    for n in range(200):
+        assert device.publish(f"devices/att-tiny/cmd/{n}", b"y" * 100) == 0
+    device.sock.sendall(mqtt5.PingReqPacket().write())
+    device.expect(mqtt5.PingRespPacket)
+    assert device.publishes == []
+    delivery = broker.server.broker._sessions["att-tiny"][0].delivery
+    assert wait_until(lambda: len(delivery) == 0 and delivery.bytes == 0, DEADLINE)
+
+
+def test_a_subscription_identifier_gets_0xa1(broker: BrokerThread, pki: Pki, raw: Callable[..., Raw]) -> None:
+    """CONNACK says Subscription Identifiers Available = 0: a SUBSCRIBE with one is refused."""
+    device = raw(pki.device("att-subid"))
+    device.sock.sendall(
+        mqtt5.SubscribePacket(
+            1, [mqtt5.TopicFilter("devices/att-subid/cmd/#", max_qos=QOS1)], subscription_id=7
+        ).write()
+    )
+    assert int(device.expect(mqtt5.DisconnectPacket).reason_code) == 0xA1
+
+
+def test_admin_answers_stay_in_the_callers_reply_space_whatever_its_response_topic(
+    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw]
+) -> None:
+    """A service's admin request names another principal's replies, an event topic or a device's
+    command topic as Response Topic (with 60 kB of Correlation Data): the answer goes to its own
+    reply space all the same, Correlation Data echoed; a Response Topic inside it is honoured."""
+    victim = raw(pki.service("svc-att-victim"))
+    assert victim.subscribe("$jitp/admin/replies/svc-att-victim/#", "$jitp/events/#", "#") == [1, 1, 1]
+    caller = raw(pki.service("svc-att-caller"))
+    assert caller.subscribe("$jitp/admin/replies/svc-att-caller/#") == [1]
+    correlation = b"\x00" * 60_000
+    elsewhere = (
+        "$jitp/admin/replies/svc-att-victim/stolen",
+        "$jitp/events/provisioned/fake",
+        "devices/someone/cmd/reboot",
+        "$jitp/admin/replies/svc-att-caller",  # the space itself, without its slash
+    )
+    for n, response in enumerate(elsewhere):
+        request = json.dumps({"correlation_id": f"c{n}"}).encode()
+        assert (
+            caller.publish(
+                "$jitp/admin/devices.list", request, response_topic=response, correlation_data=correlation
+            )
+            == 0
+        )
+    own = "$jitp/admin/replies/svc-att-caller/mine"
+    request = json.dumps({"correlation_id": "own"}).encode()
+    assert (
+        caller.publish("$jitp/admin/devices.list", request, response_topic=own, correlation_data=b"own") == 0
+    )
+
+    caller.until(lambda got: len(got) == len(elsewhere) + 1)
+    topics = {json.loads(bytes(p.payload))["correlation_id"]: p.topic for p in caller.publishes}
+    assert topics == {f"c{n}": f"$jitp/admin/replies/svc-att-caller/c{n}" for n in range(len(elsewhere))} | {
+        "own": own
+    }
+    assert all(p.correlation_data == correlation for p in caller.publishes if p.topic != own)
+    # the victim got none of them: its own request's answer comes alone
+    assert victim.publish("$jitp/admin/devices.list", json.dumps({"correlation_id": "v"}).encode()) == 0
+    victim.until(lambda got: any(p.topic.startswith("$jitp/admin/replies/") for p in got))
+    assert [p.topic for p in victim.publishes] == ["$jitp/admin/replies/svc-att-victim/v"]
+
+
+def test_certificate_answers_stay_on_the_devices_own_topics_whatever_its_response_topic(
+    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw]
+) -> None:
+    """A device's CSR request names another device's certificate topic, an event topic or its own
+    telemetry as Response Topic: the answer goes to its own default topic (Correlation Data back);
+    a Response Topic under its own $jitp/certificates/<id>/ is honoured; the other device sees none."""
+    init_issuer(broker)
+    other = raw(pki.device("att-cert-other"))
+    assert other.subscribe("$jitp/certificates/att-cert-other/#") == [1]
+    device = raw(pki.device("att-cert"))
+    assert device.subscribe("$jitp/certificates/att-cert/#", "devices/att-cert/cmd/#") == [1, 1]
+    elsewhere = (
+        "$jitp/certificates/att-cert-other/accepted",
+        "$jitp/certificates/att-cert-other",
+        "devices/att-cert/cmd/x",
+    )
+    for n, response in enumerate(elsewhere):
+        request = json.dumps({"request_id": f"r{n}", "csr": make_csr(new_key())}).encode()
+        correlation = f"c{n}".encode()
+        topic = "$jitp/certificates/att-cert/create-from-csr"
+        assert device.publish(topic, request, response_topic=response, correlation_data=correlation) == 0
+    own = "$jitp/certificates/att-cert/mine"
+    request = json.dumps({"request_id": "own", "csr": make_csr(new_key())}).encode()
+    topic = "$jitp/certificates/att-cert/create-from-csr"
+    assert device.publish(topic, request, response_topic=own, correlation_data=b"own") == 0
+    device.until(lambda got: len(got) == len(elsewhere) + 1)
+    answers = {
+        json.loads(bytes(p.payload))["request_id"]: (p.topic, p.correlation_data) for p in device.publishes
+    }
+    default = "$jitp/certificates/att-cert/accepted"
+    expected = {f"r{n}": (default, f"c{n}".encode()) for n in range(len(elsewhere))}
+    assert answers == expected | {"own": (own, b"own")}
+    # the other device got none of them: its own request's answer comes alone
+    request = json.dumps({"request_id": "theirs", "csr": make_csr(new_key())}).encode()
+    assert other.publish("$jitp/certificates/att-cert-other/create-from-csr", request) == 0
+    other.until(lambda got: bool(got))
+    assert [json.loads(bytes(p.payload))["request_id"] for p in other.publishes] == ["theirs"]
