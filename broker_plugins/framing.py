@@ -121,7 +121,10 @@ def parse_connect5(packet: bytes) -> ConnectRequest:
     if parsed.will is not None:
         w = parsed.will
         bad = property_violation(
-            response_topic=w.response_topic, content_type=w.content_type, user_properties=w.user_properties
+            response_topic=w.response_topic,
+            content_type=w.content_type,
+            user_properties=w.user_properties,
+            payload_format_indicator=w.payload_format_indicator,
         )
         if bad is not None:
             raise MalformedConnect(f"MQTT 5 CONNECT, the will: {bad[1]}", code=bad[0])
@@ -158,12 +161,22 @@ def parse_connect5(packet: bytes) -> ConnectRequest:
 
 
 def property_violation(
-    *, response_topic: str | None, content_type: str | None, user_properties: list[tuple[str, str]]
+    *,
+    response_topic: str | None,
+    content_type: str | None,
+    user_properties: list[tuple[str, str]],
+    payload_format_indicator: int = 0,
 ) -> tuple[int, str] | None:
     """(v5 reason code, message) for a PUBLISH's or will's properties that break the specification
     although the codec reads them (and would refuse to write them, or a subscriber to read them):
-    a Response Topic that is empty or has a wildcard [MQTT-3.3.2-14, MQTT-4.7.3-1], U+0000 in a
+    a Payload Format Indicator other than 0 or 1 (paho-mqtt drops its connection on one), a
+    Response Topic that is empty or has a wildcard [MQTT-3.3.2-14, MQTT-4.7.3-1], U+0000 in a
     string [MQTT-1.5.4-2]. None if they are fine."""
+    if payload_format_indicator not in (0, 1):
+        return (
+            PROTOCOL_ERROR,
+            f"Payload Format Indicator {payload_format_indicator} (0 or 1) [MQTT-3.3.2.3.2]",
+        )
     if response_topic is not None and (not response_topic or "+" in response_topic or "#" in response_topic):
         return PROTOCOL_ERROR, "Response Topic empty or with a wildcard [MQTT-3.3.2-14]"
     strings = [response_topic or "", content_type or ""]

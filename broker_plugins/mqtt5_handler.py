@@ -243,6 +243,7 @@ class Mqtt5Handler(JitpProtocolHandler):
             response_topic=packet.response_topic,
             content_type=packet.content_type,
             user_properties=packet.user_properties,
+            payload_format_indicator=packet.payload_format_indicator,
         ):
             violation = (f"PUBLISH: {bad[1]}", Goodbye(bad[0]))
         if violation is not None:

@@ -13,19 +13,22 @@ import contextlib
 import json
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import mqtt5
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from broker_plugins.session import JitpSession
 from tests.broker_plugins.test_mqtt5_bad_input_e2e import connect_bytes, read_packet
 from tests.broker_plugins.test_mqtt5_disconnect_e2e import profile_broker
 from tests.certflow import init_issuer, make_csr, new_key
-from tests.helpers import BrokerThread, Identity, Pki, wait_until
+from tests.helpers import BrokerThread, Identity, Pki, client_context, wait_until
 from tests.rawmqtt import tls_connect
 
 DEADLINE = 10.0
@@ -688,3 +691,33 @@ def test_certificate_answers_stay_on_the_devices_own_topics_whatever_its_respons
     assert other.publish("$jitp/certificates/att-cert-other/create-from-csr", request) == 0
     other.until(lambda got: bool(got))
     assert [json.loads(bytes(p.payload))["request_id"] for p in other.publishes] == ["theirs"]
+
+
+def test_a_payload_format_indicator_other_than_0_or_1_is_refused_and_paho_subscribers_stay(
+    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw]
+) -> None:
+    """Attack: a v5 device publishes with Payload Format Indicator 2 (only 0 and 1 exist). The codec
+    reads it and the broker forwarded it: paho-mqtt's v5 client stops receiving on it, so every
+    paho service reading device telemetry went deaf (and a persistent one got it again at each
+    reconnect). Now the publisher gets DISCONNECT 0x82 and the service gets the later marker."""
+    service = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="svc-att-pfi", protocol=mqtt.MQTTv5)
+    service.tls_set_context(client_context(pki, pki.service("svc-att-pfi")))
+    received: list[bytes] = []
+    subscribed = threading.Event()
+    service.on_message = lambda c, u, m: received.append(m.payload)
+    service.on_subscribe = lambda *args: subscribed.set()
+    service.on_connect = lambda c, *args: c.subscribe("devices/+/x", qos=1)
+    service.connect("127.0.0.1", broker.port)
+    service.loop_start()
+    try:
+        assert subscribed.wait(DEADLINE)
+        device = raw(pki.device("att-pfi"))
+        device.sock.sendall(publish_bytes("devices/att-pfi/x", b"\x01\x02"))  # PFI 2
+        assert int(device.expect(mqtt5.DisconnectPacket).reason_code) == 0x82
+        other = raw(pki.device("att-pfi-b"))
+        assert other.publish("devices/att-pfi-b/x", b"marker", payload_format_indicator=1) == 0
+        assert wait_until(lambda: b"marker" in received, DEADLINE), received
+        assert received == [b"marker"]
+    finally:
+        service.disconnect()
+        service.loop_stop()
