@@ -352,9 +352,14 @@ class JitpBroker(Broker):
             found = self._sessions.get(client_id)
             if found is not None and found[0] is session and not session.transitions.is_connected():
                 log.info("session of %s expired after %d s offline", client_id, session.session_expiry)
+                if session.will_timer is not None:  # the session ends first: its will goes now
+                    session.will_timer.cancel()
+                    session.will_timer = None
+                    self.spawn(self._publish_will(session), "jitp-will")
                 self.spawn(self._delete_session(client_id), "jitp-session-expiry")
 
-        _cancel_timers(session)
+        if session.expiry_timer is not None:  # not the will timer: a will held back still goes
+            session.expiry_timer.cancel()
         session.expiry_timer = asyncio.get_running_loop().call_later(session.session_expiry, expire)
 
     def _joined(self, connection: TlsConnection, outcome: JoinOutcome) -> None:
@@ -431,9 +436,11 @@ class JitpBroker(Broker):
             return incoming
         old_session, old_handler = existing
         assert isinstance(old_session, JitpSession)
-        _cancel_timers(old_session)  # a delayed will or an expiry: the client is back [MQTT-3.1.3-9]
         if old_session.transitions.is_connected():
             await self._take_over(old_session, old_handler, incoming)
+        # A delayed will or an expiry: the client is back [MQTT-3.1.3-9]. After the takeover, whose
+        # end of the old connection holds back the old connection's will.
+        _cancel_timers(old_session)
         if incoming.clean_start:
             await self._delete_session(client_id)
             incoming.parent = 0
@@ -563,11 +570,12 @@ class JitpBroker(Broker):
             return Verdict(close=Goodbye.NOT_AUTHORIZED)
         profile = session.client.profile if session.client is not None else None
         if profile is not None:
-            if len(data) > profile.max_message_size:
+            size = len(data) + properties.wire_size  # MQTT 5 properties are part of the message
+            if size > profile.max_message_size:
                 self._report(
                     session,
                     errors.ProfileLimit,
-                    f"a {len(data)}-byte {what}, over its profile's max_message_size "
+                    f"a {size}-byte {what}, over its profile's max_message_size "
                     f"{profile.max_message_size}: {'dropped' if will else 'disconnected'}",
                 )
                 return Verdict(close=Goodbye.PACKET_TOO_LARGE)
@@ -590,6 +598,12 @@ class JitpBroker(Broker):
             log.info("%s may not publish to %s; %s dropped", session.client_id, topic, what)
             if will:
                 self._report(session, errors.WillNotAllowed, f"will on {topic!r} refused at publication")
+            return NOT_AUTHORIZED
+        forged = enforcement.forged_properties(session, properties)
+        if forged is not None:  # v5: a client's message may not pass for one of the broker's own
+            log.warning("%s: %s on %s; %s dropped", session.client_id, forged, topic[:160], what)
+            if will:
+                self._report(session, errors.WillNotAllowed, f"will on {topic!r} refused: {forged}")
             return NOT_AUTHORIZED
         served: list[str] = []
         self.route(
@@ -1063,6 +1077,12 @@ class JitpBroker(Broker):
         """Close a client's connection now, for an operator decision (no will). True if connected."""
         found = self.live_session(client_id)
         if found is None:
+            offline = self._sessions.get(client_id, (None, None))[0]
+            if isinstance(offline, JitpSession) and offline.will_timer is not None:
+                # A will held back by Will Delay is not published after an operator decision either.
+                offline.will_timer.cancel()
+                offline.will_timer = None
+                log.info("the pending will of %s is dropped: %s", client_id, reason)
             return False
         session, handler = found
         if isinstance(session, JitpSession):

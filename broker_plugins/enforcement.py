@@ -13,7 +13,10 @@ from jitp import errors
 from jitp.config import LimitsConfig
 from jitp.domain.acl import Access, namespace_for
 from jitp.domain.records import DeviceStatus
+from jitp.domain.routing import MessageProperties
 from jitp.domain.templates import Profile
+
+RESERVED_SCHEMA = ("schema", "jitp.")  # the user property that marks jitp's own events and alerts
 
 
 def clamp_keepalive(requested: int, *, limits: LimitsConfig, profile: Profile | None) -> int:
@@ -35,6 +38,24 @@ def keepalive(requested: int, *, limits: LimitsConfig, profile: Profile | None) 
     return clamp_keepalive(requested, limits=limits, profile=profile) * limits.keepalive_grace
 
 
+def forged_properties(session: JitpSession, properties: MessageProperties) -> str | None:
+    """What a client may not put in an MQTT 5 PUBLISH or will, or None:
+
+    * the user property ``schema=jitp.*`` marks what the broker itself publishes (events, alerts),
+      so that a v5 subscriber can trust it; a client's message never carries it;
+    * a Response Topic under ``$`` the client could not receive itself (``$jitp/admin/...``,
+      another device's ``$jitp/devices/...`` or ``$jitp/certificates/...``): a responder that
+      answers where it is asked would publish there in its own name, for the client."""
+    key, prefix = RESERVED_SCHEMA
+    for name, value in properties.user_properties:
+        if name == key and value.startswith(prefix):
+            return f"user property {name}={value[:40]!r} is reserved for the broker's own messages"
+    response = properties.response_topic
+    if response is not None and response.startswith("$") and not session.allows(Access.RECEIVE, response):
+        return f"Response Topic {response[:120]!r} is a $-topic the client cannot receive"
+    return None
+
+
 def check_will(session: JitpSession) -> errors.Refused | None:
     """W14 at CONNECT: a will must be a topic the client may publish to (its own status topic is).
     Such a CONNECT is refused (CONNACK 5, audited ``will_not_allowed``) rather than admitted with
@@ -52,6 +73,14 @@ def check_will(session: JitpSession) -> errors.Refused | None:
     if "+" in topic or "#" in topic or not session.allows(Access.PUBLISH, topic):
         return errors.WillNotAllowed(
             "the Last Will's topic is outside the client's publish namespace",
+            device_id=device_id,
+            fingerprint=fingerprint,
+            detail=repr(topic)[:120],
+        )
+    forged = forged_properties(session, session.will_properties)
+    if forged is not None:
+        return errors.WillNotAllowed(
+            f"the Last Will's properties: {forged}",
             device_id=device_id,
             fingerprint=fingerprint,
             detail=repr(topic)[:120],

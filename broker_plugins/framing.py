@@ -93,25 +93,25 @@ def codec_error(exc: Exception) -> tuple[int, str]:
     return MALFORMED, text
 
 
-def read5(data: memoryview) -> tuple[mqtt5.Packet, int]:
-    """``mqtt5.read``, with the codec's panic turned into a ``ValueError`` (Malformed Packet).
-
-    ``mqtt5`` 0.8 does not raise ``UnicodeDecodeError`` for a string that is not UTF-8 (a topic, a
-    client id, a Content Type, ...): pyo3 panics, and its ``PanicException`` is a ``BaseException``,
-    which no ``except Exception`` catches. Uncaught, it ended the connection's task and left the
-    client hanging without a CONNACK or DISCONNECT."""
+def read5(data: bytes) -> tuple[mqtt5.Packet, int]:
+    """``mqtt5.read``, whose every failure on bad input is a ValueError, IndexError (incomplete) or
+    UnicodeDecodeError. The codec panics on some input (invalid UTF-8 in a property: pyo3's
+    PanicException, a BaseException that no ``except Exception`` catches); that becomes a
+    UnicodeDecodeError-like ValueError here, a Malformed Packet for the caller."""
     try:
-        return mqtt5.read(data)
+        return mqtt5.read(memoryview(data))
+    except (ValueError, IndexError):
+        raise
     except BaseException as exc:
         if type(exc).__name__ != "PanicException":
             raise
-        raise ValueError("a string that is not valid UTF-8, or another field the codec cannot read") from None
+        raise ValueError(f"undecodable packet (invalid UTF-8?): {exc}") from None
 
 
 def parse_connect5(packet: bytes) -> ConnectRequest:
     """Parse a whole MQTT 5 CONNECT with the ``mqtt5`` codec [MQTT-3.1]."""
     try:
-        parsed, used = read5(memoryview(packet))
+        parsed, used = read5(packet)
     except (ValueError, IndexError, UnicodeDecodeError) as exc:
         code, text = codec_error(exc)
         raise MalformedConnect(f"MQTT 5 CONNECT: {text}", code=code) from None
@@ -120,6 +120,14 @@ def parse_connect5(packet: bytes) -> ConnectRequest:
     will = None
     if parsed.will is not None:
         w = parsed.will
+        bad = property_violation(
+            response_topic=w.response_topic,
+            content_type=w.content_type,
+            user_properties=w.user_properties,
+            payload_format_indicator=w.payload_format_indicator,
+        )
+        if bad is not None:
+            raise MalformedConnect(f"MQTT 5 CONNECT, the will: {bad[1]}", code=bad[0])
         will = Will(
             topic=w.topic,
             message=bytes(w.payload or b""),
@@ -150,6 +158,32 @@ def parse_connect5(packet: bytes) -> ConnectRequest:
         auth_method=parsed.authentication_method,
         user_properties=tuple(parsed.user_properties),
     )
+
+
+def property_violation(
+    *,
+    response_topic: str | None,
+    content_type: str | None,
+    user_properties: list[tuple[str, str]],
+    payload_format_indicator: int = 0,
+) -> tuple[int, str] | None:
+    """(v5 reason code, message) for a PUBLISH's or will's properties that break the specification
+    although the codec reads them (and would refuse to write them, or a subscriber to read them):
+    a Payload Format Indicator other than 0 or 1 (paho-mqtt drops its connection on one), a
+    Response Topic that is empty or has a wildcard [MQTT-3.3.2-14, MQTT-4.7.3-1], U+0000 in a
+    string [MQTT-1.5.4-2]. None if they are fine."""
+    if payload_format_indicator not in (0, 1):
+        return (
+            PROTOCOL_ERROR,
+            f"Payload Format Indicator {payload_format_indicator} (0 or 1) [MQTT-3.3.2.3.2]",
+        )
+    if response_topic is not None and (not response_topic or "+" in response_topic or "#" in response_topic):
+        return PROTOCOL_ERROR, "Response Topic empty or with a wildcard [MQTT-3.3.2-14]"
+    strings = [response_topic or "", content_type or ""]
+    strings.extend(text for pair in user_properties for text in pair)
+    if any("\x00" in text for text in strings):
+        return MALFORMED, "U+0000 in a property [MQTT-1.5.4-2]"
+    return None
 
 
 def message_properties(

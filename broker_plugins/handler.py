@@ -329,7 +329,17 @@ class JitpProtocolHandler(BrokerProtocolHandler):
                 ):
                     queue.withdraw(message)
                     continue
-                data = self.encode_publish(message)
+                try:
+                    data = self.encode_publish(message)
+                except ValueError as exc:  # the codec refuses what it read (a bug to fix at the inlet)
+                    log.warning(
+                        "a message on %r cannot be encoded for %s: %s; dropped",
+                        message.topic[:160],
+                        session.client_id,
+                        exc,
+                    )
+                    queue.withdraw(message)
+                    continue
                 if data is None:  # over the client's Maximum Packet Size: as if delivered [MQTT-3.1.2-25]
                     queue.withdraw(message)
                     continue

@@ -116,7 +116,10 @@ class Listener:
         except asyncio.CancelledError:
             connection.abort()
             raise
-        except Exception:
+        except (KeyboardInterrupt, SystemExit):
+            connection.abort()
+            raise
+        except BaseException:  # an Exception, or e.g. a PanicException of a Rust extension
             log.exception("unexpected error on connection from %s", connection.address)
             connection.abort()
 

@@ -16,7 +16,13 @@ from typing import Any
 
 import mqtt5
 
-from broker_plugins.framing import codec_error, message_properties, read5, remaining_seconds
+from broker_plugins.framing import (
+    codec_error,
+    message_properties,
+    property_violation,
+    read5,
+    remaining_seconds,
+)
 from broker_plugins.handler import FAIR_SHARE, JitpProtocolHandler, Welcome
 from broker_plugins.reasons import Goodbye
 from broker_plugins.session import JitpSession
@@ -135,7 +141,7 @@ class Mqtt5Handler(JitpProtocolHandler):
                     await self._violation(session, f"malformed packet: {exc}", Goodbye.MALFORMED_PACKET)
                     return False
                 try:
-                    packet, _ = read5(memoryview(raw))
+                    packet, _ = read5(raw)
                 except (ValueError, IndexError, UnicodeDecodeError) as exc:
                     code, text = codec_error(exc)
                     await self._violation(session, f"malformed packet: {text}", Goodbye(code))
@@ -202,7 +208,7 @@ class Mqtt5Handler(JitpProtocolHandler):
             await broker.unsubscribe(session, self, packet.packet_id, list(packet.patterns))
             return None
         if isinstance(packet, mqtt5.DisconnectPacket):
-            return self._disconnect(session, packet)
+            return await self._disconnect(session, packet)
         if isinstance(packet, mqtt5.PubRelPacket):  # jitp takes no QoS 2: nothing to release
             await self._send(
                 mqtt5.PubCompPacket(
@@ -233,6 +239,13 @@ class Mqtt5Handler(JitpProtocolHandler):
             violation = (f"PUBLISH at QoS {qos}, over Maximum QoS {self.max_qos}", Goodbye.QOS_NOT_SUPPORTED)
         elif not packet.topic or "+" in packet.topic or "#" in packet.topic:
             violation = ("PUBLISH topic empty or with a wildcard [MQTT-3.3.2-2]", Goodbye.TOPIC_NAME_INVALID)
+        elif bad := property_violation(
+            response_topic=packet.response_topic,
+            content_type=packet.content_type,
+            user_properties=packet.user_properties,
+            payload_format_indicator=packet.payload_format_indicator,
+        ):
+            violation = (f"PUBLISH: {bad[1]}", Goodbye(bad[0]))
         if violation is not None:
             await self._violation(session, *violation)
             return False
@@ -297,13 +310,18 @@ class Mqtt5Handler(JitpProtocolHandler):
         await broker.subscribe(session, self, packet.packet_id, topics, options)
         return None
 
-    def _disconnect(self, session: JitpSession, packet: mqtt5.DisconnectPacket) -> bool:
+    async def _disconnect(self, session: JitpSession, packet: mqtt5.DisconnectPacket) -> bool:
         expiry = packet.session_expiry_interval
         if expiry is not None:
             if session.session_expiry == 0 and expiry != 0:
                 # [MQTT-3.14.2-2]: a session that was to end with the connection cannot be extended.
-                log.info("%s: DISCONNECT sets a Session Expiry on a session without one", session.client_id)
-            else:
-                session.session_expiry = min(expiry, self.session_expiry_cap)
-                session.clean_session = session.session_expiry == 0
+                # A Protocol Error: DISCONNECT 0x82, and the will goes (not a normal disconnection).
+                await self._violation(
+                    session,
+                    "DISCONNECT sets a Session Expiry on a session without one [MQTT-3.14.2-2]",
+                    Goodbye.PROTOCOL_ERROR,
+                )
+                return False
+            session.session_expiry = min(expiry, self.session_expiry_cap)
+            session.clean_session = session.session_expiry == 0
         return int(packet.reason_code) != WITH_WILL

@@ -251,3 +251,75 @@ def test_retained_properties_count_toward_the_owner_quota() -> None:
     assert store.total_bytes == 1
     store.remove("devices/d/a")
     assert store.total_bytes == 0
+
+
+def test_empty_user_properties_are_not_free() -> None:
+    """An MQTT 5 PUBLISH packed with empty user properties (5 bytes each on the wire, ~73 bytes each
+    held in the broker) counts what holding them costs, in the retained quota and the queue bound;
+    it used to count 0 bytes, so 100 retained messages of 50,000 empty pairs (~370 MB) fit in a
+    1 MiB quota."""
+    from jitp.domain.routing import USER_PROPERTY_OVERHEAD, MessageProperties
+
+    empty = MessageProperties(user_properties=(("", ""),) * 10_000)
+    assert empty.size == 10_000 * USER_PROPERTY_OVERHEAD
+    store = RetainedStore(RetainedLimits())  # the defaults: 1 MiB per owner
+    assert store.put("devices/d/a", b"x", 0, owner="d", properties=empty) is RetainVerdict.STORED
+    assert store.owner_usage("d") == (1, 1 + 10_000 * USER_PROPERTY_OVERHEAD)
+    assert store.put("devices/d/b", b"x", 0, owner="d", properties=empty) is RetainVerdict.OWNER_BYTES
+    queue = DeliveryQueue(QueueLimits(max_messages=1000, max_bytes=16 * 1024 * 1024))
+    offers = [queue.offer(Outgoing("t", b"x", 1, False, properties=empty)) for _ in range(30)]
+    assert offers.count(Offer.QUEUED) == 16 * 1024 * 1024 // (2 + empty.size) < 30
+    assert offers[-1] is Offer.OVERFLOW
+
+
+def test_wire_size_is_what_the_properties_take_in_a_publish() -> None:
+    """A profile's max_message_size counts the properties as sent (checked against the codec)."""
+    import mqtt5
+
+    from jitp.domain.routing import MessageProperties
+
+    props = MessageProperties(
+        payload_format_indicator=1,
+        content_type="application/é",
+        response_topic="r/t",
+        correlation_data=b"\x00" * 9,
+        user_properties=(("", ""), ("ké", "v" * 300)),
+        expires_at=5.0,
+    )
+    bare = len(mqtt5.PublishPacket("t", b"").write())
+    full = mqtt5.PublishPacket(
+        "t",
+        b"",
+        payload_format_indicator=1,
+        content_type=props.content_type,
+        response_topic=props.response_topic,
+        correlation_data=props.correlation_data,
+        user_properties=list(props.user_properties),
+        message_expiry_interval=5,
+    ).write()
+    # the property length and the remaining length grow by one byte each past 127
+    assert len(full) - bare - 2 == props.wire_size
+
+
+@given(
+    st.lists(st.tuples(st.booleans(), TOPIC), max_size=40),
+    st.lists(FILTER, min_size=1, max_size=5),
+)
+@settings(max_examples=300, deadline=None)
+def test_retained_match_by_the_level_tree_is_the_scan(
+    ops: list[tuple[bool, str]], filters: list[str]
+) -> None:
+    """The level tree finds exactly what a scan of every retained message with topic_matches finds,
+    after any sequence of stores and clears."""
+    store = RetainedStore()
+    for keep, topic in ops:
+        if keep:
+            store.put(topic, b"x", 0, owner=None)
+        else:
+            store.remove(topic)
+    for topic_filter in filters:
+        found = sorted(m.topic for m in store.match(topic_filter))
+        assert found == sorted(t for t in store.messages if topic_matches(t, topic_filter)), topic_filter
+    for topic in list(store.messages):
+        store.remove(topic)
+    assert store.match("#") == [] and not store._root.children
