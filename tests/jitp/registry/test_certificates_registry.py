@@ -40,7 +40,9 @@ NOW = datetime.now(UTC).replace(microsecond=0)
 
 class Clock:
     def __init__(self) -> None:
-        self.now = NOW
+        # The test's own start, not the module's import: a birth certificate made during the test
+        # is valid from about now, and a long suite may reach this test minutes after collection.
+        self.now = datetime.now(UTC).replace(microsecond=0)
 
     def __call__(self) -> datetime:
         return self.now
