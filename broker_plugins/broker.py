@@ -672,18 +672,21 @@ class JitpBroker(Broker):
         keys = []
         for key in self.subscription_tree.match(topic):
             group = self.shares.get(key) if key[:1] == SHARED else None
-            if group is not None and any(self._share_target(m, topic) for m in group.members):
+            if group is not None and any(
+                (member := self._share_member(m, topic)) is not None
+                and (member.transitions.is_connected() or not member.clean_session)
+                for m in group.members
+            ):
                 keys.append(key)
         return keys
 
-    def _share_target(self, client_id: str, topic: str) -> bool:
+    def _share_member(self, client_id: str, topic: str) -> JitpSession | None:
+        """A shared subscription's member's session, if it may receive ``topic``."""
         entry = self._sessions.get(client_id)
         target = entry[0] if entry is not None else None
-        return (
-            isinstance(target, JitpSession)
-            and target.allows(Access.RECEIVE, topic)
-            and (target.transitions.is_connected() or not target.clean_session)
-        )
+        if isinstance(target, JitpSession) and target.allows(Access.RECEIVE, topic):
+            return target
+        return None
 
     def _route_shared(self, key: str, message: Outgoing, *, exclude: str | None = None) -> int:
         """Give ``message`` to one member of the shared subscription ``key``, in turn: the next
@@ -695,9 +698,8 @@ class JitpBroker(Broker):
         fallback: tuple[JitpSession, int] | None = None
         for i in range(len(members)):
             client_id = members[(group.turn + i) % len(members)]
-            entry = self._sessions.get(client_id)
-            target = entry[0] if entry is not None else None
-            if not isinstance(target, JitpSession) or not target.allows(Access.RECEIVE, message.topic):
+            target = self._share_member(client_id, message.topic)
+            if target is None:
                 continue
             qos = min(message.qos, group.members[client_id])
             if target.transitions.is_connected():

@@ -100,8 +100,6 @@ def read5(data: bytes) -> tuple[mqtt5.Packet, int]:
     UnicodeDecodeError-like ValueError here, a Malformed Packet for the caller."""
     try:
         return mqtt5.read(memoryview(data))
-    except (ValueError, IndexError):
-        raise
     except BaseException as exc:
         if type(exc).__name__ != "PanicException":
             raise

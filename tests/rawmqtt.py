@@ -1,10 +1,17 @@
-"""A minimal MQTT 3.1.1 encoder and raw TLS sockets, for clients that misbehave on purpose."""
+"""A minimal MQTT 3.1.1 encoder, raw TLS sockets and a raw MQTT 5 client, for clients that misbehave
+on purpose."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
+import struct
 import time
+from collections.abc import Callable
+from typing import Any
+
+import mqtt5
 
 from device_sim.mqtt import encode_str as _utf8
 from device_sim.mqtt import encode_varint as _remaining_length
@@ -127,3 +134,126 @@ def subscribe_packet(packet_id: int, filters: list[tuple[str, int]]) -> bytes:
 def unsubscribe_packet(packet_id: int, filters: list[str]) -> bytes:
     body = packet_id.to_bytes(2, "big") + b"".join(_utf8(f) for f in filters)
     return b"\xa2" + _remaining_length(len(body)) + body
+
+
+class Raw5:
+    """An MQTT 5 client in raw bytes (the ``mqtt5`` codec) over mutual TLS. ``ack=False``: it never
+    acknowledges a PUBLISH (a member that takes its share and sits on it)."""
+
+    def __init__(self, port: int, pki: Pki, ident: Identity, *, ack: bool = True, **connect: Any) -> None:
+        self.name = ident.name
+        self.sock = tls_connect(port, pki, ident)
+        self.ack = ack
+        self.buf = b""
+        self.publishes: list[mqtt5.PublishPacket] = []
+        self.others: list[mqtt5.Packet] = []
+        self._id = 0
+        connect.setdefault("clean_start", True)
+        connect.setdefault("keep_alive", 30)
+        self.sock.sendall(mqtt5.ConnectPacket(ident.name, **connect).write())
+        connack = self.next(10.0)
+        assert isinstance(connack, mqtt5.ConnAckPacket), connack
+        assert int(connack.reason_code) == 0, connack
+
+    def packet_id(self) -> int:
+        self._id = self._id % 65535 + 1
+        return self._id
+
+    def next(self, timeout: float = 10.0) -> mqtt5.Packet | None:
+        """The next packet from the broker, None if none comes within ``timeout`` or it closed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                packet, size = mqtt5.read(memoryview(self.buf))
+                self.buf = self.buf[size:]
+                return packet
+            except IndexError:
+                pass
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(65536)
+            except (TimeoutError, OSError):
+                return None
+            if not chunk:
+                return None
+            self.buf += chunk
+
+    def expect(self, kind: type[Any], timeout: float = 10.0) -> Any:
+        """The next packet of type ``kind``; PUBLISHes met on the way are kept (and acknowledged)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            packet = self.next(max(0.0, deadline - time.monotonic()))
+            assert packet is not None, f"no {kind.__name__}"
+            if isinstance(packet, kind):
+                return packet
+            self._keep(packet)
+
+    def _keep(self, packet: mqtt5.Packet) -> None:
+        if isinstance(packet, mqtt5.PublishPacket):
+            self.publishes.append(packet)
+            if packet.packet_id is not None and self.ack:
+                self.sock.sendall(mqtt5.PubAckPacket(packet.packet_id).write())
+        else:
+            self.others.append(packet)
+
+    def subscribe(self, *filters: str, **options: Any) -> list[int]:
+        self.sock.sendall(
+            mqtt5.SubscribePacket(
+                self.packet_id(),
+                [mqtt5.TopicFilter(f, max_qos=mqtt5.QoS.AT_LEAST_ONCE, **options) for f in filters],
+            ).write()
+        )
+        return [int(c) for c in self.expect(mqtt5.SubAckPacket).reason_codes]
+
+    def publish(self, topic: str, payload: bytes, **props: Any) -> int:
+        """A QoS 1 PUBLISH; the PUBACK's reason code."""
+        pid = self.packet_id()
+        self.sock.sendall(
+            mqtt5.PublishPacket(topic, payload, qos=mqtt5.QoS.AT_LEAST_ONCE, packet_id=pid, **props).write()
+        )
+        ack = self.expect(mqtt5.PubAckPacket)
+        assert ack.packet_id == pid
+        return int(ack.reason_code)
+
+    def wait_for(self, payload: bytes, timeout: float = 10.0) -> mqtt5.PublishPacket:
+        """Read until a PUBLISH with ``payload`` arrives (everything before it is kept)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for p in self.publishes:
+                if bytes(p.payload) == payload:
+                    return p
+            packet = self.next(max(0.0, deadline - time.monotonic()))
+            assert packet is not None, f"{payload!r} never arrived; got {self.payloads()}"
+            self._keep(packet)
+
+    def until(self, done: Callable[[list[mqtt5.PublishPacket]], bool], timeout: float = 10.0) -> None:
+        """Read (keeping PUBLISHes) until ``done(self.publishes)``."""
+        deadline = time.monotonic() + timeout
+        while not done(self.publishes):
+            packet = self.next(max(0.0, deadline - time.monotonic()))
+            assert packet is not None, f"not done; got {[p.topic for p in self.publishes]}"
+            self._keep(packet)
+
+    def payloads(self) -> list[bytes]:
+        return [bytes(p.payload) for p in self.publishes]
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.sendall(mqtt5.DisconnectPacket().write())
+        self.sock.close()
+
+    def poll(self) -> int:
+        """Keep whatever PUBLISHes have arrived by now (waiting briefly for the first); their count."""
+        packet = self.next(0.05)
+        while packet is not None:
+            self._keep(packet)
+            packet = self.next(0.0)
+        return len(self.publishes)
+
+    def drop(self) -> None:
+        """Close the socket abruptly: TCP reset, no TLS close_notify, no DISCONNECT, no PUBACK."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()

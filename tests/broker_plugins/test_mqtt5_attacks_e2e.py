@@ -9,7 +9,6 @@ connection's packets are handled in order).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import subprocess
 import sys
@@ -29,123 +28,18 @@ from tests.broker_plugins.test_mqtt5_bad_input_e2e import connect_bytes, read_pa
 from tests.broker_plugins.test_mqtt5_disconnect_e2e import profile_broker
 from tests.certflow import init_issuer, make_csr, new_key
 from tests.helpers import BrokerThread, Identity, Pki, client_context, wait_until
-from tests.rawmqtt import tls_connect
+from tests.rawmqtt import Raw5, tls_connect
 
 DEADLINE = 10.0
 QOS1 = mqtt5.QoS.AT_LEAST_ONCE
 
 
-class Raw:
-    """An MQTT 5 client in raw bytes over mutual TLS."""
-
-    def __init__(self, broker: BrokerThread, pki: Pki, ident: Identity, **connect: Any) -> None:
-        self.name = ident.name
-        self.sock = tls_connect(broker.port, pki, ident)
-        self.buf = b""
-        self.publishes: list[mqtt5.PublishPacket] = []
-        self.others: list[mqtt5.Packet] = []
-        self._id = 0
-        connect.setdefault("clean_start", True)
-        connect.setdefault("keep_alive", 30)
-        self.sock.sendall(mqtt5.ConnectPacket(ident.name, **connect).write())
-        connack = self.next(DEADLINE)
-        assert isinstance(connack, mqtt5.ConnAckPacket), connack
-        assert int(connack.reason_code) == 0, connack
-
-    def packet_id(self) -> int:
-        self._id = self._id % 65535 + 1
-        return self._id
-
-    def next(self, timeout: float = DEADLINE) -> mqtt5.Packet | None:
-        """The next packet from the broker, None if none comes within ``timeout`` or it closed."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                packet, size = mqtt5.read(memoryview(self.buf))
-                self.buf = self.buf[size:]
-                return packet
-            except IndexError:
-                pass
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            self.sock.settimeout(left)
-            try:
-                chunk = self.sock.recv(65536)
-            except (TimeoutError, OSError):
-                return None
-            if not chunk:
-                return None
-            self.buf += chunk
-
-    def expect(self, kind: type[Any], timeout: float = DEADLINE) -> Any:
-        """The next packet of type ``kind``; PUBLISHes met on the way are kept (and acknowledged)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            packet = self.next(max(0.0, deadline - time.monotonic()))
-            assert packet is not None, f"no {kind.__name__}"
-            if isinstance(packet, kind):
-                return packet
-            self._keep(packet)
-
-    def _keep(self, packet: mqtt5.Packet) -> None:
-        if isinstance(packet, mqtt5.PublishPacket):
-            self.publishes.append(packet)
-            if packet.packet_id is not None:
-                self.sock.sendall(mqtt5.PubAckPacket(packet.packet_id).write())
-        else:
-            self.others.append(packet)
-
-    def subscribe(self, *filters: str, **options: Any) -> list[int]:
-        self.sock.sendall(
-            mqtt5.SubscribePacket(
-                self.packet_id(), [mqtt5.TopicFilter(f, max_qos=QOS1, **options) for f in filters]
-            ).write()
-        )
-        return [int(c) for c in self.expect(mqtt5.SubAckPacket).reason_codes]
-
-    def publish(self, topic: str, payload: bytes, **props: Any) -> int:
-        """A QoS 1 PUBLISH; the PUBACK's reason code."""
-        pid = self.packet_id()
-        self.sock.sendall(mqtt5.PublishPacket(topic, payload, qos=QOS1, packet_id=pid, **props).write())
-        ack = self.expect(mqtt5.PubAckPacket)
-        assert ack.packet_id == pid
-        return int(ack.reason_code)
-
-    def wait_for(self, payload: bytes, timeout: float = DEADLINE) -> mqtt5.PublishPacket:
-        """Read until a PUBLISH with ``payload`` arrives (everything before it is kept)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            for p in self.publishes:
-                if bytes(p.payload) == payload:
-                    return p
-            packet = self.next(max(0.0, deadline - time.monotonic()))
-            assert packet is not None, f"{payload!r} never arrived; got {self.payloads()}"
-            self._keep(packet)
-
-    def until(self, done: Callable[[list[mqtt5.PublishPacket]], bool], timeout: float = DEADLINE) -> None:
-        """Read (keeping PUBLISHes) until ``done(self.publishes)``."""
-        deadline = time.monotonic() + timeout
-        while not done(self.publishes):
-            packet = self.next(max(0.0, deadline - time.monotonic()))
-            assert packet is not None, f"not done; got {[p.topic for p in self.publishes]}"
-            self._keep(packet)
-
-    def payloads(self) -> list[bytes]:
-        return [bytes(p.payload) for p in self.publishes]
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.sendall(mqtt5.DisconnectPacket().write())
-        self.sock.close()
-
-
 @pytest.fixture
-def raw(broker: BrokerThread, pki: Pki) -> Iterator[Callable[..., Raw]]:
-    opened: list[Raw] = []
+def raw(broker: BrokerThread, pki: Pki) -> Iterator[Callable[..., Raw5]]:
+    opened: list[Raw5] = []
 
-    def make(ident: Identity, **kw: Any) -> Raw:
-        client = Raw(broker, pki, ident, **kw)
+    def make(ident: Identity, **kw: Any) -> Raw5:
+        client = Raw5(broker.port, pki, ident, **kw)
         opened.append(client)
         return client
 
@@ -156,7 +50,7 @@ def raw(broker: BrokerThread, pki: Pki) -> Iterator[Callable[..., Raw]]:
 
 # -- properties as a resource -----------------------------------------------------------------------
 def test_empty_user_properties_count_toward_the_retained_quota(
-    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw]
+    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw5]
 ) -> None:
     """Attack: retained messages packed with empty user properties (5 bytes each on the wire, ~73
     held). They counted 0 bytes: one device retained 100 x 50,000 pairs (~370 MB) within its 1 MiB
@@ -194,13 +88,13 @@ def test_properties_count_toward_the_profiles_message_size(
     """Attack: a device whose profile allows 64-byte messages sends a 1-byte payload with 8 kB of
     properties. Only the payload was measured: it was accepted and routed to every subscriber."""
     name = f"att-prof-{next(iter(props))}".replace("_", "-")
-    opened: list[Raw] = []
+    opened: list[Raw5] = []
     try:
-        service = Raw(small_broker, pki, pki.service(f"svc-{name}"))
+        service = Raw5(small_broker.port, pki, pki.service(f"svc-{name}"))
         opened.append(service)
         assert service.subscribe(f"devices/{name}/#") == [1]
         ident = pki.device(name)
-        opened.append(device := Raw(small_broker, pki, ident))
+        opened.append(device := Raw5(small_broker.port, pki, ident))
         assert device.publish(f"devices/{name}/ok", b"fits") == 0  # a small message passes
         service.wait_for(b"fits")
         device.sock.sendall(
@@ -209,7 +103,7 @@ def test_properties_count_toward_the_profiles_message_size(
         goodbye = device.expect(mqtt5.DisconnectPacket)
         assert int(goodbye.reason_code) == 0x95
         # the service never got it: a marker the device publishes after it arrives alone
-        opened.append(device := Raw(small_broker, pki, ident))
+        opened.append(device := Raw5(small_broker.port, pki, ident))
         assert device.publish(f"devices/{name}/after", b"after") == 0
         service.wait_for(b"after")
         assert service.payloads() == [b"fits", b"after"]
@@ -226,7 +120,7 @@ def session_of(broker: BrokerThread, client_id: str) -> JitpSession:
 
 
 def test_a_delayed_will_is_published_after_its_delay(
-    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw]
+    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw5]
 ) -> None:
     """MQTT 5 Will Delay on a persistent session: the will goes after the delay [MQTT-3.1.3-9].
     Before: the session's expiry timer cancelled the will's timer, so it was never published."""
@@ -240,7 +134,7 @@ def test_a_delayed_will_is_published_after_its_delay(
 
 
 def test_a_reconnect_within_the_will_delay_cancels_the_will_also_after_a_takeover(
-    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw]
+    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw5]
 ) -> None:
     """The second connection takes over the first (its will held back by Will Delay): the first
     connection's end must not schedule a will that fires while the client is connected."""
@@ -259,7 +153,7 @@ def test_a_reconnect_within_the_will_delay_cancels_the_will_also_after_a_takeove
 
 
 def test_revoking_an_offline_device_drops_its_delayed_will(
-    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw]
+    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw5]
 ) -> None:
     """Attack: a device sets a retained will on its own topic, held back by Will Delay up to its
     Session Expiry, drops the connection, and gets revoked. Its will would be published, and
@@ -285,7 +179,7 @@ def test_revoking_an_offline_device_drops_its_delayed_will(
 
 
 def test_a_will_delay_past_the_session_expiry_goes_when_the_session_ends(
-    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw]
+    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw5]
 ) -> None:
     """Will Delay 600 s, Session Expiry 1 s: the will goes when the session ends [MQTT-3.1.3-9]."""
     service = raw(pki.service("svc-att-will-expiry"))
@@ -303,7 +197,7 @@ MARKER = [("schema", "jitp.event/1")]
 
 
 def test_a_device_cannot_mark_its_message_as_one_of_jitps_events(
-    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw]
+    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw5]
 ) -> None:
     """Attack: a v5 device publishes event-shaped JSON on its own telemetry topic with Content Type
     application/json and the user property schema=jitp.event/1, the marker jitp's events carry for
@@ -330,7 +224,7 @@ def test_a_will_cannot_carry_jitps_event_marker(broker: BrokerThread, pki: Pki) 
     """The same marker in a will: CONNACK 0x87, audited will_not_allowed."""
     will = mqtt5.Will("devices/att-forge-will/gone", payload=EVENT, user_properties=MARKER)
     with pytest.raises(AssertionError, match="NOT_AUTHORIZED"):
-        Raw(broker, pki, pki.device("att-forge-will"), will=will)
+        Raw5(broker.port, pki, pki.device("att-forge-will"), will=will)
     assert wait_until(
         lambda: any(
             e.draft.action == "refused" and e.draft.reason == "will_not_allowed" for e in broker.audit()
@@ -340,7 +234,7 @@ def test_a_will_cannot_carry_jitps_event_marker(broker: BrokerThread, pki: Pki) 
 
 
 def test_a_device_cannot_name_a_dollar_response_topic_it_cannot_read(
-    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw]
+    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw5]
 ) -> None:
     """Attack (confused deputy): a v5 device's request names as Response Topic the admin API
     (``$jitp/admin/<command>``), an event topic, or another device's configuration or certificate
@@ -362,7 +256,7 @@ def test_a_device_cannot_name_a_dollar_response_topic_it_cannot_read(
         assert device.publish(topic, b"forged", response_topic=response) == 0x87, response
     will = mqtt5.Will(topic, payload=b"will", response_topic="$jitp/admin/devices.list")
     with pytest.raises(AssertionError, match="NOT_AUTHORIZED"):
-        Raw(broker, pki, pki.device(f"{name}-will"), will=will)
+        Raw5(broker.port, pki, pki.device(f"{name}-will"), will=will)
     allowed = (f"$jitp/certificates/{name}/mine", f"devices/{name}/cmd/reply", "devices/elsewhere/reply")
     for n, response in enumerate(allowed):
         assert device.publish(topic, f"ok-{n}".encode(), response_topic=response) == 0, response
@@ -372,7 +266,7 @@ def test_a_device_cannot_name_a_dollar_response_topic_it_cannot_read(
 
 # -- DISCONNECT --------------------------------------------------------------------------------------
 def test_a_disconnect_that_extends_a_session_without_expiry_is_a_protocol_error(
-    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw]
+    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw5]
 ) -> None:
     """A session that ends with its connection (Session Expiry 0) cannot be extended by DISCONNECT
     [MQTT-3.14.2-2]. Before: logged, taken as a normal DISCONNECT, so the will was suppressed and no
@@ -419,7 +313,7 @@ def test_a_connect_the_codec_panics_on_gets_0x81_and_is_closed(broker: BrokerThr
 
 
 def test_a_publish_the_codec_panics_on_gets_0x81(
-    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw]
+    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw5]
 ) -> None:
     """The same after CONNACK: DISCONNECT 0x81 and an audited protocol_violation (before: the panic
     ended the connection without a word or an audit entry)."""
@@ -453,7 +347,7 @@ def string_property(identifier: int, text: bytes) -> bytes:
     ids=["rt-plus", "rt-hash", "rt-empty", "rt-nul", "content-type-nul", "user-property-nul"],
 )
 def test_a_publish_whose_properties_cannot_be_forwarded_is_refused_and_subscribers_stay(
-    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw], props: bytes, code: int
+    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw5], props: bytes, code: int
 ) -> None:
     """Attack: a v5 device publishes with a Response Topic holding a wildcard. The codec reads it
     but refuses to write it: before, the PUBLISH was acknowledged and routed, and the sender of every
@@ -494,7 +388,7 @@ def test_a_will_whose_response_topic_has_a_wildcard_is_refused(broker: BrokerThr
 
 # -- CPU ---------------------------------------------------------------------------------------------
 def test_a_subscribe_flood_does_not_scan_the_fleets_retained_messages(
-    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw]
+    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw5]
 ) -> None:
     """Attack: a device sends SUBSCRIBEs to its own wildcard filter in a loop (SUBSCRIBE has no rate
     limit; Retain Handling 0 asks for the retained messages each time). Each matched its filter
@@ -529,7 +423,7 @@ def test_a_subscribe_flood_does_not_scan_the_fleets_retained_messages(
 
 # -- defenses that hold (regression tests) -----------------------------------------------------------
 def test_shared_subscriptions_do_not_escape_the_acl(
-    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw]
+    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw5]
 ) -> None:
     """A device reaches events, another device's topics or everything through no $share form; a
     service does not reach another principal's admin replies or the admin requests either."""
@@ -569,7 +463,7 @@ def test_shared_subscriptions_do_not_escape_the_acl(
 
 
 def test_a_device_cannot_publish_under_jitp_events(
-    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw]
+    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw5]
 ) -> None:
     """A PUBLISH to $jitp/events/...: DISCONNECT 0x90; a will there: CONNACK 0x87."""
     device = raw(pki.device("att-events"))
@@ -581,11 +475,11 @@ def test_a_device_cannot_publish_under_jitp_events(
     assert int(device.expect(mqtt5.DisconnectPacket).reason_code) == 0x90
     will = mqtt5.Will("$jitp/events/revoked/victim", payload=b"{}", content_type="application/json")
     with pytest.raises(AssertionError, match="NOT_AUTHORIZED"):
-        Raw(broker, pki, pki.device("att-events-will"), will=will)
+        Raw5(broker.port, pki, pki.device("att-events-will"), will=will)
 
 
 def test_a_tiny_maximum_packet_size_drops_publishes_without_spinning(
-    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw]
+    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw5]
 ) -> None:
     """Maximum Packet Size 2: no PUBLISH fits, so each is discarded as if delivered [MQTT-3.1.2-25]:
     nothing arrives, nothing stays queued or in flight, and the connection keeps working."""
@@ -600,7 +494,9 @@ def test_a_tiny_maximum_packet_size_drops_publishes_without_spinning(
     assert wait_until(lambda: len(delivery) == 0 and delivery.bytes == 0, DEADLINE)
 
 
-def test_a_subscription_identifier_gets_0xa1(broker: BrokerThread, pki: Pki, raw: Callable[..., Raw]) -> None:
+def test_a_subscription_identifier_gets_0xa1(
+    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw5]
+) -> None:
     """CONNACK says Subscription Identifiers Available = 0: a SUBSCRIBE with one is refused."""
     device = raw(pki.device("att-subid"))
     device.sock.sendall(
@@ -612,7 +508,7 @@ def test_a_subscription_identifier_gets_0xa1(broker: BrokerThread, pki: Pki, raw
 
 
 def test_admin_answers_stay_in_the_callers_reply_space_whatever_its_response_topic(
-    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw]
+    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw5]
 ) -> None:
     """A service's admin request names another principal's replies, an event topic or a device's
     command topic as Response Topic (with 60 kB of Correlation Data): the answer goes to its own
@@ -655,7 +551,7 @@ def test_admin_answers_stay_in_the_callers_reply_space_whatever_its_response_top
 
 
 def test_certificate_answers_stay_on_the_devices_own_topics_whatever_its_response_topic(
-    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw]
+    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw5]
 ) -> None:
     """A device's CSR request names another device's certificate topic, an event topic or its own
     telemetry as Response Topic: the answer goes to its own default topic (Correlation Data back);
@@ -694,7 +590,7 @@ def test_certificate_answers_stay_on_the_devices_own_topics_whatever_its_respons
 
 
 def test_a_payload_format_indicator_other_than_0_or_1_is_refused_and_paho_subscribers_stay(
-    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw]
+    broker: BrokerThread, pki: Pki, raw: Callable[..., Raw5]
 ) -> None:
     """Attack: a v5 device publishes with Payload Format Indicator 2 (only 0 and 1 exist). The codec
     reads it and the broker forwarded it: paho-mqtt's v5 client stops receiving on it, so every

@@ -17,8 +17,6 @@ flag across versions; these tests do not repeat them.
 from __future__ import annotations
 
 import json
-import socket
-import struct
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -34,7 +32,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from jitp.domain.events import event_topic
 from jitp.domain.records import EventType
 from tests.helpers import BrokerThread, Identity, Pki, client_context, wait_until
-from tests.rawmqtt import tls_connect
+from tests.rawmqtt import Raw5
 
 DEADLINE = 10.0
 SESSION_EXPIRY = 300
@@ -151,66 +149,6 @@ class Client:
             self.client.loop_stop()
 
 
-class RawMember:
-    """An MQTT 5 client in raw bytes that reads PUBLISHes and never acknowledges them."""
-
-    def __init__(self, broker: BrokerThread, pki: Pki, ident: Identity) -> None:
-        self.sock = tls_connect(broker.port, pki, ident)
-        self.buf = b""
-        self.publishes: list[mqtt5.PublishPacket] = []
-        self.sock.sendall(mqtt5.ConnectPacket(ident.name, clean_start=True, keep_alive=30).write())
-        connack = self.next(DEADLINE)
-        assert isinstance(connack, mqtt5.ConnAckPacket) and int(connack.reason_code) == 0, connack
-
-    def next(self, timeout: float) -> mqtt5.Packet | None:
-        """The next packet from the broker, or None if none comes within ``timeout``."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                packet, size = mqtt5.read(memoryview(self.buf))
-                self.buf = self.buf[size:]
-                return packet
-            except IndexError:  # incomplete
-                pass
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            self.sock.settimeout(left)
-            try:
-                chunk = self.sock.recv(65536)
-            except TimeoutError:
-                return None
-            assert chunk, "the broker closed the connection"
-            self.buf += chunk
-
-    def subscribe(self, topic_filter: str) -> list[int]:
-        self.sock.sendall(
-            mqtt5.SubscribePacket(
-                1, [mqtt5.TopicFilter(topic_filter, max_qos=mqtt5.QoS.AT_LEAST_ONCE)]
-            ).write()
-        )
-        suback = self.next(DEADLINE)
-        assert isinstance(suback, mqtt5.SubAckPacket), suback
-        return [int(c) for c in suback.reason_codes]
-
-    def poll(self) -> int:
-        """Read whatever PUBLISHes have arrived (briefly); how many there are now."""
-        packet = self.next(0.05)
-        while packet is not None:
-            assert isinstance(packet, mqtt5.PublishPacket), packet
-            self.publishes.append(packet)
-            packet = self.next(0.0)
-        return len(self.publishes)
-
-    def payloads(self) -> list[bytes]:
-        return [bytes(p.payload) for p in self.publishes]
-
-    def drop(self) -> None:
-        """Close the socket abruptly: TCP reset, no TLS close_notify, no DISCONNECT, no PUBACK."""
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.sock.close()
-
-
 @pytest.fixture
 def connect(broker: BrokerThread, pki: Pki) -> Iterator[Callable[..., Client]]:
     """Connect a :class:`Client` (closed when the test ends, pass or fail)."""
@@ -293,7 +231,7 @@ def test_unacknowledged_shared_messages_go_to_another_member_when_one_drops(
     device = connect(pki.device("shr-dev"))
     telemetry = f"devices/{device.name}/telemetry"
     shared = f"$share/ingest/{telemetry}"
-    silent = RawMember(broker, pki, pki.service("shr-silent"))
+    silent = Raw5(broker.port, pki, pki.service("shr-silent"), ack=False)
     try:
         assert silent.subscribe(shared) == [1]
         steady = connect(pki.service("shr-steady"))
@@ -349,7 +287,7 @@ def test_acl_applies_to_the_inner_filter_and_malformed_share_names_are_invalid(
 def test_a_wildcard_in_a_share_name_gets_filter_invalid(broker: BrokerThread, pki: Pki) -> None:
     """``$share/g+/...`` and ``$share/g#/...`` [MQTT-4.8.2-2]: paho and the ``mqtt5`` codec refuse
     to send them, so raw bytes. The broker answers 0x8F for each and keeps the connection."""
-    member = RawMember(broker, pki, pki.device("sh-wild"))
+    member = Raw5(broker.port, pki, pki.device("sh-wild"))
     try:
         body = b"\x00\x07" + b"\x00"  # packet id 7, no properties
         for name in (b"g+", b"g#"):
